@@ -1,0 +1,191 @@
+"""All runtime SQL, hand-written for asyncpg, in one place. The schema itself lives in alembic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+class DuplicateUser(Exception):
+    """A user with that name (compared case-insensitively) already exists."""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What the proxy needs to authenticate one key id."""
+
+    key_id: str
+    secret_hash: str
+    user_id: int
+    username: str
+    user_enabled: bool
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    rate_limit: int | None
+    rate_window_seconds: int | None
+
+
+_USER_COLUMNS = "id, username, enabled, created_at, rate_limit, rate_window_seconds"
+
+
+async def create_user(
+    con: Connection, username: str, rate_limit: int | None, rate_window_seconds: int | None
+) -> asyncpg.Record:
+    try:
+        row = await con.fetchrow(
+            f"""INSERT INTO users (username, rate_limit, rate_window_seconds)
+                VALUES ($1, $2, $3) RETURNING {_USER_COLUMNS}""",
+            username,
+            rate_limit,
+            rate_window_seconds,
+        )
+    except asyncpg.UniqueViolationError:
+        raise DuplicateUser(username) from None
+    assert row is not None
+    return row
+
+
+async def get_user(con: Connection, username: str) -> asyncpg.Record | None:
+    return await con.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE username = $1", username)
+
+
+async def list_users(con: Connection) -> list[asyncpg.Record]:
+    return await con.fetch(
+        """SELECT u.username, u.enabled, u.rate_limit, u.rate_window_seconds, u.created_at,
+                  count(k.id) FILTER (
+                      WHERE (k.revoked_at IS NULL OR k.revoked_at > now())
+                        AND (k.expires_at IS NULL OR k.expires_at > now())
+                  ) AS active_keys,
+                  max(k.last_used_at) AS last_used_at
+           FROM users u LEFT JOIN api_keys k ON k.user_id = u.id
+           GROUP BY u.id ORDER BY u.username"""
+    )
+
+
+async def set_user_enabled(con: Connection, username: str, enabled: bool) -> bool:
+    row = await con.fetchrow(
+        "UPDATE users SET enabled = $2 WHERE username = $1 RETURNING id", username, enabled
+    )
+    return row is not None
+
+
+async def delete_user(con: Connection, username: str) -> bool:
+    """Delete a user and their keys; their llama_requests rows keep the username."""
+    row = await con.fetchrow("DELETE FROM users WHERE username = $1 RETURNING id", username)
+    return row is not None
+
+
+async def set_user_limit(
+    con: Connection, username: str, rate_limit: int | None, rate_window_seconds: int | None
+) -> bool:
+    row = await con.fetchrow(
+        """UPDATE users SET rate_limit = $2, rate_window_seconds = $3
+           WHERE username = $1 RETURNING id""",
+        username,
+        rate_limit,
+        rate_window_seconds,
+    )
+    return row is not None
+
+
+async def insert_key(
+    con: Connection,
+    user_id: int,
+    key_id: str,
+    secret_hash: str,
+    label: str | None,
+    expires_at: datetime | None,
+) -> asyncpg.Record:
+    row = await con.fetchrow(
+        """INSERT INTO api_keys (user_id, key_id, secret_hash, label, expires_at)
+           VALUES ($1, $2, $3, $4, $5)
+           RETURNING key_id, label, created_at, expires_at""",
+        user_id,
+        key_id,
+        secret_hash,
+        label,
+        expires_at,
+    )
+    assert row is not None
+    return row
+
+
+async def list_keys(con: Connection, username: str | None) -> list[asyncpg.Record]:
+    return await con.fetch(
+        """SELECT k.key_id, u.username, k.label, k.created_at, k.last_used_at, k.expires_at,
+                  k.revoked_at,
+                  CASE WHEN k.revoked_at IS NOT NULL AND k.revoked_at <= now() THEN 'revoked'
+                       WHEN k.expires_at IS NOT NULL AND k.expires_at <= now() THEN 'expired'
+                       WHEN k.revoked_at IS NOT NULL THEN 'retiring'
+                       ELSE 'active' END AS state
+           FROM api_keys k JOIN users u ON u.id = k.user_id
+           WHERE $1::text IS NULL OR u.username = $1
+           ORDER BY u.username, k.created_at""",
+        username,
+    )
+
+
+async def get_key_owner(con: Connection, key_id: str) -> asyncpg.Record | None:
+    return await con.fetchrow(
+        """SELECT k.key_id, k.user_id, k.label, k.revoked_at, u.username
+           FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_id = $1""",
+        key_id,
+    )
+
+
+async def revoke_key(con: Connection, key_id: str, after: timedelta = timedelta(0)) -> bool:
+    """Revoke a key now or after a grace period; a key already revoked earlier stays so."""
+    row = await con.fetchrow(
+        """UPDATE api_keys SET revoked_at = now() + $2::interval
+           WHERE key_id = $1 AND (revoked_at IS NULL OR revoked_at > now() + $2::interval)
+           RETURNING key_id""",
+        key_id,
+        after,
+    )
+    return row is not None
+
+
+async def lookup_key(con: Connection, key_id: str) -> KeyRecord | None:
+    row = await con.fetchrow(
+        """SELECT k.key_id, k.secret_hash, k.expires_at, k.revoked_at,
+                  u.id AS user_id, u.username, u.enabled AS user_enabled,
+                  u.rate_limit, u.rate_window_seconds
+           FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_id = $1""",
+        key_id,
+    )
+    return KeyRecord(**dict(row)) if row is not None else None
+
+
+async def usage_daily(
+    con: Connection, since: date, username: str | None
+) -> list[asyncpg.Record]:
+    return await con.fetch(
+        """SELECT day, username, requests, errors, prompt_tokens, completion_tokens,
+                  bytes_in, bytes_out, p50_ms, p95_ms
+           FROM llama_usage_daily
+           WHERE day >= $1 AND ($2::text IS NULL OR username = $2)
+           ORDER BY day DESC, username NULLS LAST""",
+        since,
+        username,
+    )
+
+
+async def prune_requests_batch(con: Connection, before: datetime, batch_size: int) -> int:
+    """Delete up to `batch_size` of the oldest audit rows older than `before`; return how many.
+
+    Small batches, each its own statement, so the table is never locked for long.
+    """
+    result: Any = await con.execute(
+        """WITH doomed AS (
+               SELECT id FROM llama_requests WHERE created_at < $1 ORDER BY id LIMIT $2
+           )
+           DELETE FROM llama_requests r USING doomed WHERE r.id = doomed.id""",
+        before,
+        batch_size,
+    )
+    return int(str(result).rsplit(" ", 1)[-1])
