@@ -73,6 +73,18 @@ api_keys = Table(
     Column("revoked_at", DateTime(timezone=True), nullable=True),
 )
 
+# One row per admitted request inside the longest rate window, pruned by `llama_gate_admit` (a
+# plpgsql function of migration 0002, as are the auth-invalidation triggers). UNLOGGED: after a
+# crash it restarts empty, which forgets at most one window of history and saves the WAL.
+rate_admissions = Table(
+    "rate_admissions",
+    metadata,
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("admitted_at", DateTime(timezone=True), nullable=False),
+    Index("ix_rate_admissions_user_id_admitted_at", "user_id", "admitted_at"),
+    prefixes=["UNLOGGED"],
+)
+
 # The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that
 # "per user per day, last 30 days" reads only the rows it reports on.
 USAGE_DAY = "((created_at AT TIME ZONE 'UTC')::date)"

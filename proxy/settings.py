@@ -97,6 +97,15 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
     "LLAMA_PROXY_RATE_LIMIT": (_positive_int, "60"),
     "LLAMA_PROXY_RATE_WINDOW_SECONDS": (_positive_int, "60"),
     "LLAMA_PROXY_MAX_BODY_BYTES": (_positive_int, str(8 * 1024 * 1024)),
+    # How long a verified key is trusted without asking Postgres again; revocations normally
+    # arrive within a second through LISTEN/NOTIFY, this bounds staleness if one is lost.
+    "LLAMA_PROXY_AUTH_CACHE_SECONDS": (_positive_int, "30"),
+    # How long a verified key keeps working while Postgres is unreachable.
+    "LLAMA_PROXY_AUTH_STALE_SECONDS": (_positive_int, "3600"),
+    "LLAMA_PROXY_DB_TIMEOUT_SECONDS": (_positive_int, "2"),  # per query on the request path
+    "LLAMA_PROXY_CONNECT_TIMEOUT_SECONDS": (_positive_int, "5"),  # to the backend
+    # Longest silence from the backend (before headers or between chunks) before a 504 / cut.
+    "LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS": (_positive_int, "600"),
     # The backend (llama_cpp.server) launcher.
     "LLAMA_MODEL": (_optional_text, ""),  # default model alias (a models/*.gguf stem); "" = first
     "LLAMA_SERVER_ALLOW_REMOTE": (_bool, "0"),  # allow a non-loopback LLAMA_SERVER_HOST
@@ -123,6 +132,11 @@ class Settings:
     rate_limit: int
     rate_window_seconds: int
     max_body_bytes: int
+    auth_cache_seconds: int
+    auth_stale_seconds: int
+    db_timeout_seconds: int
+    connect_timeout_seconds: int
+    upstream_timeout_seconds: int
     model: str
     server_allow_remote: bool
     n_ctx: int
@@ -207,6 +221,11 @@ def load_settings(
         rate_limit=values["LLAMA_PROXY_RATE_LIMIT"],
         rate_window_seconds=values["LLAMA_PROXY_RATE_WINDOW_SECONDS"],
         max_body_bytes=values["LLAMA_PROXY_MAX_BODY_BYTES"],
+        auth_cache_seconds=values["LLAMA_PROXY_AUTH_CACHE_SECONDS"],
+        auth_stale_seconds=values["LLAMA_PROXY_AUTH_STALE_SECONDS"],
+        db_timeout_seconds=values["LLAMA_PROXY_DB_TIMEOUT_SECONDS"],
+        connect_timeout_seconds=values["LLAMA_PROXY_CONNECT_TIMEOUT_SECONDS"],
+        upstream_timeout_seconds=values["LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS"],
         model=values["LLAMA_MODEL"],
         server_allow_remote=values["LLAMA_SERVER_ALLOW_REMOTE"],
         n_ctx=values["N_CTX"],

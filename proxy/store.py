@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -29,6 +30,20 @@ class KeyRecord:
     rate_limit: int | None
     rate_window_seconds: int | None
 
+
+@dataclass(frozen=True)
+class Admission:
+    """One sliding-window decision: `reset_ms` is when the oldest admission in the window leaves
+    it (so `remaining` grows again); `retry_after_ms` is 0 when admitted."""
+
+    admitted: bool
+    remaining: int
+    reset_ms: int
+    retry_after_ms: int
+
+
+# Migration 0002's triggers NOTIFY this channel with `key:<key id>` or `user:<user id>`.
+AUTH_CHANNEL = "llama_gate_auth"
 
 _USER_COLUMNS = "id, username, enabled, created_at, rate_limit, rate_window_seconds"
 
@@ -159,6 +174,41 @@ async def lookup_key(con: Connection, key_id: str) -> KeyRecord | None:
         key_id,
     )
     return KeyRecord(**dict(row)) if row is not None else None
+
+
+async def touch_keys(con: Connection, key_ids: Sequence[str]) -> None:
+    """Record recent use of several keys in one statement (no NOTIFY: last_used_at only)."""
+    await con.execute(
+        "UPDATE api_keys SET last_used_at = now() WHERE key_id = ANY($1::text[])", list(key_ids)
+    )
+
+
+async def replace_key_hash(con: Connection, key_id: str, old_hash: str, new_hash: str) -> bool:
+    """Swap in a hash made with current parameters, unless the key changed meanwhile."""
+    row = await con.fetchrow(
+        """UPDATE api_keys SET secret_hash = $3
+           WHERE key_id = $1 AND secret_hash = $2 RETURNING key_id""",
+        key_id,
+        old_hash,
+        new_hash,
+    )
+    return row is not None
+
+
+async def admit_request(con: Connection, user_id: int, limit: int, window_ms: int) -> Admission:
+    """Decide one request against the user's sliding window, shared by every proxy process."""
+    row = await con.fetchrow(
+        "SELECT admitted, remaining, reset_ms, retry_after_ms FROM llama_gate_admit($1, $2, $3)",
+        user_id,
+        limit,
+        window_ms,
+    )
+    assert row is not None
+    return Admission(**dict(row))
+
+
+async def ping(con: Connection) -> None:
+    await con.fetchval("SELECT 1")
 
 
 async def usage_daily(
