@@ -7,7 +7,7 @@ import logging
 
 import click
 
-from proxy import cli_keys, cli_usage, cli_users, migrate
+from proxy import cli_keys, cli_serve, cli_usage, cli_users, migrate
 from proxy.cli_support import state
 from proxy.db import DatabaseUnavailable, ensure_database
 
@@ -70,6 +70,7 @@ for command in (
     cli_keys.rotate_key,
     cli_usage.usage,
     cli_usage.prune_logs,
+    cli_serve.serve,
 ):
     cli.add_command(command)
 

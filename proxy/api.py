@@ -1,0 +1,44 @@
+"""The API routes: every request is authenticated, checked, rate-limited, then forwarded.
+
+Everything under /v1/ goes to the backend, plus the unprefixed paths older clients call.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.appkeys import AUTHENTICATOR, BACKENDS, RATE_LIMITER, SETTINGS, UPSTREAM_SESSION
+from proxy.auth import presented_key
+from proxy.body import prepare_body
+from proxy.forward import forward
+from proxy.records import RECORD
+
+ALIASES = ("/chat/completions", "/completions", "/embeddings", "/models", "/models/{model:.+}")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("*", "/v1/{tail:.+}", handle)
+    for alias in ALIASES:
+        app.router.add_route("*", alias, handle)
+
+
+def upstream_path(request: web.Request) -> str:
+    raw = request.rel_url.raw_path
+    return raw if raw.startswith("/v1/") else "/v1" + raw
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Authenticate, rate-limit and stream one API request to a backend and back."""
+    app = request.app
+    record = request[RECORD]
+    principal = await app[AUTHENTICATOR].authenticate(presented_key(request), request.remote)
+    record.user_id, record.username = principal.user_id, principal.username
+    record.key_id = principal.key_id
+    path = upstream_path(request)
+    # The body is checked before rate limiting, so a malformed request spends no quota.
+    body = await prepare_body(request, path, record, app[SETTINGS].max_body_bytes)
+    limit_headers = await app[RATE_LIMITER].admit(principal)
+    async with app[BACKENDS].acquire(record) as upstream:
+        return await forward(
+            request, app[UPSTREAM_SESSION], upstream, path, body, record, limit_headers
+        )

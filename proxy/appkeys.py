@@ -1,0 +1,28 @@
+"""The typed keys of everything the proxy application shares (see `proxy.app.create_app`).
+
+They live apart from `app.py` so handlers can import them without importing the factory that
+imports the handlers. Later issues plug in here: the audit writer appends to
+`COMPLETION_HOOKS`; the scheduler or several backends replace `BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from proxy.auth import Authenticator
+from proxy.auth_listener import AuthListener
+from proxy.pool import Database
+from proxy.ratelimit import RateLimiter
+from proxy.records import CompletionHook
+from proxy.settings import Settings
+from proxy.upstream import Backends
+
+SETTINGS = web.AppKey("settings", Settings)
+DATABASE = web.AppKey("database", Database)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+AUTH_LISTENER = web.AppKey("auth_listener", AuthListener)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+BACKENDS = web.AppKey("backends", Backends)
+UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+COMPLETION_HOOKS = web.AppKey[list[CompletionHook]]("completion_hooks")

@@ -1,0 +1,101 @@
+"""The proxy's one Postgres pool, with a short circuit for when Postgres is down.
+
+Every query on the request path goes through `Database.run`, so an outage is detected, logged
+once and answered from memory in one place: after a failure, callers skip Postgres for
+`RETRY_SECONDS` instead of each paying a connection attempt, then the next call tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+
+from proxy import store
+from proxy.db import DatabaseUnavailable, create_pool
+from proxy.settings import Settings
+from proxy.store import Connection
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RETRY_SECONDS = 1.0
+
+# What an unreachable, restarting or overloaded server raises; all mean "answer from memory".
+_OUTAGE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class Database:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings
+        self._timeout = float(settings.db_timeout_seconds)
+        self._clock = clock
+        self._pool: asyncpg.Pool | None = None
+        self._skip_until = 0.0
+        self._down_since: float | None = None
+
+    async def open(self) -> None:
+        # min_size=0 connects lazily, so the proxy starts (and serves cached keys) even while
+        # Postgres is down, and recovers by itself when it returns.
+        self._pool = await create_pool(
+            self._settings, min_size=0, max_size=10, max_inactive_connection_lifetime=60
+        )
+        with contextlib.suppress(DatabaseUnavailable):  # logged by run(); requests retry
+            await self.run(store.ping)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await asyncio.wait_for(self._pool.close(), 10)
+
+    @property
+    def up(self) -> bool:
+        return self._down_since is None
+
+    async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `work` on a pooled connection within the query timeout.
+
+        Raises `DatabaseUnavailable` at once while a recent failure says Postgres is down.
+        """
+        if self._pool is None:
+            raise DatabaseUnavailable("the database pool is not open")
+        if self._clock() < self._skip_until:
+            raise DatabaseUnavailable("Postgres was unreachable a moment ago")
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._pool.acquire() as con:
+                    result = await work(con)
+        except _OUTAGE as exc:
+            self._failed(exc)
+            raise DatabaseUnavailable(f"Postgres is unreachable: {_reason(exc)}") from None
+        if self._down_since is not None:
+            log.warning(
+                "Postgres at %s is reachable again after %.1f s",
+                self._settings.database_label,
+                self._clock() - self._down_since,
+            )
+            self._down_since = None
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        now = self._clock()
+        self._skip_until = now + RETRY_SECONDS
+        if self._down_since is None:
+            self._down_since = now
+            log.warning(
+                "Postgres at %s is unreachable (%s): serving recently verified keys from memory "
+                "and enforcing rate limits per process until it returns",
+                self._settings.database_label,
+                _reason(exc),
+            )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer within the query timeout"
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

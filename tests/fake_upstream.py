@@ -1,0 +1,184 @@
+"""A real HTTP server that plays llama_cpp.server for the proxy's tests.
+
+It speaks the OpenAI routes the proxy forwards (chat with SSE streaming, completions,
+embeddings, models, and an echo for any other /v1 path), records every request it receives, and
+can be told to misbehave: answer FastAPI-style errors, hang, close before or during a response,
+or pause a stream until the test lets it go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.pgserver import free_port
+
+MODEL = "smollm2-test"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    peer: tuple[str, int]  # the proxy's side of the connection: same port = reused connection
+
+
+SEEN = web.RequestKey("seen", Seen)
+
+
+def _json(request: web.Request) -> dict[str, Any]:
+    body = request[SEEN].body
+    return json.loads(body) if body else {}
+
+
+@dataclass
+class FakeUpstream:
+    expected_key: str | None = None  # answer 401 {"detail"} unless this bearer key is sent
+    mode: str = "ok"  # ok | error | hang | close-before-headers | close-mid-stream
+    error_status: int = 500
+    error_body: Any = field(default_factory=lambda: {"detail": "model exploded"})
+    event_delay: float = 0.02
+    gate: asyncio.Event | None = None  # when set, a stream waits on it after its first event
+    seen: list[Seen] = field(default_factory=list)
+    received: asyncio.Event = field(default_factory=asyncio.Event)  # set by the first request
+    client_left: asyncio.Event = field(default_factory=asyncio.Event)  # the proxy hung up
+    client_left_at: float | None = None  # time.monotonic() of that
+    port: int = field(default_factory=free_port)
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._behave], client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_route("*", "/v1/{tail:.+}", self._echo)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _behave(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        body = await request.read()
+        assert request.transport is not None
+        peer = request.transport.get_extra_info("peername")
+        self.seen.append(
+            Seen(request.method, request.path, request.query_string, request.headers, body, peer)
+        )
+        self.received.set()
+        if self.expected_key is not None and (
+            request.headers.get("Authorization") != f"Bearer {self.expected_key}"
+        ):
+            return web.json_response({"detail": "Invalid API key"}, status=401)
+        if self.mode == "error":
+            return web.json_response(self.error_body, status=self.error_status)
+        if self.mode == "hang":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self._left()
+                raise
+        if self.mode == "close-before-headers":
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(0.1)
+        request[SEEN] = self.seen[-1]
+        return await handler(request)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        payload = _json(request)
+        if not payload.get("stream"):
+            message = {"role": "assistant", "content": "Hello world"}
+            return web.json_response(_completion("chat.completion", {"message": message}))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        events = [
+            _chunk({"delta": {"role": "assistant", "content": ""}}),
+            ": ping - keeps idle connections open\r\n\r\n",
+            _chunk({"delta": {"content": "Hello"}}),
+            _chunk({"delta": {"content": " world"}}),
+            _chunk({"delta": {}, "finish_reason": "stop"}),
+            "data: [DONE]\r\n\r\n",
+        ]
+        try:
+            for index, event in enumerate(events):
+                await response.write(event.encode())
+                if index == 0 and self.gate is not None:
+                    await self.gate.wait()
+                if index == 2 and self.mode == "close-mid-stream":
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await asyncio.sleep(self.event_delay)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self._left()
+            raise
+        await response.write_eof()
+        return response
+
+    def _left(self) -> None:
+        self.client_left_at = time.monotonic()
+        self.client_left.set()
+
+    async def _completions(self, request: web.Request) -> web.Response:
+        return web.json_response(_completion("text_completion", {"text": "Hello world"}))
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        inputs = _json(request).get("input", "")
+        count = len(inputs) if isinstance(inputs, list) else 1
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(count)
+        ]
+        usage = {"prompt_tokens": 3, "total_tokens": 3}
+        return web.json_response({"object": "list", "data": data, "model": MODEL, "usage": usage})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {"id": MODEL, "object": "model", "owned_by": "me", "created": 1700000000}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _echo(self, request: web.Request) -> web.Response:
+        seen = request[SEEN]
+        return web.json_response(
+            {"method": seen.method, "path": seen.path, "query": seen.query, "bytes": len(seen.body)}
+        )
+
+
+def _completion(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    return {
+        "id": "cmpl-1",
+        "object": kind,
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [{"index": 0, "finish_reason": "stop", **choice}],
+        "usage": usage,
+    }
+
+
+def _chunk(choice: dict[str, Any]) -> str:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [{"index": 0, "finish_reason": None, **choice}],
+    }
+    return f"data: {json.dumps(body)}\r\n\r\n"

@@ -1,0 +1,189 @@
+"""Shared pieces of the proxy's tests: users and keys in the test database, the fake backend,
+the proxy itself (in-process under aiohttp's TestServer, or as a real `python -m proxy`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import asyncpg
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy import store
+from proxy.app import create_app
+from proxy.appkeys import COMPLETION_HOOKS
+from proxy.keys import KeyHasher, generate_key
+from proxy.pgserver import free_port
+from proxy.records import RequestRecord
+from proxy.settings import Settings, load_settings
+from tests.fake_upstream import FakeUpstream
+
+BACKEND_KEY = "backend-internal-key"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def make_user(
+    dsn: str,
+    username: str,
+    rate_limit: int | None = None,
+    rate_window_seconds: int | None = None,
+    expires_at: datetime | None = None,
+    hasher: KeyHasher | None = None,
+) -> tuple[int, str]:
+    """Create a user with one key; return (user id, full key)."""
+    con = await asyncpg.connect(dsn)
+    try:
+        user = await store.create_user(con, username, rate_limit, rate_window_seconds)
+        key = await add_key(con, user["id"], expires_at, hasher)
+    finally:
+        await con.close()
+    return user["id"], key
+
+
+async def add_key(
+    con: asyncpg.Connection,
+    user_id: int,
+    expires_at: datetime | None = None,
+    hasher: KeyHasher | None = None,
+) -> str:
+    key = generate_key()
+    secret_hash = (hasher or KeyHasher()).hash(key.secret)
+    await store.insert_key(con, user_id, key.key_id, secret_hash, None, expires_at)
+    return key.full.reveal()
+
+
+def random_key() -> str:
+    """Shaped like a key, known to no database."""
+    return generate_key().full.reveal()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def proxy_environ(dsn: str, upstream_port: int, home: Path, **extra: str) -> dict[str, str]:
+    return {
+        "POSTGRES_AUTH_DSN": dsn,
+        "LLAMA_GATE_HOME": str(home),
+        "LLAMA_SERVER_HOST": "127.0.0.1",
+        "LLAMA_SERVER_PORT": str(upstream_port),
+        "LLAMA_SERVER_API_KEY": BACKEND_KEY,
+        **extra,
+    }
+
+
+def proxy_settings(dsn: str, upstream_port: int, home: Path, **extra: str) -> Settings:
+    environ = proxy_environ(dsn, upstream_port, home, **extra)
+    return load_settings(environ=environ, home=home)
+
+
+@dataclass
+class Harness:
+    """A running proxy in front of a running fake backend, on one test database."""
+
+    dsn: str
+    upstream: FakeUpstream
+    server: TestServer
+    records: list[RequestRecord] = field(default_factory=list)
+
+    @property
+    def app(self) -> web.Application:
+        return self.server.app
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    _recorded: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def collect(self, record: RequestRecord) -> None:
+        """The completion hook the tests register."""
+        self.records.append(record)
+        self._recorded.set()
+
+    async def wait_for_records(self, count: int) -> list[RequestRecord]:
+        """The records once `count` requests have ended (hooks run as a response finishes)."""
+        while len(self.records) < count:
+            self._recorded.clear()
+            await asyncio.wait_for(self._recorded.wait(), 5)
+        return self.records
+
+    async def user(self, username: str, **kwargs: int | None) -> str:
+        """A new user's key."""
+        return (await make_user(self.dsn, username, **kwargs))[1]  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running_proxy(
+    dsn: str, home: Path, upstream: FakeUpstream | None = None, **settings: str
+) -> AsyncIterator[Harness]:
+    """The proxy under aiohttp's TestServer (which cancels handlers of departed clients)."""
+    upstream = upstream or FakeUpstream(expected_key=BACKEND_KEY)
+    await upstream.start()
+    app = create_app(proxy_settings(dsn, upstream.port, home, **settings))
+    harness = Harness(dsn, upstream, TestServer(app))
+    app[COMPLETION_HOOKS].append(harness.collect)
+    await harness.server.start_server()
+    try:
+        yield harness
+    finally:
+        await harness.server.close()
+        await upstream.stop()
+
+
+@contextmanager
+def proxy_process(environ: dict[str, str], port: int | None = None) -> Iterator[str]:
+    """`python -m proxy` as a real process; yields its base URL once /health answers."""
+    port = port or free_port()
+    env = {**os.environ, **environ}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, process)
+        yield url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as response:  # noqa: S310
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def wait_for_health(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Block until the process answers /health (sync, so async tests may call it too)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read().decode() if process.stdout else ""
+            raise AssertionError(f"proxy exited with {process.returncode}: {output}")
+        if _healthy(url):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"proxy at {url} did not become healthy within {timeout} s")

@@ -1,0 +1,319 @@
+"""Forwarding: what reaches the backend, what comes back, and how failures read."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+from tests.proxy_harness import BACKEND_KEY, Harness, bearer, running_proxy
+
+
+@pytest.fixture
+async def proxy(db_dsn: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running_proxy(db_dsn, tmp_path, LLAMA_PROXY_MAX_BODY_BYTES="4096") as harness:
+        yield harness
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+CHAT = {"model": "smollm2-test", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+async def test_chat_is_forwarded_with_the_backend_key_not_the_clients(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    async with client.post(proxy.url("/v1/chat/completions"), json=CHAT, headers=bearer(key)) as r:
+        assert r.status == 200, await r.text()
+        body = await r.json()
+    assert body["choices"][0]["message"]["content"] == "Hello world"
+    seen = proxy.upstream.seen[-1]
+    assert seen.path == "/v1/chat/completions"
+    assert seen.headers["Authorization"] == f"Bearer {BACKEND_KEY}"
+    assert key not in str(dict(seen.headers))
+    assert json.loads(seen.body) == CHAT
+
+
+async def test_sse_events_reach_the_client_as_the_backend_sends_them(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.gate = asyncio.Event()  # the backend sends one event, then waits for us
+    body = {**CHAT, "stream": True}
+    async with client.post(proxy.url("/v1/chat/completions"), json=body, headers=bearer(key)) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        assert r.headers["X-Accel-Buffering"] == "no"
+        # Arrives while the backend is still holding the rest: nothing buffers it.
+        first = await asyncio.wait_for(r.content.readuntil(b"\r\n\r\n"), 5)
+        assert b'"role": "assistant"' in first
+        assert not proxy.upstream.gate.is_set()
+        proxy.upstream.gate.set()
+        rest = await asyncio.wait_for(r.content.read(), 5)
+    assert b": ping" in rest  # comments pass through too
+    assert b"Hello" in rest
+    assert b" world" in rest
+    assert rest.endswith(b"data: [DONE]\r\n\r\n")
+
+
+async def test_hop_by_hop_host_and_client_credentials_are_stripped(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    headers = {
+        "x-api-key": key,
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "only for the next hop",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic c2VjcmV0",
+        "Host": "proxy.example",
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Custom": "kept",
+    }
+    async with client.get(proxy.url("/v1/models"), headers=headers) as r:
+        assert r.status == 200
+    seen = proxy.upstream.seen[-1].headers
+    for name in ("x-api-key", "X-Hop", "Keep-Alive", "TE", "Proxy-Authorization"):
+        assert name not in seen, name
+    assert seen["Host"] == f"127.0.0.1:{proxy.upstream.port}"
+    assert seen["Authorization"] == f"Bearer {BACKEND_KEY}"
+    assert seen["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert seen["X-Custom"] == "kept"
+
+
+async def test_request_id_is_propagated_or_generated_and_returned(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    given = {**bearer(key), "X-Request-Id": "trace-42"}
+    async with client.get(proxy.url("/v1/models"), headers=given) as r:
+        assert r.headers["X-Request-Id"] == "trace-42"
+    assert proxy.upstream.seen[-1].headers["X-Request-Id"] == "trace-42"
+    async with client.get(proxy.url("/v1/models"), headers=bearer(key)) as r:
+        generated = r.headers["X-Request-Id"]
+    assert len(generated) == 32
+    assert proxy.upstream.seen[-1].headers["X-Request-Id"] == generated
+    async with client.get(proxy.url("/v1/models"), headers={"X-Request-Id": "bad id"}) as r:
+        assert r.status == 401  # errors carry one too, and a bad one is replaced
+        assert r.headers["X-Request-Id"] != "bad id"
+
+
+async def test_unprefixed_aliases_and_any_other_v1_path_are_forwarded(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    async with client.post(proxy.url("/chat/completions"), json=CHAT, headers=bearer(key)) as r:
+        assert r.status == 200
+    assert proxy.upstream.seen[-1].path == "/v1/chat/completions"
+    async with client.get(proxy.url("/models"), headers=bearer(key)) as r:
+        assert (await r.json())["data"][0]["id"] == "smollm2-test"
+    async with client.get(proxy.url("/models/smollm2-test"), headers=bearer(key)) as r:
+        assert (await r.json())["path"] == "/v1/models/smollm2-test"
+    url = proxy.url("/v1/extras/whatever") + "?a=1&b=two"
+    async with client.delete(url, headers=bearer(key)) as r:
+        assert await r.json() == {
+            "method": "DELETE", "path": "/v1/extras/whatever", "query": "a=1&b=two", "bytes": 0,
+        }  # fmt: skip
+
+
+async def test_one_upstream_connection_is_kept_alive_across_requests(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    for _ in range(3):
+        async with client.get(proxy.url("/v1/models"), headers=bearer(key)) as r:
+            assert r.status == 200
+    assert len({seen.peer for seen in proxy.upstream.seen}) == 1
+
+
+async def _error(response: aiohttp.ClientResponse) -> dict[str, object]:
+    body = await response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])
+
+
+async def test_oversized_body_is_413_before_reaching_the_backend(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    async with client.post(proxy.url("/v1/chat/completions"), json=big, headers=bearer(key)) as r:
+        assert r.status == 413
+        error = await _error(r)
+    assert error["type"] == "invalid_request_error"
+    assert "4096 bytes" in str(error["message"])
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while streaming
+        for _ in range(10):
+            yield b"y" * 1000
+
+    async with client.post(proxy.url("/v1/files"), data=chunks(), headers=bearer(key)) as r:
+        assert r.status == 413
+        await _error(r)
+    assert proxy.upstream.seen == [] or all(
+        s.path != "/v1/chat/completions" for s in proxy.upstream.seen
+    )
+
+
+async def test_a_streamed_body_under_the_cap_passes_whole(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"y" * 1000
+
+    async with client.post(proxy.url("/v1/files"), data=chunks(), headers=bearer(key)) as r:
+        assert (await r.json())["bytes"] == 4000
+
+
+@pytest.mark.parametrize(
+    ("payload", "detail"),
+    [(b'{"model": ', "Expecting value"), (b"[1, 2]", "expected an object"), (b"\xff", "UTF-8")],
+)
+async def test_malformed_json_is_400_in_the_api_shape(
+    proxy: Harness, client: aiohttp.ClientSession, payload: bytes, detail: str
+) -> None:
+    key = await proxy.user("alice")
+    headers = {**bearer(key), "Content-Type": "application/json"}
+    async with client.post(proxy.url("/v1/chat/completions"), data=payload, headers=headers) as r:
+        assert r.status == 400
+        error = await _error(r)
+    assert error["code"] == "invalid_json"
+    assert detail in str(error["message"])
+    assert proxy.upstream.seen == []
+
+
+async def test_backend_down_is_503_saying_the_model_server_is_not_reachable(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    await proxy.upstream.stop()
+    async with client.get(proxy.url("/v1/models"), headers=bearer(key)) as r:
+        assert r.status == 503
+        error = await _error(r)
+    assert "model server is not reachable" in str(error["message"])
+    assert error["type"] == "server_error"
+
+
+async def test_backend_closing_without_an_answer_is_502(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.mode = "close-before-headers"
+    async with client.get(proxy.url("/v1/models"), headers=bearer(key)) as r:
+        assert r.status == 502
+        assert "not reachable" in str((await _error(r))["message"])
+
+
+async def test_backend_silent_past_the_timeout_is_504(
+    db_dsn: str, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    upstream = FakeUpstream(expected_key=BACKEND_KEY, mode="hang")
+    settings = {"LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS": "1"}
+    async with running_proxy(db_dsn, tmp_path, upstream, **settings) as proxy:
+        key = await proxy.user("alice")
+        started = time.monotonic()
+        async with client.get(proxy.url("/v1/models"), headers=bearer(key)) as r:
+            assert r.status == 504
+            assert "did not answer in time" in str((await _error(r))["message"])
+        assert time.monotonic() - started < 5
+        await asyncio.wait_for(upstream.client_left.wait(), 2)  # and the backend was let go
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (500, {"detail": "model exploded"}, "model exploded"),
+        (422, {"detail": [{"loc": ["body", "messages"], "msg": "field required"}]},
+         "messages: field required"),
+        (400, {"error": {"message": "context too long", "type": "invalid_request_error",
+                         "param": "messages", "code": "context_length_exceeded"}},
+         "context too long"),
+    ],
+)  # fmt: skip
+async def test_backend_errors_are_rewritten_into_the_openai_shape(
+    proxy: Harness, client: aiohttp.ClientSession, status: int, body: object, message: str
+) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.mode, proxy.upstream.error_status, proxy.upstream.error_body = (
+        "error", status, body,
+    )  # fmt: skip
+    async with client.post(proxy.url("/v1/chat/completions"), json=CHAT, headers=bearer(key)) as r:
+        assert r.status == status
+        error = await _error(r)
+    assert error["message"] == message
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    if status == 400:
+        assert error["code"] == "context_length_exceeded"  # already OpenAI's: kept as it was
+
+
+async def test_backend_refusing_the_proxys_key_is_502_not_the_clients_401(
+    db_dsn: str, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    upstream = FakeUpstream(expected_key="some-other-key")
+    async with running_proxy(db_dsn, tmp_path, upstream) as proxy:
+        key = await proxy.user("alice")
+        async with client.get(proxy.url("/v1/models"), headers=bearer(key)) as r:
+            assert r.status == 502
+            assert "credentials" in str((await _error(r))["message"])
+            assert "WWW-Authenticate" not in r.headers
+
+
+async def test_client_disconnect_closes_the_backend_request_at_once(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.gate = asyncio.Event()  # the backend would stream forever
+    body = {**CHAT, "stream": True}
+    r = await client.post(proxy.url("/v1/chat/completions"), json=body, headers=bearer(key))
+    await asyncio.wait_for(r.content.readuntil(b"\r\n\r\n"), 5)
+    r.close()  # the client goes away mid-stream
+    gone = time.monotonic()
+    await asyncio.wait_for(proxy.upstream.client_left.wait(), 5)
+    assert proxy.upstream.client_left_at is not None
+    assert proxy.upstream.client_left_at - gone < 1.0
+    assert [r.status for r in await proxy.wait_for_records(1)] == [499]
+
+
+async def test_client_disconnect_before_the_backend_answers_closes_it_too(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.mode = "hang"
+    request = asyncio.create_task(client.get(proxy.url("/v1/models"), headers=bearer(key)))
+    await asyncio.wait_for(proxy.upstream.received.wait(), 5)
+    request.cancel()
+    gone = time.monotonic()
+    await asyncio.wait_for(proxy.upstream.client_left.wait(), 5)
+    assert proxy.upstream.client_left_at is not None
+    assert proxy.upstream.client_left_at - gone < 1.0
+
+
+async def test_backend_breaking_off_mid_stream_is_a_visible_cut_for_the_client(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.mode = "close-mid-stream"
+    body = {**CHAT, "stream": True}
+    async with client.post(proxy.url("/v1/chat/completions"), json=body, headers=bearer(key)) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(r.content.read(), 5)
+    (record,) = await proxy.wait_for_records(1)
+    assert record.error is not None
+    assert "broke off" in record.error
