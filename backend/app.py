@@ -1,0 +1,232 @@
+"""The backend's ASGI app: llama_cpp.server's own app, wrapped from outside, never patched.
+
+`create_app` from llama_cpp.server builds the app; `BackendApp` sits in front of it and adds what
+llama_cpp.server lacks: a `/health` that never waits for the model lock, a 404 for a model that does
+not exist (llama_cpp.server would quietly answer with its first model), the default model's alias
+filled in when a request names none, and the usage chunk on streams that ask for it. Everything else
+reaches llama_cpp.server untouched, so its auth, validation and errors stay its own.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import anyio
+from llama_cpp import Llama
+from llama_cpp.server.app import create_app, get_event_publisher
+from llama_cpp.server.settings import ModelSettings, ServerSettings
+from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+from pydantic import BaseModel, ValidationError
+from sse_starlette.sse import EventSourceResponse
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backend.errors import openai_error
+from backend.usage import Chunk, with_usage
+
+logger = logging.getLogger(__name__)
+
+# llama_cpp.server's routes whose JSON body may name a model.
+MODEL_PATHS = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/extras/tokenize",
+        "/extras/tokenize/count",
+        "/extras/detokenize",
+    }
+)
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """How llama_cpp.server 0.3.36 turns one kind of request into a streaming `Llama` call."""
+
+    request_model: type[BaseModel]
+    call: Callable[..., Iterator[Chunk]]
+    exclude: frozenset[str]  # the fields its handler drops before calling Llama, copied from it
+
+
+_USAGE_STREAMS = {
+    "/v1/chat/completions": _Stream(
+        CreateChatCompletionRequest,
+        with_usage(Llama.create_chat_completion, "chat.completion.chunk"),
+        frozenset({"n", "logit_bias_type", "user", "min_tokens"}),
+    ),
+    "/v1/completions": _Stream(
+        CreateCompletionRequest,
+        with_usage(Llama.__call__, "text_completion"),
+        frozenset({"n", "best_of", "logit_bias_type", "user", "min_tokens"}),
+    ),
+}
+
+
+def create_backend_app(
+    server_settings: ServerSettings, model_settings: Sequence[ModelSettings]
+) -> BackendApp:
+    """llama_cpp.server's app for these settings (the first model is the default), wrapped.
+
+    Loads the default model, so this takes as long as that does and raises what loading raises.
+    """
+    inner = create_app(server_settings=server_settings, model_settings=list(model_settings))
+    aliases = [model.model_alias or model.model for model in model_settings]
+    return BackendApp(inner, aliases, server_settings.api_key)
+
+
+class BackendApp:
+    """The ASGI app uvicorn runs: this layer's answers first, llama_cpp.server's for the rest."""
+
+    def __init__(self, inner: ASGIApp, aliases: Sequence[str], api_key: str | None) -> None:
+        self._inner = inner
+        self._aliases = frozenset(aliases)
+        self._default = aliases[0]
+        self._api_key = api_key.encode() if api_key else None
+        self._health = {"status": "ok", "models": sorted(aliases), "default": self._default}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._inner(scope, receive, send)  # lifespan
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/health" and method in {"GET", "HEAD"}:
+            # Answered here, before llama_cpp.server and its model lock: it must come back at
+            # once while a long generation runs, since that is when a supervisor asks.
+            await JSONResponse(self._health)(scope, receive, send)
+            return
+        if method != "POST" or path not in MODEL_PATHS or not self._authorized(scope):
+            # A request without the key goes on untouched, so llama_cpp.server's 401 comes before
+            # any answer of ours, and this layer never buffers a stranger's body.
+            await self._inner(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        if body is None:
+            return  # the client left before sending its request
+        await self._model_request(scope, receive, send, body)
+
+    async def _model_request(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            data = None  # llama_cpp.server answers malformed JSON with its own 422
+        if isinstance(data, dict):
+            model = data.get("model")
+            if model is None:
+                # Name the default: otherwise llama_cpp.server reports its file path as "model".
+                data["model"] = self._default
+                body = json.dumps(data).encode()
+                scope = _with_content_length(scope, len(body))
+            elif isinstance(model, str) and model not in self._aliases:
+                await self._unknown_model(model)(scope, receive, send)
+                return
+            stream = _USAGE_STREAMS.get(scope["path"])
+            if (
+                stream is not None
+                and _wants_usage(data)
+                and await _stream_with_usage(stream, data, scope, receive, send)
+            ):
+                return
+        await self._inner(scope, _replay(body, receive), send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        """The check llama_cpp.server makes (a Bearer token equal to the key), in constant time."""
+        if self._api_key is None:
+            return True
+        scheme, _, credentials = Headers(scope=scope).get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode(), self._api_key
+        )
+
+    def _unknown_model(self, model: str) -> JSONResponse:
+        known = ", ".join(sorted(self._aliases))
+        logger.info("refused a request for unknown model %r", model)
+        return JSONResponse(
+            openai_error(
+                f"The model {model!r} does not exist; the models here are: {known}",
+                kind="invalid_request_error",
+                param="model",
+                code="model_not_found",
+            ),
+            status_code=404,
+        )
+
+
+def _wants_usage(data: dict[str, Any]) -> bool:
+    options = data.get("stream_options")
+    return (
+        data.get("stream") is True
+        and isinstance(options, dict)
+        and options.get("include_usage") is True
+    )
+
+
+async def _stream_with_usage(
+    stream: _Stream, data: dict[str, Any], scope: Scope, receive: Receive, send: Send
+) -> bool:
+    """Serve a streamed request as llama_cpp.server's own handler would, through its own
+    publisher (model lock, disconnects, [DONE]), with a `Llama` call that ends in usage.
+
+    Returns False, having sent nothing, for a body llama_cpp.server should answer itself.
+    """
+    try:
+        body: Any = stream.request_model.model_validate(data)
+    except ValidationError:
+        return False  # its 422, in its words
+    prompt = getattr(body, "prompt", None)
+    if isinstance(prompt, list):
+        if len(prompt) > 1:
+            return False  # it refuses batches; let it
+        body.prompt = prompt[0] if prompt else ""
+    kwargs = body.model_dump(exclude=stream.exclude)
+    send_chan, recv_chan = anyio.create_memory_object_stream[dict[str, str]](10)
+    publisher = partial(
+        get_event_publisher,
+        request=Request(scope, receive),
+        inner_send_chan=send_chan,
+        body=body,
+        body_model=body.model,
+        llama_call=stream.call,
+        kwargs=kwargs,
+    )
+    response = EventSourceResponse(recv_chan, data_sender_callable=publisher, sep="\n")
+    await response(scope, receive, send)
+    return True
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    # Only requests that carry the API key get here, so the size is the proxy's to cap.
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the already-read body once, then waits on the real one."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _with_content_length(scope: Scope, length: int) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}

@@ -1,0 +1,111 @@
+"""The usage chunk OpenAI sends last on a stream when asked (`stream_options.include_usage`).
+
+llama_cpp.server 0.3.36 never counts tokens on a stream, and counting from outside is wrong: a chunk
+may carry several tokens, the end-of-generation token is never shown, a stop sequence is cut out of
+the text, and `Llama.n_tokens` is one short or not depending on why generation ended. The exact
+counts are those an unstreamed request reports: `len(prompt_tokens)` and `len(completion_tokens)`
+inside `Llama._create_completion`. On a stream, the one place those lists leave that function is the
+prompt cache: it looks up `prompt_tokens` before generating and stores `prompt_tokens +
+completion_tokens` after. So while a stream runs (under the server's model lock) the model's cache
+is a `TokenTap`, installed with the public `Llama.set_cache`, that notes both lengths and passes
+every call on to the cache that was there, or answers as an empty cache when there was none.
+
+Cost: before a store Llama runs `save_state()`, a copy of this request's KV cache and logits. With
+LLAMA_PROMPT_CACHE on that happens anyway; without it, it is the price of exact counts, paid only by
+streams that ask for usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any, cast
+
+from llama_cpp import Llama
+from llama_cpp.llama import LlamaState
+from llama_cpp.llama_cache import BaseLlamaCache
+
+Chunk = dict[str, Any]
+
+
+class TokenTap(BaseLlamaCache):
+    """A prompt cache that records the length of every key Llama looks up and stores."""
+
+    def __init__(self, inner: BaseLlamaCache | None) -> None:
+        super().__init__(inner.capacity_bytes if inner is not None else 0)
+        self.inner = inner
+        self.lookups: list[int] = []
+        self.stores: list[int] = []
+
+    @property
+    def cache_size(self) -> int:
+        return self.inner.cache_size if self.inner is not None else 0
+
+    def __getitem__(self, key: Sequence[int]) -> LlamaState:
+        self.lookups.append(len(key))
+        if self.inner is None:
+            raise KeyError("empty cache")  # what Llama takes for a miss
+        return self.inner[key]
+
+    def __contains__(self, key: Sequence[int]) -> bool:
+        return self.inner is not None and key in self.inner
+
+    def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
+        self.stores.append(len(key))
+        if self.inner is not None:
+            self.inner[key] = value
+
+    def usage(self) -> dict[str, int] | None:
+        """OpenAI's usage object, or None when no completion finished."""
+        if not self.stores or len(self.lookups) != len(self.stores):
+            return None
+        # One lookup and one store per completion; the multi-step function-calling handlers
+        # run several, and what they generate in all is the completion.
+        prompt = self.lookups[0]
+        completion = sum(
+            store - lookup for lookup, store in zip(self.lookups, self.stores, strict=True)
+        )
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+
+def _real_cache(llama: Llama) -> BaseLlamaCache | None:
+    cache = llama.cache
+    # A stream dropped mid-way restores its cache only when its generator is collected; never
+    # wrap its tap, or restoring in the wrong order could leave a tap in place for good.
+    while isinstance(cache, TokenTap):
+        cache = cache.inner
+    return cache
+
+
+def with_usage(
+    method: Callable[..., Any], object_name: str
+) -> Callable[..., Generator[Chunk, None, None]]:
+    """Wrap a streaming `Llama` method (called as `method(llama, **kwargs)`) so that its stream
+    ends with OpenAI's usage chunk: `"choices": []` and the counts an unstreamed call reports."""
+
+    def stream(llama: Llama, **kwargs: Any) -> Generator[Chunk, None, None]:
+        tap = TokenTap(_real_cache(llama))
+        llama.set_cache(tap)
+        last: Chunk | None = None
+        try:
+            for chunk in cast(Iterator[Chunk], method(llama, **kwargs)):
+                last = {**chunk, "usage": None}  # as OpenAI sends every chunk before the last
+                yield last
+        finally:
+            if llama.cache is tap:
+                llama.set_cache(tap.inner)
+        usage = tap.usage()
+        if last is not None and usage is not None:
+            yield {
+                "id": last["id"],
+                "object": object_name,
+                "created": last["created"],
+                "model": last["model"],
+                "choices": [],
+                "usage": usage,
+            }
+
+    return stream
