@@ -1,0 +1,407 @@
+"""End to end: the real `python -m backend serve` with SmolLM2, started once for this module.
+
+The home has the real GGUF twice (a second alias is a symlink to it), so model selection and the
+404 can be shown without a second download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from openai.types import CompletionUsage
+
+from proxy.pgserver import free_port
+from proxy.settings import KNOWN_VARIABLES
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT = "SmolLM2-135M-Instruct.Q4_1"
+OTHER = "smol-b"
+START_TIMEOUT_SECONDS = 120
+
+
+@dataclass(frozen=True)
+class Backend:
+    url: str
+    key: str
+    home: Path
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def backend_env(home: Path, **settings: str) -> dict[str, str]:
+    """This process's environment without any llama-gate setting, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if k not in KNOWN_VARIABLES | {"CONFIG_FILE"}}
+    return {**env, "LLAMA_GATE_HOME": str(home), **settings}
+
+
+def _health(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # noqa: S310 - ours
+            body: dict[str, Any] = json.load(response)
+            return body
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    if not GGUF.is_file():
+        pytest.fail(f"{GGUF} is missing: run runtime/install.sh")
+    home = tmp_path_factory.mktemp("backend-home")
+    (home / "models").mkdir()
+    (home / "models" / GGUF.name).symlink_to(GGUF)
+    (home / "models" / f"{OTHER}.gguf").symlink_to(GGUF)
+    port = free_port()
+    key = secrets.token_urlsafe(24)
+    env = backend_env(
+        home,
+        LLAMA_SERVER_PORT=str(port),
+        LLAMA_SERVER_API_KEY=key,
+        LLAMA_MODEL=DEFAULT,
+        N_CTX="1024",
+        N_THREADS="2",
+    )
+    log_path = home / "backend.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backend", "serve"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while _health(url) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"backend did not start:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield Backend(url=url, key=key, home=home)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log_text = log_path.read_text()
+        assert key not in log_text, "the API key reached the log"
+        shutil.rmtree(home / "runtime", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(backend: Backend) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{backend.url}/v1", api_key=backend.key, max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        yield session
+
+
+async def sse(response: aiohttp.ClientResponse) -> list[str]:
+    """Every `data:` payload of a server-sent event stream, in order ([DONE] included)."""
+    events = []
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if line.startswith("data: "):
+            events.append(line.removeprefix("data: "))
+    return events
+
+
+async def status(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> int:
+    async with http.get(url, headers=headers) as response:
+        return response.status
+
+
+def chunks(events: list[str]) -> list[dict[str, Any]]:
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(event) for event in events[:-1]]
+
+
+def settle(client: openai.OpenAI) -> None:
+    """Generate one token for an unrelated prompt.
+
+    llama.cpp reuses the KV cache of a prompt's common prefix with the previous request, so the
+    same prompt twice in a row is computed two ways (whole batch, then one token), and greedy
+    decoding may then differ in the last bits. A request in between makes both runs of a
+    prompt start from the same state, so their outputs may be compared token for token.
+    """
+    client.completions.create(model=DEFAULT, prompt="Unrelated.", max_tokens=1, temperature=0)
+
+
+def counts(usage: CompletionUsage) -> tuple[int, int, int]:
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
+# -- /health, auth, model selection ----------------------------------------------------------
+
+
+async def test_health_needs_no_key_and_names_the_models(
+    backend: Backend, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{backend.url}/health") as response:
+        assert response.status == 200
+        assert await response.json() == {
+            "status": "ok",
+            "models": [DEFAULT, OTHER],
+            "default": DEFAULT,
+        }
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}],
+    ids=["no-key", "wrong-key", "not-bearer"],
+)
+async def test_generation_needs_the_api_key(
+    backend: Backend, http: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    for model in (DEFAULT, "no-such-model"):  # a 401 comes before any model check
+        body = {"model": model, "prompt": "Hi", "max_tokens": 1}
+        async with http.post(
+            f"{backend.url}/v1/completions", json=body, headers=headers
+        ) as response:
+            assert response.status == 401, await response.text()
+
+
+def test_the_api_key_opens_generation(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=DEFAULT, prompt="Hi", max_tokens=1)
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/extras/tokenize"]
+)
+async def test_unknown_model_is_a_404_in_openai_shape(
+    backend: Backend, http: aiohttp.ClientSession, path: str
+) -> None:
+    body = {
+        "model": "gpt-4",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "prompt": "Hi",
+        "input": "Hi",
+        "max_tokens": 1,
+    }
+    async with http.post(f"{backend.url}{path}", json=body, headers=backend.auth) as response:
+        assert response.status == 404
+        error = await response.json()
+    assert error == {
+        "error": {
+            "message": error["error"]["message"],
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    assert "gpt-4" in error["error"]["message"]
+    assert DEFAULT in error["error"]["message"]
+
+
+def test_openai_client_sees_the_404_as_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(
+            model="gpt-4", messages=[{"role": "user", "content": "Hi"}], max_tokens=1
+        )
+    assert raised.value.code == "model_not_found"
+
+
+async def test_a_request_picks_its_model_and_none_means_the_default(
+    backend: Backend, http: aiohttp.ClientSession
+) -> None:
+    url = f"{backend.url}/v1/completions"
+    for sent, served in ((OTHER, OTHER), (None, DEFAULT), (DEFAULT, DEFAULT)):
+        body: dict[str, Any] = {"prompt": "Hi", "max_tokens": 1}
+        if sent is not None:
+            body["model"] = sent
+        async with http.post(url, json=body, headers=backend.auth) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["model"] == served
+
+
+# -- the usage chunk ---------------------------------------------------------------------------
+
+CHAT_CASES = {
+    # (messages, max_tokens, how the unstreamed answer must end for the case to mean something)
+    "ends-on-eos": ([{"role": "user", "content": "Reply with just the word yes."}], 48, "stop"),
+    "ends-on-length": ([{"role": "user", "content": "Tell me a story about a cat."}], 12, "length"),
+}
+
+
+@pytest.mark.parametrize("case", CHAT_CASES)
+def test_streamed_chat_usage_equals_unstreamed_usage(client: openai.OpenAI, case: str) -> None:
+    messages, max_tokens, finish = CHAT_CASES[case]
+    request: Any = {
+        "model": DEFAULT,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": 7,
+    }
+    settle(client)
+    whole = client.chat.completions.create(**request)
+    assert whole.choices[0].finish_reason == finish
+    settle(client)
+    stream = list(
+        client.chat.completions.create(
+            **request, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    *body, last = stream
+    assert last.choices == []
+    assert last.usage is not None
+    assert whole.usage is not None
+    assert counts(last.usage) == counts(whole.usage)
+    assert all(chunk.usage is None for chunk in body)
+    assert body[-1].choices[0].finish_reason == finish
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in body)
+    assert text == whole.choices[0].message.content
+
+
+COMPLETION_CASES = {
+    # A stop sequence ends generation on a token that is counted, unlike the end-of-text token.
+    "ends-on-stop-sequence": ("The capital of France is", ["\n", "."], 24, "stop"),
+    "ends-on-length": ("1, 2, 3,", None, 16, "length"),
+}
+
+
+@pytest.mark.parametrize("case", COMPLETION_CASES)
+def test_streamed_completion_usage_equals_unstreamed_usage(
+    client: openai.OpenAI, case: str
+) -> None:
+    prompt, stop, max_tokens, finish = COMPLETION_CASES[case]
+    request: Any = {
+        "model": DEFAULT,
+        "prompt": prompt,
+        "stop": stop,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": 7,
+    }
+    settle(client)
+    whole = client.completions.create(**request)
+    assert whole.choices[0].finish_reason == finish
+    settle(client)
+    stream = list(
+        client.completions.create(**request, stream=True, stream_options={"include_usage": True})
+    )
+    *body, last = stream
+    assert last.choices == []
+    assert last.usage is not None
+    assert whole.usage is not None
+    assert counts(last.usage) == counts(whole.usage)
+    assert "".join(chunk.choices[0].text for chunk in body) == whole.choices[0].text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_usage_chunk_is_the_last_before_done_and_only_when_asked(
+    backend: Backend, http: aiohttp.ClientSession, path: str
+) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "prompt": "Hi",
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+    }
+    url = f"{backend.url}{path}"
+    asked = {**body, "stream_options": {"include_usage": True}}
+    async with http.post(url, json=asked, headers=backend.auth) as response:
+        assert response.status == 200
+        with_usage = chunks(await sse(response))
+    *rest, last = with_usage
+    assert last["choices"] == []
+    assert set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert last["usage"]["total_tokens"] == (
+        last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+    )
+    assert last["id"] == rest[0]["id"]
+    assert last["model"] == DEFAULT
+    assert all(chunk["usage"] is None and chunk["choices"] for chunk in rest)
+
+    async with http.post(url, json=body, headers=backend.auth) as response:
+        plain = chunks(await sse(response))
+    assert all("usage" not in chunk and chunk["choices"] for chunk in plain)
+    assert plain[-1]["choices"][0]["finish_reason"] == "length"
+
+
+# -- sharing the one model ---------------------------------------------------------------------
+
+
+async def test_health_answers_while_a_long_generation_holds_the_model(
+    backend: Backend, http: aiohttp.ClientSession
+) -> None:
+    # min_tokens holds off the end-of-text token, so this runs for all 160 tokens (seconds).
+    body = {"prompt": "1, 2, 3,", "max_tokens": 160, "min_tokens": 160, "stream": True}
+    async with http.post(
+        f"{backend.url}/v1/completions", json=body, headers=backend.auth
+    ) as stream:
+        assert stream.status == 200
+        await stream.content.readline()  # generation is under way: the model lock is taken
+        # llama_cpp.server's own /v1/models waits for that lock: proof that it is held.
+        models = asyncio.create_task(status(http, f"{backend.url}/v1/models", backend.auth))
+        started = time.monotonic()
+        async with http.get(f"{backend.url}/health") as health:
+            assert health.status == 200
+        answered = time.monotonic() - started
+        await asyncio.sleep(0.2)
+        assert not models.done(), "the model lock was free: this test proves nothing"
+        rest = await sse(stream)
+        generated = time.monotonic() - started
+    assert rest[-1] == "[DONE]"
+    assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
+    assert await models == 200
+    assert answered < 0.5, answered
+    assert generated > 5 * answered, (generated, answered)
+
+
+async def test_two_concurrent_streams_both_run_to_the_end(
+    backend: Backend, http: aiohttp.ClientSession
+) -> None:
+    max_tokens = 20
+
+    async def stream(topic: str) -> list[dict[str, Any]]:
+        body = {
+            "messages": [{"role": "user", "content": f"Write a long story about {topic}."}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        async with http.post(
+            f"{backend.url}/v1/chat/completions", json=body, headers=backend.auth
+        ) as response:
+            assert response.status == 200
+            return chunks(await sse(response))
+
+    first, second = await asyncio.gather(stream("a dog"), stream("a ship"))
+    for events in (first, second):
+        # llama_cpp.server's default (interrupt_requests) would end the first stream with a
+        # bare [DONE] as soon as the second waited: no finish_reason, fewer tokens.
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+        assert events[-1]["usage"]["completion_tokens"] == max_tokens
