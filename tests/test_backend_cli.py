@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from backend.cli import main
+from proxy.pgserver import free_port
 from proxy.settings import KNOWN_VARIABLES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,9 +83,10 @@ def test_models_lists_every_gguf_with_its_size_and_marks_the_default(home: Path)
     assert all("93.8 MiB" in line for line in lines)
     assert lines[1].endswith(str(home / "models" / "smol-b.gguf"))
 
-    moved = run(home, "models", LLAMA_MODEL="smol-b").output.splitlines()
-    assert moved[0].startswith("  ")
-    assert moved[1].startswith("* smol-b ")
+    for name in ("smol-b", "smol-b.gguf"):  # the alias, or the file name as console.sh takes
+        moved = run(home, "models", LLAMA_MODEL=name).output.splitlines()
+        assert moved[0].startswith("  ")
+        assert moved[1].startswith("* smol-b ")
 
 
 def test_models_with_an_unknown_default_lists_them_then_fails(home: Path) -> None:
@@ -207,6 +209,20 @@ def test_serve_refusal_is_one_line_from_the_real_command(home: Path) -> None:
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith("Error: LLAMA_SERVER_HOST=0.0.0.0 is not a loopback address")
     assert KEY not in done.stderr
+
+
+def test_a_file_that_is_no_model_fails_to_load_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "broken.gguf").write_bytes(b"not a GGUF file" * 64)
+    port = str(free_port())
+    done = run_process(tmp_path, "serve", LLAMA_SERVER_PORT=port, LLAMA_SERVER_API_KEY=KEY)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [
+        f"Error: cannot load model broken: Failed to load model from file: "
+        f"{tmp_path / 'models' / 'broken.gguf'}"
+    ], done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_each_command_documents_itself_with_an_example(home: Path) -> None:
