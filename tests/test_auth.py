@@ -1,0 +1,274 @@
+"""Key authentication: one answer for every bad key, a cache that spares argon2 and Postgres,
+and limits on what bad keys can cost."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from proxy import store
+from proxy.appkeys import AUTHENTICATOR
+from proxy.auth import FAILURE_LIMIT, Authenticator
+from proxy.errors import InvalidApiKey
+from proxy.keys import KeyHasher
+from proxy.pool import Database
+from tests.proxy_harness import (
+    Harness,
+    add_key,
+    bearer,
+    make_user,
+    proxy_settings,
+    random_key,
+    running_proxy,
+)
+
+
+@pytest.fixture
+async def proxy(db_dsn: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running_proxy(db_dsn, tmp_path) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def _get(client: aiohttp.ClientSession, proxy: Harness, headers: dict[str, str]) -> int:
+    async with client.get(proxy.url("/v1/models"), headers=headers) as response:
+        return response.status
+
+
+async def test_bearer_and_x_api_key_headers_are_both_accepted(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    assert await _get(client, proxy, bearer(key)) == 200
+    assert await _get(client, proxy, {"x-api-key": key}) == 200
+    assert await _get(client, proxy, {"Authorization": f"bearer   {key}  "}) == 200
+
+
+async def test_every_kind_of_bad_key_gets_the_same_401(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    good = await proxy.user("alice")
+    key_id = good.split("_")[1]
+    con = await asyncpg.connect(proxy.dsn)
+    try:
+        revoked = await add_key(con, (await store.get_user(con, "alice"))["id"])
+        await store.revoke_key(con, revoked.split("_")[1])
+        bob = (await store.create_user(con, "bob", None, None))["id"]
+        expired = await add_key(con, bob, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        carol = (await store.create_user(con, "carol", None, None))["id"]
+        disabled = await add_key(con, carol)
+        await store.set_user_enabled(con, "carol", False)
+        dave = (await store.create_user(con, "dave", None, None))["id"]
+        deleted = await add_key(con, dave)
+        await store.delete_user(con, "dave")
+    finally:
+        await con.close()
+    wrong_secret = f"lgk_{key_id}_{random_key().split('_', 2)[2]}"
+    cases = {
+        "missing": {},
+        "other scheme": {"Authorization": f"Basic {good}"},
+        "malformed": bearer("sk-not-ours"),
+        "unknown": bearer(random_key()),
+        "wrong secret": bearer(wrong_secret),
+        "revoked": bearer(revoked),
+        "expired": bearer(expired),
+        "disabled user": bearer(disabled),
+        "deleted user": bearer(deleted),
+    }
+    bodies = {}
+    for cause, headers in cases.items():
+        async with client.get(proxy.url("/v1/chat/completions"), headers=headers) as r:
+            assert r.status == 401, cause
+            assert r.headers["WWW-Authenticate"] == "Bearer", cause
+            bodies[cause] = await r.json()
+    first = bodies["missing"]
+    assert first["error"]["code"] == "invalid_api_key"
+    assert first["error"]["type"] == "invalid_request_error"
+    assert first["error"]["param"] is None
+    assert all(body == first for body in bodies.values())  # nothing tells the causes apart
+    assert proxy.upstream.seen == []
+    assert await _get(client, proxy, bearer(good)) == 200
+
+
+async def test_a_verified_key_is_served_from_memory_under_a_digest(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    auth = proxy.app[AUTHENTICATOR]
+    assert await _get(client, proxy, bearer(key)) == 200
+    assert (auth.stats.lookups, auth.stats.argon2) == (1, 1)
+    for _ in range(5):
+        assert await _get(client, proxy, bearer(key)) == 200
+    assert (auth.stats.lookups, auth.stats.argon2, auth.stats.cache_hits) == (1, 1, 5)
+    digests = list(auth._cache._entries)
+    assert len(digests) == 1
+    assert len(digests[0]) == 32
+    assert key.encode() not in digests[0]
+
+
+async def test_a_repeated_bad_key_is_rejected_from_memory(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    auth = proxy.app[AUTHENTICATOR]
+    bad = random_key()
+    for _ in range(3):
+        assert await _get(client, proxy, bearer(bad)) == 401
+    assert auth.stats.lookups == 1
+    assert await _get(client, proxy, bearer("lgk_short")) == 401
+    assert auth.stats.lookups == 1  # not shaped like a key: no query at all
+
+
+async def test_too_many_failures_from_one_address_are_cut_off_without_work(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    auth = proxy.app[AUTHENTICATOR]
+    known = await proxy.user("alice")
+    assert await _get(client, proxy, bearer(known)) == 200
+    for _ in range(FAILURE_LIMIT):
+        assert await _get(client, proxy, bearer(random_key())) == 401
+    lookups = auth.stats.lookups
+    async with client.get(proxy.url("/v1/models"), headers=bearer(random_key())) as r:
+        assert r.status == 429
+        assert 1 <= int(r.headers["Retry-After"]) <= 10
+        assert (await r.json())["error"]["code"] == "too_many_authentication_failures"
+    assert auth.stats.lookups == lookups
+    assert auth.stats.blocked == 1
+    assert await _get(client, proxy, bearer(known)) == 200  # a key that verified still passes
+
+
+async def test_last_used_at_is_written_lazily_in_one_batch(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    assert await _get(client, proxy, bearer(key)) == 200
+    con = await asyncpg.connect(proxy.dsn)
+    try:
+        (row,) = await store.list_keys(con, "alice")
+        assert row["last_used_at"] is None  # not on the request path
+        await proxy.app[AUTHENTICATOR].flush_last_used()
+        (row,) = await store.list_keys(con, "alice")
+        assert row["last_used_at"] is not None
+    finally:
+        await con.close()
+
+
+# -- the Authenticator on its own, against the real database ------------------------------
+
+
+class ThreadRecordingHasher(KeyHasher):
+    def __init__(self, **params: int) -> None:
+        super().__init__(**params)
+        self.threads: list[str] = []
+
+    def verify(self, secret_hash: str, secret: str) -> bool:
+        self.threads.append(threading.current_thread().name)
+        return super().verify(secret_hash, secret)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def database(db_dsn: str, tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(proxy_settings(db_dsn, 9, tmp_path, LLAMA_PROXY_AUTH_CACHE_SECONDS="30"))
+    await database.open()
+    yield database
+    await database.close()
+
+
+def _authenticator(
+    database: Database, db_dsn: str, tmp_path: Path, **kwargs: object
+) -> Authenticator:
+    settings = proxy_settings(db_dsn, 9, tmp_path, LLAMA_PROXY_AUTH_CACHE_SECONDS="30")
+    return Authenticator(settings, database, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_argon2_runs_on_worker_threads_and_concurrent_requests_share_it(
+    database: Database, db_dsn: str, tmp_path: Path
+) -> None:
+    _, key = await make_user(db_dsn, "alice")
+    hasher = ThreadRecordingHasher()
+    auth = _authenticator(database, db_dsn, tmp_path, hasher=hasher)
+    try:
+        principals = await asyncio.gather(*(auth.authenticate(key, "10.0.0.1") for _ in range(10)))
+    finally:
+        await auth.close()
+    assert {p.username for p in principals} == {"alice"}
+    assert len(hasher.threads) == 1
+    assert hasher.threads[0].startswith("argon2")
+    assert hasher.threads[0] != threading.main_thread().name
+
+
+async def test_the_cache_ttl_bounds_staleness_when_no_notification_arrives(
+    database: Database, db_dsn: str, tmp_path: Path
+) -> None:
+    _, key = await make_user(db_dsn, "alice")
+    clock = Clock()
+    auth = _authenticator(database, db_dsn, tmp_path, clock=clock)
+    try:
+        await auth.authenticate(key, "10.0.0.1")
+        con = await asyncpg.connect(db_dsn)
+        try:
+            await store.revoke_key(con, key.split("_")[1])
+        finally:
+            await con.close()
+        clock.now += 29  # nobody told this authenticator: the cached verdict still stands
+        assert (await auth.authenticate(key, "10.0.0.1")).username == "alice"
+        clock.now += 2  # past LLAMA_PROXY_AUTH_CACHE_SECONDS: re-checked, and refused
+        with pytest.raises(InvalidApiKey):
+            await auth.authenticate(key, "10.0.0.1")
+    finally:
+        await auth.close()
+    assert auth.stats.argon2 == 1
+
+
+async def test_a_refresh_after_the_ttl_costs_one_query_and_no_argon2(
+    database: Database, db_dsn: str, tmp_path: Path
+) -> None:
+    _, key = await make_user(db_dsn, "alice")
+    clock = Clock()
+    auth = _authenticator(database, db_dsn, tmp_path, clock=clock)
+    try:
+        await auth.authenticate(key, "10.0.0.1")
+        clock.now += 31
+        await auth.authenticate(key, "10.0.0.1")
+    finally:
+        await auth.close()
+    assert (auth.stats.lookups, auth.stats.argon2) == (2, 1)
+
+
+async def test_an_outdated_hash_is_replaced_after_a_successful_verification(
+    database: Database, db_dsn: str, tmp_path: Path
+) -> None:
+    old_hasher = KeyHasher(time_cost=2, memory_cost_kib=4096)
+    _, key = await make_user(db_dsn, "alice", hasher=old_hasher)
+    auth = _authenticator(database, db_dsn, tmp_path)
+    try:
+        await auth.authenticate(key, "10.0.0.1")
+    finally:
+        await auth.close()  # waits for the background re-hash
+    con = await asyncpg.connect(db_dsn)
+    try:
+        record = await store.lookup_key(con, key.split("_")[1])
+    finally:
+        await con.close()
+    assert record is not None
+    assert not KeyHasher().needs_rehash(record.secret_hash)
+    assert KeyHasher().verify(record.secret_hash, key.split("_", 2)[2])
