@@ -38,6 +38,7 @@ class Database:
         self._pool: asyncpg.Pool | None = None
         self._skip_until = 0.0
         self._down_since: float | None = None
+        self._last_error = ""
 
     async def open(self) -> None:
         # min_size=0 connects lazily, so the proxy starts (and serves cached keys) even while
@@ -64,14 +65,14 @@ class Database:
         if self._pool is None:
             raise DatabaseUnavailable("the database pool is not open")
         if self._clock() < self._skip_until:
-            raise DatabaseUnavailable("Postgres was unreachable a moment ago")
+            raise DatabaseUnavailable(f"Postgres is unreachable: {self._last_error}")
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._pool.acquire() as con:
                     result = await work(con)
         except _OUTAGE as exc:
             self._failed(exc)
-            raise DatabaseUnavailable(f"Postgres is unreachable: {_reason(exc)}") from None
+            raise DatabaseUnavailable(f"Postgres is unreachable: {self._last_error}") from None
         if self._down_since is not None:
             log.warning(
                 "Postgres at %s is reachable again after %.1f s",
@@ -84,13 +85,14 @@ class Database:
     def _failed(self, exc: BaseException) -> None:
         now = self._clock()
         self._skip_until = now + RETRY_SECONDS
+        self._last_error = _reason(exc)
         if self._down_since is None:
             self._down_since = now
             log.warning(
                 "Postgres at %s is unreachable (%s): serving recently verified keys from memory "
                 "and enforcing rate limits per process until it returns",
                 self._settings.database_label,
-                _reason(exc),
+                self._last_error,
             )
 
 
