@@ -165,10 +165,9 @@ class Authenticator:
             record.rate_window_seconds,
         )  # fmt: skip
         # A notification that arrived while we queried may describe a change our read missed:
-        # then answer this request but do not cache the verdict.
-        if generation == self._generation:
-            entry = CachedKey(principal, record.secret_hash, _valid_until(record), checked_at)
-            self._cache.put(digest, entry)
+        # then answer this request, but have the next one check again.
+        entry = CachedKey(principal, record.secret_hash, _valid_until(record), checked_at)
+        self._cache.put(digest, entry, fresh=generation == self._generation)
         return principal
 
     def _check_secret(self, secret_hash: str, secret: str) -> tuple[bool, str | None]:

@@ -65,7 +65,10 @@ class KeyCache:
     def is_fresh(self, entry: CachedKey) -> bool:
         return self._clock() - entry.verified_at <= self._fresh
 
-    def put(self, digest: bytes, entry: CachedKey) -> None:
+    def put(self, digest: bytes, entry: CachedKey, fresh: bool = True) -> None:
+        """Remember a verified key; `fresh=False` makes its next use re-check it first."""
+        if not fresh:
+            entry.verified_at = min(entry.verified_at, self._clock() - self._fresh - 1)
         self._entries[digest] = entry
         self._entries.move_to_end(digest)
         while len(self._entries) > self._max:

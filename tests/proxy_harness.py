@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy import store
 from proxy.app import create_app
-from proxy.appkeys import COMPLETION_HOOKS
+from proxy.appkeys import AUTH_LISTENER, COMPLETION_HOOKS
 from proxy.keys import KeyHasher, generate_key
 from proxy.pgserver import free_port
 from proxy.records import RequestRecord
@@ -124,9 +124,17 @@ class Harness:
 
 @asynccontextmanager
 async def running_proxy(
-    dsn: str, home: Path, upstream: FakeUpstream | None = None, **settings: str
+    dsn: str,
+    home: Path,
+    upstream: FakeUpstream | None = None,
+    listening: bool = True,
+    **settings: str,
 ) -> AsyncIterator[Harness]:
-    """The proxy under aiohttp's TestServer (which cancels handlers of departed clients)."""
+    """The proxy under aiohttp's TestServer (which cancels handlers of departed clients).
+
+    With `listening`, it waits until the revocation listener is connected, so no test's first
+    request races the listener's start (which marks cached keys for re-checking).
+    """
     upstream = upstream or FakeUpstream(expected_key=BACKEND_KEY)
     await upstream.start()
     app = create_app(proxy_settings(dsn, upstream.port, home, **settings))
@@ -134,6 +142,8 @@ async def running_proxy(
     app[COMPLETION_HOOKS].append(harness.collect)
     await harness.server.start_server()
     try:
+        if listening:
+            await asyncio.wait_for(app[AUTH_LISTENER].connected.wait(), 10)
         yield harness
     finally:
         await harness.server.close()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import asyncpg
@@ -16,9 +17,11 @@ import pytest
 from proxy import store
 from proxy.appkeys import AUTHENTICATOR
 from proxy.auth import FAILURE_LIMIT, Authenticator
+from proxy.db import DatabaseUnavailable
 from proxy.errors import InvalidApiKey
 from proxy.keys import KeyHasher
 from proxy.pool import Database
+from proxy.store import Connection
 from tests.proxy_harness import (
     Harness,
     add_key,
@@ -28,6 +31,8 @@ from tests.proxy_harness import (
     random_key,
     running_proxy,
 )
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -272,3 +277,41 @@ async def test_an_outdated_hash_is_replaced_after_a_successful_verification(
     assert record is not None
     assert not KeyHasher().needs_rehash(record.secret_hash)
     assert KeyHasher().verify(record.secret_hash, key.split("_", 2)[2])
+
+
+class NotifiedMidQuery(Database):
+    """Postgres as seen when a notification lands while the key's lookup is in flight."""
+
+    authenticator: Authenticator | None = None
+    down = False
+
+    async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        if self.down:
+            raise DatabaseUnavailable("stopped for the test")
+        result = await super().run(work)
+        if self.authenticator is not None:
+            self.authenticator.invalidate_all()
+        return result
+
+
+async def test_a_notification_during_verification_makes_the_next_use_check_again(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    _, key = await make_user(db_dsn, "alice")
+    database = NotifiedMidQuery(proxy_settings(db_dsn, 9, tmp_path))
+    await database.open()
+    auth = _authenticator(database, db_dsn, tmp_path)
+    database.authenticator = auth
+    try:
+        await auth.authenticate(key, "10.0.0.1")
+        database.authenticator = None
+        await auth.authenticate(key, "10.0.0.1")
+        assert auth.stats.lookups == 2  # the first verdict was not trusted as fresh
+        await auth.authenticate(key, "10.0.0.1")
+        assert auth.stats.lookups == 2
+        database.down = True  # and the entry was kept, so an outage still finds it
+        auth.invalidate_all()
+        assert (await auth.authenticate(key, "10.0.0.1")).username == "alice"
+    finally:
+        await auth.close()
+        await database.close()

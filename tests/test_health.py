@@ -20,7 +20,7 @@ async def _get(url: str) -> tuple[int, dict[str, object]]:
 
 
 async def test_health_needs_no_key_no_database_and_no_backend(tmp_path: Path) -> None:
-    async with running_proxy(_nowhere(), tmp_path) as proxy:
+    async with running_proxy(_nowhere(), tmp_path, listening=False) as proxy:
         await proxy.upstream.stop()
         assert await _get(proxy.url("/health")) == (200, {"status": "ok"})
     assert proxy.records == []  # probes are not API requests
@@ -39,7 +39,7 @@ async def test_ready_when_database_and_backend_answer_without_calling_the_backen
 
 
 async def test_not_ready_names_the_database_when_postgres_is_unreachable(tmp_path: Path) -> None:
-    async with running_proxy(_nowhere(), tmp_path) as proxy:
+    async with running_proxy(_nowhere(), tmp_path, listening=False) as proxy:
         status, body = await _get(proxy.url("/ready"))
     assert status == 503
     assert body["status"] == "not ready: database"

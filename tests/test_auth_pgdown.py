@@ -1,0 +1,94 @@
+"""While Postgres is down: recently verified keys keep working, unknown keys get 503 (not 401),
+limits stay enforced per process, and the proxy recovers by itself when Postgres returns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy import migrate
+from proxy.appkeys import AUTH_LISTENER
+from proxy.pgserver import LocalPostgres, find_bindir, free_port
+from tests.proxy_harness import Harness, bearer, make_user, running_proxy
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[LocalPostgres]:
+    """A server of this test's own, since the test stops and restarts it."""
+    # Not under tmp_path: its parents are private to root, and the server may run as postgres.
+    root = Path(tempfile.mkdtemp(prefix="llama-gate-pgdown-"))
+    root.chmod(0o755)
+    server = LocalPostgres(root / "data", free_port(), root / "postgres.log", find_bindir())
+    try:
+        server.init(throwaway=True)
+        server.start(throwaway=True)
+        migrate.upgrade(server.dsn)
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _call(client: aiohttp.ClientSession, proxy: Harness, key: str) -> aiohttp.ClientResponse:
+    async with client.get(proxy.url("/v1/models"), headers=bearer(key)) as response:
+        await response.read()
+        return response
+
+
+async def test_postgres_outage_and_recovery(
+    own_postgres: LocalPostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="proxy")
+    _, alice = await make_user(own_postgres.dsn, "alice", rate_limit=3, rate_window_seconds=60)
+    _, bob = await make_user(own_postgres.dsn, "bob")
+    settings = {"LLAMA_PROXY_AUTH_CACHE_SECONDS": "1"}
+    async with (
+        running_proxy(own_postgres.dsn, tmp_path, **settings) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        verified_at = time.monotonic()
+        first = await _call(client, proxy, alice)
+        assert first.status == 200
+        assert first.headers["x-ratelimit-remaining-requests"] == "2"
+
+        await asyncio.to_thread(own_postgres.stop)
+        await asyncio.sleep(max(0.0, verified_at + 1.2 - time.monotonic()))  # past the TTL
+
+        # A key verified recently keeps working, and the limit still holds: the admission
+        # made while Postgres was up counts in the process's own window.
+        statuses = [(await _call(client, proxy, alice)).status for _ in range(3)]
+        assert statuses == [200, 200, 429]
+
+        unknown = await _call(client, proxy, bob)
+        assert unknown.status == 503
+        async with client.get(proxy.url("/v1/models"), headers=bearer(bob)) as r:
+            body = await r.json()
+        assert body["error"]["code"] == "key_store_unavailable"
+        async with client.get(proxy.url("/ready")) as r:
+            assert r.status == 503
+            assert (await r.json())["status"] == "not ready: database"
+
+        await asyncio.to_thread(own_postgres.start, True)
+        started = time.monotonic()
+        while (await _call(client, proxy, bob)).status != 200:
+            assert time.monotonic() - started < 15, "the proxy did not recover"
+            await asyncio.sleep(0.2)
+        async with asyncio.timeout(15):
+            while not proxy.app[AUTH_LISTENER].connected.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        async with client.get(proxy.url("/ready")) as r:
+            assert r.status == 200
+
+    outage_logs = [r.getMessage() for r in caplog.records if r.name == "proxy.pool"]
+    assert sum("is unreachable" in m for m in outage_logs) == 1, outage_logs
+    assert sum("reachable again" in m for m in outage_logs) == 1, outage_logs
+    per_process = [r for r in caplog.records if r.name == "proxy.ratelimit"]
+    assert len(per_process) == 1
