@@ -138,16 +138,16 @@ class Authenticator:
     ) -> Principal:
         generation = self._generation
         async with self._slots:
+            checked_at = self._clock()
             try:
                 record = await self._db.run(lambda con: store.lookup_key(con, key_id))
             except DatabaseUnavailable:
                 if known is not None:
                     return known.principal  # verified recently: keep serving it while PG is down
                 raise KeyStoreUnavailable() from None
-            checked_at = self._clock()
             self.stats.lookups += 1
             if record is None or not _usable(record):
-                self._rejected.add(digest)
+                self._reject(digest)
                 raise InvalidApiKey()
             if known is None or not hmac.compare_digest(known.secret_hash, record.secret_hash):
                 self.stats.argon2 += 1
@@ -156,7 +156,7 @@ class Authenticator:
                     self._executor, self._check_secret, record.secret_hash, secret
                 )
                 if not ok:
-                    self._rejected.add(digest)
+                    self._reject(digest)
                     raise InvalidApiKey()
                 if new_hash is not None:
                     self._spawn(self._replace_hash(key_id, record.secret_hash, new_hash))
@@ -169,6 +169,10 @@ class Authenticator:
         entry = CachedKey(principal, record.secret_hash, _valid_until(record), checked_at)
         self._cache.put(digest, entry, fresh=generation == self._generation)
         return principal
+
+    def _reject(self, digest: bytes) -> None:
+        self._cache.discard(digest)  # never again a fallback while Postgres is down
+        self._rejected.add(digest)
 
     def _check_secret(self, secret_hash: str, secret: str) -> tuple[bool, str | None]:
         """On a worker thread: verify, and re-hash when the stored parameters are outdated."""

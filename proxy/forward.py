@@ -173,7 +173,11 @@ async def _stream(
         reason=upstream_response.reason,
         headers=_response_headers(upstream_response, extra),
     )
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except ConnectionResetError:  # gone before the first byte; the cancellation may lag behind
+        record.status = CLIENT_CLOSED
+        return response
     content = upstream_response.content
     while True:
         try:

@@ -74,6 +74,9 @@ class KeyCache:
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
+    def discard(self, digest: bytes) -> None:
+        self._entries.pop(digest, None)
+
     def forget_key(self, key_id: str) -> None:
         self._forget(lambda p: p.key_id == key_id)
 

@@ -54,6 +54,13 @@ class Database:
             await asyncio.wait_for(self._pool.close(), 10)
 
     @property
+    def pool(self) -> asyncpg.Pool:
+        """The open pool, for writers off the request path (they handle outages themselves)."""
+        if self._pool is None:
+            raise DatabaseUnavailable("the database pool is not open")
+        return self._pool
+
+    @property
     def up(self) -> bool:
         return self._down_since is None
 

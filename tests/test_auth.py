@@ -239,6 +239,10 @@ async def test_the_cache_ttl_bounds_staleness_when_no_notification_arrives(
         clock.now += 2  # past LLAMA_PROXY_AUTH_CACHE_SECONDS: re-checked, and refused
         with pytest.raises(InvalidApiKey):
             await auth.authenticate(key, "10.0.0.1")
+        assert len(auth._cache) == 0  # so no outage can bring the revoked key back
+        with pytest.raises(InvalidApiKey):
+            await auth.authenticate(key, "10.0.0.1")
+        assert auth.stats.lookups == 2  # and the refusal is remembered
     finally:
         await auth.close()
     assert auth.stats.argon2 == 1
