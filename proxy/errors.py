@@ -16,6 +16,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.records import RECORD
+
 log = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
@@ -152,19 +154,29 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
     return web.json_response(body, status=exc.status, headers=headers)
 
 
+def _note(request: web.Request, error: str) -> None:
+    """Give the request's record (if it has one) a short, safe description of the failure."""
+    record = request.get(RECORD)
+    if record is not None and record.error is None:
+        record.error = error[:200]
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer every error in OpenAI's shape; never let a traceback reach the client."""
     try:
         return await handler(request)
     except ApiError as exc:
+        _note(request, exc.code if exc.code and exc.status < 500 else f"{exc.code}: {exc}")
         return exc.response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        _note(request, f"HTTP {exc.status}")
         return _from_http_exception(request, exc)
-    except Exception:
+    except Exception as exc:
         log.exception("unexpected error handling %s %s", request.method, request.path)
+        _note(request, f"internal error: {type(exc).__name__}")
         return ApiError(
             "The proxy failed unexpectedly; the error is logged. Try again, and tell your "
             "administrator if it keeps happening."

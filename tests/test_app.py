@@ -88,8 +88,15 @@ async def test_every_way_a_request_ends_gives_exactly_one_record(proxy: Harness)
     assert plain.error is None
     assert streamed.stream is True
     assert (anonymous.user_id, anonymous.username, anonymous.key_id) == (None, None, None)
-    assert records[8].error == "model exploded"
-    assert records[10].error is not None
+    errors = [record.error for record in records]
+    assert errors[2:8] == [
+        "invalid_api_key", None, "rate_limit_exceeded", "request_too_large", "invalid_json",
+        "HTTP 404",
+    ]  # fmt: skip
+    assert errors[8] == "model exploded"
+    assert str(errors[9]).startswith("model_server_unavailable: The model server is not reachable")
+    assert errors[10] == "client closed the connection"
+    assert str(errors[11]).startswith("model_server_unavailable")
 
 
 async def test_a_failing_hook_is_logged_and_neither_the_request_nor_other_hooks_suffer(
