@@ -18,7 +18,7 @@ from proxy import store
 from proxy.appkeys import AUTHENTICATOR
 from proxy.auth import FAILURE_LIMIT, Authenticator
 from proxy.db import DatabaseUnavailable
-from proxy.errors import InvalidApiKey
+from proxy.errors import InvalidApiKey, KeyStoreUnavailable
 from proxy.keys import KeyHasher
 from proxy.pool import Database
 from proxy.store import Connection
@@ -201,7 +201,13 @@ async def database(db_dsn: str, tmp_path: Path) -> AsyncIterator[Database]:
 def _authenticator(
     database: Database, db_dsn: str, tmp_path: Path, **kwargs: object
 ) -> Authenticator:
-    settings = proxy_settings(db_dsn, 9, tmp_path, LLAMA_PROXY_AUTH_CACHE_SECONDS="30")
+    settings = proxy_settings(
+        db_dsn,
+        9,
+        tmp_path,
+        LLAMA_PROXY_AUTH_CACHE_SECONDS="30",
+        LLAMA_PROXY_AUTH_STALE_SECONDS="600",
+    )
     return Authenticator(settings, database, **kwargs)  # type: ignore[arg-type]
 
 
@@ -316,6 +322,27 @@ async def test_a_notification_during_verification_makes_the_next_use_check_again
         database.down = True  # and the entry was kept, so an outage still finds it
         auth.invalidate_all()
         assert (await auth.authenticate(key, "10.0.0.1")).username == "alice"
+    finally:
+        await auth.close()
+        await database.close()
+
+
+async def test_while_postgres_is_down_a_verified_key_works_only_within_the_stale_limit(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    _, key = await make_user(db_dsn, "alice")
+    database = NotifiedMidQuery(proxy_settings(db_dsn, 9, tmp_path))
+    await database.open()
+    clock = Clock()
+    auth = _authenticator(database, db_dsn, tmp_path, clock=clock)
+    try:
+        await auth.authenticate(key, "10.0.0.1")
+        database.down = True
+        clock.now += 599  # long past the 30 s TTL, within LLAMA_PROXY_AUTH_STALE_SECONDS
+        assert (await auth.authenticate(key, "10.0.0.1")).username == "alice"
+        clock.now += 2
+        with pytest.raises(KeyStoreUnavailable):
+            await auth.authenticate(key, "10.0.0.1")
     finally:
         await auth.close()
         await database.close()
