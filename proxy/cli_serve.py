@@ -17,7 +17,11 @@ SHUTDOWN_SECONDS = 30.0
 
 
 @click.command("serve")
-@click.option("--host", metavar="ADDRESS", help="Listen on this address (default: 0.0.0.0).")
+@click.option(
+    "--host",
+    metavar="ADDRESS",
+    help="Listen on this address (default: LLAMA_PROXY_HOST, 0.0.0.0).",
+)
 @click.option(
     "--port",
     type=click.IntRange(1, 65535),
