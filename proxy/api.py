@@ -36,7 +36,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     record.key_id = principal.key_id
     path = upstream_path(request)
     # The body is checked before rate limiting, so a malformed request spends no quota.
-    body = await prepare_body(request, path, record, app[SETTINGS].max_body_bytes)
+    settings = app[SETTINGS]
+    body = await prepare_body(
+        request, path, record, settings.max_body_bytes, settings.max_tokens_hard_cap
+    )
     limit_headers = await app[RATE_LIMITER].admit(principal)
     async with app[BACKENDS].acquire(record) as upstream:
         return await forward(

@@ -1,9 +1,12 @@
 """Request bodies: read and checked where the proxy needs their content, streamed elsewhere.
 
 Inference requests (`INSPECTED_PATHS`) are small JSON the proxy must understand (the model and
-whether to stream, for the audit row and later for choosing a backend), so they are read whole
-under the size cap and must be a JSON object. Any other body streams through untouched, counted
-against the same cap.
+whether to stream, for the audit row and for choosing a backend), so they are read whole under the
+size cap and must be a JSON object. Two things in them are rewritten: `max_tokens` is capped, so
+no request holds the model for unbounded time, and streams ask the backend for a final usage
+chunk (`stream_options.include_usage`) so their tokens can be counted; `proxy.usage` takes that
+chunk out again for a client that did not ask for it. Any other body streams through untouched,
+counted against the same cap.
 """
 
 from __future__ import annotations
@@ -40,14 +43,16 @@ class CappedBody:
 
 
 async def prepare_body(
-    request: web.Request, path: str, record: RequestRecord, limit: int
+    request: web.Request, path: str, record: RequestRecord, limit: int, max_tokens: int
 ) -> bytes | CappedBody | None:
-    """What to send upstream: the checked bytes, a capped stream, or None for no body."""
+    """What to send upstream: the checked (maybe rewritten) bytes, a capped stream, or None."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
     if request.method == "POST" and path in INSPECTED_PATHS:
         raw = await _read(request, limit, record)
-        _inspect(raw, path, record)
+        payload = _inspect(raw, path, record)
+        if path in STREAMED_MODES and _rewrite(payload, record, max_tokens):
+            return json.dumps(payload, ensure_ascii=False).encode()
         return raw
     if not request.body_exists:
         return None
@@ -61,7 +66,7 @@ async def _read(request: web.Request, limit: int, record: RequestRecord) -> byte
     return b"".join(chunks)
 
 
-def _inspect(raw: bytes, path: str, record: RequestRecord) -> None:
+def _inspect(raw: bytes, path: str, record: RequestRecord) -> dict[str, Any]:
     try:
         payload: Any = json.loads(raw)
     except UnicodeDecodeError:
@@ -74,3 +79,26 @@ def _inspect(raw: bytes, path: str, record: RequestRecord) -> None:
     record.model = model if isinstance(model, str) else None
     if path in STREAMED_MODES:
         record.stream = payload.get("stream") is True
+    return payload
+
+
+def _rewrite(payload: dict[str, Any], record: RequestRecord, max_tokens: int) -> bool:
+    """Cap `max_tokens` and ask for usage on streams; True when the payload changed."""
+    changed = False
+    asked = payload.get("max_tokens")
+    if asked is None or (
+        isinstance(asked, int) and not isinstance(asked, bool) and not 0 < asked <= max_tokens
+    ):
+        # Missing, null, zero, negative or over the cap: llama_cpp.server treats <= 0 and null
+        # as "until the context is full", which is exactly what the cap is for. A value of the
+        # wrong type goes on, for the backend's own 422.
+        payload["max_tokens"] = max_tokens
+        changed = True
+    if record.stream:
+        options = payload.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        record.usage_requested = options.get("include_usage") is True
+        if not record.usage_requested:
+            payload["stream_options"] = {**options, "include_usage": True}
+            changed = True
+    return changed

@@ -94,8 +94,6 @@ async def forward(
     extra_headers: Mapping[str, str],
 ) -> web.StreamResponse:
     """Send the request to `upstream` and stream its answer back; `UpstreamError` if it fails."""
-    if isinstance(body, bytes):
-        record.bytes_in = len(body)
     extra = {**extra_headers, "X-Request-Id": record.request_id}
     try:
         upstream_response = await session.request(

@@ -46,6 +46,9 @@ class RequestRecord:
     ttfb_ms: float | None = None  # until the backend's first body byte
     duration_ms: float | None = None
     error: str | None = None  # short, safe to store: never a key or a body
+    usage_requested: bool = False  # the client itself asked for a usage chunk on its stream
+    prompt_tokens: int | None = None  # from the backend's usage, streamed or not
+    completion_tokens: int | None = None
     start: float = field(default_factory=time.monotonic, repr=False)  # monotonic clock
 
     def elapsed_ms(self) -> float:

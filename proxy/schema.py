@@ -19,6 +19,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    Uuid,
     func,
     text,
 )
@@ -83,6 +84,17 @@ rate_admissions = Table(
     Column("admitted_at", DateTime(timezone=True), nullable=False),
     Index("ix_rate_admissions_user_id_admitted_at", "user_id", "admitted_at"),
     prefixes=["UNLOGGED"],
+)
+
+# One row per audit batch written, in the same transaction as the batch's rows: a batch retried
+# after an ambiguous failure, or replayed from a spill file, is recognised and written once.
+llama_audit_batches = Table(
+    "llama_audit_batches",
+    metadata,
+    Column("batch_id", Uuid, primary_key=True),
+    Column("written_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("row_count", Integer, nullable=False),
+    Index("ix_llama_audit_batches_written_at", "written_at"),
 )
 
 # The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that

@@ -106,6 +106,15 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
     "LLAMA_PROXY_CONNECT_TIMEOUT_SECONDS": (_positive_int, "5"),  # to the backend
     # Longest silence from the backend (before headers or between chunks) before a 504 / cut.
     "LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS": (_positive_int, "600"),
+    # No request may ask for more tokens than this (one holds the model for its whole answer);
+    # a request above it, or without max_tokens, is sent with the cap.
+    "MAX_TOKENS_HARD_CAP": (_positive_int, "1024"),
+    # Audit rows held in memory while Postgres is unreachable; past this they spill to
+    # runtime/audit-spill/ and are replayed when it returns.
+    "LLAMA_PROXY_AUDIT_MEMORY_ROWS": (_positive_int, "20000"),
+    # Prometheus metrics, on loopback by default; port 0 turns them off.
+    "LLAMA_PROXY_METRICS_HOST": (_text, "127.0.0.1"),
+    "LLAMA_PROXY_METRICS_PORT": (_int, "9101"),
     # The backend (llama_cpp.server) launcher.
     "LLAMA_MODEL": (_optional_text, ""),  # default model alias (a models/*.gguf stem); "" = first
     "LLAMA_SERVER_ALLOW_REMOTE": (_bool, "0"),  # allow a non-loopback LLAMA_SERVER_HOST
@@ -116,7 +125,8 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
     "LLAMA_PROMPT_CACHE": (_bool, "0"),  # llama_cpp.server's disk cache under runtime/cache/
 }
 SECRET_FIELDS = frozenset({"POSTGRES_AUTH_DSN", "POSTGRES_AUTH_PASSWORD", "LLAMA_SERVER_API_KEY"})
-KNOWN_VARIABLES = frozenset(_FIELDS) | {"LLAMA_GATE_HOME"}
+# Read by the shell scripts rather than by Settings.
+KNOWN_VARIABLES = frozenset(_FIELDS) | {"LLAMA_GATE_HOME", "LLAMA_GATE_LOCAL_POSTGRES"}
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,10 @@ class Settings:
     db_timeout_seconds: int
     connect_timeout_seconds: int
     upstream_timeout_seconds: int
+    max_tokens_hard_cap: int
+    audit_memory_rows: int
+    metrics_host: str
+    metrics_port: int
     model: str
     server_allow_remote: bool
     n_ctx: int
@@ -226,6 +240,10 @@ def load_settings(
         db_timeout_seconds=values["LLAMA_PROXY_DB_TIMEOUT_SECONDS"],
         connect_timeout_seconds=values["LLAMA_PROXY_CONNECT_TIMEOUT_SECONDS"],
         upstream_timeout_seconds=values["LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS"],
+        max_tokens_hard_cap=values["MAX_TOKENS_HARD_CAP"],
+        audit_memory_rows=values["LLAMA_PROXY_AUDIT_MEMORY_ROWS"],
+        metrics_host=values["LLAMA_PROXY_METRICS_HOST"],
+        metrics_port=values["LLAMA_PROXY_METRICS_PORT"],
         model=values["LLAMA_MODEL"],
         server_allow_remote=values["LLAMA_SERVER_ALLOW_REMOTE"],
         n_ctx=values["N_CTX"],

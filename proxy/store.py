@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -211,9 +212,7 @@ async def ping(con: Connection) -> None:
     await con.fetchval("SELECT 1")
 
 
-async def usage_daily(
-    con: Connection, since: date, username: str | None
-) -> list[asyncpg.Record]:
+async def usage_daily(con: Connection, since: date, username: str | None) -> list[asyncpg.Record]:
     return await con.fetch(
         """SELECT day, username, requests, errors, prompt_tokens, completion_tokens,
                   bytes_in, bytes_out, p50_ms, p95_ms
@@ -238,4 +237,33 @@ async def prune_requests_batch(con: Connection, before: datetime, batch_size: in
         before,
         batch_size,
     )
+    return int(str(result).rsplit(" ", 1)[-1])
+
+
+async def write_audit_batch(
+    con: Connection,
+    batch_id: uuid.UUID,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    timeout: float | None = None,  # noqa: ASYNC109 - asyncpg's own per-call timeout
+) -> bool:
+    """COPY one batch of audit rows, exactly once: False when this batch id was written before."""
+    async with con.transaction():
+        fresh = await con.fetchval(
+            """INSERT INTO llama_audit_batches (batch_id, row_count) VALUES ($1, $2)
+               ON CONFLICT (batch_id) DO NOTHING RETURNING true""",
+            batch_id,
+            len(rows),
+            timeout=timeout,
+        )
+        if fresh:
+            await con.copy_records_to_table(
+                "llama_requests", records=rows, columns=list(columns), timeout=timeout
+            )
+    return bool(fresh)
+
+
+async def prune_audit_batches(con: Connection, before: datetime) -> int:
+    """Forget batch ids older than `before` (they only guard replays of recent batches)."""
+    result: Any = await con.execute("DELETE FROM llama_audit_batches WHERE written_at < $1", before)
     return int(str(result).rsplit(" ", 1)[-1])
