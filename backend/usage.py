@@ -91,9 +91,13 @@ def with_usage(
         llama.set_cache(tap)
         last: Chunk | None = None
         try:
+            # The chunks are left exactly as an unasked-for stream has them (OpenAI would add
+            # "usage": null to each), so the proxy, which asks for usage on every stream to count
+            # tokens, gives a client that did not ask precisely the stream it asked for by
+            # dropping the last event alone.
             for chunk in cast(Iterator[Chunk], method(llama, **kwargs)):
-                last = {**chunk, "usage": None}  # as OpenAI sends every chunk before the last
-                yield last
+                last = chunk
+                yield chunk
         finally:
             if llama.cache is tap:
                 llama.set_cache(tap.inner)
