@@ -16,17 +16,22 @@ from aiohttp import web
 
 from proxy import api, errors, health, records
 from proxy.appkeys import (
+    AUDIT_WRITER,
     AUTH_LISTENER,
     AUTHENTICATOR,
     BACKENDS,
     COMPLETION_HOOKS,
     DATABASE,
+    METRICS,
     RATE_LIMITER,
     SETTINGS,
     UPSTREAM_SESSION,
 )
+from proxy.audit import AuditWriter
+from proxy.audit_row import row_from
 from proxy.auth import Authenticator
 from proxy.auth_listener import AuthListener
+from proxy.metrics import Metrics, metrics_app
 from proxy.pool import Database
 from proxy.ratelimit import RateLimiter
 from proxy.records import CompletionHook
@@ -36,18 +41,34 @@ from proxy.upstream import Backends
 # llama_cpp.server (uvicorn) closes idle keep-alive connections after 5 s; reusing one just as it
 # closes fails the request, so the proxy lets its own idle connections go sooner.
 UPSTREAM_KEEPALIVE_SECONDS = 4.0
+# How long the final audit flush may wait for Postgres before the rest goes to a spill file.
+AUDIT_FLUSH_SECONDS = 10.0
 
 
 def create_app(settings: Settings) -> web.Application:
-    hooks: list[CompletionHook] = []
+    metrics = Metrics()
+    database = Database(settings)
+    audit_writer = AuditWriter(
+        lambda: database.pool,
+        settings.runtime_dir / "audit-spill",
+        memory_rows=settings.audit_memory_rows,
+    )
+    metrics.watch_audit(lambda: audit_writer.backlog, audit_writer.spilled_bytes)
+    hooks: list[CompletionHook] = [lambda record: audit_writer.submit(row_from(record))]
+    hooks.append(metrics.observe)
     app = web.Application(
-        middlewares=[records.middleware(hooks, health.PATHS), errors.middleware],
+        middlewares=[
+            metrics.middleware(health.PATHS),
+            records.middleware(hooks, health.PATHS),
+            errors.middleware,
+        ],
         client_max_size=settings.max_body_bytes,
     )
-    database = Database(settings)
     authenticator = Authenticator(settings, database)
     app[SETTINGS] = settings
     app[COMPLETION_HOOKS] = hooks
+    app[AUDIT_WRITER] = audit_writer
+    app[METRICS] = metrics
     app[DATABASE] = database
     app[AUTHENTICATOR] = authenticator
     app[AUTH_LISTENER] = AuthListener(
@@ -55,7 +76,10 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[RATE_LIMITER] = RateLimiter(settings, database)
     app[BACKENDS] = Backends.from_settings(settings)
-    app.cleanup_ctx.extend((_database, _upstream_session, _authenticator, _auth_listener))
+    # Cleaned up in reverse: metrics and the audit flush go first, while the pool is still open.
+    app.cleanup_ctx.extend(
+        (_database, _upstream_session, _authenticator, _auth_listener, _audit, _metrics_site)
+    )
     health.add_routes(app)
     api.add_routes(app)
     return app
@@ -103,3 +127,33 @@ async def _auth_listener(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _audit(app: web.Application) -> AsyncIterator[None]:
+    """Write audit rows for the app's whole life; on the way out, flush every last one."""
+    writer = app[AUDIT_WRITER]
+    task = asyncio.create_task(writer.run(shutdown_timeout=AUDIT_FLUSH_SECONDS))
+    yield
+    writer.stop()
+    await task
+
+
+async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
+    """Serve /metrics on its own (loopback by default) listener; port 0 means no metrics."""
+    settings = app[SETTINGS]
+    if settings.metrics_port == 0:
+        yield
+        return
+    runner = web.AppRunner(metrics_app(app[METRICS]), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(
+            exc.errno,
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
+            f"({exc.strerror}); set LLAMA_PROXY_METRICS_PORT to a free port, or 0 for none",
+        ) from None
+    yield
+    await runner.cleanup()

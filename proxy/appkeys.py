@@ -10,8 +10,10 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from proxy.audit import AuditWriter
 from proxy.auth import Authenticator
 from proxy.auth_listener import AuthListener
+from proxy.metrics import Metrics
 from proxy.pool import Database
 from proxy.ratelimit import RateLimiter
 from proxy.records import CompletionHook
@@ -26,3 +28,5 @@ RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 BACKENDS = web.AppKey("backends", Backends)
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 COMPLETION_HOOKS = web.AppKey[list[CompletionHook]]("completion_hooks")
+AUDIT_WRITER = web.AppKey("audit_writer", AuditWriter)
+METRICS = web.AppKey("metrics", Metrics)

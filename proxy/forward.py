@@ -11,6 +11,7 @@ and llama_cpp.server stops generating.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 import aiohttp
@@ -22,6 +23,7 @@ from proxy.errors import BodyTooLarge, UpstreamError
 from proxy.records import CLIENT_CLOSED, RequestRecord
 from proxy.upstream import Upstream
 from proxy.upstream_errors import openai_error_body
+from proxy.usage import UsageReader, reader_for
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ async def forward(
 ) -> web.StreamResponse:
     """Send the request to `upstream` and stream its answer back; `UpstreamError` if it fails."""
     extra = {**extra_headers, "X-Request-Id": record.request_id}
+    called = time.monotonic()
     try:
         upstream_response = await session.request(
             request.method,
@@ -112,10 +115,12 @@ async def forward(
         if upstream_response.status >= 400:
             response: web.StreamResponse = await _error_response(upstream_response, record, extra)
         else:
-            response = await _stream(request, upstream_response, record, extra)
+            usage = reader_for(path, record, upstream_response.content_type)
+            response = await _stream(request, upstream_response, record, extra, usage)
         finished = upstream_response.content.is_eof()
         return response
     finally:
+        record.upstream_ms = (time.monotonic() - called) * 1000.0
         if finished:
             upstream_response.release()  # back to the keep-alive pool
         else:
@@ -165,6 +170,7 @@ async def _stream(
     upstream_response: aiohttp.ClientResponse,
     record: RequestRecord,
     extra: Mapping[str, str],
+    usage: UsageReader | None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         status=upstream_response.status,
@@ -193,12 +199,25 @@ async def _stream(
             break
         if record.ttfb_ms is None:
             record.ttfb_ms = record.elapsed_ms()
-        record.bytes_out += len(chunk)
-        try:
-            await response.write(chunk)
-        except ConnectionResetError:
-            record.status = CLIENT_CLOSED
-            record.error = "client closed the connection"
+        if usage is not None:
+            chunk = usage.feed(chunk)
+        if chunk and not await _send(response, chunk, record):
+            return response
+    if usage is not None:
+        tail = usage.finish(record)
+        if tail and not await _send(response, tail, record):
             return response
     await response.write_eof()
     return response
+
+
+async def _send(response: web.StreamResponse, chunk: bytes, record: RequestRecord) -> bool:
+    """Write to the client; False (and status 499) when it has gone away."""
+    try:
+        await response.write(chunk)
+    except ConnectionResetError:
+        record.status = CLIENT_CLOSED
+        record.error = "client closed the connection"
+        return False
+    record.bytes_out += len(chunk)
+    return True

@@ -44,6 +44,7 @@ class RequestRecord:
     bytes_out: int = 0
     queue_ms: float | None = None  # waiting for a backend slot (the scheduler's share)
     ttfb_ms: float | None = None  # until the backend's first body byte
+    upstream_ms: float | None = None  # from calling the backend to its last byte
     duration_ms: float | None = None
     error: str | None = None  # short, safe to store: never a key or a body
     usage_requested: bool = False  # the client itself asked for a usage chunk on its stream

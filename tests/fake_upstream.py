@@ -118,6 +118,9 @@ class FakeUpstream:
             _chunk({"delta": {}, "finish_reason": "stop"}),
             "data: [DONE]\r\n\r\n",
         ]
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            events.insert(-1, _usage_chunk())  # as llama-gate's backend does, before [DONE]
         try:
             for index, event in enumerate(events):
                 await response.write(event.encode())
@@ -162,7 +165,7 @@ class FakeUpstream:
 
 
 def _completion(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
-    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    usage = USAGE
     return {
         "id": "cmpl-1",
         "object": kind,
@@ -182,3 +185,18 @@ def _chunk(choice: dict[str, Any]) -> str:
         "choices": [{"index": 0, "finish_reason": None, **choice}],
     }
     return f"data: {json.dumps(body)}\r\n\r\n"
+
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+
+def _usage_chunk() -> str:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [],
+        "usage": USAGE,
+    }
+    return f"data: {json.dumps(body)}\n\n"
