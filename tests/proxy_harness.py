@@ -141,8 +141,8 @@ async def running_proxy(
     app = create_app(proxy_settings(dsn, upstream.port, home, **settings))
     harness = Harness(dsn, upstream, TestServer(app))
     app[COMPLETION_HOOKS].append(harness.collect)
-    await harness.server.start_server()
     try:
+        await harness.server.start_server()
         if listening:
             await asyncio.wait_for(app[AUTH_LISTENER].connected.wait(), 10)
         yield harness
