@@ -18,7 +18,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import astuple
 from pathlib import Path
 
 import asyncpg
@@ -132,7 +131,7 @@ class AuditWriter:
         try:
             async with self._pool().acquire(timeout=WRITE_TIMEOUT_SECONDS) as con:
                 fresh = await store.write_audit_batch(
-                    con, batch_id, COLUMNS, [astuple(r) for r in rows], WRITE_TIMEOUT_SECONDS
+                    con, batch_id, COLUMNS, rows, WRITE_TIMEOUT_SECONDS
                 )
         except _OUTAGE as exc:
             if self._db_down_since is None:

@@ -17,10 +17,10 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from proxy.audit_row import AuditRow
 
@@ -33,9 +33,7 @@ def _encode(batch: Batch) -> str:
     batch_id, rows = batch
     encoded = []
     for row in rows:
-        values: list[Any] = list(astuple(row))
-        values[1] = row.created_at.isoformat()
-        encoded.append(values)
+        encoded.append([*row[:1], row.created_at.isoformat(), *row[2:]])
     return json.dumps({"batch": str(batch_id), "rows": encoded}) + "\n"
 
 

@@ -236,7 +236,9 @@ async def test_sigterm_under_load_finishes_requests_and_writes_every_row(
     upstream = FakeUpstream(expected_key=BACKEND_KEY, event_delay=0.1)
     await upstream.start()
     port = free_port()
-    env = {**os.environ, **proxy_environ(db_dsn, upstream.port, tmp_path)}
+    # The fake backend serves any number at once: let the proxy send it all of them.
+    fair = {"LLAMA_BACKEND_SLOTS": "100", "LLAMA_PROXY_MAX_CONCURRENT": "100"}
+    env = {**os.environ, **proxy_environ(db_dsn, upstream.port, tmp_path, **fair)}
     process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; waits are threaded
         [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -1,0 +1,56 @@
+"""The benchmark's fake backend: answers at once, or streams 50 SSE events 20 ms apart.
+
+Each event carries the monotonic time (ns) it was sent at, so the client can tell how much the
+path in between stretched the spacing. CLOCK_MONOTONIC is one clock for every process here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+from aiohttp import web
+
+EVENTS = 50
+SPACING_SECONDS = 0.020
+ANSWER = json.dumps(
+    {
+        "id": "cmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "bench",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+).encode()
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    payload = await request.json()
+    if not payload.get("stream"):
+        return web.Response(body=ANSWER, content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for index in range(EVENTS):
+        if index:
+            await asyncio.sleep(SPACING_SECONDS)
+        event = {"i": index, "t": time.monotonic_ns(), "choices": [{"delta": {"content": "x"}}]}
+        await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+    usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": EVENTS}}
+    await response.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def main() -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
