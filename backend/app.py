@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from backend.embeddings import Embedder
 from backend.errors import openai_error
 from backend.usage import Chunk, with_usage
 
@@ -78,15 +79,24 @@ def create_backend_app(
     Loads the default model, so this takes as long as that does and raises what loading raises.
     """
     inner = create_app(server_settings=server_settings, model_settings=list(model_settings))
-    aliases = [model.model_alias or model.model for model in model_settings]
-    return BackendApp(inner, aliases, server_settings.api_key)
+    paths = {model.model_alias or model.model: model.model for model in model_settings}
+    first = model_settings[0]
+    embedder = Embedder(paths, first.n_ctx, first.n_threads)
+    return BackendApp(inner, list(paths), server_settings.api_key, embedder)
 
 
 class BackendApp:
     """The ASGI app uvicorn runs: this layer's answers first, llama_cpp.server's for the rest."""
 
-    def __init__(self, inner: ASGIApp, aliases: Sequence[str], api_key: str | None) -> None:
+    def __init__(
+        self,
+        inner: ASGIApp,
+        aliases: Sequence[str],
+        api_key: str | None,
+        embedder: Embedder | None = None,
+    ) -> None:
         self._inner = inner
+        self._embedder = embedder
         self._aliases = frozenset(aliases)
         self._default = aliases[0]
         self._api_key = api_key.encode() if api_key else None
@@ -127,6 +137,9 @@ class BackendApp:
             elif isinstance(model, str) and model not in self._aliases:
                 await self._unknown_model(model)(scope, receive, send)
                 return
+            if scope["path"] == "/v1/embeddings" and self._embedder is not None:
+                await (await self._embed_answer(data))(scope, receive, send)
+                return
             stream = _USAGE_STREAMS.get(scope["path"])
             if (
                 stream is not None
@@ -135,6 +148,25 @@ class BackendApp:
             ):
                 return
         await self._inner(scope, _replay(body, receive), send)
+
+    async def _embed_answer(self, data: dict[str, Any]) -> JSONResponse:
+        text = data.get("input")
+        if not (
+            isinstance(text, str)
+            or (isinstance(text, list) and text and all(isinstance(t, str) for t in text))
+        ):
+            return JSONResponse(
+                openai_error(
+                    "'input' must be a string or a non-empty list of strings",
+                    kind="invalid_request_error",
+                    param="input",
+                    code=None,
+                ),
+                status_code=400,
+            )
+        assert self._embedder is not None
+        answer = await anyio.to_thread.run_sync(self._embedder.embed, data["model"], text)
+        return JSONResponse(answer)
 
     def _authorized(self, scope: Scope) -> bool:
         """The check llama_cpp.server makes (a Bearer token equal to the key), in constant time."""

@@ -404,3 +404,30 @@ async def test_two_concurrent_streams_both_run_to_the_end(
         # bare [DONE] as soon as the second waited: no finish_reason, fewer tokens.
         assert events[-2]["choices"][0]["finish_reason"] == "length"
         assert events[-1]["usage"]["completion_tokens"] == max_tokens
+
+
+def test_embeddings_are_one_vector_per_input(client: openai.OpenAI) -> None:
+    answer = client.embeddings.create(model=DEFAULT, input=["hello world", "a cat"])
+    assert [item.index for item in answer.data] == [0, 1]
+    vectors = [item.embedding for item in answer.data]
+    assert len(vectors[0]) == len(vectors[1]) > 100
+    assert all(isinstance(value, float) for value in vectors[0])
+    assert vectors[0] != vectors[1]
+    assert answer.usage.prompt_tokens > 0
+    single = client.embeddings.create(model=DEFAULT, input="hello world")
+    assert single.data[0].embedding == pytest.approx(vectors[0], abs=1e-4)
+    # Generation still works (and at full speed: the embedding context is a separate one).
+    chat = client.chat.completions.create(
+        model=DEFAULT, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens > 0
+
+
+async def test_embeddings_refuse_a_bad_input_in_openai_shape(
+    http: aiohttp.ClientSession, backend: Backend
+) -> None:
+    url = f"{backend.url}/v1/embeddings"
+    async with http.post(url, json={"input": 42}, headers=backend.auth) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["param"] == "input"
