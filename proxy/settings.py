@@ -7,6 +7,7 @@ the variable and its source. Secrets are wrapped in `Secret` and never reach a r
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,39 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+_PASSWORD_IN_URL = re.compile(r"(://[^/@:\s]*):[^/@\s]*@")
+
+
+def mask_passwords(text: str) -> str:
+    """`text` with the password of any `scheme://user:password@host` in it masked."""
+    return _PASSWORD_IN_URL.sub(r"\1:***@", text)
+
+
+def _urls(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of backend base URLs, e.g. `http://127.0.0.1:8000,http://gpu2:8000`."""
+    urls: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            parts = urlsplit(item)
+            parts.port  # noqa: B018 - raises ValueError for a port that is no number or too big
+        except ValueError:
+            raise ValueError(f"{item!r} is not a URL") from None
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"{item!r} is not an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            shown = mask_passwords(item)
+            raise ValueError(f"{shown!r} has credentials: give the key as LLAMA_SERVER_API_KEY")
+        if parts.path not in {"", "/"} or parts.query or parts.fragment:
+            raise ValueError(f"{item!r} has a path; give only scheme, host and port")
+        url = f"{parts.scheme}://{parts.netloc}"
+        if url in urls:
+            raise ValueError(f"{item!r} is listed twice")
+        urls.append(url)
+    return tuple(urls)
+
+
 def _bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -92,6 +126,8 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
     "LLAMA_SERVER_HOST": (_text, "127.0.0.1"),
     "LLAMA_SERVER_PORT": (_port, "8000"),
     "LLAMA_SERVER_API_KEY": (_optional_text, ""),
+    # Several backends (llama_cpp.server processes, on this box or others); "" = the one above.
+    "LLAMA_SERVER_URLS": (_urls, ""),
     "LLAMA_PROXY_HOST": (_text, "0.0.0.0"),  # noqa: S104 - the proxy is the authenticated front door
     "LLAMA_PROXY_PORT": (_port, "8001"),
     "LLAMA_PROXY_RATE_LIMIT": (_positive_int, "60"),
@@ -109,6 +145,14 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
     # No request may ask for more tokens than this (one holds the model for its whole answer);
     # a request above it, or without max_tokens, is sent with the cap.
     "MAX_TOKENS_HARD_CAP": (_positive_int, "1024"),
+    # Requests each backend serves at once; llama_cpp.server generates for one at a time.
+    "LLAMA_BACKEND_SLOTS": (_positive_int, "1"),
+    # Requests one user may have in flight or queued at once (per proxy process).
+    "LLAMA_PROXY_MAX_CONCURRENT": (_positive_int, "4"),
+    # Longest wait for a backend slot before a 503. Half of the OpenAI Python client's own
+    # 600 s timeout, so a client hears "busy, retry later" rather than timing out by itself,
+    # with room left for the answer (1024 tokens at ~50 tokens/s take ~20 s).
+    "LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS": (_positive_int, "300"),
     # Audit rows held in memory while Postgres is unreachable; past this they spill to
     # runtime/audit-spill/ and are replayed when it returns.
     "LLAMA_PROXY_AUDIT_MEMORY_ROWS": (_positive_int, "20000"),
@@ -137,6 +181,7 @@ class Settings:
     server_host: str
     server_port: int
     server_api_key: Secret
+    server_urls: tuple[str, ...]
     proxy_host: str
     proxy_port: int
     rate_limit: int
@@ -148,6 +193,9 @@ class Settings:
     connect_timeout_seconds: int
     upstream_timeout_seconds: int
     max_tokens_hard_cap: int
+    backend_slots: int
+    max_concurrent: int
+    queue_timeout_seconds: int
     audit_memory_rows: int
     metrics_host: str
     metrics_port: int
@@ -171,6 +219,11 @@ class Settings:
     @property
     def backend_url(self) -> str:
         return f"http://{self.server_host}:{self.server_port}"
+
+    @property
+    def backend_urls(self) -> tuple[str, ...]:
+        """Every backend the proxy sends to: LLAMA_SERVER_URLS, else the one host and port."""
+        return self.server_urls or (self.backend_url,)
 
 
 def redact_dsn(dsn: str) -> str:
@@ -221,7 +274,7 @@ def load_settings(
         try:
             values[name] = parse(raw)
         except ValueError as exc:
-            shown = "(hidden)" if name in SECRET_FIELDS else repr(raw)
+            shown = "(hidden)" if name in SECRET_FIELDS else repr(mask_passwords(raw))
             raise SettingsError(f"{name}={shown} from {origin}: {exc}") from None
     return Settings(
         home=root,
@@ -230,6 +283,7 @@ def load_settings(
         server_host=values["LLAMA_SERVER_HOST"],
         server_port=values["LLAMA_SERVER_PORT"],
         server_api_key=Secret(values["LLAMA_SERVER_API_KEY"]),
+        server_urls=values["LLAMA_SERVER_URLS"],
         proxy_host=values["LLAMA_PROXY_HOST"],
         proxy_port=values["LLAMA_PROXY_PORT"],
         rate_limit=values["LLAMA_PROXY_RATE_LIMIT"],
@@ -241,6 +295,9 @@ def load_settings(
         connect_timeout_seconds=values["LLAMA_PROXY_CONNECT_TIMEOUT_SECONDS"],
         upstream_timeout_seconds=values["LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS"],
         max_tokens_hard_cap=values["MAX_TOKENS_HARD_CAP"],
+        backend_slots=values["LLAMA_BACKEND_SLOTS"],
+        max_concurrent=values["LLAMA_PROXY_MAX_CONCURRENT"],
+        queue_timeout_seconds=values["LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS"],
         audit_memory_rows=values["LLAMA_PROXY_AUDIT_MEMORY_ROWS"],
         metrics_host=values["LLAMA_PROXY_METRICS_HOST"],
         metrics_port=values["LLAMA_PROXY_METRICS_PORT"],

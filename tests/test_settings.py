@@ -115,3 +115,51 @@ def test_secret_masks_itself() -> None:
     assert "s3cr3t" not in repr(secret)
     assert "s3cr3t" not in f"{secret}"
     assert secret.reveal() == "s3cr3t"
+
+
+def test_fair_sharing_defaults_and_one_backend_from_host_and_port(tmp_path: Path) -> None:
+    settings = load_settings(environ={"LLAMA_SERVER_PORT": "8123"}, home=tmp_path)
+    assert (settings.backend_slots, settings.max_concurrent) == (1, 4)
+    assert settings.queue_timeout_seconds == 300
+    assert settings.server_urls == ()
+    assert settings.backend_urls == ("http://127.0.0.1:8123",)
+
+
+def test_several_backend_urls(tmp_path: Path) -> None:
+    env = {"LLAMA_SERVER_URLS": " http://127.0.0.1:8000/, https://gpu2.lan:9000 ,,http://[::1]:7"}
+    settings = load_settings(environ=env, home=tmp_path)
+    expected = ("http://127.0.0.1:8000", "https://gpu2.lan:9000", "http://[::1]:7")
+    assert settings.server_urls == expected
+    assert settings.backend_urls == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("127.0.0.1:8000", "is not an http:// or https:// URL with a host"),
+        ("ftp://h:21", "is not an http:// or https:// URL with a host"),
+        ("http://h:99999", "is not a URL"),
+        ("http://u:secret@h:8000", "has credentials"),
+        ("http://h:8000/v1", "has a path"),
+        ("http://h:8000,http://h:8000", "is listed twice"),
+    ],
+)
+def test_a_bad_backend_url_stops_startup_in_one_line(
+    tmp_path: Path, value: str, reason: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ={"LLAMA_SERVER_URLS": value}, home=tmp_path)
+    message = str(caught.value)
+    assert message.startswith("LLAMA_SERVER_URLS=")
+    assert reason in message
+    assert "\n" not in message
+    assert "secret" not in message  # a password in a URL is masked
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["LLAMA_BACKEND_SLOTS", "LLAMA_PROXY_MAX_CONCURRENT", "LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS"],
+)
+def test_sharing_counts_must_be_positive(tmp_path: Path, name: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{name}='0' from environment: must be greater"):
+        load_settings(environ={name: "0"}, home=tmp_path)
