@@ -1,0 +1,98 @@
+"""Per-user FIFO queues served round-robin: who gets the next free backend slot.
+
+Each user's requests wait in their own FIFO. When a slot frees, the user served least recently
+goes next, and a user with nothing in flight or queued counts as never served. So a newcomer goes
+ahead of everyone already being served, and users who all keep requests waiting take turns one
+request each, however many each has waiting: a user with 20 requests queued delays another user's
+single request by at most the one request already running on that slot.
+
+Fairness is counted in requests, not tokens; `max_tokens` caps what one request can cost.
+A user's turn position is forgotten once they have nothing in flight or queued, which keeps the
+state as small as the set of active users.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class _User(Generic[T]):
+    waiting: deque[T] = field(default_factory=deque)
+    held: int = 0  # queued plus in flight: what the per-user concurrency cap counts
+    last_turn: int = 0  # 0: not served since they became active
+
+
+class FairQueue(Generic[T]):
+    """Waiting items per user; `pop` picks by least recent service among eligible items."""
+
+    def __init__(self) -> None:
+        self._users: dict[Hashable, _User[T]] = {}
+        self._turns = itertools.count(1)
+
+    def held(self, user: Hashable) -> int:
+        """How many of the user's requests are queued or in flight."""
+        state = self._users.get(user)
+        return state.held if state is not None else 0
+
+    def hold(self, user: Hashable) -> None:
+        """Count a request of `user` from admission until `release`."""
+        self._users.setdefault(user, _User()).held += 1
+
+    def release(self, user: Hashable) -> None:
+        state = self._users[user]
+        state.held -= 1
+        if state.held == 0:
+            del self._users[user]
+
+    def served(self, user: Hashable) -> None:
+        """Record a turn of a held request of `user` that got a free slot without queueing."""
+        self._users[user].last_turn = next(self._turns)
+
+    def push(self, user: Hashable, item: T, front: bool = False) -> None:
+        """Queue a held request; `front` puts it before the user's others (a retry)."""
+        waiting = self._users[user].waiting
+        if front:
+            waiting.appendleft(item)
+        else:
+            waiting.append(item)
+
+    def remove(self, user: Hashable, item: T) -> None:
+        """Take a waiting item out (its client left or it timed out)."""
+        state = self._users.get(user)
+        if state is not None and item in state.waiting:
+            state.waiting.remove(item)
+
+    def pop(self, eligible: Callable[[T], bool]) -> T | None:
+        """The next item to serve among those `eligible` says may use the free slot, or None.
+
+        Each user's first eligible item competes; the user served least recently wins (ties go
+        to the user who became active first), and that user's turn is recorded.
+        """
+        best: tuple[int, _User[T], T] | None = None
+        for state in self._users.values():  # insertion order: who became active first
+            if best is not None and state.last_turn >= best[0]:
+                continue
+            item = next((i for i in state.waiting if eligible(i)), None)
+            if item is not None:
+                best = (state.last_turn, state, item)
+        if best is None:
+            return None
+        _, state, item = best
+        state.waiting.remove(item)
+        state.last_turn = next(self._turns)
+        return item
+
+    def waiting(self) -> Iterator[T]:
+        """Every queued item, in no particular order."""
+        for state in self._users.values():
+            yield from state.waiting
+
+    def __len__(self) -> int:
+        return sum(len(state.waiting) for state in self._users.values())
