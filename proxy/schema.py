@@ -51,6 +51,16 @@ users = Table(
     CheckConstraint(
         "rate_window_seconds IS NULL OR rate_window_seconds > 0", name="rate_window_positive"
     ),
+    # Per-user overrides of LLAMA_PROXY_MAX_CONCURRENT and MAX_TOKENS_HARD_CAP (NULL: the
+    # setting), and token quotas (NULL: none).
+    Column("max_concurrent", Integer, nullable=True),
+    Column("max_tokens", Integer, nullable=True),
+    Column("tokens_per_day", Integer, nullable=True),
+    Column("tokens_per_minute", Integer, nullable=True),
+    *(
+        CheckConstraint(f"{column} IS NULL OR {column} > 0", name=f"{column}_positive")
+        for column in ("max_concurrent", "max_tokens", "tokens_per_day", "tokens_per_minute")
+    ),
 )
 
 api_keys = Table(
@@ -128,6 +138,13 @@ llama_requests = Table(
     Index("ix_llama_requests_created_at", "created_at"),
     Index("ix_llama_requests_username_created_at", "username", "created_at"),
     Index("ix_llama_requests_day_username", text(USAGE_DAY), "username"),
+    # Token quotas: one user's tokens since a moment, often without reading the table itself.
+    Index(
+        "ix_llama_requests_user_id_created_at",
+        "user_id",
+        "created_at",
+        postgresql_include=["prompt_tokens", "completion_tokens"],
+    ),
 )
 
 USAGE_DAILY_VIEW = f"""

@@ -96,3 +96,9 @@ def empty_dsn(postgres_server_dsn: str) -> Iterator[str]:
 def cli_env(db_dsn: str, tmp_path: Path) -> dict[str, str]:
     """Environment for admin commands: the test database, and a home with no config files."""
     return {"POSTGRES_AUTH_DSN": db_dsn, "LLAMA_GATE_HOME": str(tmp_path)}
+
+
+@pytest.fixture(scope="module")
+def module_db_dsn(postgres_server_dsn: str, template_dsn: str) -> Iterator[str]:
+    """A fresh database at the newest schema shared by one module's tests (for slow stacks)."""
+    yield from _fresh_database(postgres_server_dsn, TEMPLATE_DB)

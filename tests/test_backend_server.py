@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import secrets
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,86 +17,17 @@ import openai
 import pytest
 from openai.types import CompletionUsage
 
-from proxy.pgserver import free_port
-from proxy.settings import KNOWN_VARIABLES
+from tests.backend_harness import DEFAULT, Backend, running_backend
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT = "SmolLM2-135M-Instruct.Q4_1"
 OTHER = "smol-b"
-START_TIMEOUT_SECONDS = 120
-
-
-@dataclass(frozen=True)
-class Backend:
-    url: str
-    key: str
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
-
-
-def backend_env(home: Path, **settings: str) -> dict[str, str]:
-    """This process's environment without any llama-gate setting, plus `settings`."""
-    env = {k: v for k, v in os.environ.items() if k not in KNOWN_VARIABLES | {"CONFIG_FILE"}}
-    return {**env, "LLAMA_GATE_HOME": str(home), **settings}
-
-
-def _health(url: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # noqa: S310 - ours
-            body: dict[str, Any] = json.load(response)
-            return body
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    if not GGUF.is_file():
-        pytest.fail(f"{GGUF} is missing: run runtime/install.sh")
-    home = tmp_path_factory.mktemp("backend-home")
-    (home / "models").mkdir()
-    (home / "models" / GGUF.name).symlink_to(GGUF)
-    (home / "models" / f"{OTHER}.gguf").symlink_to(GGUF)
-    port = free_port()
-    key = secrets.token_urlsafe(24)
-    env = backend_env(
-        home,
-        LLAMA_SERVER_PORT=str(port),
-        LLAMA_SERVER_API_KEY=key,
-        LLAMA_MODEL=DEFAULT,
-        N_CTX="1024",
-        N_THREADS="2",
-    )
-    log_path = home / "backend.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while _health(url) is None:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"backend did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield Backend(url=url, key=key)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        assert key not in log_path.read_text(), "the API key reached the log"
+    with running_backend(tmp_path_factory.mktemp("backend-home"), OTHER) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

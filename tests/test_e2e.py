@@ -1,0 +1,185 @@
+"""End to end: the openai package -> llama-gate proxy -> the real llama_cpp.server with SmolLM2,
+users made with the real admin script, audit rows read back from Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+import openai
+import pytest
+
+from tests.backend_harness import DEFAULT, REPO, Backend, running_backend
+from tests.cli_helpers import KEY_RE
+from tests.proxy_harness import proxy_process
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+@dataclass(frozen=True)
+class Stack:
+    url: str
+    dsn: str
+    backend: Backend
+    keys: dict[str, str]
+
+    def client(self, user: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0)
+
+    def async_client(self, user: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0)
+
+
+def _create_user(dsn: str, username: str) -> str:
+    result = subprocess.run(
+        [str(REPO / "bin" / "user_management_cli.sh"), "create-user", "--username", username],
+        env={"PATH": "/usr/bin:/bin", "POSTGRES_AUTH_DSN": dsn},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    match = KEY_RE.search(result.stdout)
+    assert match, result.stdout
+    return match.group(0)
+
+
+@pytest.fixture(scope="module")
+def stack(module_db_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    keys = {name: _create_user(module_db_dsn, name) for name in ("alice", "bob")}
+    with running_backend(tmp_path_factory.mktemp("e2e-backend")) as backend:
+        environ = {
+            "POSTGRES_AUTH_DSN": module_db_dsn,
+            "LLAMA_GATE_HOME": str(tmp_path_factory.mktemp("e2e-proxy")),
+            "LLAMA_SERVER_HOST": "127.0.0.1",
+            "LLAMA_SERVER_PORT": str(backend.port),
+            "LLAMA_SERVER_API_KEY": backend.key,
+            "LLAMA_PROXY_METRICS_PORT": "0",
+        }
+        with proxy_process(environ) as url:
+            yield Stack(url, module_db_dsn, backend, keys)
+
+
+async def _audit_row(dsn: str, request_id: str) -> asyncpg.Record:
+    deadline = time.monotonic() + 10
+    con = await asyncpg.connect(dsn)
+    try:
+        while True:
+            row = await con.fetchrow(
+                "SELECT * FROM llama_requests WHERE request_id = $1", request_id
+            )
+            if row is not None or time.monotonic() > deadline:
+                assert row is not None, f"no audit row for {request_id}"
+                return row
+            await asyncio.sleep(0.1)
+    finally:
+        await con.close()
+
+
+def test_chat_stream_models_and_embeddings_through_the_proxy(stack: Stack) -> None:
+    client = stack.client("alice")
+    assert DEFAULT in [model.id for model in client.models.list()]
+    chat = client.chat.completions.create(model=DEFAULT, messages=MESSAGES, max_tokens=16)
+    assert chat.choices[0].message.content
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens > 0
+    pieces = []
+    finish = None
+    for chunk in client.chat.completions.create(
+        model=DEFAULT, messages=MESSAGES, max_tokens=16, stream=True
+    ):
+        assert chunk.choices, "a usage chunk reached a client that did not ask for one"
+        pieces.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces)
+    assert finish in {"stop", "length"}
+    embedding = client.embeddings.create(model=DEFAULT, input="hello")
+    assert len(embedding.data[0].embedding) > 100
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{stack.url}/v1", api_key="lgk_bad", max_retries=0).models.list()
+
+
+def test_streamed_audit_row_counts_the_same_tokens_as_unstreamed(stack: Stack) -> None:
+    client = stack.client("alice")
+    ids = {"plain": uuid.uuid4().hex, "stream": uuid.uuid4().hex}
+    request = {
+        "model": DEFAULT,
+        "messages": MESSAGES,
+        "max_tokens": 24,
+        "temperature": 0,
+        "seed": 7,
+    }
+    plain = client.chat.completions.create(**request, extra_headers={"X-Request-Id": ids["plain"]})
+    streamed_text = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            **request, stream=True, extra_headers={"X-Request-Id": ids["stream"]}
+        )
+    )
+    assert streamed_text == plain.choices[0].message.content
+    rows = {name: asyncio.run(_audit_row(stack.dsn, rid)) for name, rid in ids.items()}
+    assert plain.usage is not None
+    expected = (plain.usage.prompt_tokens, plain.usage.completion_tokens)
+    for name in ("plain", "stream"):
+        assert (rows[name]["prompt_tokens"], rows[name]["completion_tokens"]) == expected, name
+        assert rows[name]["username"] == "alice"
+        assert rows[name]["status_code"] == 200
+    assert rows["stream"]["stream"] is True
+
+
+async def test_two_users_streaming_at_once_both_get_complete_streams(stack: Stack) -> None:
+    async def stream(user: str) -> tuple[str | None, int]:
+        client = stack.async_client(user)
+        finish, usage = None, 0
+        async for chunk in await client.chat.completions.create(
+            model=DEFAULT, messages=MESSAGES, max_tokens=40, stream=True,
+            stream_options={"include_usage": True}, temperature=0.8, seed=1,
+        ):  # fmt: skip
+            if chunk.choices:
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+        await client.close()
+        return finish, usage
+
+    results = await asyncio.gather(stream("alice"), stream("bob"))
+    for finish, completion_tokens in results:
+        # Cut short, a stream would end early with a normal-looking [DONE] and no usage.
+        assert finish in {"stop", "length"}
+        assert completion_tokens > 0
+        if finish == "length":
+            assert completion_tokens == 40
+
+
+async def test_a_client_that_leaves_mid_stream_frees_the_backend_within_a_second(
+    stack: Stack,
+) -> None:
+    client = stack.client("bob")
+    quick = {"model": DEFAULT, "messages": MESSAGES, "max_tokens": 1}
+    started = time.monotonic()
+    await asyncio.to_thread(client.chat.completions.create, **quick)
+    idle = time.monotonic() - started
+
+    request_id = uuid.uuid4().hex
+    headers = {"Authorization": f"Bearer {stack.keys['bob']}", "X-Request-Id": request_id}
+    body = {"model": DEFAULT, "messages": MESSAGES, "max_tokens": 600, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers)
+        for _ in range(3):  # generation is under way
+            assert re.match(rb"data: \{", await response.content.readuntil(b"\n\n"))
+        response.close()
+    left = time.monotonic()
+    await asyncio.to_thread(client.chat.completions.create, **quick)
+    waited = time.monotonic() - left
+    # Had the backend gone on with 600 tokens (~10 s here), the next request would wait for it.
+    assert waited - idle < 1.0, f"next request waited {waited:.2f} s (idle: {idle:.2f} s)"
+    row = await _audit_row(stack.dsn, request_id)
+    assert row["status_code"] == 499
+    assert row["response_bytes"] > 0
