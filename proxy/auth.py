@@ -162,7 +162,8 @@ class Authenticator:
                     self._spawn(self._replace_hash(key_id, record.secret_hash, new_hash))
         principal = Principal(
             record.user_id, record.username, record.key_id, record.rate_limit,
-            record.rate_window_seconds,
+            record.rate_window_seconds, record.max_concurrent, record.max_tokens,
+            record.tokens_per_day, record.tokens_per_minute,
         )  # fmt: skip
         # A notification that arrived while we queried may describe a change our read missed:
         # then answer this request, but have the next one check again.

@@ -24,6 +24,10 @@ class Principal:
     key_id: str
     rate_limit: int | None  # per-user overrides; None means the proxy's default
     rate_window_seconds: int | None
+    max_concurrent: int | None = None
+    max_tokens: int | None = None
+    tokens_per_day: int | None = None  # token quotas; None means none
+    tokens_per_minute: int | None = None
 
 
 @dataclass

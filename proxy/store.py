@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -30,6 +30,10 @@ class KeyRecord:
     revoked_at: datetime | None
     rate_limit: int | None
     rate_window_seconds: int | None
+    max_concurrent: int | None
+    max_tokens: int | None
+    tokens_per_day: int | None
+    tokens_per_minute: int | None
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,30 @@ class Admission:
     retry_after_ms: int
 
 
+@dataclass(frozen=True)
+class TokenTotals:
+    """A user's tokens in `llama_requests`: since the day began and within the last minute."""
+
+    day: int
+    minute: int
+    minute_oldest: datetime | None  # when the oldest tokens counted in the minute were used
+    seen: frozenset[str]  # which of the request ids asked about have rows
+
+
+# Per-user overrides `set-limit` may change; NULL means the proxy's setting (or no quota).
+LIMIT_COLUMNS = (
+    "rate_limit",
+    "rate_window_seconds",
+    "max_concurrent",
+    "max_tokens",
+    "tokens_per_day",
+    "tokens_per_minute",
+)
+
 # Migration 0002's triggers NOTIFY this channel with `key:<key id>` or `user:<user id>`.
 AUTH_CHANNEL = "llama_gate_auth"
 
-_USER_COLUMNS = "id, username, enabled, created_at, rate_limit, rate_window_seconds"
+_USER_COLUMNS = "id, username, enabled, created_at, " + ", ".join(LIMIT_COLUMNS)
 
 
 async def create_user(
@@ -72,7 +96,8 @@ async def get_user(con: Connection, username: str) -> asyncpg.Record | None:
 
 async def list_users(con: Connection) -> list[asyncpg.Record]:
     return await con.fetch(
-        """SELECT u.username, u.enabled, u.rate_limit, u.rate_window_seconds, u.created_at,
+        """SELECT u.username, u.enabled, u.rate_limit, u.rate_window_seconds, u.max_concurrent,
+                  u.max_tokens, u.tokens_per_day, u.tokens_per_minute, u.created_at,
                   count(k.id) FILTER (
                       WHERE (k.revoked_at IS NULL OR k.revoked_at > now())
                         AND (k.expires_at IS NULL OR k.expires_at > now())
@@ -96,17 +121,20 @@ async def delete_user(con: Connection, username: str) -> bool:
     return row is not None
 
 
-async def set_user_limit(
-    con: Connection, username: str, rate_limit: int | None, rate_window_seconds: int | None
-) -> bool:
-    row = await con.fetchrow(
-        """UPDATE users SET rate_limit = $2, rate_window_seconds = $3
-           WHERE username = $1 RETURNING id""",
+async def set_user_limits(
+    con: Connection, username: str, limits: Mapping[str, int | None]
+) -> asyncpg.Record | None:
+    """Set some of a user's `LIMIT_COLUMNS` (None: back to the default); the user's row after."""
+    unknown = set(limits) - set(LIMIT_COLUMNS)
+    if unknown:
+        raise ValueError(f"not a limit column: {sorted(unknown)}")
+    names = list(limits)
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, start=2))
+    return await con.fetchrow(
+        f"UPDATE users SET {assignments} WHERE username = $1 RETURNING {_USER_COLUMNS}",
         username,
-        rate_limit,
-        rate_window_seconds,
+        *(limits[name] for name in names),
     )
-    return row is not None
 
 
 async def insert_key(
@@ -170,7 +198,8 @@ async def lookup_key(con: Connection, key_id: str) -> KeyRecord | None:
     row = await con.fetchrow(
         """SELECT k.key_id, k.secret_hash, k.expires_at, k.revoked_at,
                   u.id AS user_id, u.username, u.enabled AS user_enabled,
-                  u.rate_limit, u.rate_window_seconds
+                  u.rate_limit, u.rate_window_seconds, u.max_concurrent, u.max_tokens,
+                  u.tokens_per_day, u.tokens_per_minute
            FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_id = $1""",
         key_id,
     )
@@ -206,6 +235,66 @@ async def admit_request(con: Connection, user_id: int, limit: int, window_ms: in
     )
     assert row is not None
     return Admission(**dict(row))
+
+
+_TOKENS = "coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)"
+
+
+async def user_tokens(
+    con: Connection,
+    user_id: int,
+    day_start: datetime,
+    minute_start: datetime,
+    request_ids: Sequence[str],
+    requests_since: datetime,
+) -> TokenTotals:
+    """One user's tokens since `day_start` and after `minute_start` (one index range scan),
+    and which of `request_ids` (requests begun since `requests_since`) have their rows yet."""
+    row = await con.fetchrow(
+        f"""SELECT t.day, t.minute, t.minute_oldest, s.seen
+            FROM (SELECT coalesce(sum({_TOKENS}) FILTER (WHERE created_at >= $2), 0) AS day,
+                         coalesce(sum({_TOKENS}) FILTER (WHERE created_at > $3), 0) AS minute,
+                         min(created_at) FILTER (WHERE created_at > $3 AND {_TOKENS} > 0)
+                             AS minute_oldest
+                  FROM llama_requests
+                  WHERE user_id = $1
+                    AND created_at >= least($2::timestamptz, $3::timestamptz)) AS t,
+                 (SELECT coalesce(array_agg(request_id), '{{}}') AS seen
+                  FROM llama_requests
+                  WHERE user_id = $1 AND created_at >= $5 AND request_id = ANY($4::text[])) AS s""",
+        user_id,
+        day_start,
+        minute_start,
+        list(request_ids),
+        requests_since,
+    )
+    assert row is not None
+    return TokenTotals(int(row["day"]), int(row["minute"]), row["minute_oldest"],
+                       frozenset(row["seen"]))  # fmt: skip
+
+
+async def quota_usage(
+    con: Connection, day_start: datetime, minute_start: datetime, username: str | None
+) -> list[asyncpg.Record]:
+    """Users with a token quota (or just `username`) and their tokens today and last minute."""
+    return await con.fetch(
+        f"""SELECT u.username, u.tokens_per_day,
+                   coalesce(sum({_TOKENS}) FILTER (WHERE r.created_at >= $1), 0) AS tokens_today,
+                   u.tokens_per_minute,
+                   coalesce(sum({_TOKENS}) FILTER (WHERE r.created_at > $2), 0)
+                       AS tokens_last_minute
+            FROM users u
+            LEFT JOIN llama_requests r
+                   ON r.user_id = u.id
+                  AND r.created_at >= least($1::timestamptz, $2::timestamptz)
+            WHERE ($3::text IS NULL AND (u.tokens_per_day IS NOT NULL
+                                         OR u.tokens_per_minute IS NOT NULL))
+               OR u.username = $3
+            GROUP BY u.id ORDER BY u.username""",
+        day_start,
+        minute_start,
+        username,
+    )
 
 
 async def ping(con: Connection) -> None:
