@@ -1,4 +1,4 @@
-"""The API routes: every request is authenticated, checked, rate-limited, then forwarded.
+"""The API routes: every request is authenticated, checked, admitted, queued, then forwarded.
 
 Everything under /v1/ goes to the backend, plus the unprefixed paths older clients call.
 """
@@ -7,9 +7,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.appkeys import AUTHENTICATOR, BACKENDS, RATE_LIMITER, SETTINGS, UPSTREAM_SESSION
+from proxy.appkeys import (
+    AUTHENTICATOR,
+    BACKENDS,
+    QUOTAS,
+    RATE_LIMITER,
+    SETTINGS,
+    UPSTREAM_SESSION,
+)
 from proxy.auth import presented_key
 from proxy.body import prepare_body
+from proxy.errors import UpstreamError
 from proxy.forward import forward
 from proxy.records import RECORD
 
@@ -28,7 +36,7 @@ def upstream_path(request: web.Request) -> str:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    """Authenticate, rate-limit and stream one API request to a backend and back."""
+    """Authenticate, admit and stream one API request to a backend and back, fairly queued."""
     app = request.app
     record = request[RECORD]
     principal = await app[AUTHENTICATOR].authenticate(presented_key(request), request.remote)
@@ -37,11 +45,32 @@ async def handle(request: web.Request) -> web.StreamResponse:
     path = upstream_path(request)
     # The body is checked before rate limiting, so a malformed request spends no quota.
     settings = app[SETTINGS]
-    body = await prepare_body(
-        request, path, record, settings.max_body_bytes, settings.max_tokens_hard_cap
-    )
+    max_tokens = principal.max_tokens or settings.max_tokens_hard_cap
+    body = await prepare_body(request, path, record, settings.max_body_bytes, max_tokens)
+    # The cheap local refusals first: a request refused for them spends no rate limit.
+    app[BACKENDS].check_room(record, principal.max_concurrent)
+    token_headers = await app[QUOTAS].admit(principal)
     limit_headers = await app[RATE_LIMITER].admit(principal)
-    async with app[BACKENDS].acquire(record) as upstream:
-        return await forward(
-            request, app[UPSTREAM_SESSION], upstream, path, body, record, limit_headers
-        )
+    headers = {**limit_headers, **token_headers}
+    refused: list[str] = []
+    while True:
+        async with app[BACKENDS].acquire(record, principal.max_concurrent, refused) as upstream:
+            try:
+                return await forward(
+                    request, app[UPSTREAM_SESSION], upstream, path, body, record, headers
+                )
+            except UpstreamError as exc:
+                if not never_reached(exc):
+                    raise
+                # Nothing reached that backend, so another may take the request as it is.
+                app[BACKENDS].refused(upstream, exc.message)
+                refused.append(upstream.name)
+
+
+def never_reached(exc: UpstreamError) -> bool:
+    """Whether the backend never received the request: its connection was refused.
+
+    `forward` answers only a failed connect with 503 (a timeout is 504, a broken
+    connection 502), and before any byte of the request was sent.
+    """
+    return exc.status == 503

@@ -23,6 +23,7 @@ from proxy.appkeys import (
     COMPLETION_HOOKS,
     DATABASE,
     METRICS,
+    QUOTAS,
     RATE_LIMITER,
     SETTINGS,
     UPSTREAM_SESSION,
@@ -33,6 +34,7 @@ from proxy.auth import Authenticator
 from proxy.auth_listener import AuthListener
 from proxy.metrics import Metrics, metrics_app
 from proxy.pool import Database
+from proxy.quotas import TokenQuotas
 from proxy.ratelimit import RateLimiter
 from proxy.records import CompletionHook
 from proxy.settings import Settings
@@ -75,11 +77,14 @@ def create_app(settings: Settings) -> web.Application:
         settings, authenticator.invalidate, authenticator.invalidate_all
     )
     app[RATE_LIMITER] = RateLimiter(settings, database)
+    app[QUOTAS] = TokenQuotas(database)
+    hooks.append(app[QUOTAS].observe)  # counts a request's tokens before its audit row lands
     app[BACKENDS] = Backends.from_settings(settings)
     # Cleaned up in reverse: metrics and the audit flush go first, while the pool is still open.
     app.cleanup_ctx.extend(
         (_database, _upstream_session, _authenticator, _auth_listener, _audit, _metrics_site)
     )
+    app.cleanup_ctx.append(_backend_probes)
     health.add_routes(app)
     api.add_routes(app)
     return app
@@ -89,6 +94,12 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await app[DATABASE].open()
     yield
     await app[DATABASE].close()
+
+
+async def _backend_probes(app: web.Application) -> AsyncIterator[None]:
+    """Probe the backends' health for the app's whole life (a replaced BACKENDS included)."""
+    async with app[BACKENDS].probing():
+        yield
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from proxy.auth import Authenticator
 from proxy.auth_listener import AuthListener
 from proxy.metrics import Metrics
 from proxy.pool import Database
+from proxy.quotas import TokenQuotas
 from proxy.ratelimit import RateLimiter
 from proxy.records import CompletionHook
 from proxy.settings import Settings
@@ -25,6 +26,7 @@ DATABASE = web.AppKey("database", Database)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 AUTH_LISTENER = web.AppKey("auth_listener", AuthListener)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+QUOTAS = web.AppKey("quotas", TokenQuotas)
 BACKENDS = web.AppKey("backends", Backends)
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 COMPLETION_HOOKS = web.AppKey[list[CompletionHook]]("completion_hooks")

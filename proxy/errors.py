@@ -108,6 +108,46 @@ class RateLimited(ApiError):
         )
 
 
+class TooManyConcurrent(ApiError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Concurrency limit reached: at most {limit} of your requests may be in flight or "
+            "queued at once. Wait for one to finish, then try again.",
+            _retry_headers(1000),
+        )
+
+
+class TokenQuotaExceeded(ApiError):
+    status = 429
+    type = "tokens"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, quota: str, used: int, limit: int, retry_after_ms: int,
+                 headers: Mapping[str, str]) -> None:  # fmt: skip
+        seconds = max(1, math.ceil(retry_after_ms / 1000))
+        super().__init__(
+            f"Token quota reached: you used {used} of your {limit} tokens per {quota}. "
+            f"Try again in {seconds} s, or ask your administrator for a larger quota.",
+            {**headers, **_retry_headers(retry_after_ms)},
+        )
+
+
+class QueueTimeout(ApiError):
+    status = 503
+    code = "queue_timeout"
+
+    def __init__(self, waited_seconds: float, retry_after_seconds: int) -> None:
+        super().__init__(
+            f"The model is busy: your request waited {waited_seconds:.0f} s for its turn. "
+            f"Try again in {retry_after_seconds} s, or send fewer requests at once.",
+            {"Retry-After": str(retry_after_seconds)},
+        )
+
+
 class BodyTooLarge(ApiError):
     status = 413
     type = INVALID_REQUEST

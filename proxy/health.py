@@ -1,8 +1,9 @@
 """Probes: `/health` says the process is alive; `/ready` that it can serve requests.
 
 Neither needs a key, and neither is recorded as an API request. `/ready` checks Postgres with
-one trivial query and each backend with a bare TCP connection (see `Upstream.probe`), and
-answers 503 naming what failed.
+one trivial query and probes each backend's `/health`, which never waits for the model lock (see
+`proxy.probes`). It is ready while Postgres and at least one backend answer, naming any backend
+that does not; otherwise it answers 503 naming what failed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ async def _database_problem(request: web.Request) -> str | None:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: Postgres answers and every backend accepts connections."""
+    """Readiness: Postgres answers and at least one backend is up."""
     timeout = float(request.app[SETTINGS].connect_timeout_seconds)
     database, backends = await asyncio.gather(
         _database_problem(request), request.app[BACKENDS].probe(timeout)
@@ -47,11 +48,17 @@ async def ready(request: web.Request) -> web.Response:
         label = "backend" if name == "default" else f"backend {name}"
         checks[label] = f"not reachable: {problem}" if problem else "ok"
     failing = [name for name, state in checks.items() if state != "ok"]
+    # One backend up is enough to serve; the others are named but do not fail readiness.
+    ready = database is None and any(problem is None for problem in backends.values())
+    if not failing:
+        status = "ready"
+    else:
+        status = ("ready, but failing: " if ready else "not ready: ") + ", ".join(failing)
     # Informational: while the listener is down, revocations take up to the cache TTL.
     listening = request.app[AUTH_LISTENER].connected.is_set()
     body = {
-        "status": "not ready: " + ", ".join(failing) if failing else "ready",
+        "status": status,
         "checks": checks,
         "auth_notifications": "listening" if listening else "reconnecting",
     }
-    return web.json_response(body, status=503 if failing else 200)
+    return web.json_response(body, status=200 if ready else 503)

@@ -52,6 +52,7 @@ class FakeUpstream:
     received: asyncio.Event = field(default_factory=asyncio.Event)  # set by the first request
     client_left: asyncio.Event = field(default_factory=asyncio.Event)  # the proxy hung up
     client_left_at: float | None = None  # time.monotonic() of that
+    health_checks: int = 0  # GET /health, answered at once and not counted in `seen`
     port: int = field(default_factory=free_port)
     _runner: web.AppRunner | None = None
 
@@ -65,6 +66,7 @@ class FakeUpstream:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
         app.router.add_route("*", "/v1/{tail:.+}", self._echo)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -77,6 +79,8 @@ class FakeUpstream:
 
     @web.middleware
     async def _behave(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/health":  # like llama-gate's backend: no key, no lock, no mode
+            return await handler(request)
         body = await request.read()
         assert request.transport is not None
         peer = request.transport.get_extra_info("peername")
@@ -152,6 +156,10 @@ class FakeUpstream:
         ]
         usage = {"prompt_tokens": 3, "total_tokens": 3}
         return web.json_response({"object": "list", "data": data, "model": MODEL, "usage": usage})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self.health_checks += 1
+        return web.json_response({"status": "ok", "models": [MODEL], "default": MODEL})
 
     async def _models(self, request: web.Request) -> web.Response:
         model = {"id": MODEL, "object": "model", "owned_by": "me", "created": 1700000000}

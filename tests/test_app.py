@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -125,9 +126,9 @@ class CountingBackends(Backends):
         self.released = 0
 
     @asynccontextmanager
-    async def acquire(self, record: RequestRecord) -> AsyncIterator[Upstream]:
+    async def acquire(self, record: RequestRecord, *args: Any) -> AsyncIterator[Upstream]:
         self.held.append(record.username)
-        async with super().acquire(record) as upstream:
+        async with super().acquire(record, *args) as upstream:
             record.queue_ms = 12.5
             try:
                 yield upstream
@@ -163,7 +164,7 @@ async def test_an_unexpected_failure_is_a_500_in_the_api_shape(
 ) -> None:
     class Broken(Backends):
         @asynccontextmanager
-        async def acquire(self, record: RequestRecord) -> AsyncIterator[Upstream]:
+        async def acquire(self, record: RequestRecord, *args: Any) -> AsyncIterator[Upstream]:
             raise RuntimeError("scheduler bug")
             yield self.upstreams[0]
 

@@ -1,0 +1,69 @@
+"""Backend health: one `GET /health` per probe, which never waits for the model lock.
+
+llama-gate's backend (`python -m backend serve`) answers `/health` at once, even during a long
+generation, with `{"status": "ok", "models": [aliases], "default": alias}`: that says both that it
+is up and which models it serves. A plain llama_cpp.server has no `/health` (every route of its
+own waits for the model lock); its 404 still proves it is up, and its models stay unknown, so it
+is sent any model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+
+@dataclass(frozen=True)
+class Health:
+    problem: str | None = None  # None: up
+    models: frozenset[str] | None = None  # None: unknown, so it may serve any model
+    default: str | None = None  # the model it answers a request that names none with
+
+    @property
+    def up(self) -> bool:
+        return self.problem is None
+
+
+async def probe_health(
+    session: aiohttp.ClientSession,
+    url: URL,
+    timeout: float,  # noqa: ASYNC109 - one budget for connecting and answering
+) -> Health:
+    """What the backend's `/health` at `url` says, or why it could not be asked."""
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            session.get(url, allow_redirects=False) as response,
+        ):
+            if response.status in (404, 405):
+                return Health()  # up, but not llama-gate's backend: models unknown
+            if response.status != 200:
+                return Health(f"/health answered HTTP {response.status}")
+            try:
+                body: Any = await response.json(content_type=None)
+            except ValueError:
+                body = None
+    except TimeoutError:
+        return Health(f"no answer within {timeout:g} s")
+    except aiohttp.ClientConnectorError as exc:
+        return Health(exc.os_error.strerror or type(exc.os_error).__name__)
+    except aiohttp.ClientError as exc:
+        return Health(type(exc).__name__)
+    return _parse(body)
+
+
+def _parse(body: Any) -> Health:
+    if not isinstance(body, dict):
+        return Health()
+    models = body.get("models")
+    default = body.get("default")
+    known = (
+        frozenset(models)
+        if isinstance(models, list) and models and all(isinstance(m, str) for m in models)
+        else None
+    )
+    return Health(None, known, default if isinstance(default, str) and known else None)
