@@ -70,7 +70,11 @@ PY
 
 pidfile() { echo "$RUN/$1.pid"; }
 pid_of() { local f; f=$(pidfile "$1"); [ -f "$f" ] && cat "$f" || true; }
-alive() { local pid; pid=$(pid_of "$1"); [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+# Running, and not a zombie: a killed part whose parent never reaps it must count as gone.
+alive() {
+  local pid; pid=$(pid_of "$1")
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
+}
 
 # GET a URL; exit 0 on a 2xx answer.
 http_ok() {
@@ -128,10 +132,10 @@ start_part() {
 stop_part() {
   local name=$1 pid waited=0
   pid=$(pid_of "$name")
-  if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then rm -f "$(pidfile "$name")"; return 0; fi
+  if [ -z "$pid" ] || ! alive "$name"; then rm -f "$(pidfile "$name")"; return 0; fi
   say "$name: stopping (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null; do
+  while alive "$name"; do
     if [ "$waited" -ge "$STOP_GRACE_SECONDS" ]; then
       say "$name: still running after ${STOP_GRACE_SECONDS}s; killing it"
       kill -KILL "$pid" 2>/dev/null || true
