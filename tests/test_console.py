@@ -1,0 +1,146 @@
+"""`bin/console.sh` from a clean clone: one command installs and starts the whole stack, a
+second start harms nothing, a real user chats through it with curl, a crash and a taken port
+are reported with the log line that explains them, and stop stops everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.pgserver import free_port
+from proxy.settings import KNOWN_VARIABLES
+from tests.backend_harness import REPO
+from tests.cli_helpers import KEY_RE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def clone() -> Iterator[tuple[Path, dict[str, str]]]:
+    # Not under tmp_path: the local Postgres runs as the postgres user when tests run as root,
+    # and pytest's folders are private to root.
+    root = Path(tempfile.mkdtemp(prefix="llama-gate-clone-"))
+    root.chmod(0o755)
+    checkout = root / "llama-gate"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(checkout)], check=True)
+    ports = {
+        "LLAMA_GATE_LOCAL_PG_PORT": str(free_port()),
+        "LLAMA_SERVER_PORT": str(free_port()),
+        "LLAMA_PROXY_PORT": str(free_port()),
+        "LLAMA_PROXY_METRICS_PORT": "0",
+        "N_THREADS": "2",
+    }
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in KNOWN_VARIABLES and not k.startswith(("POSTGRES_AUTH_", "LLAMA_", "N_"))
+    }
+    env = {**inherited, **ports}
+    try:
+        yield checkout, env
+    finally:
+        _run(checkout, env, "bin/console.sh", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(checkout: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), cwd=checkout, env=env, capture_output=True, text=True, timeout=900,
+        check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _chat(port: str, key: str, check: bool = True) -> dict[str, object]:
+    body = json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8})
+    result = subprocess.run(
+        [
+            "curl", "-sS", "--fail-with-body", f"http://127.0.0.1:{port}/v1/chat/completions",
+            "-H", f"Authorization: Bearer {key}", "-H", "Content-Type: application/json",
+            "-d", body,
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0 or not check, result.stdout + result.stderr
+    answer: dict[str, object] = json.loads(result.stdout)
+    return answer
+
+
+def test_start_chat_restart_crash_and_stop_from_a_clean_clone(
+    clone: tuple[Path, dict[str, str]],
+) -> None:
+    checkout, env = clone
+    started = _run(checkout, env, "bin/console.sh", "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    proxy_port = env["LLAMA_PROXY_PORT"]
+    assert f"llama-gate is up: http://127.0.0.1:{proxy_port}/v1" in started.stdout
+    assert "bin/user_management_cli.sh create-user --username alice" in started.stdout
+    config = checkout / "runtime" / "config.env"
+    assert oct(config.stat().st_mode & 0o777) == "0o600"
+    assert list((checkout / "models").glob("*.gguf"))
+
+    created = _run(
+        checkout, env, "bin/user_management_cli.sh", "create-user", "--username", "alice"
+    )
+    assert created.returncode == 0, created.stderr
+    key = KEY_RE.search(created.stdout)
+    assert key
+    answer = _chat(proxy_port, key.group(0))
+    assert answer["object"] == "chat.completion"
+
+    again = _run(checkout, env, "bin/console.sh", "start")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "backend: already running" in again.stdout
+    assert "proxy: already running" in again.stdout
+    assert config.read_text() == config.read_text()  # never rewritten, only completed
+    status = _run(checkout, env, "bin/console.sh", "status")
+    assert status.returncode == 0, status.stdout
+    assert "backend: running" in status.stdout
+
+    # A crashed part is reported with the end of its log.
+    backend_pid = int((checkout / "runtime" / "run" / "backend.pid").read_text())
+    os.kill(backend_pid, signal.SIGKILL)
+    crashed = _run(checkout, env, "bin/console.sh", "status")
+    assert crashed.returncode != 0
+    assert "backend: CRASHED" in crashed.stdout
+    assert "runtime/logs/backend.log" in crashed.stdout
+
+    # A port taken by someone else is named, with what to do.
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAITs
+        squatter.bind(("127.0.0.1", int(env["LLAMA_SERVER_PORT"])))
+        squatter.listen()
+        blocked = _run(checkout, env, "bin/console.sh", "start")
+    assert blocked.returncode != 0
+    assert f"port {env['LLAMA_SERVER_PORT']} on 127.0.0.1 is already taken" in blocked.stderr
+
+    restarted = _run(checkout, env, "bin/console.sh", "start")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert "backend: healthy" in restarted.stdout
+    assert "proxy: already running" in restarted.stdout
+    # The proxy probes backends every 2 s, so it takes the restarted one back in by then.
+    deadline = time.monotonic() + 10
+    while (answer := _chat(proxy_port, key.group(0), check=False)).get("object") is None:
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.5)
+    assert answer["object"] == "chat.completion"
+
+    stopped = _run(checkout, env, "bin/console.sh", "stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    after = _run(checkout, env, "bin/console.sh", "status")
+    assert after.returncode != 0
+    assert "backend: stopped" in after.stdout
+    assert "proxy: stopped" in after.stdout
+    assert "db: stopped" in after.stdout
+    for port in (proxy_port, env["LLAMA_SERVER_PORT"], env["LLAMA_GATE_LOCAL_PG_PORT"]):
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", int(port))) != 0, f"port {port} still open"
