@@ -96,6 +96,17 @@ rate_admissions = Table(
     prefixes=["UNLOGGED"],
 )
 
+# Each user's count of rate_admissions, kept by llama_gate_admit so no decision counts rows.
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column(
+        "user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("admissions", Integer, nullable=False),
+    prefixes=["UNLOGGED"],
+)
+
 # One row per audit batch written, in the same transaction as the batch's rows: a batch retried
 # after an ambiguous failure, or replayed from a spill file, is recognised and written once.
 llama_audit_batches = Table(

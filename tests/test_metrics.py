@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.pgserver import free_port
@@ -70,9 +71,9 @@ async def test_a_taken_metrics_port_is_a_clear_error(db_dsn: str, tmp_path: Path
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        try:
+        with pytest.raises(
+            OSError, match=rf"cannot serve metrics on 127\.0\.0\.1:{port}"
+        ) as caught:
             async with running_proxy(db_dsn, tmp_path, LLAMA_PROXY_METRICS_PORT=str(port)):
-                raise AssertionError("the proxy started on a taken metrics port")
-        except OSError as exc:
-            assert f"cannot serve metrics on 127.0.0.1:{port}" in str(exc)
-            assert "LLAMA_PROXY_METRICS_PORT" in str(exc)
+                pass
+    assert "LLAMA_PROXY_METRICS_PORT" in str(caught.value)

@@ -65,20 +65,29 @@ CREATE FUNCTION llama_gate_admit(
 DECLARE
     v_now timestamptz;
     v_window interval := p_window_ms * interval '1 millisecond';
+    v_expired integer;
     v_count integer;
-    v_oldest timestamptz;
     v_free timestamptz;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended('llama_gate.rate.' || p_user_id, 0));
     v_now := clock_timestamp();
+    -- rate_windows keeps each user's count, so a decision costs O(log n) however high the
+    -- limit: only the admissions leaving the window are touched, each once.
     DELETE FROM rate_admissions WHERE user_id = p_user_id AND admitted_at <= v_now - v_window;
-    SELECT count(*), min(a.admitted_at) INTO v_count, v_oldest
-        FROM rate_admissions a WHERE a.user_id = p_user_id;
+    GET DIAGNOSTICS v_expired = ROW_COUNT;
+    UPDATE rate_windows SET admissions = admissions - v_expired WHERE user_id = p_user_id
+        RETURNING admissions INTO v_count;
+    IF NOT FOUND OR v_count < 0 THEN  -- first use, or a count gone astray: count once
+        SELECT count(*) INTO v_count FROM rate_admissions a WHERE a.user_id = p_user_id;
+        INSERT INTO rate_windows (user_id, admissions) VALUES (p_user_id, v_count)
+            ON CONFLICT (user_id) DO UPDATE SET admissions = EXCLUDED.admissions;
+    END IF;
     IF v_count < p_limit THEN
         INSERT INTO rate_admissions (user_id, admitted_at) VALUES (p_user_id, v_now);
+        UPDATE rate_windows SET admissions = admissions + 1 WHERE user_id = p_user_id;
         admitted := true;
         remaining := p_limit - v_count - 1;
-        v_free := coalesce(v_oldest, v_now);
+        SELECT min(a.admitted_at) INTO v_free FROM rate_admissions a WHERE a.user_id = p_user_id;
     ELSE
         admitted := false;
         remaining := 0;
@@ -113,11 +122,25 @@ def upgrade() -> None:
     op.create_index(
         "ix_rate_admissions_user_id_admitted_at", "rate_admissions", ["user_id", "admitted_at"]
     )
+    op.create_table(
+        "rate_windows",
+        sa.Column("user_id", sa.BigInteger, nullable=False),
+        sa.Column("admissions", sa.Integer, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["user_id"],
+            ["users.id"],
+            name=op.f("fk_rate_windows_user_id_users"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("user_id", name=op.f("pk_rate_windows")),
+        prefixes=["UNLOGGED"],
+    )
     op.execute(ADMIT_FUNCTION)
 
 
 def downgrade() -> None:
     op.execute("DROP FUNCTION IF EXISTS llama_gate_admit(bigint, integer, integer)")
+    op.drop_table("rate_windows")
     op.drop_table("rate_admissions")
     op.execute("DROP TRIGGER IF EXISTS users_notify_auth_delete ON users")
     op.execute("DROP TRIGGER IF EXISTS users_notify_auth_update ON users")
