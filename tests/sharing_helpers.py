@@ -35,7 +35,10 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:  #
 async def chat(
     client: aiohttp.ClientSession, url: str, key: str, user: str, **fields: Any
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """POST one chat completion to `url` naming `user`; its status, JSON body and headers."""
+    """POST one chat completion to `url` naming `user`; its status, JSON body (a stream's
+    text under "stream") and headers."""
     body = {"messages": [{"role": "user", "content": "Hi"}], "user": user, **fields}
     async with client.post(url, json=body, headers=bearer(key)) as r:
+        if r.content_type == "text/event-stream":
+            return r.status, {"stream": await r.text()}, dict(r.headers)
         return r.status, await r.json(), dict(r.headers)

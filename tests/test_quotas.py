@@ -175,3 +175,19 @@ async def test_tokens_used_through_other_proxies_count(db_dsn: str, tmp_path: Pa
     assert status == 429
     assert "1200 of your 1000 tokens per day" in error["error"]["message"]
     assert upstream.received == []
+
+
+async def test_streamed_answers_count_against_the_quota(db_dsn: str, tmp_path: Path) -> None:
+    async with running_proxy(db_dsn, tmp_path) as proxy:  # FakeUpstream: 5 + 2 tokens, streamed
+        alice = await proxy.user("alice")
+        await set_limits(db_dsn, "alice", tokens_per_minute=10)
+        url = proxy.url("/v1/chat/completions")
+        answers = []
+        async with aiohttp.ClientSession() as client:
+            for count in (1, 2, 3):
+                answers.append(await chat(client, url, alice, "alice", stream=True))
+                await proxy.wait_for_records(count)
+    assert [status for status, _, _ in answers] == [200, 200, 429]
+    assert answers[0][1]["stream"].endswith("data: [DONE]\r\n\r\n")
+    assert '"usage"' not in answers[0][1]["stream"]  # asked for by the proxy, not the client
+    assert [(r.prompt_tokens, r.completion_tokens) for r in proxy.records[:2]] == [(5, 2)] * 2
