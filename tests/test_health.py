@@ -34,7 +34,8 @@ async def test_ready_when_database_and_backend_answer_without_calling_the_backen
     assert status == 200
     assert body["status"] == "ready"
     assert body["checks"] == {"database": "ok", "backend": "ok"}
-    assert proxy.upstream.seen == []  # a TCP connect only: llama_cpp.server's lock is untouched
+    assert proxy.upstream.seen == []  # only /health, which never waits for the model lock
+    assert proxy.upstream.health_checks >= 1
     assert proxy.records == []
 
 
