@@ -21,7 +21,9 @@ async def test_two_processes_admit_exactly_the_limit_between_them(
     await upstream.start()
     try:
         _, key = await make_user(db_dsn, "alice", rate_limit=LIMIT, rate_window_seconds=60)
-        environ = proxy_environ(db_dsn, upstream.port, tmp_path)
+        # The burst is one user's: lift the per-user concurrency cap, so only the shared
+        # rate window decides.
+        environ = proxy_environ(db_dsn, upstream.port, tmp_path, LLAMA_PROXY_MAX_CONCURRENT="100")
         with proxy_process(environ) as first, proxy_process(environ) as second:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
 
