@@ -17,7 +17,7 @@ from proxy.appkeys import (
 )
 from proxy.auth import presented_key
 from proxy.body import prepare_body
-from proxy.errors import UpstreamError
+from proxy.errors import UpstreamUnreachable
 from proxy.forward import forward
 from proxy.records import RECORD
 
@@ -59,18 +59,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 return await forward(
                     request, app[UPSTREAM_SESSION], upstream, path, body, record, headers
                 )
-            except UpstreamError as exc:
-                if not never_reached(exc):
-                    raise
+            except UpstreamUnreachable as exc:
                 # Nothing reached that backend, so another may take the request as it is.
                 app[BACKENDS].refused(upstream, exc.message)
                 refused.append(upstream.name)
-
-
-def never_reached(exc: UpstreamError) -> bool:
-    """Whether the backend never received the request: its connection was refused.
-
-    `forward` answers only a failed connect with 503 (a timeout is 504, a broken
-    connection 502), and before any byte of the request was sent.
-    """
-    return exc.status == 503

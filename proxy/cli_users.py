@@ -182,7 +182,9 @@ def set_limit(username: str, use_default: bool, **given: int | None) -> None:
 
     Example:
 
-        llama-gate set-limit --username alice --rate-limit 10 --window 60 --tokens-per-day 200000
+    \b
+        llama-gate set-limit --username alice --rate-limit 10 --window 60
+        llama-gate set-limit --username alice --tokens-per-day 200000 --max-tokens none
     """
     chosen = {name: value for name, value in given.items() if value is not None}
     if use_default and chosen:

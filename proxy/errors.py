@@ -179,6 +179,13 @@ class UpstreamError(ApiError):
         self.status = status
 
 
+class UpstreamUnreachable(UpstreamError):
+    """The connection to the backend failed: nothing of the request reached it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message)
+
+
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
     if exc.status == 404:
         message = f"Invalid URL ({request.method} {request.path}): the API lives under /v1/."

@@ -19,7 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.body import CappedBody
-from proxy.errors import BodyTooLarge, UpstreamError
+from proxy.errors import BodyTooLarge, UpstreamError, UpstreamUnreachable
 from proxy.records import CLIENT_CLOSED, RequestRecord
 from proxy.upstream import Upstream
 from proxy.upstream_errors import openai_error_body
@@ -132,8 +132,8 @@ def _failure(exc: aiohttp.ClientError | TimeoutError, upstream: Upstream) -> Ups
     if isinstance(exc, TimeoutError):
         return UpstreamError(504, f"{NOT_REACHABLE}: it did not answer in time. Try again.")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError(
-            503, f"{NOT_REACHABLE}: it is not running or still starting. Try again shortly."
+        return UpstreamUnreachable(
+            f"{NOT_REACHABLE}: it is not running or still starting. Try again shortly."
         )
     return UpstreamError(
         502, f"{NOT_REACHABLE}: it closed the connection without an answer. Try again."
