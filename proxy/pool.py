@@ -44,7 +44,11 @@ class Database:
         # min_size=0 connects lazily, so the proxy starts (and serves cached keys) even while
         # Postgres is down, and recovers by itself when it returns.
         self._pool = await create_pool(
-            self._settings, min_size=0, max_size=10, max_inactive_connection_lifetime=60
+            self._settings,
+            min_size=0,
+            max_size=10,
+            max_inactive_connection_lifetime=60,
+            reset=_keep_session,
         )
         with contextlib.suppress(DatabaseUnavailable):  # logged by run(); requests retry
             await self.run(store.ping)
@@ -101,6 +105,16 @@ class Database:
                 self._settings.database_label,
                 self._last_error,
             )
+
+
+async def _keep_session(_con: asyncpg.Connection) -> None:
+    """Hand a connection back as it is (asyncpg still rolls back an open transaction).
+
+    asyncpg's default reset sends `RESET ALL; UNLISTEN *; ...` on every release: one more round
+    trip per request, for session state this proxy never sets (pooled connections run no SET,
+    LISTEN or session-level advisory locks: the listener has its own connection and the rate
+    limiter's locks end with their transaction).
+    """
 
 
 def _reason(exc: BaseException) -> str:

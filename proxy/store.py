@@ -37,6 +37,16 @@ class KeyRecord:
 
 
 @dataclass(frozen=True)
+class Grant:
+    """The decision on several requests of one user that arrived together."""
+
+    granted: int
+    remaining: int  # after the granted ones
+    reset_ms: int
+    retry_after_ms: int  # 0 when all were granted
+
+
+@dataclass(frozen=True)
 class Admission:
     """One sliding-window decision: `reset_ms` is when the oldest admission in the window leaves
     it (so `remaining` grows again); `retry_after_ms` is 0 when admitted."""
@@ -225,16 +235,26 @@ async def replace_key_hash(con: Connection, key_id: str, old_hash: str, new_hash
     return row is not None
 
 
-async def admit_request(con: Connection, user_id: int, limit: int, window_ms: int) -> Admission:
-    """Decide one request against the user's sliding window, shared by every proxy process."""
+async def admit_requests(
+    con: Connection, user_id: int, limit: int, window_ms: int, count: int
+) -> Grant:
+    """Decide `count` requests of one user against their sliding window, shared by every proxy
+    process: the first `granted` are admitted."""
     row = await con.fetchrow(
-        "SELECT admitted, remaining, reset_ms, retry_after_ms FROM llama_gate_admit($1, $2, $3)",
+        "SELECT granted, remaining, reset_ms, retry_after_ms FROM llama_gate_admit($1, $2, $3, $4)",
         user_id,
         limit,
         window_ms,
+        count,
     )
     assert row is not None
-    return Admission(**dict(row))
+    return Grant(**dict(row))
+
+
+async def admit_request(con: Connection, user_id: int, limit: int, window_ms: int) -> Admission:
+    """Decide one request against the user's sliding window."""
+    grant = await admit_requests(con, user_id, limit, window_ms, 1)
+    return Admission(grant.granted == 1, grant.remaining, grant.reset_ms, grant.retry_after_ms)
 
 
 _TOKENS = "coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)"

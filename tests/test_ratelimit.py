@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 
 from proxy import store
-from proxy.ratelimit import format_duration
+from proxy.errors import RateLimited
+from proxy.keycache import Principal
+from proxy.pool import Database
+from proxy.ratelimit import RateLimiter, format_duration
 from proxy.window import SlidingWindows
-from tests.proxy_harness import Harness, bearer, make_user, running_proxy
+from tests.proxy_harness import Harness, bearer, make_user, proxy_settings, running_proxy
 
 
 @pytest.fixture
@@ -180,3 +184,34 @@ def test_the_local_window_forgets_the_oldest_keys_beyond_its_bound() -> None:
 )  # fmt: skip
 def test_reset_times_are_spelled_like_openais(ms: int, text: str) -> None:
     assert format_duration(ms) == text
+
+
+async def test_a_burst_is_decided_in_few_rounds_and_admits_exactly_the_limit(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    settings = proxy_settings(db_dsn, 1, tmp_path)
+    database = Database(settings)
+    await database.open()
+    calls: list[int] = []
+    real_run = database.run
+
+    async def counting_run(work: Any) -> Any:
+        calls.append(1)
+        return await real_run(work)
+
+    database.run = counting_run  # type: ignore[method-assign]
+    try:
+        user_id, _ = await make_user(db_dsn, "alice", rate_limit=20, rate_window_seconds=60)
+        limiter = RateLimiter(settings, database)
+        principal = Principal(user_id, "alice", "k", rate_limit=20, rate_window_seconds=60)
+        outcomes = await asyncio.gather(
+            *(limiter.admit(principal) for _ in range(50)), return_exceptions=True
+        )
+    finally:
+        await database.close()
+    admitted = [o for o in outcomes if isinstance(o, dict)]
+    refused = [o for o in outcomes if isinstance(o, RateLimited)]
+    assert (len(admitted), len(refused)) == (20, 30)
+    remaining = sorted(int(h["x-ratelimit-remaining-requests"]) for h in admitted)
+    assert remaining == list(range(20))
+    assert len(calls) <= 3, f"{len(calls)} round trips for one burst"

@@ -59,8 +59,8 @@ TRIGGERS = (
 # are ordered in time however the callers' transactions interleave.
 ADMIT_FUNCTION = """
 CREATE FUNCTION llama_gate_admit(
-    p_user_id bigint, p_limit integer, p_window_ms integer,
-    OUT admitted boolean, OUT remaining integer, OUT reset_ms integer, OUT retry_after_ms integer
+    p_user_id bigint, p_limit integer, p_window_ms integer, p_count integer,
+    OUT granted integer, OUT remaining integer, OUT reset_ms integer, OUT retry_after_ms integer
 ) LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz;
@@ -69,6 +69,8 @@ DECLARE
     v_count integer;
     v_free timestamptz;
 BEGIN
+    -- p_count requests of one user arrived together (one proxy batches what waits while its
+    -- previous call runs); the first `granted` of them are admitted.
     PERFORM pg_advisory_xact_lock(hashtextextended('llama_gate.rate.' || p_user_id, 0));
     v_now := clock_timestamp();
     -- rate_windows keeps each user's count, so a decision costs O(log n) however high the
@@ -82,22 +84,23 @@ BEGIN
         INSERT INTO rate_windows (user_id, admissions) VALUES (p_user_id, v_count)
             ON CONFLICT (user_id) DO UPDATE SET admissions = EXCLUDED.admissions;
     END IF;
-    IF v_count < p_limit THEN
-        INSERT INTO rate_admissions (user_id, admitted_at) VALUES (p_user_id, v_now);
-        UPDATE rate_windows SET admissions = admissions + 1 WHERE user_id = p_user_id;
-        admitted := true;
-        remaining := p_limit - v_count - 1;
+    granted := least(p_count, greatest(p_limit - v_count, 0));
+    IF granted > 0 THEN
+        INSERT INTO rate_admissions (user_id, admitted_at)
+            SELECT p_user_id, v_now FROM generate_series(1, granted);
+        UPDATE rate_windows SET admissions = admissions + granted WHERE user_id = p_user_id;
+    END IF;
+    remaining := greatest(p_limit - v_count - granted, 0);
+    IF granted = p_count THEN
         SELECT min(a.admitted_at) INTO v_free FROM rate_admissions a WHERE a.user_id = p_user_id;
     ELSE
-        admitted := false;
-        remaining := 0;
         -- Admission reopens when the (count - limit + 1)th oldest leaves the window; that is
         -- the oldest one unless the limit was lowered while the window was full.
         SELECT a.admitted_at INTO v_free FROM rate_admissions a WHERE a.user_id = p_user_id
-            ORDER BY a.admitted_at OFFSET v_count - p_limit LIMIT 1;
+            ORDER BY a.admitted_at OFFSET v_count + granted - p_limit LIMIT 1;
     END IF;
     reset_ms := greatest(1, ceil(extract(epoch FROM v_free + v_window - v_now) * 1000))::integer;
-    retry_after_ms := CASE WHEN admitted THEN 0 ELSE reset_ms END;
+    retry_after_ms := CASE WHEN granted = p_count THEN 0 ELSE reset_ms END;
 END
 $$
 """
@@ -139,7 +142,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION IF EXISTS llama_gate_admit(bigint, integer, integer)")
+    op.execute("DROP FUNCTION IF EXISTS llama_gate_admit(bigint, integer, integer, integer)")
     op.drop_table("rate_windows")
     op.drop_table("rate_admissions")
     op.execute("DROP TRIGGER IF EXISTS users_notify_auth_delete ON users")
