@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,6 +136,26 @@ def test_start_chat_restart_crash_and_stop_from_a_clean_clone(
         time.sleep(0.5)
     assert answer["object"] == "chat.completion"
 
+    # Models: list them, switch the default (the backend restarts on it), and pull offline.
+    (checkout / "models" / "second.gguf").symlink_to(next((checkout / "models").glob("Smol*.gguf")))
+    listed = _run(checkout, env, "bin/console.sh", "models")
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"^\* SmolLM2\S*\s+\d", listed.stdout, flags=re.MULTILINE), listed.stdout
+    assert re.search(r"^  second\s", listed.stdout, flags=re.MULTILINE), listed.stdout
+    switched = _run(checkout, env, "bin/console.sh", "use-model", "second")
+    assert switched.returncode == 0, switched.stdout + switched.stderr
+    assert "backend: healthy" in switched.stdout
+    health = urllib.request.urlopen(f"http://127.0.0.1:{env['LLAMA_SERVER_PORT']}/health")
+    assert json.load(health)["default"] == "second"
+    assert "LLAMA_MODEL=second" in config.read_text()
+    unknown = _run(checkout, env, "bin/console.sh", "use-model", "nonesuch")
+    assert unknown.returncode != 0
+    assert "no models/nonesuch.gguf" in unknown.stderr
+    offline = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    pulled = _run(checkout, offline, "bin/console.sh", "pull", "some/repo", "model.gguf")
+    assert pulled.returncode != 0
+    assert "is not reachable" in pulled.stderr
+
     stopped = _run(checkout, env, "bin/console.sh", "stop")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     after = _run(checkout, env, "bin/console.sh", "status")
@@ -144,3 +166,28 @@ def test_start_chat_restart_crash_and_stop_from_a_clean_clone(
     for port in (proxy_port, env["LLAMA_SERVER_PORT"], env["LLAMA_GATE_LOCAL_PG_PORT"]):
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", int(port))) != 0, f"port {port} still open"
+
+
+def test_without_the_proxy_the_backend_serves_alone_on_its_key(
+    clone: tuple[Path, dict[str, str]],
+) -> None:
+    checkout, env = clone
+    alone = {**env, "LLAMA_PROXY_ENABLED": "0"}
+    started = _run(checkout, alone, "bin/console.sh", "start")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "LLAMA_PROXY_ENABLED=0" in started.stdout
+        assert not (checkout / "runtime" / "run" / "proxy.pid").exists()
+        key = next(
+            line.split("=", 1)[1]
+            for line in (checkout / "runtime" / "config.env").read_text().splitlines()
+            if line.startswith("LLAMA_SERVER_API_KEY=")
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{env['LLAMA_SERVER_PORT']}/v1/models",
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - ours
+            assert response.status == 200
+    finally:
+        _run(checkout, alone, "bin/console.sh", "stop")
