@@ -125,7 +125,7 @@ class BackendApp:
     async def _model_request(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             data = None  # llama_cpp.server answers malformed JSON with its own 422
         if isinstance(data, dict):
             model = data.get("model")
@@ -134,8 +134,8 @@ class BackendApp:
                 data["model"] = self._default
                 body = json.dumps(data).encode()
                 scope = _with_content_length(scope, len(body))
-            elif isinstance(model, str) and model not in self._aliases:
-                await self._unknown_model(model)(scope, receive, send)
+            elif not isinstance(model, str) or model not in self._aliases:
+                await self._unknown_model(str(model))(scope, receive, send)
                 return
             if scope["path"] == "/v1/embeddings" and self._embedder is not None:
                 await (await self._embed_answer(data))(scope, receive, send)
@@ -165,7 +165,13 @@ class BackendApp:
                 status_code=400,
             )
         assert self._embedder is not None
-        answer = await anyio.to_thread.run_sync(self._embedder.embed, data["model"], text)
+        try:
+            answer = await anyio.to_thread.run_sync(self._embedder.embed, data["model"], text)
+        except ValueError as exc:  # llama_cpp's word for input longer than the context
+            return JSONResponse(
+                openai_error(str(exc), kind="invalid_request_error", param="input"),
+                status_code=400,
+            )
         return JSONResponse(answer)
 
     def _authorized(self, scope: Scope) -> bool:

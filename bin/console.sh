@@ -24,7 +24,9 @@ LOGS="$RUNTIME/logs"
 RUN="$RUNTIME/run"
 CONFIG="$RUNTIME/config.env"
 export LLAMA_GATE_HOME="$ROOT"
-STOP_GRACE_SECONDS="${LLAMA_GATE_STOP_GRACE_SECONDS:-30}"
+# The proxy lets requests finish for 30 s, then flushes audit rows for up to 10 s: never kill
+# it before both are done.
+STOP_GRACE_SECONDS="${LLAMA_GATE_STOP_GRACE_SECONDS:-60}"
 START_TIMEOUT_SECONDS="${LLAMA_GATE_START_TIMEOUT_SECONDS:-180}"
 
 say() { printf '%s\n' "$*"; }

@@ -31,8 +31,13 @@ def add_routes(app: web.Application) -> None:
 
 
 def upstream_path(request: web.Request) -> str:
-    raw = request.rel_url.raw_path
-    return raw if raw.startswith("/v1/") else "/v1" + raw
+    """The decoded path, under /v1/: what the proxy inspects is exactly what the backend serves.
+
+    Classifying the raw path would let `/v1/%63hat/completions` (which the backend decodes to
+    chat completions) past the body checks, the max_tokens cap and token counting.
+    """
+    path = request.path
+    return path if path.startswith("/v1/") else "/v1" + path
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

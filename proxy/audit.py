@@ -29,6 +29,9 @@ from proxy.db import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
+# What Postgres answers about the rows themselves: retrying the same rows cannot help.
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
 WRITE_TIMEOUT_SECONDS = 5.0
 _OUTAGE = (
     OSError,
@@ -65,6 +68,7 @@ class AuditWriter:
         self._db_down_since: float | None = None
         self.rows_written = 0
         self.rows_spilled = 0
+        self.rows_rejected = 0
 
     # -- the request side ------------------------------------------------------------------
 
@@ -133,6 +137,11 @@ class AuditWriter:
                 fresh = await store.write_audit_batch(
                     con, batch_id, COLUMNS, rows, WRITE_TIMEOUT_SECONDS
                 )
+        except _REFUSED as exc:
+            # Not an outage: Postgres will refuse this batch every time. Find the rows it
+            # refuses (the batch's transaction rolled back, so none of it was written) and set
+            # them aside, so one bad row cannot hold back every row after it.
+            return await self._isolate(rows, exc)
         except _OUTAGE as exc:
             if self._db_down_since is None:
                 self._db_down_since = time.monotonic()
@@ -147,6 +156,22 @@ class AuditWriter:
             self._db_down_since = None
         if fresh:  # False: an earlier attempt had committed it after all
             self.rows_written += len(rows)
+        return True
+
+    async def _isolate(self, rows: list[AuditRow], exc: Exception) -> bool:
+        if len(rows) == 1:
+            log.error(
+                "Postgres refused the audit row of request %s (%s: %s); kept in %s",
+                rows[0].request_id,
+                type(exc).__name__,
+                exc,
+                self._spills.reject([rows[0]], f"{type(exc).__name__}: {exc}"),
+            )
+            self.rows_rejected += 1
+            return True
+        for row in rows:
+            if not await self._write((uuid.uuid4(), [row])):
+                return False
         return True
 
     def _spill(self) -> None:

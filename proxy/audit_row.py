@@ -39,6 +39,11 @@ COLUMNS: tuple[str, ...] = AuditRow._fields
 ERROR_TEXT_LIMIT = 200
 
 
+def _text(value: str | None) -> str | None:
+    """Postgres text cannot hold NUL, which a client can put in a path or a model name."""
+    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
+
+
 def row_from(record: RequestRecord) -> AuditRow:
     return AuditRow(
         request_id=record.request_id,
@@ -46,9 +51,9 @@ def row_from(record: RequestRecord) -> AuditRow:
         user_id=record.user_id,
         username=record.username,
         key_id=record.key_id,
-        method=record.method,
-        path=record.path,
-        model=record.model,
+        method=_text(record.method),
+        path=_text(record.path) or "",
+        model=_text(record.model),
         stream=record.stream,
         status_code=record.status,
         duration_ms=record.duration_ms if record.duration_ms is not None else record.elapsed_ms(),
@@ -59,5 +64,5 @@ def row_from(record: RequestRecord) -> AuditRow:
         prompt_tokens=record.prompt_tokens,
         completion_tokens=record.completion_tokens,
         client_addr=record.client_addr,
-        error=record.error[:ERROR_TEXT_LIMIT] if record.error else None,
+        error=_text(record.error[:ERROR_TEXT_LIMIT]) if record.error else None,
     )

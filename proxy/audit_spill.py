@@ -89,6 +89,16 @@ class SpillFiles:
             "spilled %d audit rows to %s", sum(len(rows) for _, rows in batches), self._own_path
         )
 
+    def reject(self, rows: Sequence[AuditRow], reason: str) -> Path:
+        """Keep rows Postgres refuses where an operator can read them; they are not replayed."""
+        self._folder.mkdir(parents=True, exist_ok=True)
+        path = self._folder / "rejected.jsonl"
+        with path.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                values = [*row[:1], row.created_at.isoformat(), *row[2:]]
+                handle.write(json.dumps({"reason": reason, "row": values}) + "\n")
+        return path
+
     def release(self) -> None:
         """Stop appending to our own file, so that it (and its lock) can be replayed."""
         if self._own is not None:

@@ -73,6 +73,8 @@ def _inspect(raw: bytes, path: str, record: RequestRecord) -> dict[str, Any]:
         raise InvalidJson("it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise InvalidJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidJson("it is nested too deeply") from None
     if not isinstance(payload, dict):
         raise InvalidJson("expected an object, got " + type(payload).__name__)
     model = payload.get("model")
@@ -86,12 +88,10 @@ def _rewrite(payload: dict[str, Any], record: RequestRecord, max_tokens: int) ->
     """Cap `max_tokens` and ask for usage on streams; True when the payload changed."""
     changed = False
     asked = payload.get("max_tokens")
-    if asked is None or (
-        isinstance(asked, int) and not isinstance(asked, bool) and not 0 < asked <= max_tokens
-    ):
-        # Missing, null, zero, negative or over the cap: llama_cpp.server treats <= 0 and null
-        # as "until the context is full", which is exactly what the cap is for. A value of the
-        # wrong type goes on, for the backend's own 422.
+    if not (type(asked) is int and 0 < asked <= max_tokens):
+        # Missing, null, zero, negative, over the cap, or not a whole number: llama_cpp.server
+        # reads <= 0 and null as "until the context is full" and turns "100000" or 1e5 into an
+        # int, so anything but a whole number within the cap is sent as the cap.
         payload["max_tokens"] = max_tokens
         changed = True
     if record.stream:

@@ -207,7 +207,11 @@ async def _stream(
         tail = usage.finish(record)
         if tail and not await _send(response, tail, record):
             return response
-    await response.write_eof()
+    try:
+        await response.write_eof()
+    except ConnectionResetError:  # gone just before the end: it did not get the whole answer
+        record.status = CLIENT_CLOSED
+        record.error = "client closed the connection"
     return response
 
 

@@ -19,6 +19,9 @@ from proxy.db import DatabaseUnavailable
 PATHS = frozenset({"/health", "/ready"})
 
 
+LOCAL_ADDRESSES = frozenset({"127.0.0.1", "::1"})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -43,10 +46,17 @@ async def ready(request: web.Request) -> web.Response:
     database, backends = await asyncio.gather(
         _database_problem(request), request.app[BACKENDS].probe(timeout)
     )
-    checks: dict[str, str] = {"database": database or "ok"}
+    # /ready needs no key and the proxy listens on the network: why a part fails (hosts, ports,
+    # Postgres' own words) is told to callers on this machine only.
+    detailed = request.remote in LOCAL_ADDRESSES
+    if database is None:
+        checks: dict[str, str] = {"database": "ok"}
+    else:
+        checks = {"database": database if detailed else "unreachable"}
     for name, problem in backends.items():
         label = "backend" if name == "default" else f"backend {name}"
-        checks[label] = f"not reachable: {problem}" if problem else "ok"
+        reason = f": {problem}" if detailed else ""
+        checks[label] = f"not reachable{reason}" if problem else "ok"
     failing = [name for name, state in checks.items() if state != "ok"]
     # One backend up is enough to serve; the others are named but do not fail readiness.
     ready = database is None and any(problem is None for problem in backends.values())

@@ -15,10 +15,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import click
+
+from proxy.settings import SettingsError, load_settings
 
 SERVER_USER = "postgres"
 
@@ -97,14 +101,31 @@ class LocalPostgres:
         if account is not None:
             os.chown(path, account.pw_uid, account.pw_gid)
 
-    def init(self, throwaway: bool = False) -> bool:
-        """Create the cluster unless it exists; True when it was created."""
+    def init(self, throwaway: bool = False, password: str | None = None) -> bool:
+        """Create the cluster unless it exists; True when it was created.
+
+        With a password, every connection must give it (scram-sha-256): anything else on this
+        machine could otherwise log in as the superuser. Throwaway test servers go without.
+        """
         if (self.datadir / "PG_VERSION").exists():
             return False
         self.datadir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._own(self.datadir)
-        args = ["-D", str(self.datadir), "-U", SERVER_USER, "-A", "trust", "-E", "UTF8"]
-        result = self._run("initdb", *args, *(["--no-sync"] if throwaway else []))
+        args = ["-D", str(self.datadir), "-U", SERVER_USER, "-E", "UTF8"]
+        if throwaway:
+            args.append("--no-sync")
+        if not password:
+            result = self._run("initdb", *args, "-A", "trust")
+        else:
+            # initdb reads the password from a file (never argv); mkstemp makes it 0600.
+            handle, name = tempfile.mkstemp(dir=self.datadir.parent, prefix=".pw-")
+            try:
+                os.write(handle, password.encode())
+                os.close(handle)
+                self._own(Path(name))
+                result = self._run("initdb", *args, "-A", "scram-sha-256", f"--pwfile={name}")
+            finally:
+                Path(name).unlink()
         if result.returncode != 0:
             raise PostgresError(f"initdb {self.datadir} failed: {result.stderr.strip()[-500:]}")
         return True
@@ -160,7 +181,7 @@ def main(action: str, datadir: Path, port: int, logfile: Path) -> None:
             click.echo(find_bindir())
             return
         server = LocalPostgres(datadir.resolve(), port, logfile.resolve(), find_bindir())
-        if action in {"init", "start"} and server.init():
+        if action in {"init", "start"} and server.init(password=_stack_password()):
             click.echo(f"initialised a new Postgres cluster in {datadir}")
         if action == "start":
             server.start()
@@ -169,8 +190,14 @@ def main(action: str, datadir: Path, port: int, logfile: Path) -> None:
             server.stop()
         elif action == "status" and not server.running():
             sys.exit(1)
-    except PostgresError as exc:
+    except (PostgresError, SettingsError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _stack_password() -> str | None:
+    """The password the stack logs in with, from its own settings (runtime/config.env)."""
+    password = urlsplit(load_settings().database_dsn.reveal()).password
+    return unquote(password) if password else None
 
 
 if __name__ == "__main__":

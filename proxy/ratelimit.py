@@ -76,6 +76,7 @@ class RateLimiter:
     async def _decide(self, key: _Key) -> None:
         """Decide every request waiting for this user, in rounds, until none is left."""
         user, limit, window = key
+        waiters: list[asyncio.Future[Admission]] = []
         try:
             while waiters := [d for d in self._waiting.get(key, ()) if not d.done()]:
                 self._waiting[key] = []  # who arrives now waits for the next round
@@ -85,7 +86,7 @@ class RateLimiter:
                     if not decision.done():
                         decision.set_result(admission)
         except BaseException as exc:  # a bug must not leave requests waiting for ever
-            for decision in self._waiting.get(key, ()):
+            for decision in [*waiters, *self._waiting.get(key, ())]:
                 if not decision.done():
                     decision.set_exception(exc)
             raise

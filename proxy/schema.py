@@ -128,8 +128,9 @@ llama_requests = Table(
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("request_id", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    # Kept when the user is deleted: the audit trail outlives the account.
-    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="SET NULL"), nullable=True),
+    # No foreign key: a row written after its user was deleted (a request still running then)
+    # must not be refused, and the audit trail outlives the account anyway (it keeps username).
+    Column("user_id", BigInteger, nullable=True),
     Column("username", Text, nullable=True),
     Column("key_id", Text, nullable=True),
     Column("method", Text, nullable=True),

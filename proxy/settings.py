@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
@@ -45,6 +45,10 @@ def _port(raw: str) -> int:
     if not 1 <= value <= 65535:
         raise ValueError("must be a port number from 1 to 65535")
     return value
+
+
+def _port_or_off(raw: str) -> int:
+    return 0 if _int(raw) == 0 else _port(raw)
 
 
 def _int(raw: str) -> int:
@@ -158,7 +162,7 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
     "LLAMA_PROXY_AUDIT_MEMORY_ROWS": (_positive_int, "20000"),
     # Prometheus metrics, on loopback by default; port 0 turns them off.
     "LLAMA_PROXY_METRICS_HOST": (_text, "127.0.0.1"),
-    "LLAMA_PROXY_METRICS_PORT": (_int, "9101"),
+    "LLAMA_PROXY_METRICS_PORT": (_port_or_off, "9101"),
     # The backend (llama_cpp.server) launcher.
     "LLAMA_MODEL": (_optional_text, ""),  # default model alias (a models/*.gguf stem); "" = first
     "LLAMA_SERVER_ALLOW_REMOTE": (_bool, "0"),  # allow a non-loopback LLAMA_SERVER_HOST
@@ -227,12 +231,18 @@ class Settings:
 
 
 def redact_dsn(dsn: str) -> str:
+    """The DSN with its password masked, wherever it stands (user part or `?password=`)."""
     parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    if parts.query:
+        query = [
+            (name, "***" if name.lower() == "password" else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def _read_env_file(path: Path) -> dict[str, str]:

@@ -56,12 +56,13 @@ class Upstream:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.netloc, parts.hostname, port, api_key, parts.scheme)
 
-    def url(self, raw_path: str, raw_query: str) -> URL:
+    def url(self, path: str, raw_query: str) -> URL:
+        """The backend's URL for a decoded `path` (quoted here) and the client's raw query."""
         return URL.build(
             scheme=self.scheme,
             host=self.host,
             port=self.port,
-            path=raw_path,
+            path=URL.build(path=path).raw_path,
             query_string=raw_query,
             encoded=True,
         )

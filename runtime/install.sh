@@ -125,6 +125,8 @@ if [ -n "${POSTGRES_AUTH_DSN:-}${POSTGRES_AUTH_HOST:-}" ] \
 fi
 if [ "$configured_db" = 0 ]; then
   add LLAMA_GATE_LOCAL_POSTGRES 1
+  # Its superuser needs this password: anything else on the machine could log in otherwise.
+  add POSTGRES_AUTH_PASSWORD "$("$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))')"
   add POSTGRES_AUTH_HOST 127.0.0.1
   add POSTGRES_AUTH_PORT "$LOCAL_PG_PORT"
   add POSTGRES_AUTH_USER postgres

@@ -284,3 +284,38 @@ async def test_sigterm_under_load_finishes_requests_and_writes_every_row(
     rows = await _rows(db_dsn, len(answered))
     assert len(rows) == len(answered)
     assert {row["status_code"] for row in rows} == {200}
+
+
+async def test_a_row_postgres_refuses_is_set_aside_and_holds_nothing_back(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    pool = await asyncpg.create_pool(db_dsn)
+    try:
+        writer = AuditWriter(lambda: pool, tmp_path / "spill", batch_size=5)
+        task = asyncio.create_task(writer.run())
+        for index in range(5):
+            row = _row(index)
+            # NUL is no text to Postgres; row_from replaces it, so this bypasses row_from.
+            writer.submit(row._replace(path="/v1/\x00") if index == 2 else row)
+        for index in range(5, 8):
+            writer.submit(_row(index))
+        rows = await _rows(db_dsn, 7)
+        writer.stop()
+        await task
+    finally:
+        await pool.close()
+    assert sorted(row["request_id"] for row in rows) == [f"req-{i}" for i in (0, 1, 3, 4, 5, 6, 7)]
+    assert writer.rows_rejected == 1
+    rejected = (tmp_path / "spill" / "rejected.jsonl").read_text().splitlines()
+    assert len(rejected) == 1
+    assert json.loads(rejected[0])["row"][0] == "req-2"
+
+
+async def test_a_nul_in_the_path_does_not_poison_the_log(proxy: Harness) -> None:
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proxy.url("/v1/%00")) as r:
+            assert r.status == 401
+        async with client.get(proxy.url("/v1/models")) as r:
+            assert r.status == 401
+    rows = await _rows(proxy.dsn, 2)
+    assert [row["path"] for row in rows] == ["/v1/\ufffd", "/v1/models"]

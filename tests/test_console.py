@@ -4,6 +4,7 @@ are reported with the log line that explains them, and stop stops everything."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from proxy.pgserver import free_port
@@ -88,6 +90,18 @@ def test_start_chat_restart_crash_and_stop_from_a_clean_clone(
     assert "bin/user_management_cli.sh create-user --username alice" in started.stdout
     config = checkout / "runtime" / "config.env"
     assert oct(config.stat().st_mode & 0o777) == "0o600"
+    # The local Postgres wants the generated password: nothing else here can log in to it.
+    assert "POSTGRES_AUTH_PASSWORD=" in config.read_text()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        asyncio.run(
+            asyncpg.connect(
+                host="127.0.0.1",
+                port=int(env["LLAMA_GATE_LOCAL_PG_PORT"]),
+                user="postgres",
+                password="guess",
+                database="postgres",
+            )
+        )
     assert list((checkout / "models").glob("*.gguf"))
 
     created = _run(

@@ -144,12 +144,13 @@ async def test_max_tokens_is_capped_by_the_global_setting_or_the_users_own(
         url = proxy.url("/v1/chat/completions")
         async with aiohttp.ClientSession() as client:
             for key, user in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
-                for asked in (None, 0, -1, 50, 500, 800):
+                for asked in (None, 0, -1, 50, 500, 800, "100000", 1e5, True):
                     fields = {} if asked is None else {"max_tokens": asked}
                     assert (await chat(client, url, key, user, **fields))[0] == 200
     sent = [(s.user, s.body["max_tokens"]) for s in upstream.served]
+    # A string, a float or a boolean is no whole number: llama_cpp.server would coerce it.
     assert sent == [
-        *[("alice", n) for n in (300, 300, 300, 50, 300, 300)],
-        *[("bob", n) for n in (100, 100, 100, 50, 100, 100)],
-        *[("carol", n) for n in (1000, 1000, 1000, 50, 500, 800)],
+        *[("alice", n) for n in (300, 300, 300, 50, 300, 300, 300, 300, 300)],
+        *[("bob", n) for n in (100, 100, 100, 50, 100, 100, 100, 100, 100)],
+        *[("carol", n) for n in (1000, 1000, 1000, 50, 500, 800, 1000, 1000, 1000)],
     ]

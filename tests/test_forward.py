@@ -318,3 +318,33 @@ async def test_backend_breaking_off_mid_stream_is_a_visible_cut_for_the_client(
     (record,) = await proxy.wait_for_records(1)
     assert record.error is not None
     assert "broke off" in record.error
+
+
+async def test_a_percent_encoded_path_is_checked_as_the_backend_will_read_it(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    for path in ("/v1/%63hat/completions", "/v1/chat%2Fcompletions"):
+        async with client.post(
+            proxy.url(path), json={**CHAT, "max_tokens": 99999}, headers=bearer(key)
+        ) as r:
+            assert r.status == 200, await r.text()
+        seen = proxy.upstream.seen[-1]
+        assert seen.path == "/v1/chat/completions"
+        assert json.loads(seen.body)["max_tokens"] == 1024  # capped, as for the plain path
+    records = await proxy.wait_for_records(2)
+    assert [(r.prompt_tokens, r.completion_tokens) for r in records] == [(5, 2), (5, 2)]
+
+
+async def test_deeply_nested_json_is_a_400_not_a_500(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    key = await proxy.user("alice")
+    nested = b"[" * 1900 + b"]" * 1900  # under the cap of 4096 bytes, over any recursion limit
+    async with client.post(
+        proxy.url("/v1/chat/completions"),
+        data=nested,
+        headers={**bearer(key), "Content-Type": "application/json"},
+    ) as r:
+        assert r.status == 400
+        assert "nested too deeply" in (await r.json())["error"]["message"]

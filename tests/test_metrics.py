@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 
@@ -39,10 +40,16 @@ async def test_metrics_count_requests_tokens_and_refusals(db_dsn: str, tmp_path:
         async with client.get(proxy.url("/v1/models"), headers=bearer("lgk_wrong")) as r:
             assert r.status == 401
         await proxy.wait_for_records(4)
-        async with client.get(f"http://127.0.0.1:{port}/metrics") as r:
-            assert r.status == 200
-            assert r.headers["Content-Type"].startswith("text/plain")
-            samples = _samples(await r.text())
+        backlog = []
+        for _ in range(40):  # the writer flushes every 0.2 s: the backlog gauge must empty
+            async with client.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"].startswith("text/plain")
+                samples = _samples(await r.text())
+            backlog.append(samples[("llama_gate_audit_backlog_rows", ())])
+            if backlog[-1] == 0:
+                break
+            await asyncio.sleep(0.05)
         # Not on the public listener.
         async with client.get(proxy.url("/metrics")) as r:
             assert r.status == 404
@@ -62,7 +69,7 @@ async def test_metrics_count_requests_tokens_and_refusals(db_dsn: str, tmp_path:
     assert samples[("llama_gate_upstream_duration_seconds_count", (("route", route),))] == 2
     assert samples[("llama_gate_queue_wait_seconds_count", ())] == 2
     assert samples[("llama_gate_requests_in_flight", ())] == 0
-    assert samples[("llama_gate_audit_backlog_rows", ())] >= 0
+    assert backlog[-1] == 0, backlog
     assert samples[("llama_gate_audit_spill_bytes", ())] == 0
 
 

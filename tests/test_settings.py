@@ -163,3 +163,17 @@ def test_a_bad_backend_url_stops_startup_in_one_line(
 def test_sharing_counts_must_be_positive(tmp_path: Path, name: str) -> None:
     with pytest.raises(SettingsError, match=f"^{name}='0' from environment: must be greater"):
         load_settings(environ={name: "0"}, home=tmp_path)
+
+
+def test_a_password_in_the_dsn_query_is_masked_too() -> None:
+    dsn = "postgresql://app@db:5432/x?sslmode=require&password=s3cret"
+    shown = redact_dsn(dsn)
+    assert "s3cret" not in shown
+    assert shown == "postgresql://app@db:5432/x?sslmode=require&password=***"
+
+
+@pytest.mark.parametrize("value", ["70000", "-1"])
+def test_metrics_port_out_of_range_stops_startup(tmp_path: Path, value: str) -> None:
+    with pytest.raises(SettingsError, match="LLAMA_PROXY_METRICS_PORT"):
+        load_settings(environ={"LLAMA_PROXY_METRICS_PORT": value}, home=tmp_path)
+    assert load_settings(environ={"LLAMA_PROXY_METRICS_PORT": "0"}, home=tmp_path).metrics_port == 0
