@@ -250,15 +250,17 @@ def main() -> None:
 
 
 def _report(results: dict[tuple[str, str], Result], sent: int, rows: int) -> None:
-    head = ("load", "path", "req/s", "p50 ms", "p99 ms", "ttfb p50", "gap err max ms", "errors")
-    print("{:<10} {:<22} {:>8} {:>8} {:>8} {:>9} {:>15} {:>6}".format(*head))
+    head = ("load", "path", "req/s", "p50 ms", "p99 ms", "ttfb p50", "gap err p99/max ms", "errors")
+    print("{:<10} {:<22} {:>8} {:>8} {:>8} {:>9} {:>19} {:>6}".format(*head))
     for (load_name, target), r in results.items():
         ttfb = f"{r.pct(r.ttfb, 0.5):.2f}" if r.ttfb else "-"
-        gap = f"{max(r.spacing_error) * 1000:.2f}" if r.spacing_error else "-"
+        gap = "-"
+        if r.spacing_error:
+            gap = f"{r.pct(r.spacing_error, 0.99):.2f} / {max(r.spacing_error) * 1000:.2f}"
         p50, p99 = r.pct(r.latencies, 0.5), r.pct(r.latencies, 0.99)
         print(
             f"{load_name:<10} {target:<22} {r.rps:>8.0f} {p50:>8.2f} {p99:>8.2f} {ttfb:>9} "
-            f"{gap:>15} {r.errors:>6}"
+            f"{gap:>19} {r.errors:>6}"
         )
     print()
     gate, direct, base = "c: llama-gate", "a: direct", "b: bare pass-through"
