@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +39,12 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchdb import database  # noqa: E402
+
 from proxy import migrate, store  # noqa: E402
 from proxy.app import create_app  # noqa: E402
 from proxy.keys import KeyHasher, generate_key  # noqa: E402
-from proxy.pgserver import LocalPostgres, find_bindir, free_port  # noqa: E402
+from proxy.pgserver import free_port  # noqa: E402
 from proxy.settings import load_settings  # noqa: E402
 
 BACKEND_KEY = "bench-backend-key"
@@ -182,23 +182,6 @@ async def run(dsn: str, keys: dict[str, str], mode: str, seconds: float,
             )
         )
     return results
-
-
-@contextmanager
-def database() -> Iterator[str]:
-    if configured := os.environ.get("BENCH_DATABASE_URL"):
-        yield configured
-        return
-    root = Path(tempfile.mkdtemp(prefix="llama-gate-bench-"))
-    root.chmod(0o755)  # the server may run as the postgres user
-    server = LocalPostgres(root / "data", free_port(), root / "pg.log", find_bindir())
-    server.init(throwaway=True)
-    server.start(throwaway=True)
-    try:
-        yield server.dsn
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def make_users(dsn: str) -> dict[str, str]:

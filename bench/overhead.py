@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,9 +30,11 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchdb import database  # noqa: E402
+
 from proxy import migrate, store  # noqa: E402
 from proxy.keys import KeyHasher, generate_key  # noqa: E402
-from proxy.pgserver import LocalPostgres, find_bindir, free_port  # noqa: E402
+from proxy.pgserver import free_port  # noqa: E402
 
 BACKEND_KEY = "bench-backend-key"
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}
@@ -155,23 +156,6 @@ def process(
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-@contextmanager
-def database() -> Iterator[str]:
-    if configured := os.environ.get("BENCH_DATABASE_URL"):
-        yield configured
-        return
-    root = Path(tempfile.mkdtemp(prefix="llama-gate-bench-"))
-    root.chmod(0o755)
-    server = LocalPostgres(root / "data", free_port(), root / "pg.log", find_bindir())
-    server.init(throwaway=True)
-    server.start(throwaway=True)
-    try:
-        yield server.dsn
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _prepare(dsn: str) -> str:

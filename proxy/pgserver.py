@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -160,6 +162,25 @@ class LocalPostgres:
         result = self._run("pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "stop")
         if result.returncode != 0 and self.running():
             raise PostgresError(f"pg_ctl stop failed: {result.stderr.strip()}")
+
+
+@contextmanager
+def throwaway_server(prefix: str = "llama-gate-pg-") -> Iterator[LocalPostgres]:
+    """A fresh server in a temporary folder, stopped and removed afterwards (tests, benchmarks).
+
+    Not under pytest's tmp_path: its parents are private to root, and the server may run as the
+    postgres user.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    server = LocalPostgres(root / "data", free_port(), root / "postgres.log", find_bindir())
+    try:
+        server.init(throwaway=True)
+        server.start(throwaway=True)
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

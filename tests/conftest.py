@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import asyncpg
 import pytest
 
 from proxy import migrate
-from proxy.pgserver import LocalPostgres, find_bindir, free_port
+from proxy.pgserver import LocalPostgres, throwaway_server
 
 TEMPLATE_DB = "llama_gate_template"
 
@@ -43,16 +41,16 @@ def postgres_server_dsn() -> Iterator[str]:
     if configured := os.environ.get("TEST_DATABASE_URL"):
         yield configured
         return
-    root = Path(tempfile.mkdtemp(prefix="llama-gate-pg-"))
-    root.chmod(0o755)  # the server may run as the postgres user when the tests run as root
-    server = LocalPostgres(root / "data", free_port(), root / "postgres.log", find_bindir())
-    server.init(throwaway=True)
-    server.start(throwaway=True)
-    try:
+    with throwaway_server() as server:
         yield server.dsn
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[LocalPostgres]:
+    """A migrated server of the test's own, for tests that stop and restart Postgres."""
+    with throwaway_server("llama-gate-own-pg-") as server:
+        migrate.upgrade(server.dsn)
+        yield server
 
 
 @pytest.fixture(scope="session")

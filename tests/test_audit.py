@@ -10,10 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,9 @@ import aiohttp
 import asyncpg
 import pytest
 
-from proxy import migrate
 from proxy.audit import AuditWriter
 from proxy.audit_row import AuditRow
-from proxy.pgserver import LocalPostgres, find_bindir, free_port
+from proxy.pgserver import LocalPostgres, free_port
 from tests.fake_upstream import FakeUpstream
 from tests.proxy_harness import (
     BACKEND_KEY,
@@ -130,22 +128,6 @@ async def test_rows_arrive_within_about_a_second_without_the_request_waiting(
     rows = await _rows(proxy.dsn, 1, within=3)
     assert len(rows) == 1
     assert time.monotonic() - answered < 3  # the writer flushes every 0.2 s
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[LocalPostgres]:
-    """A server of this test's own, since the test stops and restarts it."""
-    root = Path(tempfile.mkdtemp(prefix="llama-gate-audit-"))
-    root.chmod(0o755)
-    server = LocalPostgres(root / "data", free_port(), root / "postgres.log", find_bindir())
-    try:
-        server.init(throwaway=True)
-        server.start(throwaway=True)
-        migrate.upgrade(server.dsn)
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_postgres_stopped_and_started_mid_run_loses_and_doubles_nothing(

@@ -5,36 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from proxy import migrate
 from proxy.appkeys import AUTH_LISTENER
-from proxy.pgserver import LocalPostgres, find_bindir, free_port
+from proxy.pgserver import LocalPostgres
 from tests.proxy_harness import Harness, bearer, make_user, running_proxy
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[LocalPostgres]:
-    """A server of this test's own, since the test stops and restarts it."""
-    # Not under tmp_path: its parents are private to root, and the server may run as postgres.
-    root = Path(tempfile.mkdtemp(prefix="llama-gate-pgdown-"))
-    root.chmod(0o755)
-    server = LocalPostgres(root / "data", free_port(), root / "postgres.log", find_bindir())
-    try:
-        server.init(throwaway=True)
-        server.start(throwaway=True)
-        migrate.upgrade(server.dsn)
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _call(client: aiohttp.ClientSession, proxy: Harness, key: str) -> aiohttp.ClientResponse:
