@@ -145,8 +145,9 @@ def test_disable_enable_delete_keep_audit_username(cli_env: dict[str, str], db_d
     ok(cli_env, "delete-user", "--username", "carol", "--yes")
     assert json.loads(ok(cli_env, "list-users", "--json")) == []
     assert _fetch(db_dsn, "SELECT count(*) AS n FROM api_keys")[0]["n"] == 0
+    # The row stays as written: user ids are never reused, and the username says who it was.
     row = _fetch(db_dsn, "SELECT user_id, username FROM llama_requests")[0]
-    assert (row["user_id"], row["username"]) == (None, "carol")
+    assert (row["user_id"], row["username"]) == (user_id, "carol")
 
 
 def test_keys_create_list_revoke(cli_env: dict[str, str], db_dsn: str) -> None:
