@@ -27,7 +27,16 @@ T = TypeVar("T")
 RETRY_SECONDS = 1.0
 
 # What an unreachable, restarting or overloaded server raises; all mean "answer from memory".
-_OUTAGE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Errors about the query itself (a constraint, bad data) are no outage: they propagate, so one
+# odd request cannot make every caller skip Postgres for a second.
+_OUTAGE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # shutting down, starting up, or query cancelled
+    asyncpg.InsufficientResourcesError,  # too many connections, disk full, out of memory
+)
 
 
 class Database:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
+
 from proxy import store
 from proxy.db import DatabaseUnavailable
-from proxy.errors import RateLimited
+from proxy.errors import ApiError, InvalidApiKey, RateLimited
 from proxy.keycache import Principal
 from proxy.pool import Database
 from proxy.settings import Settings
@@ -89,7 +91,8 @@ class RateLimiter:
             for decision in [*waiters, *self._waiting.get(key, ())]:
                 if not decision.done():
                     decision.set_exception(exc)
-            raise
+            if not isinstance(exc, ApiError):  # an answer for the waiters, not a failure
+                raise
         finally:
             self._waiting.pop(key, None)
 
@@ -98,6 +101,10 @@ class RateLimiter:
             grant: Grant = await self._db.run(
                 lambda con: store.admit_requests(con, user, limit, window * 1000, count)
             )
+        except asyncpg.ForeignKeyViolationError:
+            # The user was deleted a moment ago and their key is still cached here; the
+            # notification that evicts it is on its way. They are no user any more: 401.
+            raise InvalidApiKey() from None
         except DatabaseUnavailable:
             if not self._degraded:
                 self._degraded = True

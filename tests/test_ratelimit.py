@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from proxy import store
-from proxy.errors import RateLimited
+from proxy.errors import InvalidApiKey, RateLimited
 from proxy.keycache import Principal
 from proxy.pool import Database
 from proxy.ratelimit import RateLimiter, format_duration
@@ -215,3 +215,22 @@ async def test_a_burst_is_decided_in_few_rounds_and_admits_exactly_the_limit(
     remaining = sorted(int(h["x-ratelimit-remaining-requests"]) for h in admitted)
     assert remaining == list(range(20))
     assert len(calls) <= 3, f"{len(calls)} round trips for one burst"
+
+
+async def test_a_user_deleted_while_cached_is_refused_not_taken_for_an_outage(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    settings = proxy_settings(db_dsn, 1, tmp_path)
+    database = Database(settings)
+    await database.open()
+    try:
+        limiter = RateLimiter(settings, database)
+        ghost = Principal(987654, "ghost", "k", rate_limit=5, rate_window_seconds=60)
+        with pytest.raises(InvalidApiKey):
+            await limiter.admit(ghost)
+        assert database.up  # one odd query does not make everyone skip Postgres
+        alice, _ = await make_user(db_dsn, "alice")
+        headers = await limiter.admit(Principal(alice, "alice", "k", None, None))
+        assert headers["x-ratelimit-remaining-requests"] == str(settings.rate_limit - 1)
+    finally:
+        await database.close()
