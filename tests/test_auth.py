@@ -22,6 +22,7 @@ from proxy.errors import InvalidApiKey, KeyStoreUnavailable
 from proxy.keys import KeyHasher
 from proxy.pool import Database
 from proxy.store import Connection
+from tests.cli_helpers import KEY_RE, ok
 from tests.proxy_harness import (
     Harness,
     add_key,
@@ -346,3 +347,25 @@ async def test_while_postgres_is_down_a_verified_key_works_only_within_the_stale
     finally:
         await auth.close()
         await database.close()
+
+
+async def test_a_key_rotated_with_grace_works_until_the_grace_ends(
+    proxy: Harness, tmp_path: Path
+) -> None:
+    env = {"POSTGRES_AUTH_DSN": proxy.dsn, "LLAMA_GATE_HOME": str(tmp_path)}
+    # The real CLI, on a thread: it runs its own event loop.
+    created = await asyncio.to_thread(ok, env, "create-user", "--username", "rosa")
+    old = KEY_RE.findall(created)[0]
+    rotated = await asyncio.to_thread(ok, env, "rotate-key", old.split("_")[1], "--grace", "2s")
+    new = KEY_RE.findall(rotated)[0]
+    async with aiohttp.ClientSession() as client:
+
+        async def status(key: str) -> int:
+            async with client.get(proxy.url("/v1/models"), headers=bearer(key)) as r:
+                return r.status
+
+        # Both keys work during the grace period, so clients switch without downtime.
+        assert (await status(old), await status(new)) == (200, 200)
+        await asyncio.sleep(2.2)
+        # The grace ends by the clock, cached or not: no notification is needed for it.
+        assert (await status(old), await status(new)) == (401, 200)
