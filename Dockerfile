@@ -18,7 +18,6 @@ WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY proxy/ proxy/
 COPY backend/ backend/
-COPY migrations/ migrations/
 COPY runtime/install.sh runtime/install.sh
 RUN runtime/install.sh --image
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from proxy.pgserver import throwaway_server
+from proxy.db.localpg import throwaway_server
 
 
 @contextmanager

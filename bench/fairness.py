@@ -43,8 +43,8 @@ from benchdb import database  # noqa: E402
 
 from proxy import migrate, store  # noqa: E402
 from proxy.app import create_app  # noqa: E402
-from proxy.keys import KeyHasher, generate_key  # noqa: E402
-from proxy.pgserver import free_port  # noqa: E402
+from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
+from proxy.db.localpg import free_port  # noqa: E402
 from proxy.settings import load_settings  # noqa: E402
 
 BACKEND_KEY = "bench-backend-key"

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 from benchdb import database  # noqa: E402
 
 from proxy import migrate, store  # noqa: E402
-from proxy.keys import KeyHasher, generate_key  # noqa: E402
-from proxy.pgserver import free_port  # noqa: E402
+from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
+from proxy.db.localpg import free_port  # noqa: E402
 
 BACKEND_KEY = "bench-backend-key"
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}

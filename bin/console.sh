@@ -148,7 +148,7 @@ stop_part() {
   rm -f "$(pidfile "$name")"
 }
 
-db() { (cd "$ROOT" && "$PY" -m proxy.pgserver "$1" --datadir "$RUNTIME/pgdata" --port "$DB_PORT" --log "$LOGS/db.log"); }
+db() { (cd "$ROOT" && "$PY" -m proxy.db.localpg "$1" --datadir "$RUNTIME/pgdata" --port "$DB_PORT" --log "$LOGS/db.log"); }
 
 cmd_start() {
   ensure_installed

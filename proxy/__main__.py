@@ -1,5 +1,5 @@
 """`python -m proxy [--host ADDRESS] [--port PORT]` runs the proxy, like `llama-gate serve`."""
 
-from proxy.cli_serve import main
+from proxy.cli.serve import main
 
 main()

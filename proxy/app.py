@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from proxy import api, errors, health, records
+from proxy import errors, health
 from proxy.appkeys import (
     AUDIT_WRITER,
     AUTH_LISTENER,
@@ -28,17 +28,19 @@ from proxy.appkeys import (
     SETTINGS,
     UPSTREAM_SESSION,
 )
-from proxy.audit import AuditWriter
-from proxy.audit_row import row_from
-from proxy.auth import Authenticator
-from proxy.auth_listener import AuthListener
+from proxy.audit.row import row_from
+from proxy.audit.writer import AuditWriter
+from proxy.auth.authenticator import Authenticator
+from proxy.auth.listener import AuthListener
+from proxy.db.pool import Database
+from proxy.limits.quotas import TokenQuotas
+from proxy.limits.ratelimit import RateLimiter
 from proxy.metrics import Metrics, metrics_app
-from proxy.pool import Database
-from proxy.quotas import TokenQuotas
-from proxy.ratelimit import RateLimiter
-from proxy.records import CompletionHook
+from proxy.pipeline import handler as api
+from proxy.pipeline import records
+from proxy.pipeline.records import CompletionHook
 from proxy.settings import Settings
-from proxy.upstream import Backends
+from proxy.upstream.backends import Backends
 
 # llama_cpp.server (uvicorn) closes idle keep-alive connections after 5 s; reusing one just as it
 # closes fails the request, so the proxy lets its own idle connections go sooner.

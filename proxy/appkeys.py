@@ -10,16 +10,16 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from proxy.audit import AuditWriter
-from proxy.auth import Authenticator
-from proxy.auth_listener import AuthListener
+from proxy.audit.writer import AuditWriter
+from proxy.auth.authenticator import Authenticator
+from proxy.auth.listener import AuthListener
+from proxy.db.pool import Database
+from proxy.limits.quotas import TokenQuotas
+from proxy.limits.ratelimit import RateLimiter
 from proxy.metrics import Metrics
-from proxy.pool import Database
-from proxy.quotas import TokenQuotas
-from proxy.ratelimit import RateLimiter
-from proxy.records import CompletionHook
+from proxy.pipeline.records import CompletionHook
 from proxy.settings import Settings
-from proxy.upstream import Backends
+from proxy.upstream.backends import Backends
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)

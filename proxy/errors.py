@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.records import RECORD
+from proxy.pipeline.records import RECORD
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Probes: `/health` says the process is alive; `/ready` that it can serve requests.
 
-Neither needs a key, and neither is recorded as an API request. `/ready` checks Postgres with
-one trivial query and probes each backend's `/health`, which never waits for the model lock (see
-`proxy.probes`). It is ready while Postgres and at least one backend answer, naming any backend
-that does not; otherwise it answers 503 naming what failed.
+Neither needs a key, and neither is recorded as an API request. `/ready` checks Postgres with one
+trivial query and probes each backend's `/health`, which never waits for the model lock (see
+`proxy.upstream.probes`). It is ready while Postgres and at least one backend answer, naming any
+backend that does not; otherwise it answers 503 naming what failed.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import asyncio
 
 from aiohttp import web
 
-from proxy import store
 from proxy.appkeys import AUTH_LISTENER, BACKENDS, DATABASE, SETTINGS
-from proxy.db import DatabaseUnavailable
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable
 
 PATHS = frozenset({"/health", "/ready"})
 
@@ -34,7 +34,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def _database_problem(request: web.Request) -> str | None:
     try:
-        await request.app[DATABASE].run(store.ping)
+        await request.app[DATABASE].run(queries.ping)
     except DatabaseUnavailable as exc:
         return str(exc)
     return None

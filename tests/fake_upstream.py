@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from proxy.pgserver import free_port
+from proxy.db.localpg import free_port
 
 MODEL = "smollm2-test"
 

@@ -19,12 +19,12 @@ import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy import store
 from proxy.app import create_app
 from proxy.appkeys import AUTH_LISTENER, COMPLETION_HOOKS
-from proxy.keys import KeyHasher, generate_key
-from proxy.pgserver import free_port
-from proxy.records import RequestRecord
+from proxy.auth.apikeys import KeyHasher, generate_key
+from proxy.db import queries
+from proxy.db.localpg import free_port
+from proxy.pipeline.records import RequestRecord
 from proxy.settings import Settings, load_settings
 from tests.fake_upstream import FakeUpstream
 
@@ -43,7 +43,7 @@ async def make_user(
     """Create a user with one key; return (user id, full key)."""
     con = await asyncpg.connect(dsn)
     try:
-        user = await store.create_user(con, username, rate_limit, rate_window_seconds)
+        user = await queries.create_user(con, username, rate_limit, rate_window_seconds)
         key = await add_key(con, user["id"], expires_at, hasher)
     finally:
         await con.close()
@@ -58,7 +58,7 @@ async def add_key(
 ) -> str:
     key = generate_key()
     secret_hash = (hasher or KeyHasher()).hash(key.secret)
-    await store.insert_key(con, user_id, key.key_id, secret_hash, None, expires_at)
+    await queries.insert_key(con, user_id, key.key_id, secret_hash, None, expires_at)
     return key.full.reveal()
 
 

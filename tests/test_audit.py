@@ -21,9 +21,9 @@ import aiohttp
 import asyncpg
 import pytest
 
-from proxy.audit import AuditWriter
-from proxy.audit_row import AuditRow
-from proxy.pgserver import LocalPostgres, free_port
+from proxy.audit.row import AuditRow
+from proxy.audit.writer import AuditWriter
+from proxy.db.localpg import LocalPostgres, free_port
 from tests.fake_upstream import FakeUpstream
 from tests.proxy_harness import (
     BACKEND_KEY,

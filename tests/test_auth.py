@@ -14,14 +14,14 @@ import aiohttp
 import asyncpg
 import pytest
 
-from proxy import store
 from proxy.appkeys import AUTHENTICATOR
-from proxy.auth import FAILURE_LIMIT, Authenticator
-from proxy.db import DatabaseUnavailable
+from proxy.auth.apikeys import KeyHasher
+from proxy.auth.authenticator import FAILURE_LIMIT, Authenticator
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable
+from proxy.db.pool import Database
+from proxy.db.queries import Connection
 from proxy.errors import InvalidApiKey, KeyStoreUnavailable
-from proxy.keys import KeyHasher
-from proxy.pool import Database
-from proxy.store import Connection
 from tests.cli_helpers import KEY_RE, ok
 from tests.proxy_harness import (
     Harness,
@@ -69,16 +69,16 @@ async def test_every_kind_of_bad_key_gets_the_same_401(
     key_id = good.split("_")[1]
     con = await asyncpg.connect(proxy.dsn)
     try:
-        revoked = await add_key(con, (await store.get_user(con, "alice"))["id"])
-        await store.revoke_key(con, revoked.split("_")[1])
-        bob = (await store.create_user(con, "bob", None, None))["id"]
+        revoked = await add_key(con, (await queries.get_user(con, "alice"))["id"])
+        await queries.revoke_key(con, revoked.split("_")[1])
+        bob = (await queries.create_user(con, "bob", None, None))["id"]
         expired = await add_key(con, bob, expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        carol = (await store.create_user(con, "carol", None, None))["id"]
+        carol = (await queries.create_user(con, "carol", None, None))["id"]
         disabled = await add_key(con, carol)
-        await store.set_user_enabled(con, "carol", False)
-        dave = (await store.create_user(con, "dave", None, None))["id"]
+        await queries.set_user_enabled(con, "carol", False)
+        dave = (await queries.create_user(con, "dave", None, None))["id"]
         deleted = await add_key(con, dave)
-        await store.delete_user(con, "dave")
+        await queries.delete_user(con, "dave")
     finally:
         await con.close()
     wrong_secret = f"lgk_{key_id}_{random_key().split('_', 2)[2]}"
@@ -161,10 +161,10 @@ async def test_last_used_at_is_written_lazily_in_one_batch(
     assert await _get(client, proxy, bearer(key)) == 200
     con = await asyncpg.connect(proxy.dsn)
     try:
-        (row,) = await store.list_keys(con, "alice")
+        (row,) = await queries.list_keys(con, "alice")
         assert row["last_used_at"] is None  # not on the request path
         await proxy.app[AUTHENTICATOR].flush_last_used()
-        (row,) = await store.list_keys(con, "alice")
+        (row,) = await queries.list_keys(con, "alice")
         assert row["last_used_at"] is not None
     finally:
         await con.close()
@@ -238,7 +238,7 @@ async def test_the_cache_ttl_bounds_staleness_when_no_notification_arrives(
         await auth.authenticate(key, "10.0.0.1")
         con = await asyncpg.connect(db_dsn)
         try:
-            await store.revoke_key(con, key.split("_")[1])
+            await queries.revoke_key(con, key.split("_")[1])
         finally:
             await con.close()
         clock.now += 29  # nobody told this authenticator: the cached verdict still stands
@@ -282,7 +282,7 @@ async def test_an_outdated_hash_is_replaced_after_a_successful_verification(
         await auth.close()  # waits for the background re-hash
     con = await asyncpg.connect(db_dsn)
     try:
-        record = await store.lookup_key(con, key.split("_")[1])
+        record = await queries.lookup_key(con, key.split("_")[1])
     finally:
         await con.close()
     assert record is not None

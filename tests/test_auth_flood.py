@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.appkeys import AUTHENTICATOR
-from proxy.auth import FAILURE_LIMIT
+from proxy.auth.authenticator import FAILURE_LIMIT
 from tests.proxy_harness import bearer, random_key, running_proxy
 
 FLOOD_RATE = 150  # requests per second

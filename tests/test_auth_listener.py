@@ -12,8 +12,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from proxy import store
 from proxy.appkeys import AUTH_LISTENER, AUTHENTICATOR
+from proxy.db import queries
 from tests.proxy_harness import Harness, bearer, running_proxy
 
 
@@ -49,9 +49,9 @@ async def _seconds_until(
 
 Change = Callable[[asyncpg.Connection, str], Awaitable[object]]
 CHANGES: dict[str, Change] = {
-    "revoke key": lambda con, key: store.revoke_key(con, key.split("_")[1]),
-    "disable user": lambda con, _key: store.set_user_enabled(con, "alice", False),
-    "delete user": lambda con, _key: store.delete_user(con, "alice"),
+    "revoke key": lambda con, key: queries.revoke_key(con, key.split("_")[1]),
+    "disable user": lambda con, _key: queries.set_user_enabled(con, "alice", False),
+    "delete user": lambda con, _key: queries.delete_user(con, "alice"),
 }
 
 
@@ -73,10 +73,10 @@ async def test_re_enabling_a_user_takes_effect_within_one_second(
     proxy: Harness, admin: asyncpg.Connection
 ) -> None:
     key = await proxy.user("alice")
-    await store.set_user_enabled(admin, "alice", False)
+    await queries.set_user_enabled(admin, "alice", False)
     async with aiohttp.ClientSession() as client:
         assert await _seconds_until(client, proxy, key, 401) < 1.0  # and remembered as bad
-        await store.set_user_enabled(admin, "alice", True)
+        await queries.set_user_enabled(admin, "alice", True)
         assert await _seconds_until(client, proxy, key, 200) < 1.0
 
 
@@ -100,5 +100,5 @@ async def test_the_listener_reconnects_and_rechecks_what_it_may_have_missed(
                 await asyncio.sleep(0.05)
         assert await _status(client, proxy, key) == 200
         assert auth.stats.lookups == lookups + 1  # the reconnect marked the cache for re-checking
-        await store.revoke_key(admin, key.split("_")[1])
+        await queries.revoke_key(admin, key.split("_")[1])
         assert await _seconds_until(client, proxy, key, 401) < 1.0

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from proxy.appkeys import AUTH_LISTENER
-from proxy.pgserver import LocalPostgres
+from proxy.db.localpg import LocalPostgres
 from tests.proxy_harness import Harness, bearer, make_user, running_proxy
 
 
@@ -66,8 +66,8 @@ async def test_postgres_outage_and_recovery(
         async with client.get(proxy.url("/ready")) as r:
             assert r.status == 200
 
-    outage_logs = [r.getMessage() for r in caplog.records if r.name == "proxy.pool"]
+    outage_logs = [r.getMessage() for r in caplog.records if r.name == "proxy.db.pool"]
     assert sum("is unreachable" in m for m in outage_logs) == 1, outage_logs
     assert sum("reachable again" in m for m in outage_logs) == 1, outage_logs
-    per_process = [r for r in caplog.records if r.name == "proxy.ratelimit"]
+    per_process = [r for r in caplog.records if r.name == "proxy.limits.ratelimit"]
     assert len(per_process) == 1

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from backend.cli import main
-from proxy.pgserver import free_port
+from proxy.db.localpg import free_port
 from proxy.settings import KNOWN_VARIABLES
 
 REPO = Path(__file__).resolve().parent.parent

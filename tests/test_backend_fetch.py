@@ -13,7 +13,7 @@ import pytest
 
 from backend.errors import BackendError
 from backend.fetch import FALLBACK, Fallback, extract_verified
-from proxy.pgserver import free_port
+from proxy.db.localpg import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

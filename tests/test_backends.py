@@ -15,11 +15,11 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
 from proxy.appkeys import AUTH_LISTENER, BACKENDS, COMPLETION_HOOKS
-from proxy.pgserver import free_port
-from proxy.probes import Health
-from proxy.records import RequestRecord
+from proxy.db.localpg import free_port
+from proxy.pipeline.records import RequestRecord
 from proxy.settings import Secret
-from proxy.upstream import Backends, Upstream
+from proxy.upstream.backends import Backends, Upstream
+from proxy.upstream.probes import Health
 from tests.fake_upstream import FakeUpstream
 from tests.proxy_harness import BACKEND_KEY, make_user, proxy_settings
 from tests.sharing_helpers import chat, until
@@ -130,9 +130,11 @@ async def test_a_backend_that_comes_back_is_taken_in_again_and_load_is_spread(
     second = TimedUpstream(service_time=0.2, models=("smollm2-test",))
     await _started(first)
     try:
-        async with _proxy(
-            db_dsn, tmp_path, [first.port, second.port], probe_interval=0.05
-        ) as (url, backends, _):
+        async with _proxy(db_dsn, tmp_path, [first.port, second.port], probe_interval=0.05) as (
+            url,
+            backends,
+            _,
+        ):
             second_name = f"127.0.0.1:{second.port}"
             await until(lambda: not backends.is_up(second_name))
             await second.start()

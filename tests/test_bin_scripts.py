@@ -6,8 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from proxy.keys import KeyHasher, parse_key
-from proxy.pgserver import find_bindir
+from proxy.auth.apikeys import KeyHasher, parse_key
+from proxy.db.localpg import find_bindir
 from tests.cli_helpers import KEY_RE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,9 +11,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.cli import cli
-from proxy.keys import KeyHasher, parse_key
-from proxy.pgserver import free_port
+from proxy.auth.apikeys import KeyHasher, parse_key
+from proxy.cli.main import cli
+from proxy.db.localpg import free_port
 from tests.cli_helpers import KEY_RE, failure, invoke, new_key, ok
 
 

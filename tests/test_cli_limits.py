@@ -106,9 +106,7 @@ def test_set_limit_help_says_what_each_option_does(cli_env: dict[str, str]) -> N
     assert "Example:" in text
 
 
-def test_usage_shows_tokens_today_against_each_quota(
-    cli_env: dict[str, str], db_dsn: str
-) -> None:
+def test_usage_shows_tokens_today_against_each_quota(cli_env: dict[str, str], db_dsn: str) -> None:
     for name in ("ivy", "jack", "kim"):
         new_key(cli_env, name)
     ok(cli_env, "set-limit", "--username", "ivy", "--tokens-per-day", "1000")

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from backend.models import models_dir
-from proxy import cli_serve
 from proxy.app import AUDIT_FLUSH_SECONDS
+from proxy.cli import serve as cli_serve
 from proxy.settings import _FIELDS, KNOWN_VARIABLES, SECRET_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.pgserver import free_port
+from proxy.db.localpg import free_port
 from proxy.settings import KNOWN_VARIABLES
 from tests.backend_harness import REPO
 from tests.cli_helpers import KEY_RE

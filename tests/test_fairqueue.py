@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.fairqueue import FairQueue
+from proxy.upstream.fairqueue import FairQueue
 
 
 def _queue(*items: tuple[str, str]) -> FairQueue[str]:

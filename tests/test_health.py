@@ -6,7 +6,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.pgserver import free_port
+from proxy.db.localpg import free_port
 from tests.proxy_harness import running_proxy
 
 

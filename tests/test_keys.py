@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from argon2 import PasswordHasher
 
-from proxy.keys import KeyHasher, generate_key, parse_key
+from proxy.auth.apikeys import KeyHasher, generate_key, parse_key
 
 
 def test_key_shape_and_parse_round_trip() -> None:

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.pgserver import free_port
+from proxy.db.localpg import free_port
 from tests.proxy_harness import bearer, running_proxy
 
 

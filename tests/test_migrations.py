@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from proxy import migrate
-from proxy.schema import metadata
+from proxy.db import migrate
+from proxy.db.schema import metadata
 
 
 def _diff(dsn: str) -> list[object]:

@@ -11,11 +11,11 @@ import aiohttp
 import asyncpg
 import pytest
 
+from proxy.auth.cache import Principal
+from proxy.db.pool import Database
 from proxy.errors import TokenQuotaExceeded
-from proxy.keycache import Principal
-from proxy.pool import Database
-from proxy.quotas import TokenQuotas
-from proxy.records import RequestRecord
+from proxy.limits.quotas import TokenQuotas
+from proxy.pipeline.records import RequestRecord
 from tests.proxy_harness import make_user, proxy_settings, running_proxy
 from tests.sharing_helpers import chat, set_limits
 from tests.timed_upstream import TimedUpstream

@@ -12,12 +12,12 @@ import aiohttp
 import asyncpg
 import pytest
 
-from proxy import store
+from proxy.auth.cache import Principal
+from proxy.db import queries
+from proxy.db.pool import Database
 from proxy.errors import InvalidApiKey, RateLimited
-from proxy.keycache import Principal
-from proxy.pool import Database
-from proxy.ratelimit import RateLimiter, format_duration
-from proxy.window import SlidingWindows
+from proxy.limits.ratelimit import RateLimiter, format_duration
+from proxy.limits.window import SlidingWindows
 from tests.proxy_harness import Harness, bearer, make_user, proxy_settings, running_proxy
 
 
@@ -41,14 +41,14 @@ async def test_the_window_slides_rather_than_resetting_in_buckets(
 ) -> None:
     user_id, _ = await make_user(db_dsn, "alice")
     await _admitted_at(admin, user_id, 59.5, 30)
-    denied = await store.admit_request(admin, user_id, 2, 60_000)
+    denied = await queries.admit_request(admin, user_id, 2, 60_000)
     assert not denied.admitted
     assert 0 < denied.retry_after_ms <= 600  # the 59.5 s old one leaves in about 0.5 s
     assert denied.remaining == 0
 
     await admin.execute("DELETE FROM rate_admissions")
     await _admitted_at(admin, user_id, 60.5, 30)  # one has just left the window
-    admitted = await store.admit_request(admin, user_id, 2, 60_000)
+    admitted = await queries.admit_request(admin, user_id, 2, 60_000)
     assert admitted.admitted
     assert admitted.remaining == 0
     assert 29_000 < admitted.reset_ms <= 30_100  # when the 30 s old one leaves
@@ -61,7 +61,7 @@ async def test_a_lowered_limit_waits_for_enough_admissions_to_leave(
 ) -> None:
     user_id, _ = await make_user(db_dsn, "alice")
     await _admitted_at(admin, user_id, 50, 40, 30, 20, 10)
-    denied = await store.admit_request(admin, user_id, 2, 60_000)
+    denied = await queries.admit_request(admin, user_id, 2, 60_000)
     assert not denied.admitted
     assert 39_000 < denied.retry_after_ms <= 40_100  # four must leave; the 4th oldest is 20 s old
     assert await admin.fetchval("SELECT count(*) FROM rate_admissions") == 5  # refusals add none
@@ -70,9 +70,9 @@ async def test_a_lowered_limit_waits_for_enough_admissions_to_leave(
 async def test_windows_are_per_user(admin: asyncpg.Connection, db_dsn: str) -> None:
     alice, _ = await make_user(db_dsn, "alice")
     bob, _ = await make_user(db_dsn, "bob")
-    assert (await store.admit_request(admin, alice, 1, 60_000)).admitted
-    assert not (await store.admit_request(admin, alice, 1, 60_000)).admitted
-    assert (await store.admit_request(admin, bob, 1, 60_000)).admitted
+    assert (await queries.admit_request(admin, alice, 1, 60_000)).admitted
+    assert not (await queries.admit_request(admin, alice, 1, 60_000)).admitted
+    assert (await queries.admit_request(admin, bob, 1, 60_000)).admitted
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from proxy.cli import cli
+from proxy.cli.main import cli
 from proxy.settings import KNOWN_VARIABLES, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

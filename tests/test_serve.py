@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 from click.testing import CliRunner
 
-from proxy.cli import cli
-from proxy.pgserver import free_port
+from proxy.cli.main import cli
+from proxy.db.localpg import free_port
 from tests.fake_upstream import FakeUpstream
 from tests.proxy_harness import (
     BACKEND_KEY,

@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.records import RequestRecord
-from proxy.usage import StreamUsage
+from proxy.pipeline.records import RequestRecord
+from proxy.upstream.usage import StreamUsage
 from tests.fake_upstream import USAGE
 from tests.proxy_harness import Harness, bearer, running_proxy
 

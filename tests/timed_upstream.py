@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.pgserver import free_port
+from proxy.db.localpg import free_port
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
 

@@ -1,0 +1,198 @@
+"""The audit writer: one `llama_requests` row per request, written off the request path, never lost.
+
+Requests hand finished rows to `AuditWriter.submit`, which only appends to a deque. A background
+task writes them in batches with COPY. Each batch carries a UUID that is recorded in
+`llama_audit_batches` in the same transaction as its rows, so a batch retried after an ambiguous
+failure (the connection died around COMMIT), or replayed from a spill file by two processes, is
+written exactly once. While Postgres is unreachable rows stay in memory up to a bound, then spill
+as JSON lines to files under `runtime/audit-spill/`, which are replayed when the database returns
+or at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+
+from proxy.audit.row import COLUMNS, AuditRow
+from proxy.audit.spill import Batch, SpillFiles
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+# What Postgres answers about the rows themselves: retrying the same rows cannot help.
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+WRITE_TIMEOUT_SECONDS = 5.0
+_OUTAGE = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    TimeoutError,
+    DatabaseUnavailable,
+)
+
+
+class AuditWriter:
+    """Batches rows into Postgres; holds, spills and replays them while Postgres is away."""
+
+    def __init__(
+        self,
+        pool: Callable[[], asyncpg.Pool],
+        spill_dir: Path,
+        *,
+        batch_size: int = 1000,
+        flush_interval: float = 0.2,
+        memory_rows: int = 20_000,
+        retry_max_seconds: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self._spills = SpillFiles(spill_dir)
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._memory_rows = memory_rows
+        self._retry_max = retry_max_seconds
+        self._pending: deque[AuditRow] = deque()
+        self._inflight: Batch | None = None  # a batch whose fate is unknown keeps its id
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._db_down_since: float | None = None
+        self.rows_written = 0
+        self.rows_spilled = 0
+        self.rows_rejected = 0
+
+    # -- the request side ------------------------------------------------------------------
+
+    def submit(self, row: AuditRow) -> None:
+        """Queue a row; constant time, never blocks, never raises."""
+        self._pending.append(row)
+        if len(self._pending) >= self._batch_size:
+            self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        """Rows accepted but not yet in Postgres nor in a spill file."""
+        return len(self._pending) + (len(self._inflight[1]) if self._inflight else 0)
+
+    def spilled_bytes(self) -> int:
+        return self._spills.size_bytes()
+
+    # -- the background side ---------------------------------------------------------------
+
+    async def run(self, shutdown_timeout: float = 10.0) -> None:
+        """Write until `stop()`, then flush what is left; one task for the writer's whole life.
+
+        Rows Postgres will not take before `shutdown_timeout` go to a spill file.
+        """
+        delay = self._flush_interval
+        await self._replay()  # what an earlier run (or a crashed process) left behind
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            if self._closing:
+                break
+            if await self._drain():
+                delay = self._flush_interval
+                if self.rows_spilled and self._spills.paths():
+                    await self._replay()
+            else:
+                delay = min(max(delay * 2, 0.25), self._retry_max)
+                if self.backlog > self._memory_rows:
+                    self._spill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain(), shutdown_timeout)
+        self._spill()
+        self._spills.release()
+
+    def stop(self) -> None:
+        """Ask `run()` to flush and return; rows submitted until it returns are still written."""
+        self._closing = True
+        self._wake.set()
+
+    async def _drain(self) -> bool:
+        """Write pending rows in batches; False when Postgres failed (rows are kept)."""
+        while self._inflight is not None or self._pending:
+            if self._inflight is None:
+                count = min(self._batch_size, len(self._pending))
+                self._inflight = (uuid.uuid4(), [self._pending.popleft() for _ in range(count)])
+            if not await self._write(self._inflight):
+                return False
+            self._inflight = None
+        return True
+
+    async def _write(self, batch: Batch) -> bool:
+        batch_id, rows = batch
+        try:
+            async with self._pool().acquire(timeout=WRITE_TIMEOUT_SECONDS) as con:
+                fresh = await queries.write_audit_batch(
+                    con, batch_id, COLUMNS, rows, WRITE_TIMEOUT_SECONDS
+                )
+        except _REFUSED as exc:
+            # Not an outage: Postgres will refuse this batch every time. Find the rows it
+            # refuses (the batch's transaction rolled back, so none of it was written) and set
+            # them aside, so one bad row cannot hold back every row after it.
+            return await self._isolate(rows, exc)
+        except _OUTAGE as exc:
+            if self._db_down_since is None:
+                self._db_down_since = time.monotonic()
+                log.warning(
+                    "audit rows cannot be written (%s: %s); keeping them and retrying",
+                    type(exc).__name__,
+                    exc,
+                )
+            return False
+        if self._db_down_since is not None:
+            log.warning("audit writes resumed after %.1f s", time.monotonic() - self._db_down_since)
+            self._db_down_since = None
+        if fresh:  # False: an earlier attempt had committed it after all
+            self.rows_written += len(rows)
+        return True
+
+    async def _isolate(self, rows: list[AuditRow], exc: Exception) -> bool:
+        if len(rows) == 1:
+            log.error(
+                "Postgres refused the audit row of request %s (%s: %s); kept in %s",
+                rows[0].request_id,
+                type(exc).__name__,
+                exc,
+                self._spills.reject([rows[0]], f"{type(exc).__name__}: {exc}"),
+            )
+            self.rows_rejected += 1
+            return True
+        for row in rows:
+            if not await self._write((uuid.uuid4(), [row])):
+                return False
+        return True
+
+    def _spill(self) -> None:
+        """Move every pending row (the in-flight batch with its id) to our spill file."""
+        batches: list[Batch] = []
+        if self._inflight is not None:
+            batches.append(self._inflight)
+            self._inflight = None
+        while self._pending:
+            count = min(self._batch_size, len(self._pending))
+            batches.append((uuid.uuid4(), [self._pending.popleft() for _ in range(count)]))
+        if batches:
+            self._spills.append(batches)
+            self.rows_spilled += sum(len(rows) for _, rows in batches)
+
+    async def _replay(self) -> None:
+        for claim in self._spills.claims():
+            try:
+                for batch in claim.batches():
+                    if not await self._write(batch):
+                        return  # Postgres went away again; the file stays for the next attempt
+                claim.done()
+            finally:
+                claim.release()

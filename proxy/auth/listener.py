@@ -1,0 +1,91 @@
+"""Hears revocations from Postgres (LISTEN/NOTIFY) so every proxy drops stale keys within a second.
+
+Migration 0002's triggers NOTIFY `queries.AUTH_CHANNEL` when a key is revoked, expires, or is
+deleted, or a user changes or is deleted. The listener holds one dedicated connection (a pooled
+one could be handed to a query mid-notification). A notification lost while that connection is
+down cannot be replayed, so each (re)connect marks every cached key for re-checking, and the
+cache's freshness limit bounds staleness meanwhile. A connection that dies silently is found by a
+ping every `PING_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import asyncpg
+
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable, connect
+from proxy.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PING_SECONDS = 10.0
+RETRY_MIN_SECONDS = 0.2
+RETRY_MAX_SECONDS = 5.0
+
+
+class AuthListener:
+    def __init__(
+        self,
+        settings: Settings,
+        on_notice: Callable[[str], None],
+        on_connect: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self._on_notice = on_notice
+        self._on_connect = on_connect
+        self.connected = asyncio.Event()  # set while LISTEN is active (tests wait on it)
+        self.connections = 0  # how many times LISTEN was (re)established
+        self._outage_logged = False
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting with backoff."""
+        delay = RETRY_MIN_SECONDS
+        while True:
+            try:
+                await self._listen_once()
+                delay = RETRY_MIN_SECONDS
+            except (DatabaseUnavailable, OSError, TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:  # fmt: skip
+                if not self._outage_logged:
+                    self._outage_logged = True
+                    log.warning("auth listener cannot reach Postgres (%s); retrying", exc)
+            finally:
+                self.connected.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    async def _listen_once(self) -> None:
+        con = await connect(
+            self._settings, server_settings={"application_name": "llama-gate auth listener"}
+        )
+        lost = asyncio.Event()
+        con.add_termination_listener(lambda _con: lost.set())
+        try:
+            await con.add_listener(queries.AUTH_CHANNEL, self._notified)
+            # Only now, with LISTEN active, is it safe to re-check what may have been missed.
+            self._on_connect()
+            self.connections += 1
+            self.connected.set()
+            self._outage_logged = False
+            if self.connections > 1:
+                log.warning("auth listener reconnected; cached keys will be re-checked")
+            while not lost.is_set():
+                try:
+                    await asyncio.wait_for(lost.wait(), PING_SECONDS)
+                except TimeoutError:
+                    await asyncio.wait_for(queries.ping(con), self._settings.db_timeout_seconds)
+            raise DatabaseUnavailable("the listener's connection was closed")
+        finally:
+            con.terminate()  # close() could wait on a dead socket
+
+    def _notified(
+        self, _con: queries.Connection, _pid: int, _channel: str, payload: object
+    ) -> None:
+        try:
+            self._on_notice(str(payload))
+        except Exception:
+            log.exception("handling auth notification %r failed", payload)

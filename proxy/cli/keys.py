@@ -1,0 +1,149 @@
+"""Admin commands for API keys: create, list, revoke and rotate."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import click
+
+from proxy.auth.apikeys import KEY_ID_RE, KEY_PREFIX, KeyHasher, NewKey, generate_key
+from proxy.cli.support import Duration, print_json, print_table, run_db, state, username_arg
+from proxy.db import queries
+from proxy.settings import Settings
+
+
+async def issue_key(
+    con: asyncpg.Connection, user_id: int, label: str | None, expires_in: timedelta | None
+) -> NewKey:
+    """Make a key and store only its id and argon2id hash."""
+    key = generate_key()
+    expires_at = datetime.now(UTC) + expires_in if expires_in else None
+    secret_hash = KeyHasher().hash(key.secret)
+    await queries.insert_key(con, user_id, key.key_id, secret_hash, label, expires_at)
+    return key
+
+
+def announce_key(settings: Settings, username: str, key: NewKey) -> None:
+    """Print the full key: the only time it is ever shown."""
+    host = "localhost" if settings.proxy_host in {"0.0.0.0", "::"} else settings.proxy_host  # noqa: S104
+    full = key.full.reveal()
+    click.echo(f"API key for {username} (key id {key.key_id}); it is shown only this once:")
+    click.echo(f"  {full}")
+    click.echo("Try it:")
+    click.echo(
+        f"  curl http://{host}:{settings.proxy_port}/v1/chat/completions "
+        f'-H "Authorization: Bearer {full}" -H "Content-Type: application/json" '
+        """-d '{"messages": [{"role": "user", "content": "Hello!"}]}'"""
+    )
+
+
+def key_id_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """Accept the bare key id or the `lgk_<id>` form that list-keys users copy."""
+    key_id = value.strip().removeprefix(KEY_PREFIX)
+    if not KEY_ID_RE.match(key_id):
+        raise click.BadParameter(f"{value!r} is not a key id: it is 16 hex digits (see list-keys)")
+    return key_id
+
+
+@click.command("create-key")
+@click.option("--username", required=True, callback=username_arg, help="Owner of the new key.")
+@click.option("--label", help="A note to tell keys apart, e.g. the laptop it lives on.")
+@click.option("--expires-in", type=Duration(), help="Expire the key after this long (e.g. 90d).")
+def create_key(username: str, label: str | None, expires_in: timedelta | None) -> None:
+    """Give a user another API key (users may hold several).
+
+    The full key is printed once; only its hash is stored.
+
+    Example:
+
+        llama-gate create-key --username alice --label laptop --expires-in 90d
+    """
+
+    async def work(con: asyncpg.Connection) -> NewKey:
+        user = await queries.get_user(con, username)
+        if user is None:
+            raise click.ClickException(f"no user named {username!r} (see list-users)")
+        return await issue_key(con, user["id"], label, expires_in)
+
+    announce_key(state().settings(), username, run_db(work))
+
+
+@click.command("list-keys")
+@click.option("--username", callback=username_arg, help="Only this user's keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_keys(username: str | None, as_json: bool) -> None:
+    """List API keys by key id (never the secret), with state and last use.
+
+    Example:
+
+        llama-gate list-keys --username alice
+    """
+    rows = run_db(lambda con: queries.list_keys(con, username))
+    if as_json:
+        print_json(rows)
+    else:
+        columns = ["key_id", "username", "label", "state", "created_at", "last_used_at"]
+        print_table(rows, [*columns, "expires_at", "revoked_at"])
+
+
+@click.command("revoke-key")
+@click.argument("key_id", callback=key_id_arg)
+def revoke_key(key_id: str) -> None:
+    """Revoke the key KEY_ID at once (as shown by list-keys).
+
+    Running proxies stop accepting it within a second.
+
+    Example:
+
+        llama-gate revoke-key 3f9a0c1d2e4b5a69
+    """
+
+    async def work(con: asyncpg.Connection) -> bool:
+        if await queries.get_key_owner(con, key_id) is None:
+            raise click.ClickException(f"no key with id {key_id!r} (see list-keys)")
+        return await queries.revoke_key(con, key_id)
+
+    if run_db(work):
+        click.echo(f"Revoked key {key_id}.")
+    else:
+        click.echo(f"Key {key_id} was already revoked.")
+
+
+@click.command("rotate-key")
+@click.argument("key_id", callback=key_id_arg)
+@click.option(
+    "--grace",
+    type=Duration(),
+    default="0s",
+    show_default=True,
+    help="Keep the old key working this long (e.g. 1h) so clients can switch without downtime.",
+)
+@click.option("--expires-in", type=Duration(), help="Expire the new key after this long.")
+def rotate_key(key_id: str, grace: timedelta, expires_in: timedelta | None) -> None:
+    """Replace the key KEY_ID with a new key for the same user.
+
+    The old key is revoked at once, or after --grace.
+
+    Example:
+
+        llama-gate rotate-key 3f9a0c1d2e4b5a69 --grace 24h
+    """
+
+    async def work(con: asyncpg.Connection) -> tuple[str, NewKey]:
+        async with con.transaction():
+            old = await queries.get_key_owner(con, key_id)
+            if old is None:
+                raise click.ClickException(f"no key with id {key_id!r} (see list-keys)")
+            if old["revoked_at"] is not None and old["revoked_at"] <= datetime.now(UTC):
+                raise click.ClickException(
+                    f"key {key_id} is already revoked; make a fresh one with create-key"
+                )
+            new = await issue_key(con, old["user_id"], old["label"], expires_in)
+            await queries.revoke_key(con, key_id, after=grace)
+            return old["username"], new
+
+    username, new = run_db(work)
+    when = "now" if not grace else f"in {grace}"
+    click.echo(f"Old key {key_id} stops working {when}.")
+    announce_key(state().settings(), username, new)

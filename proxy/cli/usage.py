@@ -1,0 +1,98 @@
+"""Admin commands over the audit log: the daily usage view and retention."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+import click
+
+from proxy.cli.support import Duration, SinceDate, print_json, print_table, run_db, username_arg
+from proxy.db import queries
+
+PRUNE_BATCH_SIZE = 5000
+
+
+@click.command("usage")
+@click.option("--user", "username", callback=username_arg, help="Only this user.")
+@click.option(
+    "--since",
+    type=SinceDate(),
+    default="30d",
+    show_default=True,
+    help="First day (UTC) to show: a date like 2026-11-01 or a duration back like 7d.",
+)
+@click.option(
+    "--quotas",
+    "only_quotas",
+    is_flag=True,
+    help="Show only token use against quotas: today (UTC) and the last minute.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def usage(username: str | None, since: date, only_quotas: bool, as_json: bool) -> None:
+    """Requests, errors, tokens, bytes and latency per user per day (the llama_usage_daily view),
+    then each user's tokens today and in the last minute against their token quotas.
+
+    Rows with no username are requests that failed authentication. Quota rows list users with
+    a quota (or the --user given); tokens reach the log about a second after a request ends.
+
+    Example:
+
+        llama-gate usage --user alice --since 7d
+    """
+    now = datetime.now(UTC)
+    day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    minute_start = now - timedelta(minutes=1)
+
+    async def work(con: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+        daily = [] if only_quotas else await queries.usage_daily(con, since, username)
+        quotas = await queries.quota_usage(con, day_start, minute_start, username)
+        return daily, quotas
+
+    daily, quotas = run_db(work)
+    if as_json:
+        print_json(quotas if only_quotas else daily)
+        return
+    if not only_quotas:
+        columns = ["day", "username", "requests", "errors", "prompt_tokens", "completion_tokens"]
+        print_table(daily, [*columns, "bytes_in", "bytes_out", "p50_ms", "p95_ms"])
+        if not quotas:
+            return
+        click.echo(f"\nToken quotas, today ({day_start:%Y-%m-%d} UTC) and the last minute:")
+    print_table(
+        quotas,
+        ["username", "tokens_today", "tokens_per_day", "tokens_last_minute", "tokens_per_minute"],
+    )
+
+
+@click.command("prune-logs")
+@click.option(
+    "--older-than",
+    type=Duration(),
+    required=True,
+    help="Delete llama_requests rows older than this, e.g. 90d.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=PRUNE_BATCH_SIZE,
+    show_default=True,
+    help="Rows deleted per statement; small batches never lock the table for long.",
+)
+def prune_logs(older_than: timedelta, batch_size: int) -> None:
+    """Delete old audit rows in small batches (retention).
+
+    Example:
+
+        llama-gate prune-logs --older-than 90d
+    """
+    cutoff = datetime.now(UTC) - older_than
+
+    async def work(con: asyncpg.Connection) -> int:
+        total = 0
+        while deleted := await queries.prune_requests_batch(con, cutoff, batch_size):
+            total += deleted
+        return total
+
+    total = run_db(work)
+    click.echo(f"Deleted {total} llama_requests rows from before {cutoff:%Y-%m-%d %H:%M} UTC.")

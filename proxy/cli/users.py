@@ -1,0 +1,218 @@
+"""Admin commands for users: create, list, enable/disable, delete, and per-user limits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import click
+
+from proxy.auth.apikeys import NewKey
+from proxy.cli.keys import announce_key, issue_key
+from proxy.cli.support import Duration, print_json, print_table, run_db, state, username_arg
+from proxy.db import queries
+from proxy.settings import Settings
+
+_POSITIVE = click.IntRange(min=1)
+
+
+@click.command("create-user")
+@click.option("--username", required=True, callback=username_arg, help="1-64 of a-z 0-9 . _ -")
+@click.option("--rate-limit", type=_POSITIVE, help="Requests per window (default: global).")
+@click.option("--window", type=_POSITIVE, help="Window length in seconds (default: global).")
+@click.option("--label", help="A note for the first key.")
+@click.option("--expires-in", type=Duration(), help="Expire the first key after this long.")
+def create_user(
+    username: str,
+    rate_limit: int | None,
+    window: int | None,
+    label: str | None,
+    expires_in: timedelta | None,
+) -> None:
+    """Create a user with a first API key, printed once along with a curl line to try it.
+
+    Usernames are case-insensitive and stored lower-case.
+
+    Example:
+
+        llama-gate create-user --username alice --rate-limit 120 --window 60
+    """
+
+    async def work(con: asyncpg.Connection) -> NewKey:
+        async with con.transaction():
+            try:
+                user = await queries.create_user(con, username, rate_limit, window)
+            except queries.DuplicateUser:
+                raise click.ClickException(
+                    f"user {username!r} already exists; give them another key with "
+                    f"`llama-gate create-key --username {username}`"
+                ) from None
+            return await issue_key(con, user["id"], label, expires_in)
+
+    key = run_db(work)
+    settings = state().settings()
+    limit = rate_limit or settings.rate_limit
+    seconds = window or settings.rate_window_seconds
+    click.echo(f"Created user {username} (at most {limit} requests per {seconds} s).")
+    announce_key(settings, username, key)
+
+
+@click.command("list-users")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_users(as_json: bool) -> None:
+    """List users with their limits, number of usable keys and last use.
+
+    A dash is no override: the proxy's setting applies (for token quotas: none).
+
+    Example:
+
+        llama-gate list-users --json
+    """
+    rows = run_db(queries.list_users)
+    if as_json:
+        print_json(rows)
+    else:
+        columns = ["username", "enabled", "rate_limit", "rate_window_seconds", "max_concurrent"]
+        quotas = ["max_tokens", "tokens_per_day", "tokens_per_minute", "active_keys"]
+        print_table(rows, [*columns, *quotas, "last_used_at", "created_at"])
+
+
+def _set_enabled(username: str, enabled: bool) -> None:
+    if not run_db(lambda con: queries.set_user_enabled(con, username, enabled)):
+        raise click.ClickException(f"no user named {username!r} (see list-users)")
+
+
+@click.command("disable-user")
+@click.option("--username", required=True, callback=username_arg)
+def disable_user(username: str) -> None:
+    """Stop a user's keys from working, keeping the user and keys for later.
+
+    Example:
+
+        llama-gate disable-user --username alice
+    """
+    _set_enabled(username, False)
+    click.echo(f"Disabled {username}; their keys are refused until enable-user.")
+
+
+@click.command("enable-user")
+@click.option("--username", required=True, callback=username_arg)
+def enable_user(username: str) -> None:
+    """Let a disabled user's keys work again.
+
+    Example:
+
+        llama-gate enable-user --username alice
+    """
+    _set_enabled(username, True)
+    click.echo(f"Enabled {username}.")
+
+
+@click.command("delete-user")
+@click.option("--username", required=True, callback=username_arg)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def delete_user(username: str, yes: bool) -> None:
+    """Delete a user and all their keys. Their audit rows stay, with the username.
+
+    Example:
+
+        llama-gate delete-user --username alice --yes
+    """
+    if not yes:
+        click.confirm(f"Delete user {username} and all their keys?", abort=True)
+    if not run_db(lambda con: queries.delete_user(con, username)):
+        raise click.ClickException(f"no user named {username!r} (see list-users)")
+    click.echo(f"Deleted {username}; their llama_requests rows are kept.")
+
+
+class _Override(click.ParamType[int]):
+    """A positive whole number, or `default` (also `none`) to drop the override: 0 then."""
+
+    name = "N|default"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text in {"default", "none"}:
+            return 0
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        self.fail(f"{value!r} is neither a whole number above 0 nor 'default'", param, ctx)
+
+
+_OVERRIDE = _Override()
+
+
+@click.command("set-limit")
+@click.option("--username", required=True, callback=username_arg)
+@click.option("--rate-limit", type=_OVERRIDE, help="Requests admitted per window.")
+@click.option("--window", type=_OVERRIDE, help="Rate window length in seconds.")
+@click.option(
+    "--max-concurrent",
+    type=_OVERRIDE,
+    help="Requests the user may have in flight or queued at once (more get 429).",
+)
+@click.option(
+    "--max-tokens",
+    type=_OVERRIDE,
+    help="Cap on one request's max_tokens; a request asking for more, or none, gets this.",
+)
+@click.option(
+    "--tokens-per-day",
+    type=_OVERRIDE,
+    help="Token quota (prompt + completion) per UTC day; 'none' removes it.",
+)
+@click.option(
+    "--tokens-per-minute",
+    type=_OVERRIDE,
+    help="Token quota (prompt + completion) per rolling minute; 'none' removes it.",
+)
+@click.option("--default", "use_default", is_flag=True, help="Drop every override: use the global.")
+def set_limit(username: str, use_default: bool, **given: int | None) -> None:
+    """Set a user's own limits: rate limit, concurrency, max_tokens cap and token quotas.
+
+    Options left out keep their current value; an option given as `default` (or `none`) drops
+    that override, and --default drops them all. Without an override a user gets the proxy's
+    settings (LLAMA_PROXY_RATE_LIMIT, LLAMA_PROXY_RATE_WINDOW_SECONDS,
+    LLAMA_PROXY_MAX_CONCURRENT, MAX_TOKENS_HARD_CAP) and no token quota. Quotas count the
+    tokens in llama_requests; proxies apply a change within a second.
+
+    Example:
+
+    \b
+        llama-gate set-limit --username alice --rate-limit 10 --window 60
+        llama-gate set-limit --username alice --tokens-per-day 200000 --max-tokens none
+    """
+    chosen = {name: value for name, value in given.items() if value is not None}
+    if use_default and chosen:
+        raise click.UsageError("--default cannot be combined with other limits")
+    if not use_default and not chosen:
+        raise click.UsageError("give at least one limit to set, or --default")
+    columns = {"window": "rate_window_seconds"}
+    if use_default:
+        limits: dict[str, int | None] = dict.fromkeys(queries.LIMIT_COLUMNS)
+    else:
+        limits = {columns.get(name, name): value or None for name, value in chosen.items()}
+    row = run_db(lambda con: queries.set_user_limits(con, username, limits))
+    if row is None:
+        raise click.ClickException(f"no user named {username!r} (see list-users)")
+    click.echo(f"{username}: {describe_limits(row, state().settings())}.")
+
+
+def describe_limits(user: Mapping[str, Any] | asyncpg.Record, settings: Settings) -> str:
+    """A user's limits in effect, overrides and settings combined, as one line."""
+    quotas = [
+        f"{user[column]} per {per}"
+        for column, per in (("tokens_per_day", "day (UTC)"), ("tokens_per_minute", "minute"))
+        if user[column] is not None
+    ]
+    return (
+        f"at most {user['rate_limit'] or settings.rate_limit} requests per "
+        f"{user['rate_window_seconds'] or settings.rate_window_seconds} s, "
+        f"{user['max_concurrent'] or settings.max_concurrent} at once (in flight or queued), "
+        f"max_tokens {user['max_tokens'] or settings.max_tokens_hard_cap}, "
+        + ("token quota " + " and ".join(quotas) if quotas else "no token quota")
+    )

@@ -1,0 +1,1 @@
+"""Postgres: the pool, all runtime SQL, the schema, its migrations and a local server."""

@@ -1,0 +1,175 @@
+"""The Postgres schema as SQLAlchemy Core metadata: alembic migrates from it; nothing else does.
+
+Runtime queries are hand-written asyncpg SQL in `proxy.db.queries`; this module only describes
+tables.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+USERNAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    # Stored lower-cased and checked, so uniqueness is case-insensitive without citext.
+    Column("username", Text, nullable=False, unique=True),
+    Column("enabled", Boolean, nullable=False, server_default=text("true")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("rate_limit", Integer, nullable=True),
+    Column("rate_window_seconds", Integer, nullable=True),
+    CheckConstraint(f"username ~ '{USERNAME_PATTERN}'", name="username_format"),
+    CheckConstraint("rate_limit IS NULL OR rate_limit > 0", name="rate_limit_positive"),
+    CheckConstraint(
+        "rate_window_seconds IS NULL OR rate_window_seconds > 0", name="rate_window_positive"
+    ),
+    # Per-user overrides of LLAMA_PROXY_MAX_CONCURRENT and MAX_TOKENS_HARD_CAP (NULL: the
+    # setting), and token quotas (NULL: none).
+    Column("max_concurrent", Integer, nullable=True),
+    Column("max_tokens", Integer, nullable=True),
+    Column("tokens_per_day", Integer, nullable=True),
+    Column("tokens_per_minute", Integer, nullable=True),
+    *(
+        CheckConstraint(f"{column} IS NULL OR {column} > 0", name=f"{column}_positive")
+        for column in ("max_concurrent", "max_tokens", "tokens_per_day", "tokens_per_minute")
+    ),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column(
+        "user_id",
+        BigInteger,
+        ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    # The public half of a key: what lookups use and what may appear in logs.
+    Column("key_id", Text, nullable=False, unique=True),
+    Column("secret_hash", Text, nullable=False),
+    Column("label", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
+# One row per admitted request inside the longest rate window, pruned by `llama_gate_admit` (a
+# plpgsql function of migration 0002, as are the auth-invalidation triggers). UNLOGGED: after a
+# crash it restarts empty, which forgets at most one window of history and saves the WAL.
+rate_admissions = Table(
+    "rate_admissions",
+    metadata,
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("admitted_at", DateTime(timezone=True), nullable=False),
+    Index("ix_rate_admissions_user_id_admitted_at", "user_id", "admitted_at"),
+    prefixes=["UNLOGGED"],
+)
+
+# Each user's count of rate_admissions, kept by llama_gate_admit so no decision counts rows.
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("admissions", Integer, nullable=False),
+    prefixes=["UNLOGGED"],
+)
+
+# One row per audit batch written, in the same transaction as the batch's rows: a batch retried
+# after an ambiguous failure, or replayed from a spill file, is recognised and written once.
+llama_audit_batches = Table(
+    "llama_audit_batches",
+    metadata,
+    Column("batch_id", Uuid, primary_key=True),
+    Column("written_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("row_count", Integer, nullable=False),
+    Index("ix_llama_audit_batches_written_at", "written_at"),
+)
+
+# The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that
+# "per user per day, last 30 days" reads only the rows it reports on.
+USAGE_DAY = "((created_at AT TIME ZONE 'UTC')::date)"
+
+llama_requests = Table(
+    "llama_requests",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("request_id", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # No foreign key: a row written after its user was deleted (a request still running then)
+    # must not be refused, and the audit trail outlives the account anyway (it keeps username).
+    Column("user_id", BigInteger, nullable=True),
+    Column("username", Text, nullable=True),
+    Column("key_id", Text, nullable=True),
+    Column("method", Text, nullable=True),
+    Column("path", Text, nullable=False),
+    Column("model", Text, nullable=True),
+    Column("stream", Boolean, nullable=True),
+    Column("status_code", Integer, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("ttfb_ms", Float, nullable=True),
+    Column("queue_ms", Float, nullable=True),
+    Column("request_bytes", BigInteger, nullable=False, server_default=text("0")),
+    Column("response_bytes", BigInteger, nullable=False, server_default=text("0")),
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("completion_tokens", Integer, nullable=True),
+    Column("client_addr", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Index("ix_llama_requests_created_at", "created_at"),
+    Index("ix_llama_requests_username_created_at", "username", "created_at"),
+    Index("ix_llama_requests_day_username", text(USAGE_DAY), "username"),
+    # Token quotas: one user's tokens since a moment, often without reading the table itself.
+    Index(
+        "ix_llama_requests_user_id_created_at",
+        "user_id",
+        "created_at",
+        postgresql_include=["prompt_tokens", "completion_tokens"],
+    ),
+)
+
+USAGE_DAILY_VIEW = f"""
+CREATE VIEW llama_usage_daily AS
+SELECT {USAGE_DAY} AS day,
+       username,
+       count(*) AS requests,
+       count(*) FILTER (WHERE status_code >= 400) AS errors,
+       coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+       coalesce(sum(completion_tokens), 0) AS completion_tokens,
+       coalesce(sum(request_bytes), 0) AS bytes_in,
+       coalesce(sum(response_bytes), 0) AS bytes_out,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms)::numeric, 1) AS p50_ms,
+       round(percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)::numeric, 1) AS p95_ms
+FROM llama_requests
+GROUP BY 1, 2
+"""

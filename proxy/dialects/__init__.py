@@ -1,0 +1,1 @@
+"""The APIs clients speak (OpenAI, ...), each translated onto the same pipeline."""

@@ -1,0 +1,186 @@
+"""Per-user token quotas: tokens (prompt + completion) per UTC day and per rolling minute.
+
+The count is what the audit log holds: `llama_requests` rows of the user, streamed ones included,
+each counted in the day and minute its request began. Users without a quota cost nothing here.
+For a user with one, a process asks Postgres at most every `cache_seconds` (one index range scan,
+see `queries.user_tokens`), and meanwhile adds the requests it finished itself whose rows are not
+in the database yet (the audit writer batches them, so they arrive within about a second). So
+this process's own use counts at once, and other processes' use within `cache_seconds` plus the
+audit delay. A request is refused only on figures re-read just before.
+
+A request is admitted while the user is under quota, and its tokens are known only when it ends,
+so a user can overshoot by what the requests already admitted then use: at most their concurrency
+cap times (prompt + max_tokens). While Postgres is unreachable the last figures plus this process's
+own use decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+from proxy.auth.cache import Principal
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable
+from proxy.db.pool import Database
+from proxy.db.queries import TokenTotals
+from proxy.errors import TokenQuotaExceeded
+from proxy.limits.ratelimit import format_duration
+from proxy.pipeline.records import RequestRecord
+
+log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 2.0
+RECHECK_SECONDS = 0.25  # before refusing, figures older than this are read again
+MINUTE = timedelta(seconds=60)
+_NOTHING = TokenTotals(0, 0, None, frozenset())
+
+
+@dataclass(frozen=True)
+class _Use:
+    request_id: str
+    started_at: datetime
+    tokens: int
+
+
+@dataclass(eq=False)
+class _Ledger:
+    """One user's figures: the database's, plus uses finished here that it may not show yet."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    totals: TokenTotals = _NOTHING
+    read_at: float | None = None  # monotonic
+    read_day: date | None = None
+    recent: list[_Use] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    per: str  # "day" or "minute"
+    limit: int
+    used: int
+    reset_ms: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+def _day_start(now: datetime) -> datetime:
+    return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+class TokenQuotas:
+    def __init__(
+        self,
+        database: Database,
+        cache_seconds: float = CACHE_SECONDS,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._db = database
+        self._cache_seconds = cache_seconds
+        self._clock = clock
+        self._timer = timer
+        self._ledgers: dict[int, _Ledger] = {}  # only users with a quota who sent requests
+        self._degraded = False
+
+    def observe(self, record: RequestRecord) -> None:
+        """Completion hook: count a finished request here until its audit row is readable."""
+        ledger = self._ledgers.get(record.user_id) if record.user_id is not None else None
+        tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        if ledger is not None and tokens > 0:
+            ledger.recent.append(_Use(record.request_id, record.started_at, tokens))
+
+    async def admit(self, principal: Principal) -> dict[str, str]:
+        """The `x-ratelimit-*-tokens` headers, or `TokenQuotaExceeded` for a user over quota."""
+        if principal.tokens_per_day is None and principal.tokens_per_minute is None:
+            return {}
+        ledger = self._ledgers.setdefault(principal.user_id, _Ledger())
+        await self._refresh(principal.user_id, ledger, self._cache_seconds)
+        verdicts = self._verdicts(principal, ledger)
+        if any(v.remaining == 0 for v in verdicts):
+            await self._refresh(principal.user_id, ledger, RECHECK_SECONDS)
+            verdicts = self._verdicts(principal, ledger)
+        exhausted = [v for v in verdicts if v.remaining == 0]
+        if exhausted:
+            worst = max(exhausted, key=lambda v: v.reset_ms)
+            raise TokenQuotaExceeded(
+                worst.per, worst.used, worst.limit, worst.reset_ms, _headers(worst)
+            )
+        return _headers(min(verdicts, key=lambda v: v.remaining))
+
+    async def _refresh(self, user_id: int, ledger: _Ledger, max_age: float) -> None:
+        async with ledger.lock:  # one read at a time, so an older answer never replaces a newer
+            now = self._clock()
+            day_start = _day_start(now)
+            if not self._stale(ledger, now, max_age):
+                return
+            recent = list(ledger.recent)
+            since = min((u.started_at for u in recent), default=now)
+            try:
+                ids = [u.request_id for u in recent]
+                totals = await self._db.run(
+                    lambda con: queries.user_tokens(
+                        con, user_id, day_start, now - MINUTE, ids, since
+                    )
+                )
+            except DatabaseUnavailable:
+                if not self._degraded:
+                    self._degraded = True
+                    log.warning("token quotas use the last known figures until Postgres returns")
+                return
+            self._degraded = False
+            ledger.totals, ledger.read_at, ledger.read_day = totals, self._timer(), now.date()
+            # Uses now in the database are in `totals`; uses past both windows count nowhere.
+            horizon = min(day_start, now - MINUTE)
+            ledger.recent = [
+                u
+                for u in ledger.recent
+                if u.request_id not in totals.seen and u.started_at >= horizon
+            ]
+
+    def _stale(self, ledger: _Ledger, now: datetime, max_age: float) -> bool:
+        if ledger.read_at is None or self._timer() - ledger.read_at > max_age:
+            return True
+        if ledger.read_day != now.astimezone(UTC).date():
+            return True  # a new day: yesterday's total no longer counts
+        oldest = ledger.totals.minute_oldest
+        return oldest is not None and oldest <= now - MINUTE  # the minute's total went down
+
+    def _verdicts(self, principal: Principal, ledger: _Ledger) -> list[_Verdict]:
+        now = self._clock()
+        verdicts = []
+        if principal.tokens_per_day is not None:
+            day_start = _day_start(now)
+            used = ledger.totals.day + sum(
+                u.tokens for u in ledger.recent if u.started_at >= day_start
+            )
+            reset = day_start + timedelta(days=1) - now if used else timedelta(0)
+            verdicts.append(_Verdict("day", principal.tokens_per_day, used, _ms(reset)))
+        if principal.tokens_per_minute is not None:
+            window = [u for u in ledger.recent if u.started_at > now - MINUTE]
+            used = ledger.totals.minute + sum(u.tokens for u in window)
+            starts = [u.started_at for u in window]
+            if ledger.totals.minute_oldest is not None:
+                starts.append(ledger.totals.minute_oldest)
+            reset = min(starts) + MINUTE - now if starts else timedelta(0)
+            verdicts.append(_Verdict("minute", principal.tokens_per_minute, used, _ms(reset)))
+        return verdicts
+
+
+def _ms(delta: timedelta) -> int:
+    return max(0, int(delta.total_seconds() * 1000))
+
+
+def _headers(verdict: _Verdict) -> dict[str, str]:
+    """OpenAI's token headers, for whichever quota has the fewest tokens left."""
+    return {
+        "x-ratelimit-limit-tokens": str(verdict.limit),
+        "x-ratelimit-remaining-tokens": str(verdict.remaining),
+        "x-ratelimit-reset-tokens": format_duration(verdict.reset_ms),
+    }

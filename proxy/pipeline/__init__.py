@@ -1,0 +1,1 @@
+"""One request's straight walk: route table, authentication, admission, forwarding, outcome, row."""

@@ -1,0 +1,1 @@
+"""The backends: choosing one fairly, forwarding to it, and reading what it answers."""

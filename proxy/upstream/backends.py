@@ -1,0 +1,349 @@
+"""Where requests go: the backends, their health, and a fair turn at one for each request.
+
+`Backends.acquire` is held for the whole exchange, stream included. Each backend serves at most
+`slots` requests at once (llama_cpp.server generates for one at a time); the others wait in per-user
+queues served round-robin (`proxy.upstream.fairqueue`), and their wait is `record.queue_ms`. There
+is one queue for all backends, so a free slot anywhere goes to the next eligible request: nobody
+waits behind a busy backend while another idles. A request goes to a backend that is up and serves
+its model; among free ones, the least loaded.
+
+Health comes from each backend's `/health` every `probe_interval` seconds (see
+`proxy.upstream.probes`), and from requests: a backend that refuses a connection is out until a
+probe finds it back. The queues and the per-user concurrency cap are this process's own; with
+several proxy processes each keeps its own (rate limits and token quotas are shared through
+Postgres).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Collection, Hashable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from proxy.errors import QueueTimeout, TooManyConcurrent, UpstreamError
+from proxy.pipeline.records import RequestRecord
+from proxy.settings import Secret, Settings
+from proxy.upstream.fairqueue import FairQueue
+from proxy.upstream.probes import Health, probe_health
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL_SECONDS = 2.0
+_SERVICE_SMOOTHING = 0.2  # weight of the newest request in the mean time a slot is held
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    host: str
+    port: int
+    api_key: Secret  # the internal backend key: only the proxy can use the backend
+    scheme: str = "http"
+
+    @classmethod
+    def from_url(cls, url: str, api_key: Secret) -> Upstream:
+        """A backend at `http[s]://host[:port]`, named by its host and port."""
+        parts = urlsplit(url)
+        assert parts.hostname is not None  # settings accept only URLs with a host
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.netloc, parts.hostname, port, api_key, parts.scheme)
+
+    def url(self, path: str, raw_query: str) -> URL:
+        """The backend's URL for a decoded `path` (quoted here) and the client's raw query."""
+        return URL.build(
+            scheme=self.scheme,
+            host=self.host,
+            port=self.port,
+            path=URL.build(path=path).raw_path,
+            query_string=raw_query,
+            encoded=True,
+        )
+
+
+@dataclass(eq=False)
+class _Backend:
+    upstream: Upstream
+    slots: int
+    in_flight: int = 0
+    health: Health = field(default_factory=Health)  # up until a probe says otherwise
+
+
+@dataclass(eq=False)
+class _Waiter:
+    user: Hashable
+    model: str | None
+    avoid: frozenset[str]  # backends that refused this request's connection
+    future: asyncio.Future[_Backend]
+
+
+class Backends:
+    """Chooses a backend for each request and hands out its slots fairly."""
+
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        slots: int = 1,
+        max_concurrent: int = 4,
+        queue_timeout: float = 300.0,
+        probe_interval: float = PROBE_INTERVAL_SECONDS,
+        probe_timeout: float = 5.0,
+    ) -> None:
+        if not upstreams:
+            raise ValueError("at least one backend is needed")
+        self._upstreams = tuple(upstreams)
+        self._backends = {u.name: _Backend(u, slots) for u in upstreams}
+        self._queue: FairQueue[_Waiter] = FairQueue()
+        self._max_concurrent = max_concurrent
+        self._queue_timeout = queue_timeout
+        self._probe_interval = probe_interval
+        self._probe_timeout = probe_timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._held_seconds = 1.0  # mean time a request holds a slot, for Retry-After
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Backends:
+        key = settings.server_api_key
+        if settings.server_urls:
+            upstreams = [Upstream.from_url(url, key) for url in settings.server_urls]
+        else:
+            upstreams = [Upstream("default", settings.server_host, settings.server_port, key)]
+        return cls(
+            upstreams,
+            slots=settings.backend_slots,
+            max_concurrent=settings.max_concurrent,
+            queue_timeout=float(settings.queue_timeout_seconds),
+            probe_timeout=float(settings.connect_timeout_seconds),
+        )
+
+    @property
+    def upstreams(self) -> tuple[Upstream, ...]:
+        return self._upstreams
+
+    # -- read-only figures, for metrics and tests -------------------------------------------
+
+    def in_flight(self, name: str) -> int:
+        """Requests holding one of backend `name`'s slots."""
+        return self._backends[name].in_flight
+
+    def queued(self, name: str | None = None) -> int:
+        """Requests waiting that backend `name` could serve (all waiting ones for None).
+
+        A request that several backends could serve counts for each of them.
+        """
+        if name is None:
+            return len(self._queue)
+        backend = self._backends[name]
+        return sum(1 for w in self._queue.waiting() if self._serves(backend, w.model, w.avoid))
+
+    def is_up(self, name: str) -> bool:
+        return self._backends[name].health.up
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def check_room(self, record: RequestRecord, max_concurrent: int | None = None) -> None:
+        """Raise `TooManyConcurrent` if the user already has their cap in flight or queued."""
+        cap = max_concurrent or self._max_concurrent
+        if self._queue.held(record.user_id) >= cap:
+            raise TooManyConcurrent(cap)
+
+    @asynccontextmanager
+    async def acquire(
+        self,
+        record: RequestRecord,
+        max_concurrent: int | None = None,
+        avoid: Collection[str] = (),
+    ) -> AsyncIterator[Upstream]:
+        """Hold a slot of a backend for one request, after a fair wait for one.
+
+        `record` says who asks and for which model; `max_concurrent` is the user's own cap;
+        `avoid` names backends that already refused this request, which then keeps its place
+        at the front of the user's queue.
+        """
+        self.check_room(record, max_concurrent)
+        user = record.user_id
+        self._queue.hold(user)
+        started = time.monotonic()
+        try:
+            backend = await self._turn(user, record, frozenset(avoid))
+        except BaseException:
+            self._queue.release(user)
+            raise
+        finally:
+            record.queue_ms = (record.queue_ms or 0.0) + (time.monotonic() - started) * 1000.0
+        record.upstream = backend.upstream.name
+        granted = time.monotonic()
+        try:
+            yield backend.upstream
+        finally:
+            held = time.monotonic() - granted
+            self._held_seconds += _SERVICE_SMOOTHING * (held - self._held_seconds)
+            self._queue.release(user)
+            self._give_back(backend)
+
+    async def _turn(self, user: Hashable, record: RequestRecord, avoid: frozenset[str]) -> _Backend:
+        model = record.model
+        free = [
+            b
+            for b in self._backends.values()
+            if b.in_flight < b.slots and self._serves(b, model, avoid)
+        ]
+        if free:
+            # Nobody waits for a free slot (every release hands it on), so no one is passed over.
+            backend = min(free, key=lambda b: b.in_flight / b.slots)
+            backend.in_flight += 1
+            self._queue.served(user)
+            return backend
+        if not any(self._serves(b, model, avoid) for b in self._backends.values()):
+            raise self._unavailable(model)
+        waiter = _Waiter(user, model, avoid, asyncio.get_running_loop().create_future())
+        self._queue.push(user, waiter, front=bool(avoid))
+        budget = max(0.0, self._queue_timeout - (record.queue_ms or 0.0) / 1000.0)
+        try:
+            async with asyncio.timeout(budget):
+                return await waiter.future
+        except BaseException as exc:
+            granted = waiter.future
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
+                self._give_back(granted.result())  # the turn came as the client left
+            else:
+                self._queue.remove(user, waiter)  # at once: a departed client holds no place
+            if isinstance(exc, TimeoutError):
+                raise QueueTimeout(self._queue_timeout, self._retry_after()) from None
+            raise
+
+    def _give_back(self, backend: _Backend) -> None:
+        backend.in_flight -= 1
+        self._dispatch(backend)
+
+    def _dispatch(self, backend: _Backend) -> None:
+        """Hand `backend`'s free slots to the next eligible waiters, fairly."""
+        while backend.in_flight < backend.slots and backend.health.up:
+            waiter = self._queue.pop(
+                lambda w: not w.future.done() and self._serves(backend, w.model, w.avoid)
+            )
+            if waiter is None:
+                return
+            backend.in_flight += 1
+            waiter.future.set_result(backend)
+
+    def _retry_after(self) -> int:
+        slots = sum(b.slots for b in self._backends.values() if b.health.up) or 1
+        estimate = math.ceil(self._held_seconds * (len(self._queue) + 1) / slots)
+        return max(1, min(estimate, math.ceil(self._queue_timeout)))
+
+    # -- which backend serves what -------------------------------------------------------------
+
+    def _serves(self, backend: _Backend, model: str | None, avoid: frozenset[str]) -> bool:
+        health = backend.health
+        if not health.up or backend.upstream.name in avoid:
+            return False
+        if health.models is None:
+            return True  # it did not say what it serves: it gets anything
+        if model is None:
+            # A request naming no model gets the first backend's default wherever it goes, so
+            # the answer does not depend on which backend was free.
+            default = self._default_model()
+            return default is None or health.default == default
+        if model in health.models:
+            return True
+        # Nobody lists it: any backend may answer, with its own 404 for a model it lacks.
+        return not any(
+            b.health.models is not None and model in b.health.models
+            for b in self._backends.values()
+        )
+
+    def _default_model(self) -> str | None:
+        """The default model of the first backend (in configured order) that has named one."""
+        return next((b.health.default for b in self._backends.values() if b.health.default), None)
+
+    def _unavailable(self, model: str | None) -> UpstreamError:
+        serving = f" serving {model!r}" if model and len(self._backends) > 1 else ""
+        return UpstreamError(
+            503,
+            f"The model server is not reachable: no backend{serving} is up right now. "
+            "Try again shortly.",
+        )
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def report(self, name: str, health: Health) -> None:
+        """Take in what a probe (or a refused connection) says about backend `name`."""
+        backend = self._backends[name]
+        before = backend.health
+        if not health.up:  # keep what it serves, for routing its models elsewhere meanwhile
+            health = Health(health.problem, before.models, before.default)
+        backend.health = health
+        if before.up and not health.up:
+            log.warning("backend %s is out: %s", name, health.problem)
+            self._fail_stranded()
+        elif health.up and not before.up:
+            log.warning("backend %s is back in", name)
+        if health.up:
+            self._dispatch(backend)
+
+    def refused(self, upstream: Upstream, reason: str) -> None:
+        """A request could not connect to `upstream`: out until a probe finds it up again."""
+        self.report(upstream.name, Health(f"refused a request ({reason})"))
+
+    def _fail_stranded(self) -> None:
+        """Answer at once the waiters that no backend still up can serve."""
+        backends = self._backends.values()
+        for waiter in list(self._queue.waiting()):
+            if not waiter.future.done() and not any(
+                self._serves(b, waiter.model, waiter.avoid) for b in backends
+            ):
+                self._queue.remove(waiter.user, waiter)
+                waiter.future.set_exception(self._unavailable(waiter.model))
+
+    @asynccontextmanager
+    async def probing(self) -> AsyncIterator[None]:
+        """Probe every backend now and every `probe_interval` seconds while this is held."""
+        # A new connection per probe: it really tests connecting, and never reuses one the
+        # backend is just closing as idle (which would look like an outage).
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+        ) as session:
+            self._session = session
+            task = asyncio.create_task(self._probe_forever())
+            try:
+                yield
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                self._session = None
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await self.probe(self._probe_timeout)
+            await asyncio.sleep(self._probe_interval)
+
+    async def probe(self, timeout: float) -> dict[str, str | None]:  # noqa: ASYNC109
+        """Probe every backend now: each one's name and None when up, else the reason."""
+        if self._session is None:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                return await self._probe_with(s, timeout)
+        return await self._probe_with(self._session, timeout)
+
+    async def _probe_with(
+        self,
+        session: aiohttp.ClientSession,
+        timeout: float,  # noqa: ASYNC109
+    ) -> dict[str, str | None]:
+        upstreams = self._upstreams
+        results = await asyncio.gather(
+            *(probe_health(session, u.url("/health", ""), timeout) for u in upstreams)
+        )
+        for upstream, health in zip(upstreams, results, strict=True):
+            self.report(upstream.name, health)
+        return {u.name: health.problem for u, health in zip(upstreams, results, strict=True)}
