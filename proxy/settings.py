@@ -1,7 +1,13 @@
 """One frozen settings object, read once: flag > environment > runtime/config.env > .env > default.
 
-Every value remembers where it came from, so a bad one stops startup with a single line that names
-the variable and its source. Secrets are wrapped in `Secret` and never reach a repr, log or error.
+Every setting is declared once, as a field of `Settings` named by the variable a user sets. The
+sources are layered here rather than by pydantic-settings, because a bad value must stop startup
+with one line naming the variable *and where it came from*, which its sources do not record.
+Secrets are wrapped in `Secret` and never reach a repr, log or error.
+
+Numbers are bounded where they are set: a rate window, a limit or a quota that Postgres' integer
+columns (or the rate limiter's millisecond arithmetic) cannot hold is refused here, in one line,
+instead of failing later as a 500. The CLI's `set-limit` uses the same bounds.
 """
 
 from __future__ import annotations
@@ -11,10 +17,19 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+# What the database and the rate limiter can hold (users.* are integer columns; the rate window
+# reaches SQL in milliseconds as an integer). Settings and `set-limit` refuse anything beyond.
+RATE_LIMIT_MAX = 1_000_000  # admissions per window; each is a row while it is inside the window
+RATE_WINDOW_MAX_SECONDS = 7 * 86_400
+MAX_CONCURRENT_MAX = 10_000
+MAX_TOKENS_MAX = 1_048_576
+TOKEN_QUOTA_MAX = 2_147_483_647
 
 
 class SettingsError(Exception):
@@ -40,6 +55,28 @@ class Secret:
         return bool(self._value)
 
 
+# -- parsers: each turns the raw text into a value or raises ValueError with a short reason ----
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = _int(raw)
+        if value < low:
+            raise ValueError("must be greater than 0" if low == 1 else f"must be at least {low}")
+        if value > high:
+            raise ValueError(f"must be at most {high}")
+        return value
+
+    return parse
+
+
 def _port(raw: str) -> int:
     value = _int(raw)
     if not 1 <= value <= 65535:
@@ -51,18 +88,28 @@ def _port_or_off(raw: str) -> int:
     return 0 if _int(raw) == 0 else _port(raw)
 
 
-def _int(raw: str) -> int:
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise ValueError("must be a whole number") from None
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be 1 or 0 (or true/false)")
 
 
-def _positive_int(raw: str) -> int:
-    value = _int(raw)
-    if value <= 0:
-        raise ValueError("must be greater than 0")
+def _text(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
     return value
+
+
+def _optional_text(raw: str) -> str:
+    return raw.strip()
+
+
+def _secret(raw: str) -> Secret:
+    return Secret(raw.strip())
 
 
 _PASSWORD_IN_URL = re.compile(r"(://[^/@:\s]*):[^/@\s]*@")
@@ -98,118 +145,112 @@ def _urls(raw: str) -> tuple[str, ...]:
     return tuple(urls)
 
 
-def _bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError("must be 1 or 0 (or true/false)")
+def _parsed(parse: Callable[[str], Any]) -> BeforeValidator:
+    """Every raw value is text (from a file, the environment or a flag): parse it as such."""
+    return BeforeValidator(lambda raw: parse(raw) if isinstance(raw, str) else raw)
 
 
-def _text(raw: str) -> str:
-    value = raw.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    return value
+Text = Annotated[str, _parsed(_text)]
+OptionalText = Annotated[str, _parsed(_optional_text)]
+Port = Annotated[int, _parsed(_port)]
+PortOrOff = Annotated[int, _parsed(_port_or_off)]
+Flag = Annotated[bool, _parsed(_bool)]
+SecretText = Annotated[Secret, _parsed(_secret)]
+Urls = Annotated[tuple[str, ...], _parsed(_urls)]
+AnyInt = Annotated[int, _parsed(_int)]
+# Whole numbers within the bounds their use can hold.
+ThreadCount = Annotated[int, _parsed(_whole(0, 1024))]
+ContextTokens = Annotated[int, _parsed(_whole(1, 1 << 24))]
+BodyBytes = Annotated[int, _parsed(_whole(1, 1 << 30))]
+SlotCount = Annotated[int, _parsed(_whole(1, 1024))]
+RowCount = Annotated[int, _parsed(_whole(1, 10_000_000))]
+UpToAMonth = Annotated[int, _parsed(_whole(1, 30 * 86_400))]
+UpToFiveMinutes = Annotated[int, _parsed(_whole(1, 300))]
+UpToADay = Annotated[int, _parsed(_whole(1, 86_400))]
+ConcurrencyCap = Annotated[int, _parsed(_whole(1, MAX_CONCURRENT_MAX))]
+TokenCap = Annotated[int, _parsed(_whole(1, MAX_TOKENS_MAX))]
+RateLimitCount = Annotated[int, _parsed(_whole(1, RATE_LIMIT_MAX))]
+RateWindowSeconds = Annotated[int, _parsed(_whole(1, RATE_WINDOW_MAX_SECONDS))]
 
 
-def _optional_text(raw: str) -> str:
-    return raw.strip()
+def setting(variable: str, default: str) -> Any:
+    """A field read from `variable`; defaults are text, parsed like anything a user writes."""
+    return Field(default=default, alias=variable, validate_default=True)
 
 
-# name -> (parser, default). Defaults are strings so they go through the same parser as user input.
-_FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "POSTGRES_AUTH_DSN": (_optional_text, ""),
-    "POSTGRES_AUTH_HOST": (_text, "127.0.0.1"),
-    "POSTGRES_AUTH_PORT": (_port, "5432"),
-    "POSTGRES_AUTH_DB": (_text, "llama_gate"),
-    "POSTGRES_AUTH_USER": (_text, "postgres"),
-    "POSTGRES_AUTH_PASSWORD": (_optional_text, ""),
-    "LLAMA_PROXY_ENABLED": (_bool, "1"),
-    "LLAMA_SERVER_HOST": (_text, "127.0.0.1"),
-    "LLAMA_SERVER_PORT": (_port, "8000"),
-    "LLAMA_SERVER_API_KEY": (_optional_text, ""),
+class Settings(BaseModel):
+    """Every setting, once: the field, the variable that sets it, its default, and its bounds."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", arbitrary_types_allowed=True, protected_namespaces=()
+    )
+
+    home: Path
+    # Postgres: a full DSN overrides the five parts.
+    postgres_dsn: SecretText = setting("POSTGRES_AUTH_DSN", "")
+    postgres_host: Text = setting("POSTGRES_AUTH_HOST", "127.0.0.1")
+    postgres_port: Port = setting("POSTGRES_AUTH_PORT", "5432")
+    postgres_db: Text = setting("POSTGRES_AUTH_DB", "llama_gate")
+    postgres_user: Text = setting("POSTGRES_AUTH_USER", "postgres")
+    postgres_password: SecretText = setting("POSTGRES_AUTH_PASSWORD", "")
+    # `0` serves the backend alone on its own key (single-key deployments).
+    proxy_enabled: Flag = setting("LLAMA_PROXY_ENABLED", "1")
+    server_host: Text = setting("LLAMA_SERVER_HOST", "127.0.0.1")
+    server_port: Port = setting("LLAMA_SERVER_PORT", "8000")
+    server_api_key: SecretText = setting("LLAMA_SERVER_API_KEY", "")
     # Several backends (llama_cpp.server processes, on this box or others); "" = the one above.
-    "LLAMA_SERVER_URLS": (_urls, ""),
-    "LLAMA_PROXY_HOST": (_text, "0.0.0.0"),  # noqa: S104 - the proxy is the authenticated front door
-    "LLAMA_PROXY_PORT": (_port, "8001"),
-    "LLAMA_PROXY_RATE_LIMIT": (_positive_int, "60"),
-    "LLAMA_PROXY_RATE_WINDOW_SECONDS": (_positive_int, "60"),
-    "LLAMA_PROXY_MAX_BODY_BYTES": (_positive_int, str(8 * 1024 * 1024)),
+    server_urls: Urls = setting("LLAMA_SERVER_URLS", "")
+    proxy_host: Text = setting("LLAMA_PROXY_HOST", "0.0.0.0")  # noqa: S104 - the front door
+    proxy_port: Port = setting("LLAMA_PROXY_PORT", "8001")
+    rate_limit: RateLimitCount = setting("LLAMA_PROXY_RATE_LIMIT", "60")
+    rate_window_seconds: RateWindowSeconds = setting("LLAMA_PROXY_RATE_WINDOW_SECONDS", "60")
+    max_body_bytes: BodyBytes = setting("LLAMA_PROXY_MAX_BODY_BYTES", str(8 << 20))
     # How long a verified key is trusted without asking Postgres again; revocations normally
     # arrive within a second through LISTEN/NOTIFY, this bounds staleness if one is lost.
-    "LLAMA_PROXY_AUTH_CACHE_SECONDS": (_positive_int, "30"),
+    auth_cache_seconds: UpToADay = setting("LLAMA_PROXY_AUTH_CACHE_SECONDS", "30")
     # How long a verified key keeps working while Postgres is unreachable.
-    "LLAMA_PROXY_AUTH_STALE_SECONDS": (_positive_int, "3600"),
-    "LLAMA_PROXY_DB_TIMEOUT_SECONDS": (_positive_int, "2"),  # per query on the request path
-    "LLAMA_PROXY_CONNECT_TIMEOUT_SECONDS": (_positive_int, "5"),  # to the backend
+    auth_stale_seconds: UpToAMonth = setting("LLAMA_PROXY_AUTH_STALE_SECONDS", "3600")
+    db_timeout_seconds: UpToFiveMinutes = setting("LLAMA_PROXY_DB_TIMEOUT_SECONDS", "2")
+    connect_timeout_seconds: UpToFiveMinutes = setting("LLAMA_PROXY_CONNECT_TIMEOUT_SECONDS", "5")
     # Longest silence from the backend (before headers or between chunks) before a 504 / cut.
-    "LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS": (_positive_int, "600"),
+    upstream_timeout_seconds: UpToADay = setting("LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS", "600")
     # No request may ask for more tokens than this (one holds the model for its whole answer);
-    # a request above it, or without max_tokens, is sent with the cap.
-    "MAX_TOKENS_HARD_CAP": (_positive_int, "1024"),
+    # a request above it, or without max_tokens, is sent with the cap. Users' own caps too.
+    max_tokens_hard_cap: TokenCap = setting("MAX_TOKENS_HARD_CAP", "1024")
     # Requests each backend serves at once; llama_cpp.server generates for one at a time.
-    "LLAMA_BACKEND_SLOTS": (_positive_int, "1"),
+    backend_slots: SlotCount = setting("LLAMA_BACKEND_SLOTS", "1")
     # Requests one user may have in flight or queued at once (per proxy process).
-    "LLAMA_PROXY_MAX_CONCURRENT": (_positive_int, "4"),
+    max_concurrent: ConcurrencyCap = setting("LLAMA_PROXY_MAX_CONCURRENT", "4")
     # Longest wait for a backend slot before a 503. Half of the OpenAI Python client's own
     # 600 s timeout, so a client hears "busy, retry later" rather than timing out by itself,
     # with room left for the answer (1024 tokens at ~50 tokens/s take ~20 s).
-    "LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS": (_positive_int, "300"),
+    queue_timeout_seconds: UpToADay = setting("LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS", "300")
     # Audit rows held in memory while Postgres is unreachable; past this they spill to
     # runtime/audit-spill/ and are replayed when it returns.
-    "LLAMA_PROXY_AUDIT_MEMORY_ROWS": (_positive_int, "20000"),
+    audit_memory_rows: RowCount = setting("LLAMA_PROXY_AUDIT_MEMORY_ROWS", "20000")
     # Prometheus metrics, on loopback by default; port 0 turns them off.
-    "LLAMA_PROXY_METRICS_HOST": (_text, "127.0.0.1"),
-    "LLAMA_PROXY_METRICS_PORT": (_port_or_off, "9101"),
+    metrics_host: Text = setting("LLAMA_PROXY_METRICS_HOST", "127.0.0.1")
+    metrics_port: PortOrOff = setting("LLAMA_PROXY_METRICS_PORT", "9101")
     # The backend (llama_cpp.server) launcher.
-    "LLAMA_MODEL": (_optional_text, ""),  # default model alias (a models/*.gguf stem); "" = first
-    "LLAMA_SERVER_ALLOW_REMOTE": (_bool, "0"),  # allow a non-loopback LLAMA_SERVER_HOST
-    "N_CTX": (_positive_int, "2048"),
-    "N_THREADS": (_int, "0"),  # 0 = one per physical core, llama.cpp's own choice
-    "N_GPU_LAYERS": (_int, "0"),
-    "LLAMA_CHAT_FORMAT": (_optional_text, ""),  # "" = the template stored in the GGUF
-    "LLAMA_PROMPT_CACHE": (_bool, "0"),  # llama_cpp.server's disk cache under runtime/cache/
-}
-SECRET_FIELDS = frozenset({"POSTGRES_AUTH_DSN", "POSTGRES_AUTH_PASSWORD", "LLAMA_SERVER_API_KEY"})
-# Read by the shell scripts rather than by Settings.
-KNOWN_VARIABLES = frozenset(_FIELDS) | {"LLAMA_GATE_HOME", "LLAMA_GATE_LOCAL_POSTGRES"}
+    model: OptionalText = setting("LLAMA_MODEL", "")  # a models/*.gguf stem; "" = the first
+    server_allow_remote: Flag = setting("LLAMA_SERVER_ALLOW_REMOTE", "0")
+    n_ctx: ContextTokens = setting("N_CTX", "2048")
+    n_threads: ThreadCount = setting("N_THREADS", "0")  # 0 = llama.cpp's own choice
+    n_gpu_layers: AnyInt = setting("N_GPU_LAYERS", "0")
+    chat_format: OptionalText = setting("LLAMA_CHAT_FORMAT", "")  # "" = the GGUF's template
+    prompt_cache: Flag = setting("LLAMA_PROMPT_CACHE", "0")
 
-
-@dataclass(frozen=True)
-class Settings:
-    home: Path
-    database_dsn: Secret
-    proxy_enabled: bool
-    server_host: str
-    server_port: int
-    server_api_key: Secret
-    server_urls: tuple[str, ...]
-    proxy_host: str
-    proxy_port: int
-    rate_limit: int
-    rate_window_seconds: int
-    max_body_bytes: int
-    auth_cache_seconds: int
-    auth_stale_seconds: int
-    db_timeout_seconds: int
-    connect_timeout_seconds: int
-    upstream_timeout_seconds: int
-    max_tokens_hard_cap: int
-    backend_slots: int
-    max_concurrent: int
-    queue_timeout_seconds: int
-    audit_memory_rows: int
-    metrics_host: str
-    metrics_port: int
-    model: str
-    server_allow_remote: bool
-    n_ctx: int
-    n_threads: int
-    n_gpu_layers: int
-    chat_format: str
-    prompt_cache: bool
+    @property
+    def database_dsn(self) -> Secret:
+        """POSTGRES_AUTH_DSN, or the DSN the five POSTGRES_AUTH_* parts spell."""
+        if self.postgres_dsn:
+            return self.postgres_dsn
+        user = quote(self.postgres_user, safe="")
+        password = self.postgres_password.reveal()
+        auth = f"{user}:{quote(password, safe='')}" if password else user
+        host = f"[{self.postgres_host}]" if ":" in self.postgres_host else self.postgres_host
+        database = quote(self.postgres_db, safe="")
+        return Secret(f"postgresql://{auth}@{host}:{self.postgres_port}/{database}")
 
     @property
     def runtime_dir(self) -> Path:
@@ -228,6 +269,22 @@ class Settings:
     def backend_urls(self) -> tuple[str, ...]:
         """Every backend the proxy sends to: LLAMA_SERVER_URLS, else the one host and port."""
         return self.server_urls or (self.backend_url,)
+
+
+VARIABLES: dict[str, str] = {
+    str(info.alias): name for name, info in Settings.model_fields.items() if info.alias
+}
+SECRET_VARIABLES = frozenset(
+    variable
+    for variable, name in VARIABLES.items()
+    if Settings.model_fields[name].annotation is Secret
+)
+# Each variable's default, as text (what .env.example and docker-compose.yml must agree with).
+DEFAULTS: dict[str, str] = {
+    variable: str(Settings.model_fields[name].default) for variable, name in VARIABLES.items()
+}
+# Read by the shell scripts rather than by Settings.
+KNOWN_VARIABLES = frozenset(VARIABLES) | {"LLAMA_GATE_HOME", "LLAMA_GATE_LOCAL_POSTGRES"}
 
 
 def redact_dsn(dsn: str) -> str:
@@ -274,59 +331,26 @@ def load_settings(
         (str(root / "runtime" / "config.env"), _read_env_file(root / "runtime" / "config.env")),
         (str(root / ".env"), _read_env_file(root / ".env")),
     ]
-    values: dict[str, Any] = {}
-    for name, (parse, default) in _FIELDS.items():
-        raw, origin = default, "default"
+    raw: dict[str, Any] = {"home": root}
+    origin: dict[str, tuple[str, str]] = {}
+    for variable in VARIABLES:
         for source, layer in layers:
-            if name in layer:
-                raw, origin = layer[name], source
+            if variable in layer:
+                raw[variable] = layer[variable]
+                origin[variable] = (source, layer[variable])
                 break
-        try:
-            values[name] = parse(raw)
-        except ValueError as exc:
-            shown = "(hidden)" if name in SECRET_FIELDS else repr(mask_passwords(raw))
-            raise SettingsError(f"{name}={shown} from {origin}: {exc}") from None
-    return Settings(
-        home=root,
-        database_dsn=Secret(values["POSTGRES_AUTH_DSN"] or _dsn_from_parts(values)),
-        proxy_enabled=values["LLAMA_PROXY_ENABLED"],
-        server_host=values["LLAMA_SERVER_HOST"],
-        server_port=values["LLAMA_SERVER_PORT"],
-        server_api_key=Secret(values["LLAMA_SERVER_API_KEY"]),
-        server_urls=values["LLAMA_SERVER_URLS"],
-        proxy_host=values["LLAMA_PROXY_HOST"],
-        proxy_port=values["LLAMA_PROXY_PORT"],
-        rate_limit=values["LLAMA_PROXY_RATE_LIMIT"],
-        rate_window_seconds=values["LLAMA_PROXY_RATE_WINDOW_SECONDS"],
-        max_body_bytes=values["LLAMA_PROXY_MAX_BODY_BYTES"],
-        auth_cache_seconds=values["LLAMA_PROXY_AUTH_CACHE_SECONDS"],
-        auth_stale_seconds=values["LLAMA_PROXY_AUTH_STALE_SECONDS"],
-        db_timeout_seconds=values["LLAMA_PROXY_DB_TIMEOUT_SECONDS"],
-        connect_timeout_seconds=values["LLAMA_PROXY_CONNECT_TIMEOUT_SECONDS"],
-        upstream_timeout_seconds=values["LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS"],
-        max_tokens_hard_cap=values["MAX_TOKENS_HARD_CAP"],
-        backend_slots=values["LLAMA_BACKEND_SLOTS"],
-        max_concurrent=values["LLAMA_PROXY_MAX_CONCURRENT"],
-        queue_timeout_seconds=values["LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS"],
-        audit_memory_rows=values["LLAMA_PROXY_AUDIT_MEMORY_ROWS"],
-        metrics_host=values["LLAMA_PROXY_METRICS_HOST"],
-        metrics_port=values["LLAMA_PROXY_METRICS_PORT"],
-        model=values["LLAMA_MODEL"],
-        server_allow_remote=values["LLAMA_SERVER_ALLOW_REMOTE"],
-        n_ctx=values["N_CTX"],
-        n_threads=values["N_THREADS"],
-        n_gpu_layers=values["N_GPU_LAYERS"],
-        chat_format=values["LLAMA_CHAT_FORMAT"],
-        prompt_cache=values["LLAMA_PROMPT_CACHE"],
-    )
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc, origin)) from None
 
 
-def _dsn_from_parts(values: Mapping[str, Any]) -> str:
-    user = quote(values["POSTGRES_AUTH_USER"], safe="")
-    password = values["POSTGRES_AUTH_PASSWORD"]
-    auth = f"{user}:{quote(password, safe='')}" if password else user
-    host = values["POSTGRES_AUTH_HOST"]
-    if ":" in host:  # an IPv6 literal
-        host = f"[{host}]"
-    database = quote(values["POSTGRES_AUTH_DB"], safe="")
-    return f"postgresql://{auth}@{host}:{values['POSTGRES_AUTH_PORT']}/{database}"
+def _one_line(exc: ValidationError, origin: Mapping[str, tuple[str, str]]) -> str:
+    error = exc.errors(include_url=False)[0]
+    variable = str(error["loc"][0]) if error["loc"] else "settings"
+    field_info = Settings.model_fields.get(VARIABLES.get(variable, ""))
+    source, value = origin.get(variable, ("default", str(field_info.default if field_info else "")))
+    shown = "(hidden)" if variable in SECRET_VARIABLES else repr(mask_passwords(value))
+    cause = error.get("ctx", {}).get("error")
+    reason = str(cause) if cause is not None else error["msg"]
+    return f"{variable}={shown} from {source}: {reason}"

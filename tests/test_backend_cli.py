@@ -150,7 +150,7 @@ def test_config_leaves_chat_format_and_threads_to_llama_cpp_when_unset(home: Pat
     [
         ("LLAMA_MODEL", "nope", f"the models there are: {DEFAULT}, smol-b"),
         ("N_GPU_LAYERS", "-4", "N_GPU_LAYERS=-4: input should be greater than or equal to -1"),
-        ("N_THREADS", "-3", "N_THREADS=-3: input should be greater than or equal to 1"),
+        ("N_THREADS", "-3", "N_THREADS='-3' from environment: must be at least 0"),
         ("N_CTX", "lots", "N_CTX='lots' from environment: must be a whole number"),
         ("LLAMA_CHAT_FORMAT", "klingon", "LLAMA_CHAT_FORMAT='klingon' is not a chat format"),
     ],

@@ -20,7 +20,7 @@ import yaml
 from backend.models import models_dir
 from proxy.app import AUDIT_FLUSH_SECONDS
 from proxy.cli import serve as cli_serve
-from proxy.settings import _FIELDS, KNOWN_VARIABLES, SECRET_FIELDS
+from proxy.settings import DEFAULTS, KNOWN_VARIABLES, SECRET_VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -205,7 +205,7 @@ def test_only_the_proxy_is_published(services: dict[str, dict[str, Any]]) -> Non
 
 
 def test_the_proxy_is_published_on_llama_proxy_port_and_listens_there() -> None:
-    default = _FIELDS["LLAMA_PROXY_PORT"][1]
+    default = DEFAULTS["LLAMA_PROXY_PORT"]
     for port in (default, "9011"):
         proxy = _resolved(LLAMA_PROXY_PORT=port)["services"]["proxy"]
         assert _published(proxy) == [(port, port)]
@@ -251,7 +251,7 @@ def test_the_proxy_keeps_audit_spill_files_in_a_named_volume(
 
 def test_healthchecks(services: dict[str, dict[str, Any]]) -> None:
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
-    ports = {"backend": _FIELDS["LLAMA_SERVER_PORT"][1], "proxy": _FIELDS["LLAMA_PROXY_PORT"][1]}
+    ports = {"backend": DEFAULTS["LLAMA_SERVER_PORT"], "proxy": DEFAULTS["LLAMA_PROXY_PORT"]}
     for name, port in ports.items():
         test = services[name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "-c"]  # no curl in a slim image
@@ -288,13 +288,13 @@ def test_compose_defaults_are_the_settings_defaults() -> None:
     defaults = re.findall(r"\$\{([A-Z][A-Z0-9_]*):-([^}]*)\}", text)
     assert defaults
     for name, default in defaults:
-        assert name in _FIELDS, name
-        assert default == _FIELDS[name][1], f"{name}: compose says {default!r}"
+        assert name in DEFAULTS, name
+        assert default == DEFAULTS[name], f"{name}: compose says {default!r}"
 
 
 def test_no_secret_has_a_value_in_the_compose_file(services: dict[str, dict[str, Any]]) -> None:
     raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))["services"]
-    secrets = SECRET_FIELDS | {"POSTGRES_PASSWORD"}
+    secrets = SECRET_VARIABLES | {"POSTGRES_PASSWORD"}
     seen = 0
     for name, service in raw.items():
         for variable, value in service.get("environment", {}).items():
@@ -343,7 +343,7 @@ def test_the_image_never_receives_a_secret() -> None:
                 assert not source.startswith(".env"), args
                 assert source != "runtime/config.env", args
         assert word != "ARG" or not re.search(r"KEY|PASSWORD|SECRET", args), args
-        assert word != "ENV" or not any(s in args for s in SECRET_FIELDS), args
+        assert word != "ENV" or not any(s in args for s in SECRET_VARIABLES), args
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
     assert {".env", "runtime/*", "models/*", ".git"} <= set(ignored)
 
@@ -356,9 +356,9 @@ def test_env_example_documents_every_setting_with_its_default() -> None:
     assert set(documented) == KNOWN_VARIABLES, "documented vs known"
     for name, (value, _, explanation) in documented.items():
         assert re.fullmatch(r"# [A-Z0-9].{10,}", explanation), f"{name} has no explanation above it"
-        if name in _FIELDS:
-            assert value == _FIELDS[name][1], (
-                f"{name}={value!r} but Settings uses {_FIELDS[name][1]!r}"
+        if name in DEFAULTS:
+            assert value == DEFAULTS[name], (
+                f"{name}={value!r} but Settings uses {DEFAULTS[name]!r}"
             )
 
 

@@ -177,3 +177,23 @@ def test_metrics_port_out_of_range_stops_startup(tmp_path: Path, value: str) -> 
     with pytest.raises(SettingsError, match="LLAMA_PROXY_METRICS_PORT"):
         load_settings(environ={"LLAMA_PROXY_METRICS_PORT": value}, home=tmp_path)
     assert load_settings(environ={"LLAMA_PROXY_METRICS_PORT": "0"}, home=tmp_path).metrics_port == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LLAMA_PROXY_RATE_WINDOW_SECONDS", "99999999999"),  # its milliseconds overflow the SQL
+        ("LLAMA_PROXY_RATE_LIMIT", "2147483648"),
+        ("MAX_TOKENS_HARD_CAP", "99999999999"),
+        ("LLAMA_PROXY_MAX_CONCURRENT", "1000000"),
+        ("LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS", "1e9"),
+    ],
+)
+def test_values_past_what_their_use_can_hold_stop_startup_in_one_line(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ={name: value}, home=tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{name}={value!r} from environment: must be")
+    assert "\n" not in message
