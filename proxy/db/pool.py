@@ -1,8 +1,13 @@
 """The proxy's one Postgres pool, with a short circuit for when Postgres is down.
 
 Every query on the request path goes through `Database.run`, so an outage is detected, logged
-once and answered from memory in one place: after a failure, callers skip Postgres for
-`RETRY_SECONDS` instead of each paying a connection attempt, then the next call tries again.
+once and answered from memory in one place: after a failure to connect (or a lost connection),
+callers skip Postgres for `RETRY_SECONDS` instead of each paying a connection attempt, then the
+next call tries again.
+
+A busy pool is no outage: when every connection is in use past the query timeout, or a query
+itself runs past it, that one call raises `DatabaseBusy` (callers answer it from memory like an
+outage), but nobody else skips Postgres because of it.
 """
 
 from __future__ import annotations
@@ -25,18 +30,22 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RETRY_SECONDS = 1.0
+POOL_SIZE = 10
 
-# What an unreachable, restarting or overloaded server raises; all mean "answer from memory".
+# What an unreachable, restarting or refusing server raises: no connection can be had or kept.
 # Errors about the query itself (a constraint, bad data) are no outage: they propagate, so one
 # odd request cannot make every caller skip Postgres for a second.
 _OUTAGE = (
     OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
+    asyncpg.InterfaceError,  # the connection is closed
     asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,  # shutting down, starting up, or query cancelled
+    asyncpg.OperatorInterventionError,  # shutting down or starting up (not a cancelled query)
     asyncpg.InsufficientResourcesError,  # too many connections, disk full, out of memory
 )
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """Postgres is reachable but this call got no answer in time (pool in use, slow query)."""
 
 
 class Database:
@@ -55,7 +64,7 @@ class Database:
         self._pool = await create_pool(
             self._settings,
             min_size=0,
-            max_size=10,
+            max_size=POOL_SIZE,
             max_inactive_connection_lifetime=60,
             reset=_keep_session,
         )
@@ -86,10 +95,22 @@ class Database:
             raise DatabaseUnavailable("the database pool is not open")
         if self._clock() < self._skip_until:
             raise DatabaseUnavailable(f"Postgres is unreachable: {self._last_error}")
+        querying = False
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._pool.acquire() as con:
+                    querying = True
                     result = await work(con)
+        except asyncpg.QueryCanceledError:
+            raise DatabaseBusy("Postgres cancelled a query that ran too long") from None
+        except TimeoutError:  # before _OUTAGE: TimeoutError is an OSError
+            if querying or self._all_in_use():
+                raise DatabaseBusy(
+                    f"Postgres did not answer within {self._timeout:g} s "
+                    + ("(slow query)" if querying else "(every pooled connection in use)")
+                ) from None
+            self._failed(TimeoutError())  # connecting took too long: that is an outage
+            raise DatabaseUnavailable(f"Postgres is unreachable: {self._last_error}") from None
         except _OUTAGE as exc:
             self._failed(exc)
             raise DatabaseUnavailable(f"Postgres is unreachable: {self._last_error}") from None
@@ -101,6 +122,10 @@ class Database:
             )
             self._down_since = None
         return result
+
+    def _all_in_use(self) -> bool:
+        pool = self._pool
+        return pool is not None and pool.get_size() >= POOL_SIZE and pool.get_idle_size() == 0
 
     def _failed(self, exc: BaseException) -> None:
         now = self._clock()
