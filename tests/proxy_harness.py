@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,10 +21,10 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
 from proxy.appkeys import AUTH_LISTENER, COMPLETION_HOOKS
+from proxy.audit.row import AuditRow
 from proxy.auth.apikeys import KeyHasher, generate_key
 from proxy.db import queries
 from proxy.db.localpg import free_port
-from proxy.pipeline.records import RequestRecord
 from proxy.settings import Settings, load_settings
 from tests.fake_upstream import FakeUpstream
 
@@ -95,7 +95,7 @@ class Harness:
     dsn: str
     upstream: FakeUpstream
     server: TestServer
-    records: list[RequestRecord] = field(default_factory=list)
+    records: list[AuditRow] = field(default_factory=list)  # each finished request's row
 
     @property
     def app(self) -> web.Application:
@@ -106,12 +106,12 @@ class Harness:
 
     _recorded: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def collect(self, record: RequestRecord) -> None:
+    def collect(self, row: AuditRow) -> None:
         """The completion hook the tests register."""
-        self.records.append(record)
+        self.records.append(row)
         self._recorded.set()
 
-    async def wait_for_records(self, count: int) -> list[RequestRecord]:
+    async def wait_for_records(self, count: int) -> list[AuditRow]:
         """The records once `count` requests have ended (hooks run as a response finishes)."""
         while len(self.records) < count:
             self._recorded.clear()
@@ -198,3 +198,10 @@ def wait_for_health(url: str, process: subprocess.Popen[bytes], timeout: float =
             return
         time.sleep(0.1)
     raise AssertionError(f"proxy at {url} did not become healthy within {timeout} s")
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until `condition()` holds (for state that has no event to wait on)."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - polling is the point: nothing to await
+            await asyncio.sleep(0.005)

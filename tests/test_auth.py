@@ -27,6 +27,7 @@ from tests.proxy_harness import (
     Harness,
     add_key,
     bearer,
+    eventually,
     make_user,
     proxy_settings,
     random_key,
@@ -95,7 +96,7 @@ async def test_every_kind_of_bad_key_gets_the_same_401(
     }
     bodies = {}
     for cause, headers in cases.items():
-        async with client.get(proxy.url("/v1/chat/completions"), headers=headers) as r:
+        async with client.get(proxy.url("/v1/models"), headers=headers) as r:
             assert r.status == 401, cause
             assert r.headers["WWW-Authenticate"] == "Bearer", cause
             bodies[cause] = await r.json()
@@ -315,11 +316,12 @@ async def test_a_notification_during_verification_makes_the_next_use_check_again
     database.authenticator = auth
     try:
         await auth.authenticate(key, "10.0.0.1")
+        assert auth.stats.lookups == 2  # it looked again; changes kept coming: answered anyway
         database.authenticator = None
         await auth.authenticate(key, "10.0.0.1")
-        assert auth.stats.lookups == 2  # the first verdict was not trusted as fresh
+        assert auth.stats.lookups == 3  # the first verdict was not trusted as fresh
         await auth.authenticate(key, "10.0.0.1")
-        assert auth.stats.lookups == 2
+        assert auth.stats.lookups == 3
         database.down = True  # and the entry was kept, so an outage still finds it
         auth.invalidate_all()
         assert (await auth.authenticate(key, "10.0.0.1")).username == "alice"
@@ -369,3 +371,27 @@ async def test_a_key_rotated_with_grace_works_until_the_grace_ends(
         await asyncio.sleep(2.2)
         # The grace ends by the clock, cached or not: no notification is needed for it.
         assert (await status(old), await status(new)) == (401, 200)
+
+
+async def test_a_revocation_during_a_key_check_is_not_lost(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    """A key whose check is under way when its revocation arrives: the requests waiting on that
+    check, and every request after the notification, are refused."""
+    # A costly hash keeps the check under way for a while (argon2 reads the cost from the hash).
+    slow = KeyHasher(time_cost=16, memory_cost_kib=65536)
+    _, key = await make_user(proxy.dsn, "alice", hasher=slow)
+    authenticator = proxy.app[AUTHENTICATOR]
+    first = asyncio.create_task(_get(client, proxy, bearer(key)))
+    await eventually(lambda: authenticator.stats.lookups > 0)  # read; argon2 runs now
+    assert authenticator.stats.argon2 == 1
+    notified = authenticator.stats.invalidations
+    con = await asyncpg.connect(proxy.dsn)
+    try:
+        await queries.revoke_key(con, key.split("_")[1])
+    finally:
+        await con.close()
+    await eventually(lambda: authenticator.stats.invalidations > notified)
+    assert not first.done(), "the check ended before the revocation arrived: make it slower"
+    assert await _get(client, proxy, bearer(key)) == 401  # arrived after the notification
+    assert await first == 401  # waited on a check that overlapped the revocation

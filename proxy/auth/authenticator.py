@@ -43,6 +43,7 @@ REJECTED_TTL_SECONDS = 60.0
 FAILURE_LIMIT = 20
 FAILURE_WINDOW_SECONDS = 10.0
 LAST_USED_INTERVAL_SECONDS = 60.0
+RECHECKS = 2  # lookups one verification makes at most when revocations keep arriving
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -63,6 +64,7 @@ class AuthStats:
     argon2: int = 0
     rejected: int = 0
     blocked: int = 0  # answered 429 without any work
+    invalidations: int = 0  # notifications (or reconnects) that changed what is trusted
 
 
 class Authenticator:
@@ -129,47 +131,61 @@ class Authenticator:
         return InvalidApiKey()
 
     def _settled(self, digest: bytes, done: asyncio.Future[Principal]) -> None:
-        self._inflight.pop(digest, None)
+        if self._inflight.get(digest) is done:  # not a newer check begun after an invalidation
+            del self._inflight[digest]
         if not done.cancelled():
             done.exception()  # retrieved here, so a result nobody awaited is not logged
 
     async def _verify(
         self, digest: bytes, key_id: str, secret: str, known: CachedKey | None
     ) -> Principal:
-        generation = self._generation
         async with self._slots:
-            checked_at = self._clock()
-            try:
-                record = await self._db.run(lambda con: queries.lookup_key(con, key_id))
-            except DatabaseUnavailable:
-                if known is not None:
-                    return known.principal  # verified recently: keep serving it while PG is down
-                raise KeyStoreUnavailable() from None
-            self.stats.lookups += 1
-            if record is None or not _usable(record):
-                self._reject(digest)
-                raise InvalidApiKey()
-            if known is None or not hmac.compare_digest(known.secret_hash, record.secret_hash):
-                self.stats.argon2 += 1
-                loop = asyncio.get_running_loop()
-                ok, new_hash = await loop.run_in_executor(
-                    self._executor, self._check_secret, record.secret_hash, secret
-                )
-                if not ok:
+            verified_hash = known.secret_hash if known is not None else None
+            record: queries.KeyRecord | None = None
+            for _ in range(RECHECKS):
+                generation = self._generation
+                checked_at = self._clock()
+                try:
+                    record = await self._db.run(lambda con: queries.lookup_key(con, key_id))
+                except DatabaseUnavailable:
+                    if known is not None:
+                        return known.principal  # verified recently: serve it while PG is down
+                    raise KeyStoreUnavailable() from None
+                self.stats.lookups += 1
+                if record is None or not _usable(record):
                     self._reject(digest)
                     raise InvalidApiKey()
-                if new_hash is not None:
-                    self._spawn(self._replace_hash(key_id, record.secret_hash, new_hash))
+                if verified_hash is None or not hmac.compare_digest(
+                    verified_hash, record.secret_hash
+                ):
+                    await self._check_argon2(digest, key_id, secret, record.secret_hash)
+                    verified_hash = record.secret_hash
+                if generation == self._generation:
+                    break
+                # A revocation or change arrived while we looked: our read may predate it, so
+                # look again rather than answer (or cache) what may no longer hold.
+        assert record is not None
         principal = Principal(
             record.user_id, record.username, record.key_id, record.rate_limit,
             record.rate_window_seconds, record.max_concurrent, record.max_tokens,
             record.tokens_per_day, record.tokens_per_minute,
         )  # fmt: skip
-        # A notification that arrived while we queried may describe a change our read missed:
-        # then answer this request, but have the next one check again.
+        # Still changing after the re-checks: answer this request, but have the next one check.
         entry = CachedKey(principal, record.secret_hash, _valid_until(record), checked_at)
         self._cache.put(digest, entry, fresh=generation == self._generation)
         return principal
+
+    async def _check_argon2(self, digest: bytes, key_id: str, secret: str, stored: str) -> None:
+        self.stats.argon2 += 1
+        loop = asyncio.get_running_loop()
+        ok, new_hash = await loop.run_in_executor(
+            self._executor, self._check_secret, stored, secret
+        )
+        if not ok:
+            self._reject(digest)
+            raise InvalidApiKey()
+        if new_hash is not None:
+            self._spawn(self._replace_hash(key_id, stored, new_hash))
 
     def _reject(self, digest: bytes) -> None:
         self._cache.discard(digest)  # never again a fallback while Postgres is down
@@ -198,8 +214,7 @@ class Authenticator:
 
     def invalidate(self, notice: str) -> None:
         """Forget what a `key:<key id>` or `user:<user id>` notification says has changed."""
-        self._generation += 1
-        self._rejected.clear()  # e.g. a re-enabled user's keys must work again at once
+        self._changed()
         kind, _, ident = notice.partition(":")
         if kind == "key":
             self._cache.forget_key(ident)
@@ -210,9 +225,17 @@ class Authenticator:
 
     def invalidate_all(self) -> None:
         """Notifications may have been lost: re-check every key on its next use."""
-        self._generation += 1
-        self._rejected.clear()
+        self._changed()
         self._cache.mark_all_stale()
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self.stats.invalidations += 1
+        self._rejected.clear()  # e.g. a re-enabled user's keys must work again at once
+        # Checks under way may have read the key before the change: requests arriving from now
+        # on start a check of their own instead of sharing theirs (which look again, see
+        # _verify, before answering the requests already waiting on them).
+        self._inflight.clear()
 
     # -- lazy last_used_at ----------------------------------------------------------------
 
