@@ -1,64 +1,69 @@
-"""Prometheus metrics, fed from each finished request's record, served on their own listener.
+"""Prometheus metrics, fed from each finished request's audit row, served on their own listener.
 
 Each application has its own `CollectorRegistry` (no process-global state), filled by a
 completion hook and a small in-flight middleware, and served by a separate aiohttp site that
 binds LLAMA_PROXY_METRICS_HOST:LLAMA_PROXY_METRICS_PORT (loopback by default), never the public
-listener. Label values are bounded: routes are the known API paths or "other", and per-user
+listener. Label values are bounded: routes are the route table's paths or "other", and per-user
 token counters stop adding users past `MAX_USER_LABELS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from proxy.pipeline.records import RequestRecord
+from proxy.audit.row import AuditRow
+from proxy.audit.writer import AuditWriter
 
-ROUTES = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/models",
-        "/chat/completions",
-        "/completions",
-        "/embeddings",
-        "/models",
-    }
-)
 MAX_USER_LABELS = 500
 # Local inference spans milliseconds (errors, cached answers) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
-class _BacklogCollector(Collector):
-    """Gauges read at scrape time from the audit writer."""
+class _AuditCollector(Collector):
+    """The audit writer's figures, read at scrape time."""
 
-    def __init__(self, backlog: Callable[[], int], spilled_bytes: Callable[[], int]) -> None:
-        self._backlog = backlog
-        self._spilled = spilled_bytes
+    def __init__(self, writer: AuditWriter) -> None:
+        self._writer = writer
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
+        writer = self._writer
         yield GaugeMetricFamily(
             "llama_gate_audit_backlog_rows",
             "Audit rows accepted but not yet written to Postgres or a spill file.",
-            value=self._backlog(),
+            value=writer.backlog,
         )
         yield GaugeMetricFamily(
             "llama_gate_audit_spill_bytes",
             "Bytes of audit rows waiting in spill files for Postgres to return.",
-            value=self._spilled(),
+            value=writer.spilled_bytes(),
+        )
+        yield CounterMetricFamily(
+            "llama_gate_audit_writer_restarts",
+            "Times the audit writer failed unexpectedly and was started again (see the log).",
+            value=writer.restarts,
+        )
+        yield CounterMetricFamily(
+            "llama_gate_audit_rows_rejected",
+            "Audit rows Postgres refused, kept in runtime/audit-spill/rejected.jsonl.",
+            value=writer.rows_rejected,
+        )
+        yield GaugeMetricFamily(
+            "llama_gate_audit_unreadable_spill_files",
+            "Spill files kept as *.unreadable because a line could not be read.",
+            value=writer.unreadable_files,
         )
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, routes: Iterable[str]) -> None:
+        self._routes = frozenset(routes)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -69,7 +74,8 @@ class Metrics:
             ["route"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.upstream = Histogram(
-            "llama_gate_upstream_duration_seconds", "From calling the backend to its last byte.",
+            "llama_gate_upstream_duration_seconds",
+            "From the request's turn at a backend to its end (the whole request minus its wait).",
             ["route"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.ttfb = Histogram(
@@ -96,29 +102,27 @@ class Metrics:
         )  # fmt: skip
         self._users: set[str] = set()
 
-    def watch_audit(self, backlog: Callable[[], int], spilled_bytes: Callable[[], int]) -> None:
-        self.registry.register(_BacklogCollector(backlog, spilled_bytes))
+    def watch_audit(self, writer: AuditWriter) -> None:
+        self.registry.register(_AuditCollector(writer))
 
-    def observe(self, record: RequestRecord) -> None:
+    def observe(self, row: AuditRow) -> None:
         """The completion hook: count one finished request."""
-        route = record.path if record.path in ROUTES else "other"
-        self.requests.labels(route, str(record.status)).inc()
-        if record.duration_ms is not None:
-            self.duration.labels(route).observe(record.duration_ms / 1000)
-        if record.upstream_ms is not None:
-            self.upstream.labels(route).observe(record.upstream_ms / 1000)
-        if record.ttfb_ms is not None:
-            self.ttfb.labels(route).observe(record.ttfb_ms / 1000)
-        if record.queue_ms is not None:
-            self.queue.observe(record.queue_ms / 1000)
-        if record.status == 429:
+        route = row.path if row.path in self._routes else "other"
+        self.requests.labels(route, str(row.status_code)).inc()
+        self.duration.labels(route).observe(row.duration_ms / 1000)
+        if row.queue_ms is not None:
+            self.queue.observe(row.queue_ms / 1000)
+            self.upstream.labels(route).observe(max(0.0, row.duration_ms - row.queue_ms) / 1000)
+        if row.ttfb_ms is not None:
+            self.ttfb.labels(route).observe(row.ttfb_ms / 1000)
+        if row.status_code == 429:
             self.rate_limited.inc()
-        elif record.status == 401:
+        elif row.status_code == 401:
             self.auth_failures.inc()
-        if record.username and (record.prompt_tokens or record.completion_tokens):
-            user = self._user_label(record.username)
-            self.tokens.labels(user, "prompt").inc(record.prompt_tokens or 0)
-            self.tokens.labels(user, "completion").inc(record.completion_tokens or 0)
+        if row.username and (row.prompt_tokens or row.completion_tokens):
+            user = self._user_label(row.username)
+            self.tokens.labels(user, "prompt").inc(row.prompt_tokens or 0)
+            self.tokens.labels(user, "completion").inc(row.completion_tokens or 0)
 
     def _user_label(self, username: str) -> str:
         if username in self._users or len(self._users) < MAX_USER_LABELS:

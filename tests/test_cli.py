@@ -254,9 +254,18 @@ def test_usage_reads_the_daily_view(cli_env: dict[str, str], db_dsn: str) -> Non
 
 def test_prune_logs_in_batches(cli_env: dict[str, str], db_dsn: str) -> None:
     _insert_requests(db_dsn, [("a", 200, 1.0, 0, 0, "100")] * 7 + [("a", 200, 1.0, 0, 0, "1")] * 2)
+    _fetch(
+        db_dsn,
+        """INSERT INTO llama_audit_batches (batch_id, written_at, row_count)
+           VALUES (gen_random_uuid(), now() - interval '100 days', 7),
+                  (gen_random_uuid(), now() - interval '1 day', 2) RETURNING 1""",
+    )
     output = ok(cli_env, "prune-logs", "--older-than", "90d", "--batch-size", "3")
-    assert "Deleted 7 llama_requests rows" in output
+    assert "Deleted 7 llama_requests rows and 1 audit batch ids" in output
     assert _fetch(db_dsn, "SELECT count(*) AS n FROM llama_requests")[0]["n"] == 2
+    # The batch ids that guarded the deleted rows went with them; the recent one stays.
+    kept = _fetch(db_dsn, "SELECT row_count FROM llama_audit_batches")
+    assert [row["row_count"] for row in kept] == [2]
     assert invoke(cli_env, "prune-logs", "--older-than", "ninety").exit_code == 2
 
 

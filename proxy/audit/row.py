@@ -1,11 +1,19 @@
-"""The audit row: a finished request as one `llama_requests` row, in the table's column order."""
+"""The audit row: a finished request as one `llama_requests` row, in the table's column order.
+
+Text in a row may come from a client (a path, a model name, an X-Request-Id). Postgres text holds
+neither NUL nor lone UTF-16 surrogates (which JSON's `\\ud800` escapes produce), and a row it
+refuses would hold up its whole batch, so every text value is made storable here, bounded in
+length, before a row exists.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import NamedTuple
 
-from proxy.pipeline.records import RequestRecord
+TEXT_LIMIT = 512  # paths, model names and ids beyond this are cut, never refused
+ERROR_TEXT_LIMIT = 200
 
 
 class AuditRow(NamedTuple):
@@ -33,36 +41,22 @@ class AuditRow(NamedTuple):
     completion_tokens: int | None
     client_addr: str | None
     error: str | None
+    client_request_id: str | None = None
+    backend: str | None = None
 
 
 COLUMNS: tuple[str, ...] = AuditRow._fields
-ERROR_TEXT_LIMIT = 200
+# Called with each finished request's row on the event loop: it must only enqueue, never wait.
+CompletionHook = Callable[[AuditRow], None]
 
 
-def _text(value: str | None) -> str | None:
-    """Postgres text cannot hold NUL, which a client can put in a path or a model name."""
-    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
-
-
-def row_from(record: RequestRecord) -> AuditRow:
-    return AuditRow(
-        request_id=record.request_id,
-        created_at=record.started_at,
-        user_id=record.user_id,
-        username=record.username,
-        key_id=record.key_id,
-        method=_text(record.method),
-        path=_text(record.path) or "",
-        model=_text(record.model),
-        stream=record.stream,
-        status_code=record.status,
-        duration_ms=record.duration_ms if record.duration_ms is not None else record.elapsed_ms(),
-        ttfb_ms=record.ttfb_ms,
-        queue_ms=record.queue_ms,
-        request_bytes=record.bytes_in,
-        response_bytes=record.bytes_out,
-        prompt_tokens=record.prompt_tokens,
-        completion_tokens=record.completion_tokens,
-        client_addr=record.client_addr,
-        error=_text(record.error[:ERROR_TEXT_LIMIT]) if record.error else None,
-    )
+def storable(value: str | None, limit: int = TEXT_LIMIT) -> str | None:
+    """`value` as Postgres text can hold it: no NUL, no lone surrogate, at most `limit` chars."""
+    if value is None:
+        return None
+    value = value[:limit]
+    if value.isascii():
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    # Lone surrogates cannot be encoded; "replace" turns each into "?".
+    cleaned = value.encode("utf-8", "replace").decode("utf-8")
+    return cleaned.replace("\x00", "\ufffd")

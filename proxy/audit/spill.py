@@ -5,6 +5,11 @@ ids kept, fsynced) and holds an exclusive `flock` on it while it may still appen
 replay a file it can lock: its own once it lets go, or one left by a process that has exited
 (the kernel drops a dead process's locks, whatever its pid is later reused for). Replaying the
 same batch twice is harmless, since batch ids make writes exactly-once (see `proxy.audit.writer`).
+
+Rows are stored by column name, so a file written before a schema change still reads after it
+(a column it lacks is empty; files of the first format, rows as lists, read by position). A file
+with a line that cannot be read is never deleted: it is renamed `*.unreadable`, reported, and
+left for an operator, while the lines that could be read are replayed.
 """
 
 from __future__ import annotations
@@ -22,28 +27,37 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO
 
-from proxy.audit.row import AuditRow
+from proxy.audit.row import COLUMNS, AuditRow
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[uuid.UUID, list[AuditRow]]
 
 
+def _fields(row: AuditRow) -> dict[str, object]:
+    fields = row._asdict()
+    fields["created_at"] = row.created_at.isoformat()
+    return fields
+
+
 def _encode(batch: Batch) -> str:
     batch_id, rows = batch
-    encoded = []
-    for row in rows:
-        encoded.append([*row[:1], row.created_at.isoformat(), *row[2:]])
-    return json.dumps({"batch": str(batch_id), "rows": encoded}) + "\n"
+    return json.dumps({"batch": str(batch_id), "rows": [_fields(row) for row in rows]}) + "\n"
+
+
+def _row(stored: object) -> AuditRow:
+    if isinstance(stored, list):  # the first format: values in the columns' order of then
+        stored = dict(zip(COLUMNS, stored, strict=False))
+    if not isinstance(stored, dict):
+        raise TypeError("a row is neither an object nor a list")
+    fields = {name: stored[name] for name in COLUMNS if name in stored}
+    fields["created_at"] = datetime.fromisoformat(str(fields["created_at"]))
+    return AuditRow(**fields)
 
 
 def _decode(line: str) -> Batch:
     record = json.loads(line)
-    rows = []
-    for values in record["rows"]:
-        values[1] = datetime.fromisoformat(values[1])
-        rows.append(AuditRow(*values))
-    return uuid.UUID(record["batch"]), rows
+    return uuid.UUID(record["batch"]), [_row(stored) for stored in record["rows"]]
 
 
 @dataclass
@@ -52,19 +66,36 @@ class Claim:
 
     path: Path
     handle: IO[str]
+    files: SpillFiles
+    unreadable_lines: int = 0
 
     def batches(self) -> Iterator[Batch]:
         for number, line in enumerate(self.handle, 1):
             try:
-                yield _decode(line)
+                batch = _decode(line)
             except (ValueError, KeyError, TypeError, IndexError):
-                # Only a crash mid-append leaves a torn line; its rows were never acknowledged.
-                log.error("skipping unreadable line %d of audit spill file %s", number, self.path)
+                self.unreadable_lines += 1
+                log.error("line %d of audit spill file %s cannot be read", number, self.path)
+                continue
+            yield batch
 
     def done(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Every readable batch is in Postgres: delete the file, or keep it if it had others."""
+        if self.unreadable_lines:
+            kept = self.path.with_name(self.path.name + ".unreadable")
+            self.path.rename(kept)
+            self.files.unreadable += 1
+            log.error(
+                "audit spill file %s had %d unreadable lines; the rest is written, the file "
+                "is kept as %s for an operator",
+                self.path,
+                self.unreadable_lines,
+                kept,
+            )
+        else:
+            self.path.unlink(missing_ok=True)
+            log.warning("replayed audit spill file %s", self.path)
         self.handle.close()
-        log.warning("replayed audit spill file %s", self.path)
 
     def release(self) -> None:
         self.handle.close()
@@ -75,6 +106,7 @@ class SpillFiles:
         self._folder = folder
         self._own: IO[str] | None = None
         self._own_path: Path | None = None
+        self.unreadable = 0  # files kept because a line could not be read
 
     def append(self, batches: Sequence[Batch]) -> None:
         if self._own is None:
@@ -89,14 +121,12 @@ class SpillFiles:
             "spilled %d audit rows to %s", sum(len(rows) for _, rows in batches), self._own_path
         )
 
-    def reject(self, rows: Sequence[AuditRow], reason: str) -> Path:
-        """Keep rows Postgres refuses where an operator can read them; they are not replayed."""
+    def reject(self, row: AuditRow, reason: str) -> Path:
+        """Keep a row Postgres refuses where an operator can read it; it is not replayed."""
         self._folder.mkdir(parents=True, exist_ok=True)
         path = self._folder / "rejected.jsonl"
-        with path.open("a", encoding="utf-8") as handle:
-            for row in rows:
-                values = [*row[:1], row.created_at.isoformat(), *row[2:]]
-                handle.write(json.dumps({"reason": reason, "row": values}) + "\n")
+        with path.open("a", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(json.dumps({"reason": reason, "row": _fields(row)}) + "\n")
         return path
 
     def release(self) -> None:
@@ -131,4 +161,4 @@ class SpillFiles:
             if os.fstat(handle.fileno()).st_nlink == 0:
                 handle.close()  # replayed and deleted by someone else meanwhile
                 continue
-            yield Claim(path, handle)
+            yield Claim(path, handle, self)

@@ -7,6 +7,12 @@ failure (the connection died around COMMIT), or replayed from a spill file by tw
 written exactly once. While Postgres is unreachable rows stay in memory up to a bound, then spill
 as JSON lines to files under `runtime/audit-spill/`, which are replayed when the database returns
 or at the next start.
+
+A batch Postgres refuses for its content (a row it cannot store) is split in halves until the
+refused rows stand alone; those are set aside in `rejected.jsonl` and the rest is written. The
+halves' ids derive from the batch's, so a batch isolated twice (after a crash, or from a spill
+file) still writes each row once. A failure of the writer itself is logged, counted, and the
+writer started again with every row it held.
 """
 
 from __future__ import annotations
@@ -29,10 +35,19 @@ from proxy.db.connect import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
-# What Postgres answers about the rows themselves: retrying the same rows cannot help.
-_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# What Postgres (or the driver encoding a row for it) answers about the rows themselves:
+# retrying the same rows cannot help.
+_REFUSED = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    UnicodeError,
+    ValueError,
+    TypeError,
+)
 
 WRITE_TIMEOUT_SECONDS = 5.0
+RESTART_MAX_SECONDS = 5.0
 _OUTAGE = (
     OSError,
     asyncpg.PostgresError,
@@ -40,6 +55,11 @@ _OUTAGE = (
     TimeoutError,
     DatabaseUnavailable,
 )
+
+
+def part_of(batch_id: uuid.UUID, half: str) -> uuid.UUID:
+    """The id of one half of a batch: the same every time the batch is split."""
+    return uuid.uuid5(batch_id, half)
 
 
 class AuditWriter:
@@ -69,6 +89,7 @@ class AuditWriter:
         self.rows_written = 0
         self.rows_spilled = 0
         self.rows_rejected = 0
+        self.restarts = 0  # times the writer failed unexpectedly and was started again
 
     # -- the request side ------------------------------------------------------------------
 
@@ -86,13 +107,38 @@ class AuditWriter:
     def spilled_bytes(self) -> int:
         return self._spills.size_bytes()
 
+    @property
+    def unreadable_files(self) -> int:
+        return self._spills.unreadable
+
     # -- the background side ---------------------------------------------------------------
 
     async def run(self, shutdown_timeout: float = 10.0) -> None:
         """Write until `stop()`, then flush what is left; one task for the writer's whole life.
 
-        Rows Postgres will not take before `shutdown_timeout` go to a spill file.
+        Rows Postgres will not take before `shutdown_timeout` go to a spill file. An unexpected
+        failure never ends this: it is logged and the writing starts again, rows kept.
         """
+        delay = self._flush_interval
+        while not self._closing:
+            try:
+                await self._write_until_stopped()
+            except Exception:
+                self.restarts += 1
+                log.exception(
+                    "the audit writer failed (restart %d); starting it again with its %d rows",
+                    self.restarts,
+                    self.backlog,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                delay = min(delay * 2, RESTART_MAX_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain(), shutdown_timeout)
+        self._spill()
+        self._spills.release()
+
+    async def _write_until_stopped(self) -> None:
         delay = self._flush_interval
         await self._replay()  # what an earlier run (or a crashed process) left behind
         while not self._closing:
@@ -100,7 +146,7 @@ class AuditWriter:
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
             if self._closing:
-                break
+                return
             if await self._drain():
                 delay = self._flush_interval
                 if self.rows_spilled and self._spills.paths():
@@ -109,10 +155,6 @@ class AuditWriter:
                 delay = min(max(delay * 2, 0.25), self._retry_max)
                 if self.backlog > self._memory_rows:
                     self._spill()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain(), shutdown_timeout)
-        self._spill()
-        self._spills.release()
 
     def stop(self) -> None:
         """Ask `run()` to flush and return; rows submitted until it returns are still written."""
@@ -131,6 +173,7 @@ class AuditWriter:
         return True
 
     async def _write(self, batch: Batch) -> bool:
+        """Write one batch exactly once; False when Postgres is away (the batch is kept)."""
         batch_id, rows = batch
         try:
             async with self._pool().acquire(timeout=WRITE_TIMEOUT_SECONDS) as con:
@@ -138,10 +181,9 @@ class AuditWriter:
                     con, batch_id, COLUMNS, rows, WRITE_TIMEOUT_SECONDS
                 )
         except _REFUSED as exc:
-            # Not an outage: Postgres will refuse this batch every time. Find the rows it
-            # refuses (the batch's transaction rolled back, so none of it was written) and set
-            # them aside, so one bad row cannot hold back every row after it.
-            return await self._isolate(rows, exc)
+            # Postgres will refuse this batch every time. Its transaction rolled back, so none
+            # of it was written: find the rows it refuses, so they hold back no other row.
+            return await self._isolate(batch, exc)
         except _OUTAGE as exc:
             if self._db_down_since is None:
                 self._db_down_since = time.monotonic()
@@ -158,20 +200,22 @@ class AuditWriter:
             self.rows_written += len(rows)
         return True
 
-    async def _isolate(self, rows: list[AuditRow], exc: Exception) -> bool:
+    async def _isolate(self, batch: Batch, exc: Exception) -> bool:
+        batch_id, rows = batch
         if len(rows) == 1:
             log.error(
                 "Postgres refused the audit row of request %s (%s: %s); kept in %s",
                 rows[0].request_id,
                 type(exc).__name__,
                 exc,
-                self._spills.reject([rows[0]], f"{type(exc).__name__}: {exc}"),
+                self._spills.reject(rows[0], f"{type(exc).__name__}: {exc}"),
             )
             self.rows_rejected += 1
             return True
-        for row in rows:
-            if not await self._write((uuid.uuid4(), [row])):
-                return False
+        middle = len(rows) // 2
+        for half, part in (("a", rows[:middle]), ("b", rows[middle:])):
+            if not await self._write((part_of(batch_id, half), part)):
+                return False  # Postgres went away: the whole batch is retried, halves included
         return True
 
     def _spill(self) -> None:

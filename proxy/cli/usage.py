@@ -80,7 +80,7 @@ def usage(username: str | None, since: date, only_quotas: bool, as_json: bool) -
     help="Rows deleted per statement; small batches never lock the table for long.",
 )
 def prune_logs(older_than: timedelta, batch_size: int) -> None:
-    """Delete old audit rows in small batches (retention).
+    """Delete old audit rows in small batches (retention), and the batch ids that guarded them.
 
     Example:
 
@@ -88,11 +88,15 @@ def prune_logs(older_than: timedelta, batch_size: int) -> None:
     """
     cutoff = datetime.now(UTC) - older_than
 
-    async def work(con: asyncpg.Connection) -> int:
+    async def work(con: asyncpg.Connection) -> tuple[int, int]:
         total = 0
         while deleted := await queries.prune_requests_batch(con, cutoff, batch_size):
             total += deleted
-        return total
+        # A batch id only guards replays of its rows: it goes with them.
+        return total, await queries.prune_audit_batches(con, cutoff)
 
-    total = run_db(work)
-    click.echo(f"Deleted {total} llama_requests rows from before {cutoff:%Y-%m-%d %H:%M} UTC.")
+    total, batches = run_db(work)
+    click.echo(
+        f"Deleted {total} llama_requests rows and {batches} audit batch ids from before "
+        f"{cutoff:%Y-%m-%d %H:%M} UTC."
+    )

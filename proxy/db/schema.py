@@ -146,6 +146,9 @@ llama_requests = Table(
     Column("completion_tokens", Integer, nullable=True),
     Column("client_addr", Text, nullable=True),
     Column("error", Text, nullable=True),
+    # The client's X-Request-Id (request_id is always the proxy's own, unique).
+    Column("client_request_id", Text, nullable=True),
+    Column("backend", Text, nullable=True),  # the backend that served the request
     Index("ix_llama_requests_created_at", "created_at"),
     Index("ix_llama_requests_username_created_at", "username", "created_at"),
     Index("ix_llama_requests_day_username", text(USAGE_DAY), "username"),
