@@ -97,6 +97,33 @@ def test_set_limit_refuses_bad_input_in_one_line(cli_env: dict[str, str]) -> Non
     )
 
 
+def test_limits_past_what_the_database_holds_are_refused_where_they_are_set(
+    cli_env: dict[str, str],
+) -> None:
+    new_key(cli_env, "ivan")
+    too_much = {
+        "--rate-limit": "99999999999",
+        "--window": "99999999999",  # its milliseconds would overflow the rate limiter's SQL
+        "--max-concurrent": "2147483648",
+        "--max-tokens": "2147483648",
+        "--tokens-per-day": "2147483648",
+        "--tokens-per-minute": "99999999999999999999",
+    }
+    for option, value in too_much.items():
+        result = invoke(cli_env, "set-limit", "--username", "ivan", option, value)
+        assert result.exit_code == 2, (option, result.output)
+        assert "more than this limit can be: at most" in result.output, result.output
+        assert "Traceback" not in result.output
+    for option in ("--rate-limit", "--window"):
+        result = invoke(cli_env, "create-user", "--username", "jack", option, "99999999999")
+        assert result.exit_code == 2, (option, result.output)
+    user = _user(cli_env, "ivan")
+    assert [user[name] for name in (*LIMITS, "rate_limit", "rate_window_seconds")] == [None] * 6
+    # The largest values allowed are stored and shown.
+    ok(cli_env, "set-limit", "--username", "ivan", "--tokens-per-day", "2147483647")
+    assert _user(cli_env, "ivan")["tokens_per_day"] == 2147483647
+
+
 def test_set_limit_help_says_what_each_option_does(cli_env: dict[str, str]) -> None:
     text = " ".join(ok(cli_env, "set-limit", "--help").split())
     assert "in flight or queued at once" in text

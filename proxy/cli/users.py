@@ -13,15 +13,23 @@ from proxy.auth.apikeys import NewKey
 from proxy.cli.keys import announce_key, issue_key
 from proxy.cli.support import Duration, print_json, print_table, run_db, state, username_arg
 from proxy.db import queries
-from proxy.settings import Settings
+from proxy.settings import (
+    MAX_CONCURRENT_MAX,
+    MAX_TOKENS_MAX,
+    RATE_LIMIT_MAX,
+    RATE_WINDOW_MAX_SECONDS,
+    TOKEN_QUOTA_MAX,
+    Settings,
+)
 
-_POSITIVE = click.IntRange(min=1)
+_RATE_LIMIT = click.IntRange(1, RATE_LIMIT_MAX)
+_WINDOW = click.IntRange(1, RATE_WINDOW_MAX_SECONDS)
 
 
 @click.command("create-user")
 @click.option("--username", required=True, callback=username_arg, help="1-64 of a-z 0-9 . _ -")
-@click.option("--rate-limit", type=_POSITIVE, help="Requests per window (default: global).")
-@click.option("--window", type=_POSITIVE, help="Window length in seconds (default: global).")
+@click.option("--rate-limit", type=_RATE_LIMIT, help="Requests per window (default: global).")
+@click.option("--window", type=_WINDOW, help="Window length in seconds (default: global).")
 @click.option("--label", help="A note for the first key.")
 @click.option("--expires-in", type=Duration(), help="Expire the first key after this long.")
 def create_user(
@@ -128,9 +136,16 @@ def delete_user(username: str, yes: bool) -> None:
 
 
 class _Override(click.ParamType[int]):
-    """A positive whole number, or `default` (also `none`) to drop the override: 0 then."""
+    """A whole number from 1 to `most`, or `default` (also `none`) to drop the override: 0 then.
+
+    `most` is what the column and the proxy's arithmetic can hold, so no value set here can
+    fail later as a 500.
+    """
 
     name = "N|default"
+
+    def __init__(self, most: int) -> None:
+        self._most = most
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
@@ -138,36 +153,37 @@ class _Override(click.ParamType[int]):
         text = str(value).strip().lower()
         if text in {"default", "none"}:
             return 0
-        if text.isdigit() and int(text) > 0:
-            return int(text)
-        self.fail(f"{value!r} is neither a whole number above 0 nor 'default'", param, ctx)
-
-
-_OVERRIDE = _Override()
+        if not text.isdigit() or int(text) == 0:
+            self.fail(f"{value!r} is neither a whole number above 0 nor 'default'", param, ctx)
+        if int(text) > self._most:
+            self.fail(f"{value} is more than this limit can be: at most {self._most}", param, ctx)
+        return int(text)
 
 
 @click.command("set-limit")
 @click.option("--username", required=True, callback=username_arg)
-@click.option("--rate-limit", type=_OVERRIDE, help="Requests admitted per window.")
-@click.option("--window", type=_OVERRIDE, help="Rate window length in seconds.")
+@click.option("--rate-limit", type=_Override(RATE_LIMIT_MAX), help="Requests admitted per window.")
+@click.option(
+    "--window", type=_Override(RATE_WINDOW_MAX_SECONDS), help="Rate window length in seconds."
+)
 @click.option(
     "--max-concurrent",
-    type=_OVERRIDE,
+    type=_Override(MAX_CONCURRENT_MAX),
     help="Requests the user may have in flight or queued at once (more get 429).",
 )
 @click.option(
     "--max-tokens",
-    type=_OVERRIDE,
+    type=_Override(MAX_TOKENS_MAX),
     help="Cap on one request's max_tokens; a request asking for more, or none, gets this.",
 )
 @click.option(
     "--tokens-per-day",
-    type=_OVERRIDE,
+    type=_Override(TOKEN_QUOTA_MAX),
     help="Token quota (prompt + completion) per UTC day; 'none' removes it.",
 )
 @click.option(
     "--tokens-per-minute",
-    type=_OVERRIDE,
+    type=_Override(TOKEN_QUOTA_MAX),
     help="Token quota (prompt + completion) per rolling minute; 'none' removes it.",
 )
 @click.option("--default", "use_default", is_flag=True, help="Drop every override: use the global.")
