@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +36,7 @@ from backend.usage import Chunk, with_usage
 
 logger = logging.getLogger(__name__)
 
+PROGRESS_OPTION = "llama_gate_progress"  # see backend.usage
 # llama_cpp.server's routes whose JSON body may name a model.
 MODEL_PATHS = frozenset(
     {
@@ -55,6 +57,7 @@ class _Stream:
     request_model: type[BaseModel]
     call: Callable[..., Iterator[Chunk]]
     exclude: frozenset[str]  # the fields its handler drops before calling Llama, copied from it
+    object_name: str
 
 
 _USAGE_STREAMS = {
@@ -62,11 +65,13 @@ _USAGE_STREAMS = {
         CreateChatCompletionRequest,
         with_usage(Llama.create_chat_completion, "chat.completion.chunk"),
         frozenset({"n", "logit_bias_type", "user", "min_tokens"}),
+        "chat.completion.chunk",
     ),
     "/v1/completions": _Stream(
         CreateCompletionRequest,
         with_usage(Llama.__call__, "text_completion"),
         frozenset({"n", "best_of", "logit_bias_type", "user", "min_tokens"}),
+        "text_completion",
     ),
 }
 
@@ -206,6 +211,12 @@ def _wants_usage(data: dict[str, Any]) -> bool:
     )
 
 
+def _wants_progress(data: dict[str, Any]) -> bool:
+    """llama-gate's proxy asks for the prompt's usage as soon as it is known (see usage.py)."""
+    options = data.get("stream_options")
+    return isinstance(options, dict) and options.get(PROGRESS_OPTION) is True
+
+
 async def _stream_with_usage(
     stream: _Stream, data: dict[str, Any], scope: Scope, receive: Receive, send: Send
 ) -> bool:
@@ -225,18 +236,42 @@ async def _stream_with_usage(
         body.prompt = prompt[0] if prompt else ""
     kwargs = body.model_dump(exclude=stream.exclude)
     send_chan, recv_chan = anyio.create_memory_object_stream[dict[str, str]](10)
+    llama_call = stream.call
+    if _wants_progress(data):
+        # Called on the worker thread that runs the model, before the prompt is processed.
+        def on_prompt(tokens: int) -> None:
+            event = _progress_event(stream.object_name, body.model, tokens)
+            anyio.from_thread.run(send_chan.send, {"data": json.dumps(event)})
+
+        llama_call = partial(stream.call, on_prompt=on_prompt)
     publisher = partial(
         get_event_publisher,
         request=Request(scope, receive),
         inner_send_chan=send_chan,
         body=body,
         body_model=body.model,
-        llama_call=stream.call,
+        llama_call=llama_call,
         kwargs=kwargs,
     )
     response = EventSourceResponse(recv_chan, data_sender_callable=publisher, sep="\n")
     await response(scope, receive, send)
     return True
+
+
+def _progress_event(object_name: str, model: str | None, prompt_tokens: int) -> Chunk:
+    """A usage-only event, as the last one of a stream is, for the prompt alone."""
+    return {
+        "id": "progress",
+        "object": object_name,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": 0,
+            "total_tokens": prompt_tokens,
+        },
+    }
 
 
 async def _read_body(receive: Receive) -> bytes | None:

@@ -13,6 +13,11 @@ every call on to the cache that was there, or answers as an empty cache when the
 Cost: before a store Llama runs `save_state()`, a copy of this request's KV cache and logits. With
 LLAMA_PROMPT_CACHE on that happens anyway; without it, it is the price of exact counts, paid only by
 streams that ask for usage.
+
+The tap's first lookup is also the first moment the prompt's length is known: before it is
+processed. `on_prompt` is told it then, so llama-gate's proxy (which asks with
+`stream_options.llama_gate_progress`) hears it at once and can charge a client who leaves during
+a long prompt for the prompt it made the model read.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ Chunk = dict[str, Any]
 class TokenTap(BaseLlamaCache):
     """A prompt cache that records the length of every key Llama looks up and stores."""
 
-    def __init__(self, inner: BaseLlamaCache | None) -> None:
+    def __init__(
+        self, inner: BaseLlamaCache | None, on_prompt: Callable[[int], None] | None = None
+    ) -> None:
         super().__init__(inner.capacity_bytes if inner is not None else 0)
         self.inner = inner
+        self.on_prompt = on_prompt
         self.lookups: list[int] = []
         self.stores: list[int] = []
 
@@ -42,6 +50,8 @@ class TokenTap(BaseLlamaCache):
 
     def __getitem__(self, key: Sequence[int]) -> LlamaState:
         self.lookups.append(len(key))
+        if len(self.lookups) == 1 and self.on_prompt is not None:
+            self.on_prompt(len(key))
         if self.inner is None:
             raise KeyError("empty cache")  # what Llama takes for a miss
         return self.inner[key]
@@ -86,8 +96,10 @@ def with_usage(
     """Wrap a streaming `Llama` method (called as `method(llama, **kwargs)`) so that its stream
     ends with OpenAI's usage chunk: `"choices": []` and the counts an unstreamed call reports."""
 
-    def stream(llama: Llama, **kwargs: Any) -> Generator[Chunk, None, None]:
-        tap = TokenTap(_real_cache(llama))
+    def stream(
+        llama: Llama, *, on_prompt: Callable[[int], None] | None = None, **kwargs: Any
+    ) -> Generator[Chunk, None, None]:
+        tap = TokenTap(_real_cache(llama), on_prompt)
         llama.set_cache(tap)
         last: Chunk | None = None
         try:

@@ -272,6 +272,27 @@ async def test_usage_chunk_is_the_last_before_done_and_only_when_asked(
     assert plain[-1]["choices"][0]["finish_reason"] == "length"
 
 
+async def test_the_prompts_usage_comes_first_when_the_proxy_asks_for_progress(
+    backend: Backend, http: aiohttp.ClientSession
+) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Count from one to ten."}],
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True, "llama_gate_progress": True},
+    }
+    url = f"{backend.url}/v1/chat/completions"
+    async with http.post(url, json=body, headers=backend.auth) as response:
+        events = chunks(await sse(response))
+    first, *answer, last = events
+    # Told before the prompt was processed, with the same count the last usage has.
+    assert first["choices"] == []
+    assert first["usage"]["prompt_tokens"] == last["usage"]["prompt_tokens"] > 0
+    assert first["usage"]["completion_tokens"] == 0
+    assert last["usage"]["completion_tokens"] == 6
+    assert all(chunk["choices"] for chunk in answer)
+
+
 # -- sharing the one model ---------------------------------------------------------------------
 
 
