@@ -32,13 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchdb import database  # noqa: E402
 
-from proxy import migrate, store  # noqa: E402
 from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
+from proxy.db import migrate, queries  # noqa: E402
 from proxy.db.localpg import free_port  # noqa: E402
 
 BACKEND_KEY = "bench-backend-key"
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}
-STREAM = {**CHAT, "stream": True}
+STREAM = {**CHAT, "messages": [{"role": "user", "content": "stream slowly"}], "stream": True}
 
 
 @dataclass
@@ -162,9 +162,9 @@ async def _prepare(dsn: str) -> str:
     con = await asyncpg.connect(dsn)
     try:
         await con.execute("TRUNCATE llama_requests, api_keys, users CASCADE")
-        user = await store.create_user(con, "bench", 1_000_000_000, 60)
+        user = await queries.create_user(con, "bench", 1_000_000, 60)
         key = generate_key()
-        await store.insert_key(
+        await queries.insert_key(
             con, user["id"], key.key_id, KeyHasher().hash(key.secret), None, None
         )
     finally:
@@ -195,7 +195,7 @@ def main() -> None:
         gate_env = {
             "POSTGRES_AUTH_DSN": dsn, "LLAMA_GATE_HOME": home,
             "LLAMA_SERVER_HOST": "127.0.0.1", "LLAMA_SERVER_PORT": str(up_port),
-            "LLAMA_SERVER_API_KEY": BACKEND_KEY, "LLAMA_PROXY_RATE_LIMIT": "1000000000",
+            "LLAMA_SERVER_API_KEY": BACKEND_KEY, "LLAMA_PROXY_RATE_LIMIT": "1000000",
             "LLAMA_PROXY_METRICS_PORT": "0", "LLAMA_PROXY_MAX_CONCURRENT": "1000",
             "LLAMA_BACKEND_SLOTS": "1000",
         }  # fmt: skip

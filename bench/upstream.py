@@ -2,6 +2,10 @@
 
 Each event carries the monotonic time (ns) it was sent at, so the client can tell how much the
 path in between stretched the spacing. CLOCK_MONOTONIC is one clock for every process here.
+
+A request for the slow stream says so in its message (`SLOW`). llama-gate asks every backend for a
+stream, also for a client that wants one JSON answer: such a stream is answered at once, in one
+quick event, as a fast backend would.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from aiohttp import web
 
 EVENTS = 50
 SPACING_SECONDS = 0.020
+SLOW = "stream slowly"
 ANSWER = json.dumps(
     {
         "id": "cmpl-bench",
@@ -29,12 +34,25 @@ ANSWER = json.dumps(
 ).encode()
 
 
+QUICK_STREAM = (
+    b'data: {"id": "cmpl-bench", "object": "chat.completion.chunk", "created": 1700000000, '
+    b'"model": "bench", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}, '
+    b'"finish_reason": "stop"}]}\n\n'
+    b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     payload = await request.json()
     if not payload.get("stream"):
         return web.Response(body=ANSWER, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
+    if payload["messages"][-1]["content"] != SLOW:
+        await response.write(QUICK_STREAM)
+        await response.write_eof()
+        return response
     for index in range(EVENTS):
         if index:
             await asyncio.sleep(SPACING_SECONDS)

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from proxy import errors, health
+from proxy import health
 from proxy.appkeys import (
+    ADMISSION,
     AUDIT_WRITER,
     AUTH_LISTENER,
     AUTHENTICATOR,
@@ -28,17 +29,18 @@ from proxy.appkeys import (
     SETTINGS,
     UPSTREAM_SESSION,
 )
-from proxy.audit.row import row_from
+from proxy.audit.row import CompletionHook
 from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
 from proxy.db.pool import Database
+from proxy.limits.admission import Admission
+from proxy.limits.places import Places
 from proxy.limits.quotas import TokenQuotas
 from proxy.limits.ratelimit import RateLimiter
 from proxy.metrics import Metrics, metrics_app
-from proxy.pipeline import handler as api
-from proxy.pipeline import records
-from proxy.pipeline.records import CompletionHook
+from proxy.pipeline.handler import add_routes, ledger
+from proxy.routes import ROUTES
 from proxy.settings import Settings
 from proxy.upstream.backends import Backends
 
@@ -50,24 +52,21 @@ AUDIT_FLUSH_SECONDS = 10.0
 
 
 def create_app(settings: Settings) -> web.Application:
-    metrics = Metrics()
+    metrics = Metrics(route.path for route in ROUTES)
     database = Database(settings)
     audit_writer = AuditWriter(
         lambda: database.pool,
         settings.runtime_dir / "audit-spill",
         memory_rows=settings.audit_memory_rows,
     )
-    metrics.watch_audit(lambda: audit_writer.backlog, audit_writer.spilled_bytes)
-    hooks: list[CompletionHook] = [lambda record: audit_writer.submit(row_from(record))]
-    hooks.append(metrics.observe)
-    app = web.Application(
-        middlewares=[
-            metrics.middleware(health.PATHS),
-            records.middleware(hooks, health.PATHS),
-            errors.middleware,
-        ],
-        client_max_size=settings.max_body_bytes,
-    )
+    metrics.watch_audit(audit_writer)
+    quotas = TokenQuotas(database)
+    rate_limiter = RateLimiter(settings, database)
+    # quotas.observe counts a request's tokens before its audit row lands.
+    hooks: list[CompletionHook] = [audit_writer.submit, metrics.observe, quotas.observe]
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    table = add_routes(app, ROUTES)
+    app.middlewares.extend([metrics.middleware(health.PATHS), ledger(table, health.PATHS)])
     authenticator = Authenticator(settings, database)
     app[SETTINGS] = settings
     app[COMPLETION_HOOKS] = hooks
@@ -78,9 +77,9 @@ def create_app(settings: Settings) -> web.Application:
     app[AUTH_LISTENER] = AuthListener(
         settings, authenticator.invalidate, authenticator.invalidate_all
     )
-    app[RATE_LIMITER] = RateLimiter(settings, database)
-    app[QUOTAS] = TokenQuotas(database)
-    hooks.append(app[QUOTAS].observe)  # counts a request's tokens before its audit row lands
+    app[RATE_LIMITER] = rate_limiter
+    app[QUOTAS] = quotas
+    app[ADMISSION] = Admission(settings, Places(), quotas, rate_limiter)
     app[BACKENDS] = Backends.from_settings(settings)
     # Cleaned up in reverse: metrics and the audit flush go first, while the pool is still open.
     app.cleanup_ctx.extend(
@@ -88,7 +87,6 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.cleanup_ctx.append(_backend_probes)
     health.add_routes(app)
-    api.add_routes(app)
     return app
 
 

@@ -1,8 +1,7 @@
 """The typed keys of everything the proxy application shares (see `proxy.app.create_app`).
 
 They live apart from `app.py` so handlers can import them without importing the factory that
-imports the handlers. Later issues plug in here: the audit writer appends to
-`COMPLETION_HOOKS`; the scheduler or several backends replace `BACKENDS`.
+imports the handlers.
 """
 
 from __future__ import annotations
@@ -10,14 +9,15 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from proxy.audit.row import CompletionHook
 from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
 from proxy.db.pool import Database
+from proxy.limits.admission import Admission
 from proxy.limits.quotas import TokenQuotas
 from proxy.limits.ratelimit import RateLimiter
 from proxy.metrics import Metrics
-from proxy.pipeline.records import CompletionHook
 from proxy.settings import Settings
 from proxy.upstream.backends import Backends
 
@@ -27,8 +27,10 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 AUTH_LISTENER = web.AppKey("auth_listener", AuthListener)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 QUOTAS = web.AppKey("quotas", TokenQuotas)
+ADMISSION = web.AppKey("admission", Admission)
 BACKENDS = web.AppKey("backends", Backends)
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+# Each finished request's row goes to every hook: the audit writer, metrics, quotas (and tests).
 COMPLETION_HOOKS = web.AppKey[list[CompletionHook]]("completion_hooks")
 AUDIT_WRITER = web.AppKey("audit_writer", AuditWriter)
 METRICS = web.AppKey("metrics", Metrics)

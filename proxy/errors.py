@@ -1,24 +1,15 @@
-"""Errors in OpenAI's shape, so every client library reports them as the API's own.
+"""The errors a request can end with, in no API's shape yet: each dialect renders them its way.
 
-Each `ApiError` knows its status, OpenAI `type` and `code`, and extra headers; `middleware`
-turns them, aiohttp's own HTTP errors (404, 405, ...) and any unexpected failure into
-`{"error": {"message", "type", "param", "code"}}` responses. Messages are sentences that say
-what to do next and never contain a key, a DSN or a backend address.
+Each `ApiError` knows its HTTP status, OpenAI `type` and `code` (the vocabulary the other dialects
+map from), the request field it is about, and extra headers. Messages are sentences that say what
+to do next and never contain a key, a DSN or a backend address.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from typing import Any
-
-from aiohttp import web
-from aiohttp.typedefs import Handler
-
-from proxy.pipeline.records import RECORD
-
-log = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -35,15 +26,22 @@ class ApiError(Exception):
     type = SERVER_ERROR
     code: str | None = None
 
-    def __init__(self, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, headers: Mapping[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = dict(headers or {})
+        self.param = param
 
-    def response(self) -> web.Response:
-        return web.json_response(
-            error_body(self.message, self.type, self.code), status=self.status, headers=self.headers
-        )
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error object."""
+        return error_body(self.message, self.type, self.code, self.param)
+
+    @property
+    def reason(self) -> str:
+        """What the audit row's `error` says: the code for refusals, the message for failures."""
+        return self.code if self.code and self.status < 500 else f"{self.code}: {self.message}"
 
 
 class InvalidApiKey(ApiError):
@@ -186,45 +184,71 @@ class UpstreamUnreachable(UpstreamError):
         super().__init__(503, message)
 
 
-def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
-    if exc.status == 404:
-        message = f"Invalid URL ({request.method} {request.path}): the API lives under /v1/."
-    elif exc.status == 405:
-        message = f"Method {request.method} is not allowed on {request.path}."
-    elif exc.status == 413:
-        message = "The request body is larger than this server accepts."
-    else:
-        message = exc.reason
-    headers = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "retry-after"}}
-    type_ = INVALID_REQUEST if exc.status < 500 else SERVER_ERROR
-    body = error_body(message, type_, None)
-    return web.json_response(body, status=exc.status, headers=headers)
+class InvalidRequest(ApiError):
+    """A field of the request is wrong; `param` names it."""
+
+    status = 400
+    type = INVALID_REQUEST
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, param=param)
 
 
-def _note(request: web.Request, error: str) -> None:
-    """Give the request's record (if it has one) a short, safe description of the failure."""
-    record = request.get(RECORD)
-    if record is not None and record.error is None:
-        record.error = error[:200]
+class NotFound(ApiError):
+    status = 404
+    type = INVALID_REQUEST
+    code = "unknown_url"
+
+    def __init__(self, method: str, path: str) -> None:
+        shown = path if len(path) <= 80 else path[:77] + "..."
+        super().__init__(f"Invalid URL ({method} {shown}): see the API paths this server serves.")
 
 
-@web.middleware
-async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every error in OpenAI's shape; never let a traceback reach the client."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        _note(request, exc.code if exc.code and exc.status < 500 else f"{exc.code}: {exc}")
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        _note(request, f"HTTP {exc.status}")
-        return _from_http_exception(request, exc)
-    except Exception as exc:
-        log.exception("unexpected error handling %s %s", request.method, request.path)
-        _note(request, f"internal error: {type(exc).__name__}")
-        return ApiError(
+class MethodNotAllowed(ApiError):
+    status = 405
+    type = INVALID_REQUEST
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, allowed: str) -> None:
+        super().__init__(f"Method {method} is not allowed here; use {allowed}.", {"Allow": allowed})
+
+
+class BackendAnswered(ApiError):
+    """The backend answered with an error of its own (already in OpenAI's vocabulary)."""
+
+    def __init__(
+        self, status: int, message: str, type_: str, param: str | None, code: str | None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+        self.type = type_
+        self.code = code
+
+    @property
+    def reason(self) -> str:
+        return self.message[:200]
+
+
+class InternalError(ApiError):
+    """A bug in the proxy: the client hears that it is logged, never what it was."""
+
+    code = "internal_error"
+
+    def __init__(self) -> None:
+        super().__init__(
             "The proxy failed unexpectedly; the error is logged. Try again, and tell your "
             "administrator if it keeps happening."
-        ).response()
+        )
+
+
+class ModelNotFound(ApiError):
+    status = 404
+    type = INVALID_REQUEST
+    code = "model_not_found"
+
+    def __init__(self, model: str, known: str) -> None:
+        shown = model if len(model) <= 80 else model[:77] + "..."
+        super().__init__(
+            f"The model {shown!r} does not exist; the models here are: {known}", param="model"
+        )

@@ -43,11 +43,15 @@ def _json(request: web.Request) -> dict[str, Any]:
 @dataclass
 class FakeUpstream:
     expected_key: str | None = None  # answer 401 {"detail"} unless this bearer key is sent
-    mode: str = "ok"  # ok | error | hang | close-before-headers | close-mid-stream
+    # ok | error | hang | close-before-headers | close-mid-stream | end-mid-stream
+    mode: str = "ok"
     error_status: int = 500
     error_body: Any = field(default_factory=lambda: {"detail": "model exploded"})
     event_delay: float = 0.02
-    gate: asyncio.Event | None = None  # when set, a stream waits on it after its first event
+    tail_delay: float = 0.05  # after [DONE], before the response ends (as sse-starlette does)
+    pieces: list[str] = field(default_factory=lambda: ["Hello", " world"])
+    gate: asyncio.Event | None = None  # when set, a stream waits on it after its first chunk...
+    gate_after: int = 0  # ... and this many events more
     seen: list[Seen] = field(default_factory=list)
     received: asyncio.Event = field(default_factory=asyncio.Event)  # set by the first request
     client_left: asyncio.Event = field(default_factory=asyncio.Event)  # the proxy hung up
@@ -110,31 +114,54 @@ class FakeUpstream:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         payload = _json(request)
         if not payload.get("stream"):
-            message = {"role": "assistant", "content": "Hello world"}
+            message = {"role": "assistant", "content": "".join(self.pieces)}
             return web.json_response(_completion("chat.completion", {"message": message}))
+        chunks = [_chunk({"delta": {"role": "assistant", "content": ""}})]
+        chunks += [_chunk({"delta": {"content": piece}}) for piece in self.pieces]
+        chunks.append(_chunk({"delta": {}, "finish_reason": "stop"}))
+        return await self._stream(request, payload, chunks)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        payload = _json(request)
+        if not payload.get("stream"):
+            return web.json_response(_completion("text_completion", {"text": "".join(self.pieces)}))
+        chunks = [_text_chunk(piece, None) for piece in self.pieces]
+        chunks.append(_text_chunk("", "stop"))
+        return await self._stream(request, payload, chunks)
+
+    async def _stream(
+        self, request: web.Request, payload: dict[str, Any], chunks: list[str]
+    ) -> web.StreamResponse:
+        """Streams as llama-gate's backend does: a progress usage event when asked, the chunks
+        (with a comment ping), the usage event when asked, [DONE], then a moment before the
+        response ends (sse-starlette's), in which an SDK client has usually hung up already."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        events = [
-            _chunk({"delta": {"role": "assistant", "content": ""}}),
-            ": ping - keeps idle connections open\r\n\r\n",
-            _chunk({"delta": {"content": "Hello"}}),
-            _chunk({"delta": {"content": " world"}}),
-            _chunk({"delta": {}, "finish_reason": "stop"}),
-            "data: [DONE]\r\n\r\n",
-        ]
         options = payload.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage") is True:
-            events.insert(-1, _usage_chunk())  # as llama-gate's backend does, before [DONE]
+        options = options if isinstance(options, dict) else {}
+        events = []
+        if options.get("llama_gate_progress") is True:
+            progress = {"prompt_tokens": USAGE["prompt_tokens"], "completion_tokens": 0}
+            events.append(_usage_chunk(progress))
+        events += [chunks[0], ": ping - keeps idle connections open\r\n\r\n", *chunks[1:]]
+        if options.get("include_usage") is True:
+            events.append(_usage_chunk())  # as llama-gate's backend does, before [DONE]
+        events.append("data: [DONE]\r\n\r\n")
+        first_chunk = events.index(chunks[0])
         try:
             for index, event in enumerate(events):
                 await response.write(event.encode())
-                if index == 0 and self.gate is not None:
+                if index == first_chunk + self.gate_after and self.gate is not None:
                     await self.gate.wait()
-                if index == 2 and self.mode == "close-mid-stream":
+                if index == first_chunk + 2 and self.mode == "close-mid-stream":
                     assert request.transport is not None
                     request.transport.close()
                     return response
+                if index == first_chunk + 2 and self.mode == "end-mid-stream":
+                    await response.write_eof()
+                    return response
                 await asyncio.sleep(self.event_delay)
+            await asyncio.sleep(self.tail_delay)
         except (asyncio.CancelledError, ConnectionResetError):
             self._left()
             raise
@@ -144,9 +171,6 @@ class FakeUpstream:
     def _left(self) -> None:
         self.client_left_at = time.monotonic()
         self.client_left.set()
-
-    async def _completions(self, request: web.Request) -> web.Response:
-        return web.json_response(_completion("text_completion", {"text": "Hello world"}))
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         inputs = _json(request).get("input", "")
@@ -198,13 +222,24 @@ def _chunk(choice: dict[str, Any]) -> str:
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
 
 
-def _usage_chunk() -> str:
+def _text_chunk(text: str, finish_reason: str | None) -> str:
+    body = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    return f"data: {json.dumps(body)}\r\n\r\n"
+
+
+def _usage_chunk(usage: dict[str, int] | None = None) -> str:
     body = {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": MODEL,
         "choices": [],
-        "usage": USAGE,
+        "usage": usage or USAGE,
     }
     return f"data: {json.dumps(body)}\n\n"

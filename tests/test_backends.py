@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
 from proxy.appkeys import AUTH_LISTENER, BACKENDS, COMPLETION_HOOKS
+from proxy.audit.row import AuditRow
 from proxy.db.localpg import free_port
-from proxy.pipeline.records import RequestRecord
 from proxy.settings import Secret
 from proxy.upstream.backends import Backends, Upstream
 from proxy.upstream.probes import Health
@@ -33,14 +33,14 @@ def _upstream(port: int) -> Upstream:
 @asynccontextmanager
 async def _proxy(
     dsn: str, home: Path, ports: list[int], probe_interval: float = 3600.0, **settings: str
-) -> AsyncIterator[tuple[str, Backends, list[RequestRecord]]]:
+) -> AsyncIterator[tuple[str, Backends, list[AuditRow]]]:
     """The proxy in front of backends on `ports`, probing them at start and every
     `probe_interval` seconds; yields its chat URL, its Backends and the finished records."""
     urls = ",".join(f"http://127.0.0.1:{port}" for port in ports)
     app = create_app(proxy_settings(dsn, 9, home, LLAMA_SERVER_URLS=urls, **settings))
     backends = Backends([_upstream(port) for port in ports], probe_interval=probe_interval)
     app[BACKENDS] = backends
-    records: list[RequestRecord] = []
+    records: list[AuditRow] = []
     app[COMPLETION_HOOKS].append(records.append)
     async with TestServer(app) as server:
         await asyncio.wait_for(app[AUTH_LISTENER].connected.wait(), 10)
@@ -101,7 +101,7 @@ async def test_a_refused_connection_is_retried_on_another_backend_and_takes_the_
         await live.stop()
     assert status == 200, body
     assert live.received == ["alice"]
-    assert records[0].upstream == live.url.removeprefix("http://")
+    assert records[0].backend == live.url.removeprefix("http://")
     assert f"backend {dead_name} is out: refused a request" in caplog.text
 
 

@@ -357,9 +357,7 @@ def test_env_example_documents_every_setting_with_its_default() -> None:
     for name, (value, _, explanation) in documented.items():
         assert re.fullmatch(r"# [A-Z0-9].{10,}", explanation), f"{name} has no explanation above it"
         if name in DEFAULTS:
-            assert value == DEFAULTS[name], (
-                f"{name}={value!r} but Settings uses {DEFAULTS[name]!r}"
-            )
+            assert value == DEFAULTS[name], f"{name}={value!r} but Settings uses {DEFAULTS[name]!r}"
 
 
 def test_env_example_sets_only_the_empty_secrets() -> None:

@@ -73,7 +73,7 @@ async def _audit_row(dsn: str, request_id: str) -> asyncpg.Record:
     try:
         while True:
             row = await con.fetchrow(
-                "SELECT * FROM llama_requests WHERE request_id = $1", request_id
+                "SELECT * FROM llama_requests WHERE client_request_id = $1", request_id
             )
             if row is not None or time.monotonic() > deadline:
                 assert row is not None, f"no audit row for {request_id}"
@@ -116,6 +116,9 @@ def test_streamed_audit_row_counts_the_same_tokens_as_unstreamed(stack: Stack) -
         "temperature": 0,
         "seed": 7,
     }
+    # Both runs below reuse the prompt already in the model's context, as the first does not:
+    # the same greedy tokens need the same arithmetic.
+    client.chat.completions.create(**request)
     plain = client.chat.completions.create(**request, extra_headers={"X-Request-Id": ids["plain"]})
     streamed_text = "".join(
         chunk.choices[0].delta.content or ""
@@ -132,6 +135,27 @@ def test_streamed_audit_row_counts_the_same_tokens_as_unstreamed(stack: Stack) -
         assert rows[name]["username"] == "alice"
         assert rows[name]["status_code"] == 200
     assert rows["stream"]["stream"] is True
+
+
+async def test_sdk_streams_closed_right_after_done_are_complete_rows_with_the_sdks_counts(
+    stack: Stack,
+) -> None:
+    """The openai SDK hangs up as soon as it reads [DONE]; llama_cpp.server ends its response a
+    moment later. Each such stream is a 200 with the tokens the SDK was told."""
+    client = stack.async_client("alice")
+    ids, reported = [uuid.uuid4().hex for _ in range(10)], []
+    for request_id in ids:
+        async for chunk in await client.chat.completions.create(
+            model=DEFAULT, messages=MESSAGES, max_tokens=3, stream=True,
+            stream_options={"include_usage": True}, extra_headers={"X-Request-Id": request_id},
+        ):  # fmt: skip
+            if chunk.usage is not None:
+                reported.append((chunk.usage.prompt_tokens, chunk.usage.completion_tokens))
+    await client.close()
+    rows = [await _audit_row(stack.dsn, request_id) for request_id in ids]
+    assert [(r["status_code"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        (200, prompt, completion) for prompt, completion in reported
+    ]
 
 
 async def test_two_users_streaming_at_once_both_get_complete_streams(stack: Stack) -> None:
@@ -183,3 +207,36 @@ async def test_a_client_that_leaves_mid_stream_frees_the_backend_within_a_second
     row = await _audit_row(stack.dsn, request_id)
     assert row["status_code"] == 499
     assert row["response_bytes"] > 0
+    # Charged for the prompt and what was generated until it left, not for nothing.
+    assert row["prompt_tokens"] > 10
+    assert 2 <= row["completion_tokens"] < 600  # it read the role chunk and two more
+
+
+async def test_a_client_that_leaves_an_unstreamed_request_stops_its_generation(
+    stack: Stack,
+) -> None:
+    """llama_cpp.server notices a departure only while it streams: the proxy always has it
+    stream, so an unstreamed request whose client leaves stops as a stream would."""
+    client = stack.client("bob")
+    quick = {"model": DEFAULT, "messages": MESSAGES, "max_tokens": 1}
+    started = time.monotonic()
+    await asyncio.to_thread(client.chat.completions.create, **quick)
+    idle = time.monotonic() - started
+    request_id = uuid.uuid4().hex
+    headers = {"Authorization": f"Bearer {stack.keys['bob']}", "X-Request-Id": request_id}
+    body = {"model": DEFAULT, "messages": MESSAGES, "max_tokens": 600, "min_tokens": 600}
+    async with aiohttp.ClientSession() as http:
+        call = asyncio.create_task(
+            http.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers)
+        )
+        await asyncio.sleep(1.0)  # generation under way
+        call.cancel()
+    left = time.monotonic()
+    next_call = await asyncio.to_thread(client.chat.completions.create, **quick)
+    waited = time.monotonic() - left
+    assert next_call.choices[0].message is not None
+    assert waited - idle < 1.5, f"next request waited {waited:.2f} s (idle: {idle:.2f} s)"
+    row = await _audit_row(stack.dsn, request_id)
+    assert row["status_code"] == 499
+    assert row["queue_ms"] is not None
+    assert row["completion_tokens"] > 0

@@ -104,7 +104,7 @@ async def test_a_request_that_waits_past_the_queue_timeout_gets_503_and_retry_af
     assert "waited 1 s" in error["error"]["message"]
     assert int(headers["Retry-After"]) >= 1
     (bob_record,) = [r for r in records if r.username == "bob"]
-    assert bob_record.status == 503
+    assert bob_record.status_code == 503
     assert bob_record.queue_ms is not None
     assert 1000 <= bob_record.queue_ms < 1500
     assert upstream.received == ["alice"]
@@ -127,11 +127,11 @@ async def test_a_client_that_leaves_while_queued_leaves_the_queue_at_once(
             records = await proxy.wait_for_records(1)
             upstream.gate.set()  # type: ignore[union-attr]
             assert (await first)[0] == 200
-    assert [(r.username, r.status) for r in records[:1]] == [("bob", 499)]
+    assert [(r.username, r.status_code) for r in records[:1]] == [("bob", 499)]
     assert upstream.received == ["alice"]  # bob's request never reached the backend
 
 
-async def test_max_tokens_is_capped_by_the_global_setting_or_the_users_own(
+async def test_max_tokens_is_capped_by_the_users_own_cap_within_the_global_one(
     db_dsn: str, tmp_path: Path
 ) -> None:
     upstream = TimedUpstream(service_time=0.0)
@@ -140,7 +140,7 @@ async def test_max_tokens_is_capped_by_the_global_setting_or_the_users_own(
         alice, bob = await proxy.user("alice"), await proxy.user("bob")
         carol = await proxy.user("carol")
         await set_limits(db_dsn, "bob", max_tokens=100)
-        await set_limits(db_dsn, "carol", max_tokens=1000)  # an override may exceed the global
+        await set_limits(db_dsn, "carol", max_tokens=1000)  # the global cap bounds overrides too
         url = proxy.url("/v1/chat/completions")
         async with aiohttp.ClientSession() as client:
             for key, user in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
@@ -152,5 +152,32 @@ async def test_max_tokens_is_capped_by_the_global_setting_or_the_users_own(
     assert sent == [
         *[("alice", n) for n in (300, 300, 300, 50, 300, 300, 300, 300, 300)],
         *[("bob", n) for n in (100, 100, 100, 50, 100, 100, 100, 100, 100)],
-        *[("carol", n) for n in (1000, 1000, 1000, 50, 500, 800, 1000, 1000, 1000)],
+        *[("carol", n) for n in (300, 300, 300, 50, 300, 300, 300, 300, 300)],
     ]
+
+
+async def test_max_completion_tokens_is_capped_like_max_tokens(db_dsn: str, tmp_path: Path) -> None:
+    """OpenAI's newer name for the answer's length, which llama_cpp.server ignores: whichever
+    the client sends is capped, and the backend gets it as max_tokens."""
+    upstream = TimedUpstream(service_time=0.0)
+    settings = {"MAX_TOKENS_HARD_CAP": "300"}
+    async with running_proxy(db_dsn, tmp_path, upstream, **settings) as proxy:  # type: ignore[arg-type]
+        alice, bob = await proxy.user("alice"), await proxy.user("bob")
+        await set_limits(db_dsn, "bob", max_tokens=100)
+        url = proxy.url("/v1/chat/completions")
+        asked: list[dict[str, int]] = [
+            {"max_completion_tokens": 50},
+            {"max_completion_tokens": 5000},
+            {"max_tokens": 80, "max_completion_tokens": 5000},
+        ]
+        async with aiohttp.ClientSession() as client:
+            for key, user in ((alice, "alice"), (bob, "bob")):
+                for fields in asked:
+                    assert (await chat(client, url, key, user, **fields))[0] == 200
+    sent = [
+        (s.user, s.body["max_tokens"], "max_completion_tokens" in s.body) for s in upstream.served
+    ]
+    assert sent == [
+        ("alice", 50, False), ("alice", 300, False), ("alice", 80, False),
+        ("bob", 50, False), ("bob", 100, False), ("bob", 80, False),
+    ]  # fmt: skip

@@ -11,11 +11,11 @@ import aiohttp
 import asyncpg
 import pytest
 
+from proxy.audit.row import AuditRow
 from proxy.auth.cache import Principal
 from proxy.db.pool import Database
 from proxy.errors import TokenQuotaExceeded
 from proxy.limits.quotas import TokenQuotas
-from proxy.pipeline.records import RequestRecord
 from tests.proxy_harness import make_user, proxy_settings, running_proxy
 from tests.sharing_helpers import chat, set_limits
 from tests.timed_upstream import TimedUpstream
@@ -115,9 +115,7 @@ async def test_own_finished_requests_count_at_once_and_only_once_when_their_rows
     assert (await quotas.admit(alice))["x-ratelimit-remaining-tokens"] == "20"
 
     def finished(request_id: str) -> None:
-        record = RequestRecord(request_id, "POST", "/v1/chat/completions", None, clock.now)
-        record.user_id, record.prompt_tokens, record.completion_tokens = user_id, 5, 2
-        quotas.observe(record)
+        quotas.observe(_row(request_id, user_id, clock.now, client_request_id="same-for-all"))
 
     finished("r1")  # not in the database yet: the audit writer batches rows
     assert (await quotas.admit(alice))["x-ratelimit-remaining-tokens"] == "13"
@@ -128,6 +126,14 @@ async def test_own_finished_requests_count_at_once_and_only_once_when_their_rows
     finished("r3")
     with pytest.raises(TokenQuotaExceeded):
         await quotas.admit(alice)
+
+
+def _row(request_id: str, user_id: int, at: datetime, **extra: str) -> AuditRow:
+    """A finished request's row: 5 prompt and 2 completion tokens."""
+    return AuditRow(
+        request_id, at, user_id, "alice", None, "POST", "/v1/chat/completions", None, False,
+        200, 1.0, None, None, 0, 0, 5, 2, None, None, **extra,
+    )  # fmt: skip
 
 
 async def test_over_quota_through_the_proxy_is_429_tokens_with_openai_headers(

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
+from proxy.audit.row import AuditRow
 from proxy.auth.cache import Principal
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
@@ -30,7 +31,6 @@ from proxy.db.pool import Database
 from proxy.db.queries import TokenTotals
 from proxy.errors import TokenQuotaExceeded
 from proxy.limits.ratelimit import format_duration
-from proxy.pipeline.records import RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,17 @@ class TokenQuotas:
         self._ledgers: dict[int, _Ledger] = {}  # only users with a quota who sent requests
         self._degraded = False
 
-    def observe(self, record: RequestRecord) -> None:
-        """Completion hook: count a finished request here until its audit row is readable."""
-        ledger = self._ledgers.get(record.user_id) if record.user_id is not None else None
-        tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
-        if ledger is not None and tokens > 0:
-            ledger.recent.append(_Use(record.request_id, record.started_at, tokens))
+    def observe(self, row: AuditRow) -> None:
+        """Completion hook: count a finished request here until its audit row is readable.
+
+        Requests are told apart by the proxy's own request id, never the client's X-Request-Id:
+        a client that sent one id on many requests would otherwise have them all taken for the
+        first one's row once it landed.
+        """
+        ledger = self._ledgers.get(row.user_id) if row.user_id is not None else None
+        tokens = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
+        if ledger is not None and tokens > 0 and row.request_id is not None:
+            ledger.recent.append(_Use(row.request_id, row.created_at, tokens))
 
     async def admit(self, principal: Principal) -> dict[str, str]:
         """The `x-ratelimit-*-tokens` headers, or `TokenQuotaExceeded` for a user over quota."""

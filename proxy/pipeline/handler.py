@@ -1,70 +1,182 @@
-"""The API routes: every request is authenticated, checked, admitted, queued, then forwarded.
+"""A request's straight walk: route -> authentication -> admission -> backend -> outcome -> row.
 
-Everything under /v1/ goes to the backend, plus the unprefixed paths older clients call.
+`ledger` (a middleware) begins every API request's `Exchange` and, however the request ends,
+answers its error in the route's dialect and hands its one row to the completion hooks. The
+handler each route gets authenticates the caller, runs the admission step (place, body, quota,
+rate) and lets the route's endpoint serve the request with a fair turn at a backend.
+
+Run the app with `handler_cancellation=True` (as `serve` and aiohttp's TestServer do): aiohttp
+then cancels a handler whose client disconnected, and that is what closes the backend request and
+stops llama_cpp.server generating for nobody.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection, Sequence
+
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from proxy.appkeys import (
+    ADMISSION,
     AUTHENTICATOR,
     BACKENDS,
-    QUOTAS,
-    RATE_LIMITER,
-    SETTINGS,
+    COMPLETION_HOOKS,
     UPSTREAM_SESSION,
 )
 from proxy.auth.authenticator import presented_key
-from proxy.errors import UpstreamUnreachable
-from proxy.pipeline.records import RECORD
-from proxy.upstream.body import prepare_body
-from proxy.upstream.forward import forward
+from proxy.dialects.openai import DIALECT as DEFAULT_DIALECT
+from proxy.errors import (
+    ApiError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    UpstreamUnreachable,
+)
+from proxy.pipeline.endpoint import CallerLimits, Context, Dialect, Prepared, Route
+from proxy.pipeline.exchange import Exchange
+from proxy.upstream.forward import Reply, UpstreamCall, forward
 
-ALIASES = ("/chat/completions", "/completions", "/embeddings", "/models", "/models/{model:.+}")
+log = logging.getLogger(__name__)
 
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_route("*", "/v1/{tail:.+}", handle)
-    for alias in ALIASES:
-        app.router.add_route("*", alias, handle)
-
-
-def upstream_path(request: web.Request) -> str:
-    """The decoded path, under /v1/: what the proxy inspects is exactly what the backend serves.
-
-    Classifying the raw path would let `/v1/%63hat/completions` (which the backend decodes to
-    chat completions) past the body checks, the max_tokens cap and token counting.
-    """
-    path = request.path
-    return path if path.startswith("/v1/") else "/v1" + path
+EXCHANGE = web.RequestKey("exchange", Exchange)
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    """Authenticate, admit and stream one API request to a backend and back, fairly queued."""
+def add_routes(app: web.Application, routes: Sequence[Route]) -> dict[web.AbstractResource, Route]:
+    """Register every route of the table under its path and aliases; return resource -> route."""
+    table: dict[web.AbstractResource, Route] = {}
+    for route in routes:
+        handler = _handler_for(route)
+        for path in (route.path, *route.aliases):
+            registered = app.router.add_route(route.method, path, handler)
+            table[registered.resource] = route  # type: ignore[index]
+    return table
+
+
+def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]) -> Middleware:
+    """One `Exchange` per API request, one error answer in its dialect, one row to the hooks."""
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in skip_paths:
+            return await handler(request)
+        route = table.get(request.match_info.route.resource)  # type: ignore[arg-type]
+        exchange = Exchange.begin(request, route.path if route else request.path)
+        request[EXCHANGE] = exchange
+        dialect: Dialect = route.endpoint.dialect if route else DEFAULT_DIALECT
+        try:
+            response = await _respond(request, handler, exchange, dialect)
+            if not response.prepared:
+                response.headers["X-Request-Id"] = exchange.answer_id
+                outcome = exchange.outcome
+                if not outcome.complete:  # handed over whole: aiohttp writes it after we return
+                    outcome.status, outcome.complete = response.status, True
+            return response
+        except asyncio.CancelledError:
+            exchange.outcome.left()
+            raise
+        finally:
+            _finish(request, exchange)
+
+    return record
+
+
+async def _respond(
+    request: web.Request, handler: Handler, exchange: Exchange, dialect: Dialect
+) -> web.StreamResponse:
+    """The handler's answer, or the answer to what it raised, in the route's dialect."""
+    try:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            raise _routing_error(request, exc) from None
+    except ApiError as exc:
+        return _answer(exchange, dialect, exc)
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return _answer(exchange, dialect, InternalError())
+
+
+def _routing_error(request: web.Request, exc: web.HTTPException) -> ApiError:
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return MethodNotAllowed(request.method, allowed)
+    return NotFound(request.method, request.path)
+
+
+def _answer(exchange: Exchange, dialect: Dialect, exc: ApiError) -> web.StreamResponse:
+    outcome, delivery = exchange.outcome, exchange.delivery
+    outcome.note_error(exc.reason)
+    if delivery is not None and delivery.response is not None:
+        # The answer had begun, so it can only be cut short: the client sees a cut.
+        delivery.broke_off(exc.reason)
+        return delivery.response
+    return dialect.error(exc, exchange.answer_id)
+
+
+def _finish(request: web.Request, exchange: Exchange) -> None:
+    row = exchange.row()
+    for hook in request.app[COMPLETION_HOOKS]:
+        try:
+            hook(row)
+        except Exception:
+            log.exception("completion hook %r failed for request %s", hook, row.request_id)
+
+
+def _handler_for(route: Route) -> Handler:
+    endpoint = route.endpoint
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        """Authenticate, admit, and let the route's endpoint serve the request."""
+        app = request.app
+        exchange = request[EXCHANGE]
+        delivery = exchange.delivery
+        assert delivery is not None
+        caller = await app[AUTHENTICATOR].authenticate(presented_key(request), exchange.client_addr)
+        exchange.caller = caller
+        admission = app[ADMISSION]
+        limits = CallerLimits(max_tokens=admission.max_tokens(caller))
+
+        def check(raw: bytes | None) -> Prepared:
+            return endpoint.check(raw, limits)
+
+        async with admission.admit(
+            request, caller, exchange.outcome, check, read_body_first=endpoint.reads_body
+        ) as admitted:
+            prepared = admitted.checked
+            exchange.model, exchange.stream = prepared.model, prepared.stream
+            delivery.headers.update(admitted.headers)
+            context = Context(caller, delivery, exchange.request_id, _sender(request, exchange))
+            return await endpoint.serve(context, prepared)
+
+    return handle
+
+
+def _sender(
+    request: web.Request, exchange: Exchange
+) -> Callable[[UpstreamCall, Reply], Awaitable[web.StreamResponse]]:
+    """A fair turn at a backend for each call, retried elsewhere when a backend refuses it."""
     app = request.app
-    record = request[RECORD]
-    principal = await app[AUTHENTICATOR].authenticate(presented_key(request), request.remote)
-    record.user_id, record.username = principal.user_id, principal.username
-    record.key_id = principal.key_id
-    path = upstream_path(request)
-    # The body is checked before rate limiting, so a malformed request spends no quota.
-    settings = app[SETTINGS]
-    max_tokens = principal.max_tokens or settings.max_tokens_hard_cap
-    body = await prepare_body(request, path, record, settings.max_body_bytes, max_tokens)
-    # The cheap local refusals first: a request refused for them spends no rate limit.
-    app[BACKENDS].check_room(record, principal.max_concurrent)
-    token_headers = await app[QUOTAS].admit(principal)
-    limit_headers = await app[RATE_LIMITER].admit(principal)
-    headers = {**limit_headers, **token_headers}
-    refused: list[str] = []
-    while True:
-        async with app[BACKENDS].acquire(record, principal.max_concurrent, refused) as upstream:
-            try:
-                return await forward(
-                    request, app[UPSTREAM_SESSION], upstream, path, body, record, headers
-                )
-            except UpstreamUnreachable as exc:
-                # Nothing reached that backend, so another may take the request as it is.
-                app[BACKENDS].refused(upstream, exc.message)
-                refused.append(upstream.name)
+    assert exchange.caller is not None
+    assert exchange.delivery is not None
+    user, delivery = exchange.caller.user_id, exchange.delivery
+
+    async def send(call: UpstreamCall, reply: Reply) -> web.StreamResponse:
+        backends = app[BACKENDS]  # looked up per call: tests and schedulers may replace it
+        refused: list[str] = []
+        while True:
+            async with backends.acquire(
+                user, exchange.model, exchange.outcome, refused
+            ) as upstream:
+                try:
+                    return await forward(
+                        app[UPSTREAM_SESSION], upstream, call, reply, delivery, exchange.request_id
+                    )
+                except UpstreamUnreachable as exc:
+                    # Nothing reached that backend, so another may take the request as it is.
+                    backends.refused(upstream, exc.message)
+                    refused.append(upstream.name)
+
+    return send

@@ -1,11 +1,11 @@
 """Where requests go: the backends, their health, and a fair turn at one for each request.
 
 `Backends.acquire` is held for the whole exchange, stream included. Each backend serves at most
-`slots` requests at once (llama_cpp.server generates for one at a time); the others wait in per-user
-queues served round-robin (`proxy.upstream.fairqueue`), and their wait is `record.queue_ms`. There
-is one queue for all backends, so a free slot anywhere goes to the next eligible request: nobody
-waits behind a busy backend while another idles. A request goes to a backend that is up and serves
-its model; among free ones, the least loaded.
+`slots` requests at once (llama_cpp.server generates for one at a time); the others wait in
+per-user queues served round-robin (`proxy.upstream.fairqueue`), and their wait is the outcome's
+`queue_ms`. There is one queue for all backends, so a free slot anywhere goes to the next eligible
+request: nobody waits behind a busy backend while another idles. A request goes to a backend that
+is up and serves its model; among free ones, the least loaded.
 
 Health comes from each backend's `/health` every `probe_interval` seconds (see
 `proxy.upstream.probes`), and from requests: a backend that refuses a connection is out until a
@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
-from proxy.errors import QueueTimeout, TooManyConcurrent, UpstreamError
-from proxy.pipeline.records import RequestRecord
+from proxy.errors import QueueTimeout, UpstreamError
 from proxy.settings import Secret, Settings
 from proxy.upstream.fairqueue import FairQueue
+from proxy.upstream.outcome import Outcome
 from proxy.upstream.probes import Health, probe_health
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,6 @@ class Backends:
         self,
         upstreams: Sequence[Upstream],
         slots: int = 1,
-        max_concurrent: int = 4,
         queue_timeout: float = 300.0,
         probe_interval: float = PROBE_INTERVAL_SECONDS,
         probe_timeout: float = 5.0,
@@ -102,7 +101,6 @@ class Backends:
         self._upstreams = tuple(upstreams)
         self._backends = {u.name: _Backend(u, slots) for u in upstreams}
         self._queue: FairQueue[_Waiter] = FairQueue()
-        self._max_concurrent = max_concurrent
         self._queue_timeout = queue_timeout
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
@@ -119,7 +117,6 @@ class Backends:
         return cls(
             upstreams,
             slots=settings.backend_slots,
-            max_concurrent=settings.max_concurrent,
             queue_timeout=float(settings.queue_timeout_seconds),
             probe_timeout=float(settings.connect_timeout_seconds),
         )
@@ -147,39 +144,33 @@ class Backends:
     def is_up(self, name: str) -> bool:
         return self._backends[name].health.up
 
-    # -- admission ---------------------------------------------------------------------------
-
-    def check_room(self, record: RequestRecord, max_concurrent: int | None = None) -> None:
-        """Raise `TooManyConcurrent` if the user already has their cap in flight or queued."""
-        cap = max_concurrent or self._max_concurrent
-        if self._queue.held(record.user_id) >= cap:
-            raise TooManyConcurrent(cap)
+    # -- a turn at a backend -------------------------------------------------------------------
 
     @asynccontextmanager
     async def acquire(
         self,
-        record: RequestRecord,
-        max_concurrent: int | None = None,
+        user: Hashable,
+        model: str | None,
+        outcome: Outcome,
         avoid: Collection[str] = (),
     ) -> AsyncIterator[Upstream]:
         """Hold a slot of a backend for one request, after a fair wait for one.
 
-        `record` says who asks and for which model; `max_concurrent` is the user's own cap;
-        `avoid` names backends that already refused this request, which then keeps its place
-        at the front of the user's queue.
+        `user` is whose turn it is, `model` what the request asks for; the wait and the backend
+        chosen go to `outcome`. `avoid` names backends that already refused this request, which
+        then keeps its place at the front of the user's queue. The per-user concurrency cap is
+        admission's (`proxy.limits.places`): a request reaching here already holds its place.
         """
-        self.check_room(record, max_concurrent)
-        user = record.user_id
         self._queue.hold(user)
         started = time.monotonic()
         try:
-            backend = await self._turn(user, record, frozenset(avoid))
+            backend = await self._turn(user, model, outcome, frozenset(avoid))
         except BaseException:
             self._queue.release(user)
             raise
         finally:
-            record.queue_ms = (record.queue_ms or 0.0) + (time.monotonic() - started) * 1000.0
-        record.upstream = backend.upstream.name
+            outcome.queue_ms = (outcome.queue_ms or 0.0) + (time.monotonic() - started) * 1000.0
+        outcome.backend = backend.upstream.name
         granted = time.monotonic()
         try:
             yield backend.upstream
@@ -189,8 +180,9 @@ class Backends:
             self._queue.release(user)
             self._give_back(backend)
 
-    async def _turn(self, user: Hashable, record: RequestRecord, avoid: frozenset[str]) -> _Backend:
-        model = record.model
+    async def _turn(
+        self, user: Hashable, model: str | None, outcome: Outcome, avoid: frozenset[str]
+    ) -> _Backend:
         free = [
             b
             for b in self._backends.values()
@@ -206,7 +198,7 @@ class Backends:
             raise self._unavailable(model)
         waiter = _Waiter(user, model, avoid, asyncio.get_running_loop().create_future())
         self._queue.push(user, waiter, front=bool(avoid))
-        budget = max(0.0, self._queue_timeout - (record.queue_ms or 0.0) / 1000.0)
+        budget = max(0.0, self._queue_timeout - (outcome.queue_ms or 0.0) / 1000.0)
         try:
             async with asyncio.timeout(budget):
                 return await waiter.future

@@ -1,29 +1,28 @@
-"""The streaming pass-through: one request to a backend, its response back as it arrives.
+"""One call to a backend: the request sent, the answer handed to a `Reply` as it arrives.
 
-Bodies stream both ways and nothing is buffered, so each SSE event (pings and comments
-included) reaches the client when the backend sends it. Only error responses, which are small,
-are read: to rewrite the backend's own shapes (FastAPI's `{"detail": ...}`) into OpenAI's.
-The backend response is closed in `finally` unless it was read to the end, so a client that
-goes away (the handler is cancelled, see `create_app`) closes the backend's connection at once
-and llama_cpp.server stops generating.
+The reply (chosen by the route's dialect) turns the backend's answer into the client's and
+records what happened in the outcome; this module only connects, sends, translates the backend's
+own errors and failures, and gives the connection back: to the keep-alive pool when the answer
+was read to its end, otherwise closed, so a backend whose client left stops generating at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.errors import BodyTooLarge, UpstreamError, UpstreamUnreachable
-from proxy.pipeline.records import CLIENT_CLOSED, RequestRecord
+from proxy.errors import ApiError, BackendAnswered, UpstreamError, UpstreamUnreachable
 from proxy.upstream.backends import Upstream
-from proxy.upstream.body import CappedBody
+from proxy.upstream.delivery import ClientGone, Delivery
 from proxy.upstream.errors import openai_error_body
-from proxy.upstream.usage import UsageReader, reader_for
 
 log = logging.getLogger(__name__)
 
@@ -41,90 +40,141 @@ HOP_BY_HOP = frozenset(
     }
 )
 # The client's credentials never travel on; aiohttp sets the length and framing itself.
-# Accept-Encoding is dropped because compression on loopback only delays SSE events.
+# Accept-Encoding is dropped because compression on loopback only delays SSE events; the
+# client's X-Request-Id is replaced by ours, which llama_cpp.server accepts (it wants a UUID).
 REQUEST_DROP = HOP_BY_HOP | {
     "host",
     "authorization",
     "x-api-key",
     "content-length",
+    "content-type",
     "expect",
     "accept-encoding",
     "x-forwarded-for",
     "x-request-id",
+    "origin",
+    "cookie",
 }
-RESPONSE_DROP = HOP_BY_HOP | {"server", "date", "www-authenticate"}
 ERROR_BODY_LIMIT = 64 * 1024
+# After the answer's last event, how long the backend may take to end its response before the
+# connection is closed rather than kept for the next request.
+DRAIN_SECONDS = 1.0
 
 NOT_REACHABLE = "The model server is not reachable"
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """What to ask a backend: a JSON body (already checked and normalized) or none."""
+
+    method: str
+    path: str
+    json: Mapping[str, Any] | None = None
+    query: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Reply(Protocol):
+    """Turns a backend's successful answer into the client's, through `delivery`."""
+
+    async def relay(
+        self, response: aiohttp.ClientResponse, delivery: Delivery
+    ) -> web.StreamResponse: ...
+
+
+class BackendBrokeOff(Exception):
+    """The backend's answer ended before it was complete."""
+
+
+async def backend_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The answer's bytes as they arrive (never held back for a fuller chunk)."""
+    content = response.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendBrokeOff(f"the backend's answer broke off: {type(exc).__name__}") from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def _named_in_connection(headers: Mapping[str, str]) -> set[str]:
     return {name.strip().lower() for name in headers.get("Connection", "").split(",")}
 
 
-def upstream_headers(request: web.Request, upstream: Upstream, request_id: str) -> CIMultiDict[str]:
+def upstream_headers(
+    request: web.Request, upstream: Upstream, request_id: str, extra: Mapping[str, str]
+) -> CIMultiDict[str]:
     drop = REQUEST_DROP | _named_in_connection(request.headers)
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
     peer = request.remote or "unknown"
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     headers["X-Request-Id"] = request_id
+    headers.update(extra)
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key.reveal()}"
     return headers
 
 
-def _response_headers(
-    upstream_response: aiohttp.ClientResponse, extra: Mapping[str, str]
-) -> CIMultiDict[str]:
-    drop = RESPONSE_DROP | _named_in_connection(upstream_response.headers)
-    headers = CIMultiDict(
-        (k, v) for k, v in upstream_response.headers.items() if k.lower() not in drop
-    )
-    headers.update(extra)
-    headers["X-Accel-Buffering"] = "no"  # tell any proxy in front of us not to buffer SSE
-    return headers
-
-
 async def forward(
-    request: web.Request,
     session: aiohttp.ClientSession,
     upstream: Upstream,
-    path: str,
-    body: bytes | CappedBody | None,
-    record: RequestRecord,
-    extra_headers: Mapping[str, str],
+    call: UpstreamCall,
+    reply: Reply,
+    delivery: Delivery,
+    request_id: str,
 ) -> web.StreamResponse:
-    """Send the request to `upstream` and stream its answer back; `UpstreamError` if it fails."""
-    extra = {**extra_headers, "X-Request-Id": record.request_id}
-    called = time.monotonic()
+    """Call `upstream` and relay its answer; `ApiError` when no answer could be relayed."""
+    body: bytes | None = None
+    extra = dict(call.headers)
+    if call.json is not None:
+        # ASCII-escaped: a client's lone surrogate (legal as a JSON escape) travels as one.
+        body = json.dumps(call.json).encode()
+        extra["Content-Type"] = "application/json"
     try:
-        upstream_response = await session.request(
-            request.method,
-            upstream.url(path, request.rel_url.raw_query_string),
-            headers=upstream_headers(request, upstream, record.request_id),
-            data=body.__aiter__() if isinstance(body, CappedBody) else body,
+        response = await session.request(
+            call.method,
+            upstream.url(call.path, call.query),
+            headers=upstream_headers(delivery.request, upstream, request_id, extra),
+            data=body,
             allow_redirects=False,
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
-        if isinstance(body, CappedBody) and body.exceeded:
-            raise BodyTooLarge(body.limit) from None
         raise _failure(exc, upstream) from None
-    finished = False
     try:
-        if upstream_response.status >= 400:
-            response: web.StreamResponse = await _error_response(upstream_response, record, extra)
-        else:
-            usage = reader_for(path, record, upstream_response.content_type)
-            response = await _stream(request, upstream_response, record, extra, usage)
-        finished = upstream_response.content.is_eof()
-        return response
+        if response.status >= 400:
+            raise await _backend_error(response, upstream)
+        try:
+            answered = await reply.relay(response, delivery)
+        except BackendBrokeOff as exc:
+            log.warning("request %s: %s", request_id, exc)
+            if delivery.response is None:  # nothing sent yet: the client gets a plain 502
+                raise UpstreamError(502, f"{NOT_REACHABLE}: {exc}. Try again.") from None
+            delivery.broke_off(str(exc))
+            return delivery.response
+        except ClientGone:
+            assert delivery.response is not None
+            return delivery.response
+        if delivery.outcome.complete and not response.content.is_eof():
+            await _drain(response)
+        return answered
     finally:
-        record.upstream_ms = (time.monotonic() - called) * 1000.0
-        if finished:
-            upstream_response.release()  # back to the keep-alive pool
+        if response.content.is_eof():
+            response.release()  # back to the keep-alive pool
         else:
-            upstream_response.close()  # drop the connection: the backend sees the client leave
+            response.close()  # drop the connection: the backend sees the client leave
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read what the backend still sends after the answer's end, so its connection is reused."""
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while await response.content.readany():
+                pass
+    except (aiohttp.ClientError, TimeoutError):
+        pass
 
 
 def _failure(exc: aiohttp.ClientError | TimeoutError, upstream: Upstream) -> UpstreamError:
@@ -140,13 +190,12 @@ def _failure(exc: aiohttp.ClientError | TimeoutError, upstream: Upstream) -> Ups
     )
 
 
-async def _error_response(
-    upstream_response: aiohttp.ClientResponse, record: RequestRecord, extra: Mapping[str, str]
-) -> web.Response:
-    status = upstream_response.status
+async def _backend_error(response: aiohttp.ClientResponse, upstream: Upstream) -> ApiError:
+    """The backend's own error answer, in OpenAI's vocabulary, safe to show the client."""
+    status = response.status
     raw = b""
     try:
-        while len(raw) < ERROR_BODY_LIMIT and (chunk := await upstream_response.content.readany()):
+        while len(raw) < ERROR_BODY_LIMIT and (chunk := await response.content.readany()):
             raw += chunk
     except (aiohttp.ClientError, TimeoutError):
         pass  # rewrite what we have
@@ -156,72 +205,16 @@ async def _error_response(
             "the backend was started with",
             status,
         )
-        raise UpstreamError(
+        return UpstreamError(
             502, f"{NOT_REACHABLE}: it refused the proxy's credentials. Tell your administrator."
         )
-    body = openai_error_body(status, raw[:ERROR_BODY_LIMIT])
-    record.error = str(body["error"]["message"])[:200]
-    record.bytes_out = len(raw)
-    return web.json_response(body, status=status, headers=extra)
-
-
-async def _stream(
-    request: web.Request,
-    upstream_response: aiohttp.ClientResponse,
-    record: RequestRecord,
-    extra: Mapping[str, str],
-    usage: UsageReader | None,
-) -> web.StreamResponse:
-    response = web.StreamResponse(
-        status=upstream_response.status,
-        reason=upstream_response.reason,
-        headers=_response_headers(upstream_response, extra),
+    error = openai_error_body(status, raw[:ERROR_BODY_LIMIT])["error"]
+    if status >= 500:
+        # A backend's 500 may carry a traceback or its file paths: those are for the log.
+        log.error("backend %s failed a request (HTTP %d): %s", upstream.name, status, error)
+        return UpstreamError(
+            502, "The model server failed on this request; the error is logged. Try again."
+        )
+    return BackendAnswered(
+        status, str(error["message"]), str(error["type"]), error.get("param"), error.get("code")
     )
-    try:
-        await response.prepare(request)
-    except ConnectionResetError:  # gone before the first byte; the cancellation may lag behind
-        record.status = CLIENT_CLOSED
-        return response
-    content = upstream_response.content
-    while True:
-        try:
-            # readany hands over whatever has arrived, so an event is never held back waiting
-            # for a fuller chunk.
-            chunk = await content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            record.error = f"the backend's response broke off: {type(exc).__name__}"
-            log.warning("request %s: %s", record.request_id, record.error)
-            # End without the final chunk, so the client sees a cut, not a complete answer.
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        if not chunk:
-            break
-        if record.ttfb_ms is None:
-            record.ttfb_ms = record.elapsed_ms()
-        if usage is not None:
-            chunk = usage.feed(chunk)
-        if chunk and not await _send(response, chunk, record):
-            return response
-    if usage is not None:
-        tail = usage.finish(record)
-        if tail and not await _send(response, tail, record):
-            return response
-    try:
-        await response.write_eof()
-    except ConnectionResetError:  # gone just before the end: it did not get the whole answer
-        record.status = CLIENT_CLOSED
-        record.error = "client closed the connection"
-    return response
-
-
-async def _send(response: web.StreamResponse, chunk: bytes, record: RequestRecord) -> bool:
-    """Write to the client; False (and status 499) when it has gone away."""
-    try:
-        await response.write(chunk)
-    except ConnectionResetError:
-        record.status = CLIENT_CLOSED
-        record.error = "client closed the connection"
-        return False
-    record.bytes_out += len(chunk)
-    return True

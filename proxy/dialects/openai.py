@@ -1,0 +1,91 @@
+"""OpenAI's API: its endpoints on the pipeline, and its error shape.
+
+Errors read `{"error": {"message", "type", "param", "code"}}`, so every OpenAI client library
+reports them as the API's own.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.dialects.openai_body import inference, model_of, parse_object
+from proxy.dialects.openai_replies import (
+    AssembledReply,
+    BodyReply,
+    OneModelReply,
+    StreamReply,
+)
+from proxy.errors import ApiError
+from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
+from proxy.upstream.forward import UpstreamCall
+
+
+class OpenAIDialect:
+    def error(self, exc: ApiError, request_id: str) -> web.Response:
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+DIALECT = OpenAIDialect()
+
+
+class _Forwarded:
+    """An endpoint whose request goes to the backend as checked, its answer back as replied."""
+
+    dialect = DIALECT
+    reads_body = True
+
+    async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
+        assert prepared.call is not None
+        assert prepared.reply is not None
+        return await context.send(prepared.call, prepared.reply)
+
+
+class Completions(_Forwarded):
+    """POST /v1/chat/completions (`kind` chat) and /v1/completions (`kind` text)."""
+
+    def __init__(self, backend_path: str, kind: str) -> None:
+        self._path = backend_path
+        self._kind = kind
+
+    def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
+        request = inference(parse_object(raw), limits.max_tokens)
+        reply = StreamReply(request.usage_wanted) if request.stream else AssembledReply(self._kind)
+        call = UpstreamCall("POST", self._path, request.body)
+        return Prepared(call, reply, request.model, request.stream)
+
+
+class Embeddings(_Forwarded):
+    """POST /v1/embeddings: the body as checked; tokens from the answer's usage."""
+
+    def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
+        payload = parse_object(raw)
+        model = model_of(payload)
+        call = UpstreamCall("POST", "/v1/embeddings", payload)
+        return Prepared(call, BodyReply(counts_tokens=True), model, None)
+
+
+class Models(_Forwarded):
+    """GET /v1/models: the backend's list, passed through."""
+
+    reads_body = False
+
+    def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
+        return Prepared(UpstreamCall("GET", "/v1/models"), BodyReply(counts_tokens=False))
+
+
+class ModelRetrieve(_Forwarded):
+    """GET /v1/models/{model} (the OpenAI SDK's `models.retrieve`): one entry of the list.
+
+    llama_cpp.server has no such route, so the proxy asks for the list and answers with the
+    entry itself, or 404 `model_not_found` naming the models there are.
+    """
+
+    reads_body = False
+
+    def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
+        return Prepared(UpstreamCall("GET", "/v1/models"), None)
+
+    async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
+        assert prepared.call is not None
+        wanted = context.delivery.request.match_info["model"]
+        return await context.send(prepared.call, OneModelReply(wanted))

@@ -1,0 +1,89 @@
+"""One API request from its arrival to its audit row.
+
+The pipeline fills in who called and what they asked for; the `Outcome` holds what happened.
+`row()` is the one place a finished request becomes its `llama_requests` row, and its status the
+one `Outcome.final_status()` decides.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from proxy.audit.row import ERROR_TEXT_LIMIT, AuditRow, storable
+from proxy.auth.cache import Principal
+from proxy.upstream.delivery import Delivery
+from proxy.upstream.outcome import Outcome
+
+# What a client may send as X-Request-Id to see it again in its answer and in the audit log.
+_CLIENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+@dataclass(eq=False)
+class Exchange:
+    request_id: str  # ours, unique: the backend's X-Request-Id and the quota ledger's key
+    client_request_id: str | None  # the client's X-Request-Id, recorded and returned
+    method: str
+    path: str  # the route's canonical path, or the path as sent for an unknown one
+    client_addr: str | None
+    started_at: datetime  # wall clock, for the row
+    start: float = field(default_factory=time.monotonic, repr=False)
+    caller: Principal | None = None
+    model: str | None = None
+    stream: bool | None = None
+    outcome: Outcome = field(default_factory=Outcome)
+    delivery: Delivery | None = None  # the client's side of the answer
+
+    @classmethod
+    def begin(cls, request: web.Request, path: str) -> Exchange:
+        given = request.headers.get("X-Request-Id", "")
+        exchange = cls(
+            request_id=uuid.uuid4().hex,
+            client_request_id=given if _CLIENT_ID_RE.match(given) else None,
+            method=request.method,
+            path=path,
+            client_addr=request.remote,
+            started_at=datetime.now(UTC),
+        )
+        headers = {"X-Request-Id": exchange.answer_id}
+        exchange.delivery = Delivery(request, exchange.outcome, headers, exchange.start)
+        return exchange
+
+    @property
+    def answer_id(self) -> str:
+        """The X-Request-Id of the answer: the client's own when it sent one."""
+        return self.client_request_id or self.request_id
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.start) * 1000.0
+
+    def row(self) -> AuditRow:
+        caller, outcome = self.caller, self.outcome
+        return AuditRow(
+            request_id=self.request_id,
+            created_at=self.started_at,
+            user_id=caller.user_id if caller else None,
+            username=caller.username if caller else None,
+            key_id=caller.key_id if caller else None,
+            method=storable(self.method, 16),
+            path=storable(self.path) or "",
+            model=storable(self.model),
+            stream=self.stream,
+            status_code=outcome.final_status(),
+            duration_ms=self.elapsed_ms(),
+            ttfb_ms=outcome.ttfb_ms,
+            queue_ms=outcome.queue_ms,
+            request_bytes=outcome.bytes_in,
+            response_bytes=outcome.bytes_out,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            client_addr=storable(self.client_addr),
+            error=storable(outcome.error, ERROR_TEXT_LIMIT),
+            client_request_id=storable(self.client_request_id),
+            backend=storable(outcome.backend),
+        )

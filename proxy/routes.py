@@ -1,0 +1,28 @@
+"""The route table: every API path once, with the endpoint that serves it.
+
+Routing, the admission step's body checks, token counting, the error shape and the metrics label
+all come from here; a path that is not in the table is a 404 that never reaches a backend.
+"""
+
+from __future__ import annotations
+
+from proxy.dialects import openai
+from proxy.pipeline.endpoint import Route
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "/v1/chat/completions",
+        "POST",
+        openai.Completions("/v1/chat/completions", "chat"),
+        aliases=("/chat/completions",),
+    ),
+    Route(
+        "/v1/completions",
+        "POST",
+        openai.Completions("/v1/completions", "text"),
+        aliases=("/completions",),
+    ),
+    Route("/v1/embeddings", "POST", openai.Embeddings(), aliases=("/embeddings",)),
+    Route("/v1/models", "GET", openai.Models(), aliases=("/models",)),
+    Route("/v1/models/{model}", "GET", openai.ModelRetrieve(), aliases=("/models/{model}",)),
+)

@@ -1,0 +1,92 @@
+"""The client's side of an answer: its response opened once, every byte counted, departures noted.
+
+A reply writes through a `Delivery`; when the client has gone, a write raises `ClientGone` (and
+the outcome says the client left), so no reply needs to know how aiohttp reports a departure.
+`finish()` ends the response and is the one point where an answer counts as received whole.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.upstream.outcome import Outcome
+
+
+class ClientGone(Exception):
+    """The client went away (or stopped reading) before its answer was complete."""
+
+
+class Delivery:
+    def __init__(
+        self,
+        request: web.Request,
+        outcome: Outcome,
+        headers: dict[str, str],
+        started: float,
+    ) -> None:
+        self.request = request
+        self.outcome = outcome
+        self.headers = headers  # X-Request-Id and the rate-limit headers, on every answer
+        self._started = started  # monotonic time the request arrived
+        self.response: web.StreamResponse | None = None
+
+    def first_byte(self) -> None:
+        """The backend's first answer byte (or event) arrived: time to first byte."""
+        if self.outcome.ttfb_ms is None:
+            self.outcome.ttfb_ms = (time.monotonic() - self._started) * 1000.0
+
+    async def open(
+        self, status: int, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> web.StreamResponse:
+        """Send the status line and headers (a stream's answer begins)."""
+        combined = CIMultiDict(headers or {})
+        combined.update(self.headers)
+        combined["Content-Type"] = content_type
+        response = web.StreamResponse(status=status, headers=combined)
+        self.outcome.status = status
+        self.response = response
+        try:
+            await response.prepare(self.request)
+        except ConnectionResetError:
+            self.outcome.left()
+            raise ClientGone from None
+        return response
+
+    async def send(self, data: bytes) -> None:
+        assert self.response is not None, "open() first"
+        try:
+            await self.response.write(data)
+        except ConnectionResetError:
+            self.outcome.left()
+            raise ClientGone from None
+        self.outcome.bytes_out += len(data)
+
+    async def finish(self) -> None:
+        """The whole answer has been sent: end the response."""
+        assert self.response is not None, "open() first"
+        try:
+            await self.response.write_eof()
+        except ConnectionResetError:
+            self.outcome.left()
+            raise ClientGone from None
+        self.outcome.complete = True
+
+    def whole(self, status: int, body: bytes, content_type: str) -> web.Response:
+        """An answer sent in one piece (aiohttp writes it once the handler returns)."""
+        response = web.Response(status=status, body=body, headers=self.headers)
+        response.content_type = content_type
+        self.outcome.status = status
+        self.outcome.bytes_out += len(body)
+        self.outcome.complete = True
+        return response
+
+    def broke_off(self, reason: str) -> None:
+        """The backend broke the answer off: cut the client's connection, so it sees a cut."""
+        self.outcome.broken = True
+        self.outcome.note_error(reason)
+        if self.request.transport is not None:
+            self.request.transport.close()
