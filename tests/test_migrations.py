@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import asyncpg
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -58,3 +64,41 @@ def test_downgrade_to_base_then_upgrade_round_trips(empty_dsn: str) -> None:
 def test_upgrade_is_idempotent(db_dsn: str) -> None:
     migrate.upgrade(db_dsn)
     assert _diff(db_dsn) == []
+
+
+@pytest.mark.slow
+def test_init_db_works_from_an_installed_wheel(empty_dsn: str, tmp_path: Path) -> None:
+    """The revisions are package data: a wheel, installed anywhere, can migrate a database."""
+    root = Path(__file__).resolve().parent.parent
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), root],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("llama_gate-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert "proxy/db/migrations/env.py" in names
+    assert "proxy/db/migrations/script.py.mako" in names
+    assert any(name.startswith("proxy/db/migrations/versions/0001_") for name in names)
+    site = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", site, wheel],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    elsewhere = tmp_path / "elsewhere"  # no source tree, no alembic.ini around
+    elsewhere.mkdir()
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site), "POSTGRES_AUTH_DSN": empty_dsn}
+    code = (
+        "import proxy, sys; from proxy.cli.main import main; "
+        "print(proxy.__file__, file=sys.stderr); main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "init-db"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert str(site) in result.stderr  # the wheel's copy ran, not the source tree's
+    assert "is at the newest schema" in result.stdout
+    assert _diff(empty_dsn) == []

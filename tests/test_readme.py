@@ -58,3 +58,16 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert [
         line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))
     ] == [command]
+
+
+def test_the_layout_table_names_every_module_of_the_proxy() -> None:
+    layout = README.split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+    modules = {
+        path.relative_to(ROOT / "proxy")
+        for path in (ROOT / "proxy").rglob("*.py")
+        if path.name not in {"__init__.py", "__main__.py"} and "migrations" not in path.parts
+    }
+    missing = [str(module) for module in sorted(modules) if f"{module.name}`" not in layout]
+    assert not missing, f"README's layout table does not mention {missing}"
+    folders = {module.parts[0] for module in modules if len(module.parts) > 1}
+    assert all(f"`proxy/{folder}/`" in layout for folder in folders)
