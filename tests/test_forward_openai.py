@@ -49,6 +49,10 @@ async def test_streamed_chat(client: openai.AsyncOpenAI) -> None:
 async def test_models(client: openai.AsyncOpenAI) -> None:
     models = [model.id async for model in client.models.list()]
     assert models == ["smollm2-test"]
+    assert (await client.models.retrieve("smollm2-test")).id == "smollm2-test"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await client.models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found"
 
 
 async def test_embeddings(client: openai.AsyncOpenAI) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.dialects.openai_body import inference, model_of, parse_object
+from proxy.dialects import openai_body
+from proxy.dialects.openai_body import parse_object
 from proxy.dialects.openai_replies import (
     AssembledReply,
     BodyReply,
@@ -48,7 +49,8 @@ class Completions(_Forwarded):
         self._kind = kind
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
-        request = inference(parse_object(raw), limits.max_tokens)
+        normalize = openai_body.chat if self._kind == "chat" else openai_body.text
+        request = normalize(parse_object(raw), limits.max_tokens)
         reply = StreamReply(request.usage_wanted) if request.stream else AssembledReply(self._kind)
         call = UpstreamCall("POST", self._path, request.body)
         return Prepared(call, reply, request.model, request.stream)
@@ -58,10 +60,9 @@ class Embeddings(_Forwarded):
     """POST /v1/embeddings: the body as checked; tokens from the answer's usage."""
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
-        payload = parse_object(raw)
-        model = model_of(payload)
-        call = UpstreamCall("POST", "/v1/embeddings", payload)
-        return Prepared(call, BodyReply(counts_tokens=True), model, None)
+        body = openai_body.embeddings(parse_object(raw))
+        call = UpstreamCall("POST", "/v1/embeddings", body)
+        return Prepared(call, BodyReply(counts_tokens=True), body.get("model"), None)
 
 
 class Models(_Forwarded):

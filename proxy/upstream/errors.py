@@ -33,7 +33,8 @@ def openai_error_body(status: int, raw: bytes) -> dict[str, Any]:
                 }
             }
         if "detail" in payload:
-            return error_body(_detail_message(payload["detail"]), type_, None)
+            detail = payload["detail"]
+            return error_body(_detail_message(detail), type_, None, _detail_param(detail))
         if isinstance(error, str):
             return error_body(error, type_, None)
     text = raw.decode("utf-8", "replace").strip()[:_SNIPPET]
@@ -56,6 +57,14 @@ def _detail_message(detail: Any) -> str:
                 parts.append(str(item))
         return "; ".join(parts) or "The request was invalid."
     return json.dumps(detail)[:_SNIPPET]
+
+
+def _detail_param(detail: Any) -> str | None:
+    """The field FastAPI's first validation problem is about (`body.messages.0` -> messages.0)."""
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        where = [str(p) for p in detail[0].get("loc", []) if p != "body"]
+        return ".".join(where) or None
+    return None
 
 
 def _reason(status: int) -> str:

@@ -215,6 +215,8 @@ async def _backend_error(response: aiohttp.ClientResponse, upstream: Upstream) -
         return UpstreamError(
             502, "The model server failed on this request; the error is logged. Try again."
         )
+    if status == 422:  # FastAPI's "unprocessable": to OpenAI clients, a request error
+        status = 400
     return BackendAnswered(
         status, str(error["message"]), str(error["type"]), error.get("param"), error.get("code")
     )

@@ -1,0 +1,168 @@
+"""What the proxy believes is what the backend does: OpenAI bodies checked against OpenAI's types,
+refused with a 400 naming the field, and forwarded as the proxy's own normalized copy."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.proxy_harness import Harness, bearer, running_proxy
+
+CHAT: dict[str, Any] = {"model": "smollm2-test", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.fixture
+async def proxy(db_dsn: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running_proxy(db_dsn, tmp_path) as harness:
+        yield harness
+
+
+async def _post(
+    proxy: Harness,
+    key: str,
+    path: str = "/v1/chat/completions",
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> tuple[int, Any]:
+    headers = {**bearer(key), **(headers or {})}
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(proxy.url(path), headers=headers, **kwargs) as r,
+    ):
+        body = await r.json() if r.content_type == "application/json" else await r.text()
+        return r.status, body
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"stream": 1}, "stream"),  # llama_cpp.server would stream it, unmetered
+        ({"stream": "true"}, "stream"),
+        ({"top_p": 5}, "top_p"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"top_logprobs": 99999, "logprobs": True}, "top_logprobs"),  # a 61 MB answer once
+        ({"n": 2}, "n"),  # llama_cpp.server would answer one choice, silently
+        ({"logit_bias": {"42": 1e9}}, "logit_bias.42"),
+        ({"stop": ["a"] * 50}, "stop"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"max_tokens": "many"}, "max_tokens"),
+    ],
+)
+async def test_a_field_of_the_wrong_type_or_range_is_a_400_naming_it(
+    proxy: Harness, change: dict[str, Any], param: str
+) -> None:
+    key = await proxy.user("alice")
+    status, body = await _post(proxy, key, json={**CHAT, **change})
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["param"] == param, body
+    assert param.split(".")[0] in body["error"]["message"]
+    assert proxy.upstream.seen == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b'{"messages": [], "top_p": NaN}', "NaN is not a JSON number"),
+        (b'{"messages": [], "temperature": Infinity}', "Infinity is not a JSON number"),
+        (b'{"messages": [], "seed": ' + b"9" * 5000 + b"}", "a number in it is too long"),
+    ],
+)
+async def test_numbers_json_does_not_have_are_a_400_not_a_500(
+    proxy: Harness, raw: bytes, detail: str
+) -> None:
+    key = await proxy.user("alice")
+    headers = {"Content-Type": "application/json"}
+    status, body = await _post(proxy, key, data=raw, headers=headers)
+    assert status == 400, body
+    assert detail in body["error"]["message"]
+    assert proxy.upstream.seen == []
+
+
+async def test_the_backend_gets_only_checked_fields_normalized(proxy: Harness) -> None:
+    key = await proxy.user("alice")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    body = {
+        **CHAT,
+        "messages": [
+            {"role": "developer", "content": "Answer in JSON."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": schema, "strict": True},
+        },
+        "temperature": 0,
+        "store": True,  # OpenAI-only: dropped
+        "parallel_tool_calls": False,
+        "metadata": {"x": "y"},
+    }
+    status, _ = await _post(proxy, key, json=body)
+    assert status == 200
+    sent = json.loads(proxy.upstream.seen[-1].body)
+    assert sent == {
+        "model": "smollm2-test",
+        "messages": [
+            {"role": "system", "content": "Answer in JSON."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
+        # llama_cpp's spelling of schema-constrained JSON
+        "response_format": {"type": "json_object", "schema": schema},
+        "temperature": 0,
+        "max_tokens": 1024,
+        "stream": True,
+        "stream_options": {"include_usage": True, "llama_gate_progress": True},
+    }
+
+
+async def test_completions_and_embeddings_are_checked_too(proxy: Harness) -> None:
+    key = await proxy.user("alice")
+    for path, body, param in (
+        ("/v1/completions", {"prompt": "Hi", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"prompt": "Hi", "logprobs": 50}, "logprobs"),
+        ("/v1/completions", {"prompt": {"text": "Hi"}}, "prompt"),
+        ("/v1/embeddings", {"input": None}, "input"),
+        ("/v1/embeddings", {"input": [1.5]}, "input"),
+    ):
+        status, answer = await _post(proxy, key, path, json=body)
+        assert (status, answer["error"]["param"]) == (400, param), (path, body, answer)
+    status, _ = await _post(proxy, key, "/v1/completions", json={"prompt": "Hi", "echo": False})
+    assert status == 200
+    assert json.loads(proxy.upstream.seen[-1].body)["prompt"] == "Hi"
+    assert [seen.path for seen in proxy.upstream.seen] == ["/v1/completions"]
+
+
+async def test_answers_past_the_size_bound_are_cut_and_recorded(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    async with running_proxy(db_dsn, tmp_path, LLAMA_PROXY_MAX_ANSWER_BYTES="200000") as proxy:
+        key = await proxy.user("alice")
+        proxy.upstream.pieces = ["x" * 50_000] * 10
+        proxy.upstream.event_delay = 0.0
+        status, body = await _post(proxy, key, json=CHAT)
+        assert status == 502
+        assert body["error"]["code"] == "answer_too_large"
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
+                proxy.url("/v1/chat/completions"),
+                json={**CHAT, "stream": True},
+                headers=bearer(key),
+            ) as r,
+        ):
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+        rows = await proxy.wait_for_records(2)
+    assert [row.status_code for row in rows] == [502, 502]
+    assert all("answer_too_large" in str(row.error) for row in rows)
+    assert rows[1].response_bytes <= 200_000
