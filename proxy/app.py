@@ -34,12 +34,13 @@ from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
 from proxy.db.pool import Database
+from proxy.edge.cors import Cors
 from proxy.limits.admission import Admission
 from proxy.limits.places import Places
 from proxy.limits.quotas import TokenQuotas
 from proxy.limits.ratelimit import RateLimiter
 from proxy.metrics import Metrics, metrics_app
-from proxy.pipeline.handler import add_routes, ledger
+from proxy.pipeline.handler import add_fallback, add_routes, ledger
 from proxy.routes import ROUTES
 from proxy.settings import Settings
 from proxy.upstream.backends import Backends
@@ -66,7 +67,11 @@ def create_app(settings: Settings) -> web.Application:
     hooks: list[CompletionHook] = [audit_writer.submit, metrics.observe, quotas.observe]
     app = web.Application(client_max_size=settings.max_body_bytes)
     table = add_routes(app, ROUTES)
-    app.middlewares.extend([metrics.middleware(health.PATHS), ledger(table, health.PATHS)])
+    cors = Cors(settings.cors_origins)
+    app.middlewares.extend(
+        [cors.preflight, metrics.middleware(health.PATHS), ledger(table, health.PATHS)]
+    )
+    app.on_response_prepare.append(cors.label)
     authenticator = Authenticator(settings, database)
     app[SETTINGS] = settings
     app[COMPLETION_HOOKS] = hooks
@@ -87,6 +92,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.cleanup_ctx.append(_backend_probes)
     health.add_routes(app)
+    add_fallback(app, table)  # last: it matches every path
     return app
 
 

@@ -252,3 +252,36 @@ class ModelNotFound(ApiError):
         super().__init__(
             f"The model {shown!r} does not exist; the models here are: {known}", param="model"
         )
+
+
+class RequestTimeout(ApiError):
+    status = 408
+    type = INVALID_REQUEST
+    code = "request_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"The request body did not arrive within {seconds:g} s; send it whole, at once."
+        )
+
+
+class ExpectationFailed(ApiError):
+    status = 417
+    type = INVALID_REQUEST
+    code = "expectation_failed"
+
+    def __init__(self) -> None:
+        super().__init__("Only `Expect: 100-continue` is understood here; send no other Expect.")
+
+
+class AnswerTooLarge(ApiError):
+    """The model's answer grew past LLAMA_PROXY_MAX_ANSWER_BYTES; it is cut there."""
+
+    status = 502
+    code = "answer_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The answer grew larger than this server returns ({limit} bytes); ask for fewer "
+            "tokens or fewer logprobs."
+        )

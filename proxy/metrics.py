@@ -133,7 +133,7 @@ class Metrics:
     def middleware(self, skip_paths: frozenset[str]) -> Middleware:
         @web.middleware
         async def count_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if request.path in skip_paths:
+            if request.path in skip_paths and request.method in {"GET", "HEAD"}:
                 return await handler(request)
             with self.in_flight.track_inprogress():
                 return await handler(request)

@@ -108,6 +108,22 @@ def _optional_text(raw: str) -> str:
     return raw.strip()
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """`*`, or a comma-separated list of origins such as `https://chat.example.com`."""
+    origins: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        if item == "*":
+            origins.append(item)
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in {"http", "https"} or not parts.netloc or parts.path not in {"", "/"}:
+            raise ValueError(f"{item!r} is not an origin like https://chat.example.com (or *)")
+        origins.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return tuple(origins)
+
+
 def _secret(raw: str) -> Secret:
     return Secret(raw.strip())
 
@@ -157,6 +173,7 @@ PortOrOff = Annotated[int, _parsed(_port_or_off)]
 Flag = Annotated[bool, _parsed(_bool)]
 SecretText = Annotated[Secret, _parsed(_secret)]
 Urls = Annotated[tuple[str, ...], _parsed(_urls)]
+Origins = Annotated[tuple[str, ...], _parsed(_origins)]
 AnyInt = Annotated[int, _parsed(_int)]
 # Whole numbers within the bounds their use can hold.
 ThreadCount = Annotated[int, _parsed(_whole(0, 1024))]
@@ -205,6 +222,20 @@ class Settings(BaseModel):
     rate_limit: RateLimitCount = setting("LLAMA_PROXY_RATE_LIMIT", "60")
     rate_window_seconds: RateWindowSeconds = setting("LLAMA_PROXY_RATE_WINDOW_SECONDS", "60")
     max_body_bytes: BodyBytes = setting("LLAMA_PROXY_MAX_BODY_BYTES", str(8 << 20))
+    # No answer grows past this (top_logprobs on a long answer can make megabytes per token).
+    max_answer_bytes: BodyBytes = setting("LLAMA_PROXY_MAX_ANSWER_BYTES", str(16 << 20))
+    # A connection must send a whole request head within this many seconds of opening (or of
+    # its previous answer); a slow sender is cut off, an idle keep-alive connection closed.
+    header_timeout_seconds: UpToFiveMinutes = setting("LLAMA_PROXY_HEADER_TIMEOUT_SECONDS", "10")
+    # A request body must arrive whole within this (then 408); it holds its place meanwhile.
+    body_timeout_seconds: UpToFiveMinutes = setting("LLAMA_PROXY_BODY_TIMEOUT_SECONDS", "30")
+    # A client that takes longer than this to accept a piece of its answer is cut off (499)
+    # and its backend slot freed.
+    client_timeout_seconds: UpToFiveMinutes = setting("LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS", "30")
+    # Origins browsers may call the API from. "*" by default: keys travel in headers a page must
+    # already hold (never cookies) and credentials are never allowed, so any page can do with
+    # the proxy only what its key lets it; list origins to narrow it, or leave empty for none.
+    cors_origins: Origins = setting("LLAMA_PROXY_CORS_ORIGINS", "*")
     # How long a verified key is trusted without asking Postgres again; revocations normally
     # arrive within a second through LISTEN/NOTIFY, this bounds staleness if one is lost.
     auth_cache_seconds: UpToADay = setting("LLAMA_PROXY_AUTH_CACHE_SECONDS", "30")

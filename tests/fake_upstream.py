@@ -50,6 +50,8 @@ class FakeUpstream:
     event_delay: float = 0.02
     tail_delay: float = 0.05  # after [DONE], before the response ends (as sse-starlette does)
     pieces: list[str] = field(default_factory=lambda: ["Hello", " world"])
+    # Added to every answer: e.g. the CORS headers llama_cpp.server's middleware sends.
+    response_headers: dict[str, str] = field(default_factory=dict)
     gate: asyncio.Event | None = None  # when set, a stream waits on it after its first chunk...
     gate_after: int = 0  # ... and this many events more
     seen: list[Seen] = field(default_factory=list)
@@ -72,9 +74,13 @@ class FakeUpstream:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_route("*", "/v1/{tail:.+}", self._echo)
+        app.on_response_prepare.append(self._label)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def _label(self, _request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(self.response_headers)
 
     async def stop(self) -> None:
         if self._runner is not None:

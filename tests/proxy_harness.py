@@ -4,9 +4,11 @@ the proxy itself (in-process under aiohttp's TestServer, or as a real `python -m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,6 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 import asyncpg
 from aiohttp import web
@@ -152,31 +155,41 @@ async def running_proxy(
 
 
 @contextmanager
-def proxy_process(environ: dict[str, str], port: int | None = None) -> Iterator[str]:
-    """`python -m proxy` as a real process; yields its base URL once /health answers."""
+def proxy_process(
+    environ: dict[str, str], port: int | None = None, log: Path | None = None
+) -> Iterator[str]:
+    """`python -m proxy` as a real process; yields its base URL once /health answers.
+
+    Its output goes to `log` (a temporary file when not given): a pipe nobody reads would
+    block a chatty process.
+    """
     port = port or free_port()
     env = {**os.environ, **environ}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, process)
-        yield url
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+    with contextlib.ExitStack() as stack:
+        output = (
+            stack.enter_context(log.open("wb"))
+            if log is not None
+            else stack.enter_context(tempfile.TemporaryFile())
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_health(url, process, output)
+            yield url
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
 
 
 def _healthy(url: str) -> bool:
@@ -187,13 +200,20 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def wait_for_health(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def wait_for_health(
+    url: str, process: subprocess.Popen[bytes], output: IO[bytes] | None = None, timeout: float = 30
+) -> None:
     """Block until the process answers /health (sync, so async tests may call it too)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            output = process.stdout.read().decode() if process.stdout else ""
-            raise AssertionError(f"proxy exited with {process.returncode}: {output}")
+            said = b""
+            if output is not None:
+                output.seek(0)
+                said = output.read()
+            elif process.stdout is not None:
+                said = process.stdout.read()
+            raise AssertionError(f"proxy exited with {process.returncode}: {said.decode()}")
         if _healthy(url):
             return
         time.sleep(0.1)

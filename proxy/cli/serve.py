@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import click
-from aiohttp import web
 
 from proxy.app import create_app
 from proxy.cli.support import state
+from proxy.edge import server as edge
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,14 @@ def serve(host: str | None, port: int | None) -> None:
         settings.database_label,
     )
     try:
-        web.run_app(
-            create_app(settings),
-            host=settings.proxy_host,
-            port=settings.proxy_port,
-            handler_cancellation=True,
-            shutdown_timeout=SHUTDOWN_SECONDS,
-            access_log=None,
-            print=None,
+        asyncio.run(
+            edge.serve(
+                create_app(settings),
+                settings.proxy_host,
+                settings.proxy_port,
+                header_timeout=settings.header_timeout_seconds,
+                shutdown_timeout=SHUTDOWN_SECONDS,
+            )
         )
     except OSError as exc:
         raise click.ClickException(

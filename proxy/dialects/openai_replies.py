@@ -170,7 +170,10 @@ class AssembledReply:
         tokens = Tokens(delivery.outcome)
         answer = Answer(self._kind)
         splitter = EventSplitter()
+        received = 0
         async for chunk in backend_chunks(response):
+            received += len(chunk)
+            delivery.check_size(received)  # what is assembled is no larger than what arrived
             for event in splitter.feed(chunk):
                 data = data_of(event)
                 if data is None:

@@ -40,6 +40,7 @@ class Admission:
         self, settings: Settings, places: Places, quotas: TokenQuotas, rate_limiter: RateLimiter
     ) -> None:
         self._max_body = settings.max_body_bytes
+        self._body_timeout = float(settings.body_timeout_seconds)
         self._max_concurrent = settings.max_concurrent
         self._hard_cap = settings.max_tokens_hard_cap
         self.places = places
@@ -63,7 +64,11 @@ class Admission:
         """Hold the caller's place for as long as this is entered; raise `ApiError` to refuse."""
         self.places.take(caller.user_id, caller.max_concurrent or self._max_concurrent)
         try:
-            raw = await read_body(request, self._max_body, outcome) if read_body_first else None
+            raw = (
+                await read_body(request, self._max_body, self._body_timeout, outcome)
+                if read_body_first
+                else None
+            )
             checked = check(raw)
             token_headers = await self._quotas.admit(caller)
             rate_headers = await self._rate.admit(caller)

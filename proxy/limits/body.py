@@ -1,25 +1,55 @@
-"""Reading a request body under its size cap, counted as it arrives.
+"""Reading a request body under its size cap and its time limit, counted as it arrives.
 
-Bodies the proxy inspects are small JSON documents, read whole; the cap is enforced on what
-arrives, not on what `Content-Length` claims, so a chunked or lying client cannot get past it.
+Bodies the proxy inspects are small JSON documents, read whole. The size cap is enforced on what
+arrives, not on what `Content-Length` claims, so a chunked or lying client cannot get past it; a
+body that stalls is answered 408 (its request holds a concurrency place meanwhile, so a stalled
+body costs its sender, nobody else). A client that asked `Expect: 100-continue` is told to go on
+only now, after its key was checked and its place taken.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
 
-from proxy.errors import BodyTooLarge
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from proxy.errors import BodyTooLarge, ExpectationFailed, InvalidRequest, RequestTimeout
 from proxy.upstream.outcome import Outcome
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-async def read_body(request: web.Request, limit: int, outcome: Outcome) -> bytes:
-    """The whole body, or `BodyTooLarge` as soon as it passes `limit` bytes."""
+
+async def defer_continue(request: web.Request) -> None:
+    """aiohttp's expect handler, which runs before any check: promise nothing yet."""
+
+
+async def read_body(
+    request: web.Request,
+    limit: int,
+    timeout: float,  # noqa: ASYNC109 - the body's own budget, answered with a 408 of its own
+    outcome: Outcome,
+) -> bytes:
+    """The whole body, or `BodyTooLarge` / `RequestTimeout` / `InvalidRequest`."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect is not None:
+        if expect.lower() != "100-continue":
+            raise ExpectationFailed()
+        await request.writer.write(CONTINUE)
     chunks: list[bytes] = []
-    while chunk := await request.content.readany():
-        outcome.bytes_in += len(chunk)
-        if outcome.bytes_in > limit:
-            raise BodyTooLarge(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.readany():
+                outcome.bytes_in += len(chunk)
+                if outcome.bytes_in > limit:
+                    raise BodyTooLarge(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(timeout) from None
+    except HttpProcessingError:
+        raise InvalidRequest(
+            "The request body is not well-formed HTTP (its length or chunked encoding is wrong)."
+        ) from None
     return b"".join(chunks)

@@ -40,7 +40,9 @@ class Exchange:
     delivery: Delivery | None = None  # the client's side of the answer
 
     @classmethod
-    def begin(cls, request: web.Request, path: str) -> Exchange:
+    def begin(
+        cls, request: web.Request, path: str, client_timeout: float, max_answer_bytes: int
+    ) -> Exchange:
         given = request.headers.get("X-Request-Id", "")
         exchange = cls(
             request_id=uuid.uuid4().hex,
@@ -51,7 +53,14 @@ class Exchange:
             started_at=datetime.now(UTC),
         )
         headers = {"X-Request-Id": exchange.answer_id}
-        exchange.delivery = Delivery(request, exchange.outcome, headers, exchange.start)
+        exchange.delivery = Delivery(
+            request,
+            exchange.outcome,
+            headers,
+            exchange.start,
+            client_timeout=client_timeout,
+            max_answer_bytes=max_answer_bytes,
+        )
         return exchange
 
     @property

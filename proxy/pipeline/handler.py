@@ -24,17 +24,21 @@ from proxy.appkeys import (
     AUTHENTICATOR,
     BACKENDS,
     COMPLETION_HOOKS,
+    SETTINGS,
     UPSTREAM_SESSION,
 )
 from proxy.auth.authenticator import presented_key
 from proxy.dialects.openai import DIALECT as DEFAULT_DIALECT
+from proxy.edge.paths import has_dot_segment
 from proxy.errors import (
     ApiError,
     InternalError,
+    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     UpstreamUnreachable,
 )
+from proxy.limits.body import defer_continue
 from proxy.pipeline.endpoint import CallerLimits, Context, Dialect, Prepared, Route
 from proxy.pipeline.exchange import Exchange
 from proxy.upstream.forward import Reply, UpstreamCall, forward
@@ -42,6 +46,7 @@ from proxy.upstream.forward import Reply, UpstreamCall, forward
 log = logging.getLogger(__name__)
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
+PROBE_METHODS = frozenset({"GET", "HEAD"})
 
 
 def add_routes(app: web.Application, routes: Sequence[Route]) -> dict[web.AbstractResource, Route]:
@@ -50,9 +55,34 @@ def add_routes(app: web.Application, routes: Sequence[Route]) -> dict[web.Abstra
     for route in routes:
         handler = _handler_for(route)
         for path in (route.path, *route.aliases):
-            registered = app.router.add_route(route.method, path, handler)
+            # The 100 Continue a client may wait for is sent once its key is checked
+            # (proxy.limits.body), not by aiohttp before anything is.
+            registered = app.router.add_route(
+                route.method, path, handler, expect_handler=defer_continue
+            )
             table[registered.resource] = route  # type: ignore[index]
     return table
+
+
+def add_fallback(app: web.Application, table: dict[web.AbstractResource, Route]) -> None:
+    """Answer every path not in the table: 404, or 405 for a known path and another method.
+
+    Registered last, as a route of its own, so that even these requests get the proxy's
+    `Expect` handling (aiohttp would otherwise answer an unknown Expect with 417 before any
+    middleware, leaving no row) and go through the ledger like any other.
+    """
+
+    async def unrouted(request: web.Request) -> web.StreamResponse:
+        allowed: set[str] = set()
+        for resource in table:
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+        if allowed:
+            raise MethodNotAllowed(request.method, ", ".join(sorted(allowed)))
+        raise NotFound(request.method, request.path)
+
+    app.router.add_route("*", "/{tail:.*}", unrouted, expect_handler=defer_continue)
 
 
 def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]) -> Middleware:
@@ -60,16 +90,26 @@ def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]
 
     @web.middleware
     async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in skip_paths:
-            return await handler(request)
+        if request.path in skip_paths and request.method in PROBE_METHODS:
+            return await handler(request)  # a probe, not an API request
         route = table.get(request.match_info.route.resource)  # type: ignore[arg-type]
-        exchange = Exchange.begin(request, route.path if route else request.path)
+        settings = request.app[SETTINGS]
+        exchange = Exchange.begin(
+            request,
+            route.path if route else request.path,
+            client_timeout=float(settings.client_timeout_seconds),
+            max_answer_bytes=settings.max_answer_bytes,
+        )
         request[EXCHANGE] = exchange
         dialect: Dialect = route.endpoint.dialect if route else DEFAULT_DIALECT
         try:
             response = await _respond(request, handler, exchange, dialect)
             if not response.prepared:
                 response.headers["X-Request-Id"] = exchange.answer_id
+                if not request.content.is_eof():
+                    # Answered before its body was read (refused, or the body stalled): the
+                    # rest of the body is not waited for, so this connection cannot go on.
+                    response.force_close()
                 outcome = exchange.outcome
                 if not outcome.complete:  # handed over whole: aiohttp writes it after we return
                     outcome.status, outcome.complete = response.status, True
@@ -88,6 +128,11 @@ async def _respond(
 ) -> web.StreamResponse:
     """The handler's answer, or the answer to what it raised, in the route's dialect."""
     try:
+        if has_dot_segment(request.raw_path):
+            raise InvalidRequest(
+                "The path may not hold '.' or '..' segments, in any spelling; use the API's "
+                "paths as they are."
+            )
         try:
             return await handler(request)
         except web.HTTPException as exc:

@@ -2,17 +2,22 @@
 
 A reply writes through a `Delivery`; when the client has gone, a write raises `ClientGone` (and
 the outcome says the client left), so no reply needs to know how aiohttp reports a departure.
-`finish()` ends the response and is the one point where an answer counts as received whole.
+A client that stops reading is gone too: a write that cannot be handed over within
+`client_timeout` seconds cuts it off, which closes the backend's connection and frees its slot.
+No answer grows past `max_answer_bytes` (`AnswerTooLarge`). `finish()` ends the response and is
+the one point where an answer counts as received whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.errors import AnswerTooLarge
 from proxy.upstream.outcome import Outcome
 
 
@@ -27,11 +32,16 @@ class Delivery:
         outcome: Outcome,
         headers: dict[str, str],
         started: float,
+        *,
+        client_timeout: float = 30.0,
+        max_answer_bytes: int = 16 << 20,
     ) -> None:
         self.request = request
         self.outcome = outcome
         self.headers = headers  # X-Request-Id and the rate-limit headers, on every answer
         self._started = started  # monotonic time the request arrived
+        self._client_timeout = client_timeout
+        self.max_answer_bytes = max_answer_bytes
         self.response: web.StreamResponse | None = None
 
     def first_byte(self) -> None:
@@ -58,25 +68,47 @@ class Delivery:
 
     async def send(self, data: bytes) -> None:
         assert self.response is not None, "open() first"
+        self.check_size(self.outcome.bytes_out + len(data))
         try:
-            await self.response.write(data)
+            async with asyncio.timeout(self._client_timeout):
+                await self.response.write(data)
         except ConnectionResetError:
             self.outcome.left()
             raise ClientGone from None
+        except TimeoutError:
+            self._stopped_reading()
         self.outcome.bytes_out += len(data)
 
     async def finish(self) -> None:
         """The whole answer has been sent: end the response."""
         assert self.response is not None, "open() first"
         try:
-            await self.response.write_eof()
+            async with asyncio.timeout(self._client_timeout):
+                await self.response.write_eof()
         except ConnectionResetError:
             self.outcome.left()
             raise ClientGone from None
+        except TimeoutError:
+            self._stopped_reading()
         self.outcome.complete = True
+
+    def check_size(self, size: int) -> None:
+        """Raise `AnswerTooLarge` when an answer of `size` bytes is more than is sent."""
+        if size > self.max_answer_bytes:
+            raise AnswerTooLarge(self.max_answer_bytes)
+
+    def _stopped_reading(self) -> None:
+        self.outcome.note_error(
+            f"client stopped reading its answer for {self._client_timeout:g} s; cut off"
+        )
+        self.outcome.left()
+        if self.request.transport is not None:
+            self.request.transport.abort()
+        raise ClientGone from None
 
     def whole(self, status: int, body: bytes, content_type: str) -> web.Response:
         """An answer sent in one piece (aiohttp writes it once the handler returns)."""
+        self.check_size(len(body))
         response = web.Response(status=status, body=body, headers=self.headers)
         response.content_type = content_type
         self.outcome.status = status

@@ -1,0 +1,88 @@
+"""The proxy's HTTP server: aiohttp's own, with a sturdier edge.
+
+- Malformed HTTP (a bad request line, header or chunk; TLS sent to the plain port) is answered
+  with a fixed sentence and logged in one line. aiohttp would log a traceback and answer with its
+  parser's message, which quotes the client's bytes back at it.
+- A request head must arrive whole within `header_timeout` seconds of the connection opening (or
+  of its previous answer): aiohttp's keep-alive timer, which starts with the connection and is
+  not reset by bytes dribbling in, cuts off a slow sender at that deadline.
+- SIGINT and SIGTERM stop it gracefully: no new connections, requests in flight get
+  `shutdown_timeout` seconds to finish, then the app's cleanup (the audit flush) runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+log = logging.getLogger(__name__)
+
+MALFORMED = "Bad Request: this is not a well-formed HTTP/1.1 request.\n"
+
+
+class _EdgeHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        log.warning("malformed HTTP from %s: %s (answered 400)", request.remote, type(exc).__name__)
+        response = web.Response(status=400, text=MALFORMED)
+        response.force_close()
+        return response
+
+
+class _EdgeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _EdgeHandler(self, loop=self._loop, **self._kwargs)
+
+
+class EdgeRunner(web.AppRunner):
+    """An AppRunner whose connections get `_EdgeHandler`."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp builds its Server (and starts the app) in there; only the handler class it
+        # makes per connection differs, and _EdgeServer adds no state of its own.
+        server.__class__ = _EdgeServer
+        return server
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    header_timeout: float,
+    shutdown_timeout: float,
+    reuse_port: bool = False,
+) -> None:
+    """Serve `app` until SIGINT or SIGTERM; raises OSError when the address cannot be bound."""
+    runner = EdgeRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=header_timeout,
+        shutdown_timeout=shutdown_timeout,
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, stopped.set)
+        await stopped.wait()
+        log.info("stopping: requests in flight get up to %g s", shutdown_timeout)
+    finally:
+        await runner.cleanup()
