@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 import openai
 import pytest
+from pydantic import BaseModel
 
 from tests.backend_harness import DEFAULT, REPO, Backend, running_backend
 from tests.cli_helpers import KEY_RE
@@ -156,6 +157,32 @@ async def test_sdk_streams_closed_right_after_done_are_complete_rows_with_the_sd
     assert [(r["status_code"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
         (200, prompt, completion) for prompt, completion in reported
     ]
+
+
+class Colour(BaseModel):
+    name: str
+    rgb: list[int]
+
+
+def test_structured_output_and_any_request_id_work_with_the_real_model(stack: Stack) -> None:
+    """OpenAI's json_schema response_format (what `parse`, LangChain's with_structured_output and
+    `llm --schema` send) becomes llama_cpp's schema-constrained JSON; an X-Request-Id that is no
+    UUID (which llama_cpp.server alone answers with 400) is kept for the client."""
+    client = stack.client("alice")
+    answer = client.chat.completions.parse(
+        model=DEFAULT,
+        messages=[{"role": "user", "content": "Give me one colour as JSON."}],
+        response_format=Colour,
+        max_tokens=60,
+        temperature=0,
+        extra_headers={"X-Request-Id": "abc-123"},
+    )
+    parsed = answer.choices[0].message.parsed
+    assert isinstance(parsed, Colour)
+    assert all(isinstance(value, int) for value in parsed.rgb)
+    row = asyncio.run(_audit_row(stack.dsn, "abc-123"))
+    assert (row["status_code"], row["client_request_id"]) == (200, "abc-123")
+    assert row["request_id"] != "abc-123"
 
 
 async def test_two_users_streaming_at_once_both_get_complete_streams(stack: Stack) -> None:
