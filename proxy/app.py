@@ -41,7 +41,7 @@ from proxy.limits.quotas import TokenQuotas
 from proxy.limits.ratelimit import RateLimiter
 from proxy.metrics import Metrics, metrics_app
 from proxy.pipeline.handler import add_fallback, add_routes, ledger
-from proxy.routes import ROUTES
+from proxy.routes import build_routes
 from proxy.settings import Settings
 from proxy.upstream.backends import Backends
 
@@ -53,7 +53,8 @@ AUDIT_FLUSH_SECONDS = 10.0
 
 
 def create_app(settings: Settings) -> web.Application:
-    metrics = Metrics(route.path for route in ROUTES)
+    routes = build_routes(settings)
+    metrics = Metrics(route.path for route in routes)
     database = Database(settings)
     audit_writer = AuditWriter(
         lambda: database.pool,
@@ -66,7 +67,7 @@ def create_app(settings: Settings) -> web.Application:
     # quotas.observe counts a request's tokens before its audit row lands.
     hooks: list[CompletionHook] = [audit_writer.submit, metrics.observe, quotas.observe]
     app = web.Application(client_max_size=settings.max_body_bytes)
-    table = add_routes(app, ROUTES)
+    table = add_routes(app, routes)
     cors = Cors(settings.cors_origins)
     app.middlewares.extend(
         [cors.preflight, metrics.middleware(health.PATHS), ledger(table, health.PATHS)]

@@ -7,22 +7,34 @@ all come from here; a path that is not in the table is a 404 that never reaches 
 from __future__ import annotations
 
 from proxy.dialects import openai
+from proxy.dialects.reasoning import Reasoning
 from proxy.pipeline.endpoint import Route
+from proxy.settings import Settings
 
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "/v1/chat/completions",
-        "POST",
-        openai.Completions("/v1/chat/completions", "chat"),
-        aliases=("/chat/completions",),
-    ),
-    Route(
-        "/v1/completions",
-        "POST",
-        openai.Completions("/v1/completions", "text"),
-        aliases=("/completions",),
-    ),
-    Route("/v1/embeddings", "POST", openai.Embeddings(), aliases=("/embeddings",)),
-    Route("/v1/models", "GET", openai.Models(), aliases=("/models",)),
-    Route("/v1/models/{model}", "GET", openai.ModelRetrieve(), aliases=("/models/{model}",)),
-)
+
+def build_routes(settings: Settings) -> tuple[Route, ...]:
+    reasoning = Reasoning(settings.reasoning)
+    return (
+        Route(
+            "/v1/chat/completions",
+            "POST",
+            openai.Completions("/v1/chat/completions", "chat", reasoning),
+            aliases=("/chat/completions",),
+        ),
+        # The text exactly as generated, reasoning tags and all, whatever the default.
+        Route(
+            "/v1/chat/completions/think",
+            "POST",
+            openai.Completions("/v1/chat/completions", "chat", Reasoning.KEEP),
+            aliases=("/chat/completions/think",),
+        ),
+        Route(
+            "/v1/completions",
+            "POST",
+            openai.Completions("/v1/completions", "text"),
+            aliases=("/completions",),
+        ),
+        Route("/v1/embeddings", "POST", openai.Embeddings(), aliases=("/embeddings",)),
+        Route("/v1/models", "GET", openai.Models(), aliases=("/models",)),
+        Route("/v1/models/{model}", "GET", openai.ModelRetrieve(), aliases=("/models/{model}",)),
+    )

@@ -124,6 +124,16 @@ def _origins(raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return value
+
+    return parse
+
+
 def _secret(raw: str) -> Secret:
     return Secret(raw.strip())
 
@@ -174,6 +184,7 @@ Flag = Annotated[bool, _parsed(_bool)]
 SecretText = Annotated[Secret, _parsed(_secret)]
 Urls = Annotated[tuple[str, ...], _parsed(_urls)]
 Origins = Annotated[tuple[str, ...], _parsed(_origins)]
+ReasoningMode = Annotated[str, _parsed(_choice("split", "keep", "strip"))]
 AnyInt = Annotated[int, _parsed(_int)]
 # Whole numbers within the bounds their use can hold.
 ThreadCount = Annotated[int, _parsed(_whole(0, 1024))]
@@ -236,6 +247,9 @@ class Settings(BaseModel):
     # already hold (never cookies) and credentials are never allowed, so any page can do with
     # the proxy only what its key lets it; list origins to narrow it, or leave empty for none.
     cors_origins: Origins = setting("LLAMA_PROXY_CORS_ORIGINS", "*")
+    # A model's <think>...</think> on /v1/chat/completions: apart from the answer as
+    # `reasoning_content` (split), inline as generated (keep), or dropped (strip).
+    reasoning: ReasoningMode = setting("LLAMA_PROXY_REASONING", "split")
     # How long a verified key is trusted without asking Postgres again; revocations normally
     # arrive within a second through LISTEN/NOTIFY, this bounds staleness if one is lost.
     auth_cache_seconds: UpToADay = setting("LLAMA_PROXY_AUTH_CACHE_SECONDS", "30")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -69,7 +70,15 @@ def test_upgrade_is_idempotent(db_dsn: str) -> None:
 @pytest.mark.slow
 def test_init_db_works_from_an_installed_wheel(empty_dsn: str, tmp_path: Path) -> None:
     """The revisions are package data: a wheel, installed anywhere, can migrate a database."""
-    root = Path(__file__).resolve().parent.parent
+    # Built from a copy, so the build leaves nothing behind in the source tree.
+    root = tmp_path / "source"
+    shutil.copytree(
+        Path(__file__).resolve().parent.parent,
+        root,
+        ignore=shutil.ignore_patterns(
+            ".git", "runtime", "models", "build", "*.egg-info", ".*cache"
+        ),
+    )
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), root],
         capture_output=True, text=True, timeout=300, check=False,

@@ -16,9 +16,10 @@ from proxy.dialects.openai_replies import (
     OneModelReply,
     StreamReply,
 )
+from proxy.dialects.reasoning import Reasoning
 from proxy.errors import ApiError
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
-from proxy.upstream.forward import UpstreamCall
+from proxy.upstream.forward import Reply, UpstreamCall
 
 
 class OpenAIDialect:
@@ -42,16 +43,24 @@ class _Forwarded:
 
 
 class Completions(_Forwarded):
-    """POST /v1/chat/completions (`kind` chat) and /v1/completions (`kind` text)."""
+    """POST /v1/chat/completions (`kind` chat) and /v1/completions (`kind` text).
 
-    def __init__(self, backend_path: str, kind: str) -> None:
+    `reasoning` says what becomes of a chat answer's <think>...</think>.
+    """
+
+    def __init__(self, backend_path: str, kind: str, reasoning: Reasoning = Reasoning.KEEP) -> None:
         self._path = backend_path
         self._kind = kind
+        self._reasoning = reasoning if kind == "chat" else Reasoning.KEEP
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         normalize = openai_body.chat if self._kind == "chat" else openai_body.text
         request = normalize(parse_object(raw), limits.max_tokens)
-        reply = StreamReply(request.usage_wanted) if request.stream else AssembledReply(self._kind)
+        reply: Reply = (
+            StreamReply(request.usage_wanted, self._reasoning)
+            if request.stream
+            else AssembledReply(self._kind, self._reasoning)
+        )
         call = UpstreamCall("POST", self._path, request.body)
         return Prepared(call, reply, request.model, request.stream)
 

@@ -12,6 +12,9 @@ All three count tokens into the outcome as they go: the usage events' figures, a
 token per answer chunk, so a client that leaves half-way is charged what was generated until then.
 A stream counts as received whole once its `[DONE]` is written; a backend stream that ends without
 one broke off.
+
+A chat answer's `<think>...</think>` reasoning is split out as `reasoning_content` (in the message,
+or in each chunk's delta), dropped, or kept inline as generated (`proxy.dialects.reasoning`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.dialects.reasoning import Reasoning, ThinkSplitter, split_text
 from proxy.errors import ModelNotFound
 from proxy.upstream.delivery import Delivery
 from proxy.upstream.forward import BackendBrokeOff, backend_chunks
@@ -111,11 +115,45 @@ def _usage_only(payload: dict[str, Any]) -> bool:
     return payload.get("choices") == [] and "usage" in payload
 
 
+class ChunkReasoning:
+    """Takes each chunk's reasoning out of `delta.content`, choice by choice, as text streams."""
+
+    def __init__(self, mode: Reasoning) -> None:
+        self._mode = mode
+        self._splitters: dict[object, ThinkSplitter] = {}
+
+    def rewrite(self, payload: dict[str, Any]) -> bool:
+        """Rewrite the chunk in place; False when nothing of it is left to send."""
+        worth_sending = False
+        for choice in payload.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                worth_sending = True
+                continue
+            splitter = self._splitters.setdefault(choice.get("index", 0), ThinkSplitter())
+            content = delta.get("content")
+            pieces = splitter.feed(content) if isinstance(content, str) else []
+            finished = choice.get("finish_reason") is not None
+            if finished:
+                pieces += splitter.flush()
+            if isinstance(content, str) or pieces:
+                delta["content"] = "".join(text for thought, text in pieces if not thought)
+                thoughts = "".join(text for thought, text in pieces if thought)
+                if thoughts and self._mode is Reasoning.SPLIT:
+                    delta["reasoning_content"] = delta.get("reasoning_content", "") + thoughts
+            worth_sending = worth_sending or finished or any(
+                delta.get(key) for key in ("role", "content", "reasoning_content", "tool_calls",
+                                           "function_call")
+            ) or bool(choice.get("logprobs"))  # fmt: skip
+        return worth_sending or not payload.get("choices")
+
+
 class StreamReply:
     """Relays the backend's SSE stream to a client that asked for one."""
 
-    def __init__(self, usage_wanted: bool) -> None:
+    def __init__(self, usage_wanted: bool, reasoning: Reasoning = Reasoning.KEEP) -> None:
         self._usage_wanted = usage_wanted
+        self._reasoning = None if reasoning is Reasoning.KEEP else ChunkReasoning(reasoning)
 
     async def relay(
         self, response: aiohttp.ClientResponse, delivery: Delivery
@@ -150,6 +188,10 @@ class StreamReply:
                 if payload is not None:
                     tokens.chunk(payload)
                     delivery.first_byte()
+                    if self._reasoning is not None:
+                        if not self._reasoning.rewrite(payload):
+                            continue
+                        event = b"data: " + json_bytes(payload) + b"\n\n"
                 out.append(event)
             if out:
                 await delivery.send(b"".join(out))
@@ -159,8 +201,9 @@ class StreamReply:
 class AssembledReply:
     """Builds the one JSON answer of a chat (`chat`) or text (`text`) completion from a stream."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, reasoning: Reasoning = Reasoning.KEEP) -> None:
         self._kind = kind
+        self._reasoning = reasoning
 
     async def relay(
         self, response: aiohttp.ClientResponse, delivery: Delivery
@@ -180,7 +223,7 @@ class AssembledReply:
                     continue
                 if data.strip() == DONE:
                     tokens.final(answer.usage)
-                    body = json_bytes(answer.document())
+                    body = json_bytes(answer.document(self._reasoning))
                     return delivery.whole(200, body, "application/json")
                 payload = _event_json(data)
                 if payload is None:
@@ -270,11 +313,17 @@ class Answer:
             return {"index": index, "message": message, "logprobs": None, "finish_reason": None}
         return {"index": index, "text": "", "logprobs": None, "finish_reason": None}
 
-    def document(self) -> dict[str, Any]:
+    def document(self, reasoning: Reasoning = Reasoning.KEEP) -> dict[str, Any]:
         choices = [self._choices[i] for i in sorted(self._choices)]
         for choice in choices:
             message = choice.get("message")
-            if message is not None and message["content"] is None and "tool_calls" not in message:
+            if message is None:
+                continue
+            if reasoning is not Reasoning.KEEP and isinstance(message["content"], str):
+                thoughts, message["content"] = split_text(message["content"])
+                if thoughts and reasoning is Reasoning.SPLIT:
+                    message["reasoning_content"] = message.get("reasoning_content", "") + thoughts
+            if message["content"] is None and "tool_calls" not in message:
                 message["content"] = ""
         document = {
             "id": self._top.get("id", ""),
