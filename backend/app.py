@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from backend import prompt_tokens
 from backend.embeddings import Embedder
 from backend.errors import openai_error
 from backend.usage import Chunk, with_usage
@@ -40,6 +41,7 @@ PROGRESS_OPTION = "llama_gate_progress"  # see backend.usage
 # llama_cpp.server's routes whose JSON body may name a model.
 MODEL_PATHS = frozenset(
     {
+        prompt_tokens.PATH,
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/embeddings",
@@ -142,6 +144,9 @@ class BackendApp:
             elif not isinstance(model, str) or model not in self._aliases:
                 await self._unknown_model(str(model))(scope, receive, send)
                 return
+            if scope["path"] == prompt_tokens.PATH:
+                await (await _count_answer(data))(scope, receive, send)
+                return
             if scope["path"] == "/v1/embeddings" and self._embedder is not None:
                 await (await self._embed_answer(data))(scope, receive, send)
                 return
@@ -200,6 +205,20 @@ class BackendApp:
             ),
             status_code=404,
         )
+
+
+async def _count_answer(data: dict[str, Any]) -> JSONResponse:
+    """`{"prompt_tokens": n}` for a chat request, or a 400 in OpenAI's shape."""
+    try:
+        body = CreateChatCompletionRequest.model_validate(data)
+        tokens = await prompt_tokens.prompt_tokens(body)
+    except (ValidationError, ValueError) as exc:  # a bad body; a prompt past the context
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return JSONResponse(
+            openai_error(message, kind="invalid_request_error", param="messages"),
+            status_code=400,
+        )
+    return JSONResponse({"prompt_tokens": tokens})
 
 
 def _wants_usage(data: dict[str, Any]) -> bool:

@@ -43,6 +43,7 @@ class TokenTap(BaseLlamaCache):
         self.on_prompt = on_prompt
         self.lookups: list[int] = []
         self.stores: list[int] = []
+        self.last_key: Sequence[int] = ()  # the prompt and completion of the last completion
 
     @property
     def cache_size(self) -> int:
@@ -61,6 +62,7 @@ class TokenTap(BaseLlamaCache):
 
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
         self.stores.append(len(key))
+        self.last_key = key
         if self.inner is not None:
             self.inner[key] = value
 
@@ -79,6 +81,22 @@ class TokenTap(BaseLlamaCache):
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+
+
+def _stop_sequence(llama: Llama, tap: TokenTap, stop: Any, last: Chunk) -> str | None:
+    """Which of the request's stop sequences ended the completion, if one did.
+
+    llama_cpp cuts a stop sequence out of the text and says only `finish_reason: "stop"`, as it
+    does at the end-of-text token; Anthropic's API names the sequence that matched. The tokens
+    generated still hold it: the first of the sequences to appear in them is the one.
+    """
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    choices = last.get("choices") or [{}]
+    if not stops or choices[0].get("finish_reason") != "stop" or not tap.lookups:
+        return None
+    generated = llama.detokenize(list(tap.last_key[tap.lookups[-1] :])).decode("utf-8", "ignore")
+    found = [(generated.find(s), s) for s in stops if isinstance(s, str) and s and s in generated]
+    return min(found)[1] if found else None
 
 
 def _real_cache(llama: Llama) -> BaseLlamaCache | None:
@@ -115,7 +133,7 @@ def with_usage(
                 llama.set_cache(tap.inner)
         usage = tap.usage()
         if last is not None and usage is not None:
-            yield {
+            final: Chunk = {
                 "id": last["id"],
                 "object": object_name,
                 "created": last["created"],
@@ -123,5 +141,9 @@ def with_usage(
                 "choices": [],
                 "usage": usage,
             }
+            matched = _stop_sequence(llama, tap, kwargs.get("stop"), last)
+            if matched is not None:
+                final["llama_gate"] = {"stop_sequence": matched}
+            yield final
 
     return stream

@@ -6,7 +6,8 @@ all come from here; a path that is not in the table is a 404 that never reaches 
 
 from __future__ import annotations
 
-from proxy.dialects import openai
+from proxy.dialects import anthropic, openai
+from proxy.dialects.anthropic_replies import Thoughts
 from proxy.dialects.reasoning import Reasoning
 from proxy.pipeline.endpoint import Route
 from proxy.settings import Settings
@@ -37,4 +38,19 @@ def build_routes(settings: Settings) -> tuple[Route, ...]:
         Route("/v1/embeddings", "POST", openai.Embeddings(), aliases=("/embeddings",)),
         Route("/v1/models", "GET", openai.Models(), aliases=("/models",)),
         Route("/v1/models/{model}", "GET", openai.ModelRetrieve(), aliases=("/models/{model}",)),
+        # Anthropic's Messages API. Its SDK adds /v1/messages to the base URL, and clients are
+        # configured with and without /v1 at its end: both spellings reach the same route.
+        *(
+            Route(f"/v1/messages{tail}", "POST", endpoint, aliases=_anthropic_aliases(tail))
+            for tail, endpoint in (
+                ("", anthropic.Messages()),
+                ("/think", anthropic.Messages(Thoughts.INLINE)),  # reasoning inline, as generated
+                ("/clean", anthropic.Messages(Thoughts.DROP)),  # reasoning always dropped
+                ("/count_tokens", anthropic.CountTokens()),
+            )
+        ),
     )
+
+
+def _anthropic_aliases(tail: str) -> tuple[str, ...]:
+    return (f"/messages{tail}", f"/v1/v1/messages{tail}")

@@ -50,6 +50,9 @@ class FakeUpstream:
     event_delay: float = 0.02
     tail_delay: float = 0.05  # after [DONE], before the response ends (as sse-starlette does)
     pieces: list[str] = field(default_factory=lambda: ["Hello", " world"])
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # {"id", "name", "arguments"}
+    finish_reason: str = "stop"  # of an answer without tool calls ("length": ran out of tokens)
+    stop_sequence: str | None = None  # reported as matched, as llama-gate's backend does
     # Added to every answer: e.g. the CORS headers llama_cpp.server's middleware sends.
     response_headers: dict[str, str] = field(default_factory=dict)
     gate: asyncio.Event | None = None  # when set, a stream waits on it after its first chunk...
@@ -73,6 +76,7 @@ class FakeUpstream:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_post("/llama-gate/prompt-tokens", self._count)
         app.router.add_route("*", "/v1/{tail:.+}", self._echo)
         app.on_response_prepare.append(self._label)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -124,7 +128,17 @@ class FakeUpstream:
             return web.json_response(_completion("chat.completion", {"message": message}))
         chunks = [_chunk({"delta": {"role": "assistant", "content": ""}})]
         chunks += [_chunk({"delta": {"content": piece}}) for piece in self.pieces]
-        chunks.append(_chunk({"delta": {}, "finish_reason": "stop"}))
+        for index, call in enumerate(self.tool_calls):
+            # As OpenAI streams a call: id and name first, the arguments in pieces after.
+            head = {"index": index, "id": call["id"], "type": "function",
+                    "function": {"name": call["name"], "arguments": ""}}  # fmt: skip
+            chunks.append(_chunk({"delta": {"tool_calls": [head]}}))
+            arguments = json.dumps(call["arguments"])
+            for start in range(0, len(arguments), 7):
+                piece = {"index": index, "function": {"arguments": arguments[start : start + 7]}}
+                chunks.append(_chunk({"delta": {"tool_calls": [piece]}}))
+        finish = "tool_calls" if self.tool_calls else self.finish_reason
+        chunks.append(_chunk({"delta": {}, "finish_reason": finish}))
         return await self._stream(request, payload, chunks)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -151,7 +165,9 @@ class FakeUpstream:
             events.append(_usage_chunk(progress))
         events += [chunks[0], ": ping - keeps idle connections open\r\n\r\n", *chunks[1:]]
         if options.get("include_usage") is True:
-            events.append(_usage_chunk())  # as llama-gate's backend does, before [DONE]
+            # as llama-gate's backend does, before [DONE], naming a stop sequence that matched
+            extra = {"stop_sequence": self.stop_sequence} if self.stop_sequence else None
+            events.append(_usage_chunk(None, extra))
         events.append("data: [DONE]\r\n\r\n")
         first_chunk = events.index(chunks[0])
         try:
@@ -186,6 +202,9 @@ class FakeUpstream:
         ]
         usage = {"prompt_tokens": 3, "total_tokens": 3}
         return web.json_response({"object": "list", "data": data, "model": MODEL, "usage": usage})
+
+    async def _count(self, request: web.Request) -> web.Response:
+        return web.json_response({"prompt_tokens": USAGE["prompt_tokens"]})
 
     async def _health(self, request: web.Request) -> web.Response:
         self.health_checks += 1
@@ -239,8 +258,8 @@ def _text_chunk(text: str, finish_reason: str | None) -> str:
     return f"data: {json.dumps(body)}\r\n\r\n"
 
 
-def _usage_chunk(usage: dict[str, int] | None = None) -> str:
-    body = {
+def _usage_chunk(usage: dict[str, int] | None = None, extra: Any = None) -> str:
+    body: dict[str, Any] = {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",
         "created": 1700000000,
@@ -248,4 +267,6 @@ def _usage_chunk(usage: dict[str, int] | None = None) -> str:
         "choices": [],
         "usage": usage or USAGE,
     }
+    if extra is not None:
+        body["llama_gate"] = extra
     return f"data: {json.dumps(body)}\n\n"

@@ -293,6 +293,57 @@ async def test_the_prompts_usage_comes_first_when_the_proxy_asks_for_progress(
     assert all(chunk["choices"] for chunk in answer)
 
 
+async def test_the_prompt_is_counted_as_a_completion_counts_it_without_processing_it(
+    backend: Backend, http: aiohttp.ClientSession
+) -> None:
+    body: dict[str, Any] = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name three colours."},
+        ],
+        "max_tokens": 2,
+    }
+    for extra in ({}, {"tools": [{"type": "function", "function": {
+            "name": "get", "parameters": {"type": "object", "properties": {}}}}]}):  # fmt: skip
+        request = {**body, **extra}
+        async with http.post(
+            f"{backend.url}/llama-gate/prompt-tokens", json=request, headers=backend.auth
+        ) as response:
+            assert response.status == 200
+            counted = (await response.json())["prompt_tokens"]
+        async with http.post(
+            f"{backend.url}/v1/chat/completions", json=request, headers=backend.auth
+        ) as response:
+            assert counted == (await response.json())["usage"]["prompt_tokens"] > 10
+    async with http.post(
+        f"{backend.url}/llama-gate/prompt-tokens", json={"messages": "x"}, headers=backend.auth
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["param"] == "messages"
+
+
+async def test_the_stop_sequence_that_ended_a_stream_is_named(
+    backend: Backend, http: aiohttp.ClientSession
+) -> None:
+    """llama_cpp says only finish_reason "stop"; Anthropic's API names the sequence."""
+    body = {
+        "messages": [{"role": "user", "content": "Count from 1 to 9, separated by commas."}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "stop": ["7", "never-said"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with http.post(
+        f"{backend.url}/v1/chat/completions", json=body, headers=backend.auth
+    ) as response:
+        *answer, last = chunks(await sse(response))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in answer)
+    assert "7" not in text
+    assert answer[-1]["choices"][0]["finish_reason"] == "stop"
+    assert last["llama_gate"] == {"stop_sequence": "7"}
+
+
 # -- sharing the one model ---------------------------------------------------------------------
 
 

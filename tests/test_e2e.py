@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
+import anthropic
 import asyncpg
 import openai
 import pytest
@@ -157,6 +158,50 @@ async def test_sdk_streams_closed_right_after_done_are_complete_rows_with_the_sd
     assert [(r["status_code"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
         (200, prompt, completion) for prompt, completion in reported
     ]
+
+
+async def test_anthropic_messages_with_the_real_model_count_as_the_openai_route_does(
+    stack: Stack,
+) -> None:
+    prompt = [{"role": "user", "content": "Name three colours."}]
+    request = {"model": DEFAULT, "max_tokens": 12, "system": "Be brief."}
+    async with anthropic.AsyncAnthropic(
+        base_url=f"{stack.url}/v1", api_key=stack.keys["alice"], max_retries=0
+    ) as client:
+        counted = await client.messages.count_tokens(
+            model=DEFAULT,
+            messages=prompt,
+            system="Be brief.",  # type: ignore[arg-type]
+        )
+        plain = await client.messages.create(
+            **request,
+            messages=prompt,
+            extra_headers={"X-Request-Id": "anthropic-plain"},  # type: ignore[arg-type]
+        )
+        async with client.messages.stream(
+            **request,
+            messages=prompt,
+            extra_headers={"X-Request-Id": "anthropic-stream"},  # type: ignore[arg-type]
+        ) as stream:
+            streamed = await stream.get_final_message()
+    assert plain.content[0].type == "text"
+    assert plain.content[0].text
+    assert streamed.content[0].type == "text"
+    # count_tokens is the exact prompt the backend then saw, the chat template included
+    assert counted.input_tokens == plain.usage.input_tokens == streamed.usage.input_tokens
+    openai_answer = stack.client("alice").chat.completions.create(
+        model=DEFAULT, max_tokens=12,
+        messages=[{"role": "system", "content": "Be brief."}, *prompt],  # type: ignore[list-item]
+        extra_headers={"X-Request-Id": "openai-same-prompt"},
+    )  # fmt: skip
+    assert openai_answer.usage is not None
+    rows = {rid: await _audit_row(stack.dsn, rid)
+            for rid in ("anthropic-plain", "anthropic-stream", "openai-same-prompt")}  # fmt: skip
+    assert {row["prompt_tokens"] for row in rows.values()} == {plain.usage.input_tokens}
+    assert openai_answer.usage.prompt_tokens == plain.usage.input_tokens
+    assert rows["anthropic-plain"]["completion_tokens"] == plain.usage.output_tokens
+    assert rows["anthropic-stream"]["completion_tokens"] == streamed.usage.output_tokens
+    assert {rows[r]["path"] for r in ("anthropic-plain", "anthropic-stream")} == {"/v1/messages"}
 
 
 class Colour(BaseModel):

@@ -12,7 +12,8 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.dialects.openai_replies import Answer, usage_in_tail
+from proxy.dialects.openai_answer import Answer
+from proxy.dialects.openai_replies import usage_in_tail
 from tests.fake_upstream import USAGE
 from tests.proxy_harness import Harness, bearer, running_proxy
 

@@ -43,6 +43,7 @@ class AuditRow(NamedTuple):
     error: str | None
     client_request_id: str | None = None
     backend: str | None = None
+    end_user: str | None = None
 
 
 COLUMNS: tuple[str, ...] = AuditRow._fields

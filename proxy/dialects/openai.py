@@ -62,7 +62,7 @@ class Completions(_Forwarded):
             else AssembledReply(self._kind, self._reasoning)
         )
         call = UpstreamCall("POST", self._path, request.body)
-        return Prepared(call, reply, request.model, request.stream)
+        return Prepared(call, reply, request.model, request.stream, end_user=request.end_user)
 
 
 class Embeddings(_Forwarded):
@@ -71,7 +71,8 @@ class Embeddings(_Forwarded):
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         body = openai_body.embeddings(parse_object(raw))
         call = UpstreamCall("POST", "/v1/embeddings", body)
-        return Prepared(call, BodyReply(counts_tokens=True), body.get("model"), None)
+        reply = BodyReply(counts_tokens=True)
+        return Prepared(call, reply, body.get("model"), None, end_user=body.get("user"))
 
 
 class Models(_Forwarded):

@@ -41,6 +41,7 @@ class Inference:
     model: str | None
     stream: bool  # what the client asked for: a stream, or one JSON answer
     usage_wanted: bool  # the client asked for the usage event at the end of its stream
+    end_user: str | None  # OpenAI's `user`: whom the request is for
 
 
 def _no_constant(name: str) -> NoReturn:
@@ -134,7 +135,7 @@ def _inference(
     body["max_tokens"] = _capped(payload, max_tokens)
     body["stream"] = True
     body["stream_options"] = {"include_usage": True, PROGRESS_OPTION: True}
-    return Inference(body, body.get("model"), bool(stream), usage_wanted)
+    return Inference(body, body.get("model"), bool(stream), usage_wanted, body.get("user"))
 
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:

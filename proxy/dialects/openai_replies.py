@@ -26,7 +26,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.dialects.reasoning import Reasoning, ThinkSplitter, split_text
+from proxy.dialects.openai_answer import Answer
+from proxy.dialects.reasoning import Reasoning, ThinkSplitter
 from proxy.errors import ModelNotFound
 from proxy.upstream.delivery import Delivery
 from proxy.upstream.forward import BackendBrokeOff, backend_chunks
@@ -47,7 +48,7 @@ def json_bytes(value: Any) -> bytes:
         return json.dumps(value).encode()
 
 
-def _is_sse(response: aiohttp.ClientResponse) -> bool:
+def is_sse(response: aiohttp.ClientResponse) -> bool:
     return response.content_type == "text/event-stream"
 
 
@@ -103,7 +104,7 @@ def _carries_text(choice: Any) -> bool:
     )
 
 
-def _event_json(data: bytes) -> dict[str, Any] | None:
+def event_json(data: bytes) -> dict[str, Any] | None:
     try:
         payload = json.loads(data)
     except ValueError:
@@ -111,7 +112,7 @@ def _event_json(data: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-def _usage_only(payload: dict[str, Any]) -> bool:
+def usage_only(payload: dict[str, Any]) -> bool:
     return payload.get("choices") == [] and "usage" in payload
 
 
@@ -122,9 +123,10 @@ class ChunkReasoning:
         self._mode = mode
         self._splitters: dict[object, ThinkSplitter] = {}
 
-    def rewrite(self, payload: dict[str, Any]) -> bool:
-        """Rewrite the chunk in place; False when nothing of it is left to send."""
-        worth_sending = False
+    def rewrite(self, payload: dict[str, Any]) -> bool | None:
+        """Rewrite the chunk in place: False when nothing of it is left to send, None when it
+        is unchanged (its bytes can go on as they came), True when it changed."""
+        worth_sending, changed = False, False
         for choice in payload.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
@@ -137,15 +139,19 @@ class ChunkReasoning:
             if finished:
                 pieces += splitter.flush()
             if isinstance(content, str) or pieces:
-                delta["content"] = "".join(text for thought, text in pieces if not thought)
+                answer = "".join(text for thought, text in pieces if not thought)
                 thoughts = "".join(text for thought, text in pieces if thought)
+                changed = changed or answer != content or bool(thoughts)
+                delta["content"] = answer
                 if thoughts and self._mode is Reasoning.SPLIT:
                     delta["reasoning_content"] = delta.get("reasoning_content", "") + thoughts
             worth_sending = worth_sending or finished or any(
                 delta.get(key) for key in ("role", "content", "reasoning_content", "tool_calls",
                                            "function_call")
             ) or bool(choice.get("logprobs"))  # fmt: skip
-        return worth_sending or not payload.get("choices")
+        if not (worth_sending or not payload.get("choices")):
+            return False
+        return True if changed else None
 
 
 class StreamReply:
@@ -158,7 +164,7 @@ class StreamReply:
     async def relay(
         self, response: aiohttp.ClientResponse, delivery: Delivery
     ) -> web.StreamResponse:
-        if not _is_sse(response):
+        if not is_sse(response):
             return await BodyReply(counts_tokens=True).relay(response, delivery)
         await delivery.open(200, "text/event-stream; charset=utf-8", SSE_HEADERS)
         tokens = Tokens(delivery.outcome)
@@ -180,18 +186,22 @@ class StreamReply:
                     await delivery.finish()
                     assert delivery.response is not None
                     return delivery.response
-                payload = _event_json(data)
-                if payload is not None and _usage_only(payload):
+                payload = event_json(data)
+                if payload is not None and usage_only(payload):
                     usage, usage_event = payload["usage"], event  # the last is the answer's
+                    if payload.pop("llama_gate", None) is not None:  # the backend's, not OpenAI's
+                        usage_event = b"data: " + json_bytes(payload) + b"\n\n"
                     tokens.progress(usage)
                     continue
                 if payload is not None:
                     tokens.chunk(payload)
                     delivery.first_byte()
                     if self._reasoning is not None:
-                        if not self._reasoning.rewrite(payload):
+                        rewritten = self._reasoning.rewrite(payload)
+                        if rewritten is False:
                             continue
-                        event = b"data: " + json_bytes(payload) + b"\n\n"
+                        if rewritten:
+                            event = b"data: " + json_bytes(payload) + b"\n\n"
                 out.append(event)
             if out:
                 await delivery.send(b"".join(out))
@@ -208,34 +218,41 @@ class AssembledReply:
     async def relay(
         self, response: aiohttp.ClientResponse, delivery: Delivery
     ) -> web.StreamResponse:
-        if not _is_sse(response):
+        if not is_sse(response):
             return await BodyReply(counts_tokens=True).relay(response, delivery)
-        tokens = Tokens(delivery.outcome)
-        answer = Answer(self._kind)
-        splitter = EventSplitter()
-        received = 0
-        async for chunk in backend_chunks(response):
-            received += len(chunk)
-            delivery.check_size(received)  # what is assembled is no larger than what arrived
-            for event in splitter.feed(chunk):
-                data = data_of(event)
-                if data is None:
-                    continue
-                if data.strip() == DONE:
-                    tokens.final(answer.usage)
-                    body = json_bytes(answer.document(self._reasoning))
-                    return delivery.whole(200, body, "application/json")
-                payload = _event_json(data)
-                if payload is None:
-                    continue
-                if _usage_only(payload):
-                    tokens.progress(payload["usage"])
-                    answer.usage = payload["usage"]
-                    continue
-                tokens.chunk(payload)
-                delivery.first_byte()
-                answer.add(payload)
-        raise BackendBrokeOff("the backend's stream ended before its [DONE]")
+        answer = await collect(response, delivery, self._kind)
+        body = json_bytes(answer.document(self._reasoning))
+        return delivery.whole(200, body, "application/json")
+
+
+async def collect(response: aiohttp.ClientResponse, delivery: Delivery, kind: str) -> Answer:
+    """The backend's whole SSE stream as one answer, tokens counted as it arrives."""
+    tokens = Tokens(delivery.outcome)
+    answer = Answer(kind)
+    splitter = EventSplitter()
+    received = 0
+    async for chunk in backend_chunks(response):
+        received += len(chunk)
+        delivery.check_size(received)  # what is assembled is no larger than what arrived
+        for event in splitter.feed(chunk):
+            data = data_of(event)
+            if data is None:
+                continue
+            if data.strip() == DONE:
+                tokens.final(answer.usage)
+                return answer
+            payload = event_json(data)
+            if payload is None:
+                continue
+            if usage_only(payload):
+                tokens.progress(payload["usage"])
+                answer.usage = payload["usage"]
+                answer.note_backend(payload.get("llama_gate"))
+                continue
+            tokens.chunk(payload)
+            delivery.first_byte()
+            answer.add(payload)
+    raise BackendBrokeOff("the backend's stream ended before its [DONE]")
 
 
 class BodyReply:
@@ -273,120 +290,6 @@ def usage_in_tail(tail: bytes) -> Any:
     except ValueError:
         return None
     return value
-
-
-class Answer:
-    """One non-streamed answer, assembled from the chunks of its stream."""
-
-    def __init__(self, kind: str) -> None:
-        self._chat = kind == "chat"
-        self._top: dict[str, Any] = {}
-        self._choices: dict[int, dict[str, Any]] = {}
-        self.usage: Any = None
-
-    def add(self, chunk: dict[str, Any]) -> None:
-        for key in ("id", "created", "model", "system_fingerprint"):
-            if key in chunk and key not in self._top:
-                self._top[key] = chunk[key]
-        for choice in chunk.get("choices") or ():
-            if isinstance(choice, dict):
-                self._add_choice(choice)
-
-    def _add_choice(self, piece: dict[str, Any]) -> None:
-        index = piece.get("index", 0) if isinstance(piece.get("index"), int) else 0
-        choice = self._choices.get(index)
-        if choice is None:
-            choice = self._choices[index] = self._new_choice(index)
-        if piece.get("finish_reason") is not None:
-            choice["finish_reason"] = piece["finish_reason"]
-        if self._chat:
-            _merge_delta(choice["message"], piece.get("delta"))
-            _merge_chat_logprobs(choice, piece.get("logprobs"))
-        else:
-            if isinstance(piece.get("text"), str):
-                choice["text"] += piece["text"]
-            _merge_text_logprobs(choice, piece.get("logprobs"))
-
-    def _new_choice(self, index: int) -> dict[str, Any]:
-        if self._chat:
-            message = {"role": "assistant", "content": None}
-            return {"index": index, "message": message, "logprobs": None, "finish_reason": None}
-        return {"index": index, "text": "", "logprobs": None, "finish_reason": None}
-
-    def document(self, reasoning: Reasoning = Reasoning.KEEP) -> dict[str, Any]:
-        choices = [self._choices[i] for i in sorted(self._choices)]
-        for choice in choices:
-            message = choice.get("message")
-            if message is None:
-                continue
-            if reasoning is not Reasoning.KEEP and isinstance(message["content"], str):
-                thoughts, message["content"] = split_text(message["content"])
-                if thoughts and reasoning is Reasoning.SPLIT:
-                    message["reasoning_content"] = message.get("reasoning_content", "") + thoughts
-            if message["content"] is None and "tool_calls" not in message:
-                message["content"] = ""
-        document = {
-            "id": self._top.get("id", ""),
-            "object": "chat.completion" if self._chat else "text_completion",
-            "created": self._top.get("created", 0),
-            "model": self._top.get("model", ""),
-            "choices": choices,
-        }
-        if "system_fingerprint" in self._top:
-            document["system_fingerprint"] = self._top["system_fingerprint"]
-        if self.usage is not None:
-            document["usage"] = self.usage
-        return document
-
-
-def _merge_delta(message: dict[str, Any], delta: Any) -> None:
-    if not isinstance(delta, dict):
-        return
-    if isinstance(delta.get("role"), str):
-        message["role"] = delta["role"]
-    for key in ("content", "reasoning_content"):
-        if isinstance(delta.get(key), str):
-            message[key] = (message.get(key) or "") + delta[key]
-    if isinstance(delta.get("function_call"), dict):
-        _merge_call(message.setdefault("function_call", {}), delta["function_call"])
-    for call in delta.get("tool_calls") or ():
-        if not isinstance(call, dict):
-            continue
-        calls: list[dict[str, Any]] = message.setdefault("tool_calls", [])
-        index = call.get("index", len(calls)) if isinstance(call.get("index"), int) else len(calls)
-        while len(calls) <= index:
-            calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-        target = calls[index]
-        for key in ("id", "type"):
-            if isinstance(call.get(key), str) and call[key]:
-                target[key] = call[key]
-        if isinstance(call.get("function"), dict):
-            _merge_call(target["function"], call["function"])
-
-
-def _merge_call(target: dict[str, Any], piece: dict[str, Any]) -> None:
-    if isinstance(piece.get("name"), str) and piece["name"]:
-        target["name"] = piece["name"]
-    if isinstance(piece.get("arguments"), str):
-        target["arguments"] = target.get("arguments", "") + piece["arguments"]
-
-
-def _merge_chat_logprobs(choice: dict[str, Any], logprobs: Any) -> None:
-    if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-        if choice["logprobs"] is None:
-            choice["logprobs"] = {"content": []}
-        choice["logprobs"]["content"].extend(logprobs["content"])
-
-
-def _merge_text_logprobs(choice: dict[str, Any], logprobs: Any) -> None:
-    if not isinstance(logprobs, dict):
-        return
-    keys = ("text_offset", "token_logprobs", "tokens", "top_logprobs")
-    merged: dict[str, list[Any]] = choice["logprobs"] or {key: [] for key in keys}
-    choice["logprobs"] = merged
-    for key in keys:
-        if isinstance(logprobs.get(key), list):
-            merged[key].extend(logprobs[key])
 
 
 MODEL_LIST_LIMIT = 1 << 20

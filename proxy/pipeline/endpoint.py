@@ -42,6 +42,7 @@ class Prepared:
     model: str | None = None
     stream: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # whatever the endpoint's serve needs
+    end_user: str | None = None  # whom the client says the request is for, when it says
 
 
 @dataclass

@@ -36,6 +36,7 @@ class Exchange:
     caller: Principal | None = None
     model: str | None = None
     stream: bool | None = None
+    end_user: str | None = None  # whom the client says the request is for
     outcome: Outcome = field(default_factory=Outcome)
     delivery: Delivery | None = None  # the client's side of the answer
 
@@ -95,4 +96,5 @@ class Exchange:
             error=storable(outcome.error, ERROR_TEXT_LIMIT),
             client_request_id=storable(self.client_request_id),
             backend=storable(outcome.backend),
+            end_user=storable(self.end_user),
         )

@@ -101,7 +101,7 @@ def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]
             max_answer_bytes=settings.max_answer_bytes,
         )
         request[EXCHANGE] = exchange
-        dialect: Dialect = route.endpoint.dialect if route else DEFAULT_DIALECT
+        dialect = route.endpoint.dialect if route else _nearest_dialect(table, request.path)
         try:
             response = await _respond(request, handler, exchange, dialect)
             if not response.prepared:
@@ -121,6 +121,18 @@ def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]
             _finish(request, exchange)
 
     return record
+
+
+def _nearest_dialect(table: dict[web.AbstractResource, Route], path: str) -> Dialect:
+    """For a path no route has: the dialect of the route it lies under (so a mistyped path
+    under /v1/messages is answered as Anthropic's API answers), else OpenAI's."""
+    best: tuple[int, Dialect] = (0, DEFAULT_DIALECT)
+    for route in table.values():
+        for known in (route.path, *route.aliases):
+            stem = known.split("{", 1)[0].rstrip("/")
+            if len(stem) > best[0] and path.startswith(stem + "/"):
+                best = (len(stem), route.endpoint.dialect)
+    return best[1]
 
 
 async def _respond(
@@ -192,6 +204,7 @@ def _handler_for(route: Route) -> Handler:
         ) as admitted:
             prepared = admitted.checked
             exchange.model, exchange.stream = prepared.model, prepared.stream
+            exchange.end_user = prepared.end_user
             delivery.headers.update(admitted.headers)
             context = Context(caller, delivery, exchange.request_id, _sender(request, exchange))
             return await endpoint.serve(context, prepared)

@@ -92,6 +92,14 @@ class Delivery:
             self._stopped_reading()
         self.outcome.complete = True
 
+    async def fail(self, status: int, reason: str, last: bytes) -> None:
+        """End a stream that already began with `last`, an error event in the API's own words;
+        its row records `status`, the failure the client was told of."""
+        self.outcome.note_error(reason)
+        await self.send(last)
+        await self.finish()
+        self.outcome.status = status
+
     def check_size(self, size: int) -> None:
         """Raise `AnswerTooLarge` when an answer of `size` bytes is more than is sent."""
         if size > self.max_answer_bytes:

@@ -1,0 +1,341 @@
+"""Anthropic Messages answers, made from the OpenAI stream the backend sends.
+
+`MessageReply` assembles one message; `MessageStreamReply` turns the stream into Anthropic's
+documented event sequence: `message_start` (with the input tokens, which llama-gate's backend
+reports before it processes the prompt), then per content block `content_block_start` /
+`content_block_delta` (`text_delta`, `thinking_delta`, `input_json_delta`) / `content_block_stop`,
+then `message_delta` (stop reason, stop sequence, cumulative usage) and `message_stop`. While the
+request waits for its turn the stream carries `ping` events (see `Pinger`), so a client does not
+give up on a busy model; a failure after the stream began is an `event: error`.
+
+Reasoning (`<think>...</think>`) becomes `thinking` blocks (when the request enabled thinking), is
+dropped, or stays inline in the text (`Thoughts`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import uuid
+from enum import Enum
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.dialects.anthropic_errors import error_event
+from proxy.dialects.openai_answer import Answer
+from proxy.dialects.openai_replies import (
+    Tokens,
+    collect,
+    event_json,
+    is_sse,
+    json_bytes,
+    usage_only,
+)
+from proxy.dialects.reasoning import ThinkSplitter, split_text
+from proxy.errors import UpstreamError
+from proxy.upstream.delivery import Delivery
+from proxy.upstream.forward import BackendBrokeOff, backend_chunks
+from proxy.upstream.sse import DONE, EventSplitter, data_of
+
+PING_SECONDS = 5.0
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                "function_call": "tool_use"}  # fmt: skip
+_NOT_ID = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+class Thoughts(Enum):
+    """What becomes of a model's reasoning on the Messages API."""
+
+    BLOCKS = "blocks"  # thinking blocks: the request enabled thinking
+    DROP = "drop"
+    INLINE = "inline"  # in the text, tags and all (/v1/messages/think)
+
+
+def message_id() -> str:
+    return "msg_" + uuid.uuid4().hex[:24]
+
+
+def tool_id(given: Any) -> str:
+    """Anthropic's tool_use ids match ^[a-zA-Z0-9_-]+$; a backend's may not, or be missing."""
+    cleaned = _NOT_ID.sub("_", given) if isinstance(given, str) else ""
+    return cleaned or "toolu_" + uuid.uuid4().hex[:24]
+
+
+def tool_input(arguments: Any) -> dict[str, Any]:
+    """A call's arguments as the object Anthropic's `input` is (the model's text if no object)."""
+    try:
+        value = json.loads(arguments) if isinstance(arguments, str) and arguments else {}
+    except ValueError:
+        return {"arguments": arguments}
+    return value if isinstance(value, dict) else {"arguments": value}
+
+
+def event(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + json_bytes({"type": name, **data}) + b"\n\n"
+
+
+def _usage(answer_usage: Any) -> dict[str, int]:
+    usage = answer_usage if isinstance(answer_usage, dict) else {}
+    return {
+        "input_tokens": int(usage.get("prompt_tokens") or 0),
+        "output_tokens": int(usage.get("completion_tokens") or 0),
+    }
+
+
+def message(model: str, answer: Answer, thoughts: Thoughts) -> dict[str, Any]:
+    """The Messages API's answer for one assembled OpenAI answer."""
+    document = answer.document()
+    choice = document["choices"][0] if document["choices"] else {"message": {}}
+    said = choice.get("message") or {}
+    text = said.get("content") or ""
+    reasoning = said.get("reasoning_content") or ""
+    if thoughts is not Thoughts.INLINE:
+        more, text = split_text(text)
+        reasoning += more
+    content: list[dict[str, Any]] = []
+    if reasoning and thoughts is Thoughts.BLOCKS:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in said.get("tool_calls") or ():
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": tool_id(call.get("id")),
+                        "name": function.get("name", ""),
+                        "input": tool_input(function.get("arguments"))})  # fmt: skip
+    stop_reason = STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn")
+    if answer.stop_sequence is not None and stop_reason == "end_turn":
+        stop_reason = "stop_sequence"
+    return {
+        "id": message_id(),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": answer.stop_sequence if stop_reason == "stop_sequence" else None,
+        "usage": _usage(answer.usage),
+    }
+
+
+class MessageReply:
+    """One Messages answer, assembled from the backend's stream."""
+
+    def __init__(self, model: str, thoughts: Thoughts) -> None:
+        self._model = model
+        self._thoughts = thoughts
+
+    async def relay(
+        self, response: aiohttp.ClientResponse, delivery: Delivery
+    ) -> web.StreamResponse:
+        if not is_sse(response):
+            raise UpstreamError(502, "The model server answered without streaming; try again.")
+        answer = await collect(response, delivery, "chat")
+        body = json_bytes(message(self._model, answer, self._thoughts))
+        return delivery.whole(200, body, "application/json")
+
+
+class Pinger:
+    """`ping` events on a stream that has begun while its request waits for a backend."""
+
+    def __init__(self, delivery: Delivery, every: float = PING_SECONDS) -> None:
+        self._delivery = delivery
+        self._every = every
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._ping())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def _ping(self) -> None:
+        while True:
+            await self._delivery.send(event("ping", {}))
+            await asyncio.sleep(self._every)
+
+
+class _Blocks:
+    """The content blocks of a streamed message, opened and closed in order."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        self._delivery = delivery
+        self._index = -1
+        self._kind: str | None = None
+        self._tools: dict[int, int] = {}  # the backend's tool call index -> our block index
+
+    async def write(self, kind: str, delta: dict[str, Any], start: dict[str, Any]) -> None:
+        if self._kind != kind or kind == "tool_use":
+            await self.close()
+            self._index += 1
+            self._kind = kind
+            await self._delivery.send(
+                event("content_block_start", {"index": self._index, "content_block": start})
+            )
+        if delta:
+            await self._delivery.send(
+                event("content_block_delta", {"index": self._index, "delta": delta})
+            )
+
+    async def tool(self, call: dict[str, Any]) -> None:
+        backend_index = call.get("index", 0)
+        function = call.get("function") or {}
+        arguments = function.get("arguments") or ""
+        delta = {"type": "input_json_delta", "partial_json": arguments} if arguments else {}
+        if backend_index not in self._tools:
+            start = {"type": "tool_use", "id": tool_id(call.get("id")),
+                     "name": function.get("name", ""), "input": {}}  # fmt: skip
+            await self.write("tool_use", delta, start)
+            self._tools[backend_index] = self._index
+        elif delta:
+            await self._delivery.send(
+                event("content_block_delta", {"index": self._tools[backend_index], "delta": delta})
+            )
+
+    async def close(self) -> None:
+        if self._kind is not None:
+            await self._delivery.send(event("content_block_stop", {"index": self._index}))
+            self._kind = None
+
+
+class MessageStreamReply:
+    """The backend's OpenAI stream as Anthropic's event sequence."""
+
+    def __init__(self, model: str, thoughts: Thoughts, pinger: Pinger) -> None:
+        self._model = model
+        self._thoughts = thoughts
+        self._pinger = pinger
+
+    async def relay(
+        self, response: aiohttp.ClientResponse, delivery: Delivery
+    ) -> web.StreamResponse:
+        await self._pinger.stop()
+        assert delivery.response is not None, "the stream is opened before the wait"
+        try:
+            await self._relay(response, delivery)
+        except BackendBrokeOff as exc:
+            delivery.outcome.broken = True
+            failure = UpstreamError(502, f"{exc}; try again.")
+            await delivery.fail(502, str(exc), error_event(failure))
+        return delivery.response
+
+    async def _relay(self, response: aiohttp.ClientResponse, delivery: Delivery) -> None:
+        if not is_sse(response):
+            raise BackendBrokeOff("the model server answered without streaming")
+        tokens = Tokens(delivery.outcome)
+        blocks = _Blocks(delivery)
+        splitter = None if self._thoughts is Thoughts.INLINE else ThinkSplitter()
+        answer = Answer("chat")  # keeps the usage and the stop sequence
+        started, finish = False, "stop"
+        events = EventSplitter()
+        async for chunk in backend_chunks(response):
+            for raw in events.feed(chunk):
+                data = data_of(raw)
+                if data is None:
+                    continue
+                if data.strip() == DONE:
+                    if splitter is not None:
+                        await self._text(blocks, splitter.flush())
+                    await self._end(delivery, blocks, answer, finish, started, tokens)
+                    return
+                payload = event_json(data)
+                if payload is None:
+                    continue
+                if usage_only(payload):
+                    tokens.progress(payload["usage"])
+                    answer.usage = payload["usage"]
+                    answer.note_backend(payload.get("llama_gate"))
+                    started = started or await self._start(delivery, payload["usage"])
+                    continue
+                tokens.chunk(payload)
+                delivery.first_byte()
+                started = started or await self._start(delivery, answer.usage)
+                for choice in payload.get("choices") or ()[:1]:
+                    finish = choice.get("finish_reason") or finish
+                    await self._delta(blocks, splitter, choice.get("delta") or {})
+        raise BackendBrokeOff("the model server's stream ended before its end")
+
+    async def _start(self, delivery: Delivery, usage: Any) -> bool:
+        shell: dict[str, Any] = {
+            "id": message_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": self._model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": _usage(usage)["input_tokens"], "output_tokens": 0},
+        }
+        await delivery.send(event("message_start", {"message": shell}))
+        return True
+
+    async def _delta(
+        self, blocks: _Blocks, splitter: ThinkSplitter | None, delta: dict[str, Any]
+    ) -> None:
+        reasoning = delta.get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning:
+            await self._text(blocks, [(True, reasoning)])
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            pieces = splitter.feed(content) if splitter is not None else [(False, content)]
+            await self._text(blocks, pieces)
+        for call in delta.get("tool_calls") or ():
+            if isinstance(call, dict):
+                await blocks.tool(call)
+
+    async def _text(self, blocks: _Blocks, pieces: list[tuple[bool, str]]) -> None:
+        for is_reasoning, text in pieces:
+            if not is_reasoning:
+                delta = {"type": "text_delta", "text": text}
+                await blocks.write("text", delta, {"type": "text", "text": ""})
+            elif self._thoughts is Thoughts.BLOCKS:
+                delta = {"type": "thinking_delta", "thinking": text}
+                await blocks.write("thinking", delta, {"type": "thinking", "thinking": ""})
+
+    async def _end(
+        self,
+        delivery: Delivery,
+        blocks: _Blocks,
+        answer: Answer,
+        finish: str,
+        started: bool,
+        tokens: Tokens,
+    ) -> None:
+        tokens.final(answer.usage)
+        if not started:
+            await self._start(delivery, answer.usage)
+        await blocks.close()
+        stop_reason = STOP_REASONS.get(finish, "end_turn")
+        if answer.stop_sequence is not None and stop_reason == "end_turn":
+            stop_reason = "stop_sequence"
+        stop_sequence = answer.stop_sequence if stop_reason == "stop_sequence" else None
+        stopped = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
+        usage = _usage(answer.usage)
+        await delivery.send(event("message_delta", {"delta": stopped, "usage": usage}))
+        await delivery.send(event("message_stop", {}))
+        await delivery.finish()
+
+
+class CountReply:
+    """`{"input_tokens": n}` from llama-gate's backend's count of the prompt."""
+
+    async def relay(
+        self, response: aiohttp.ClientResponse, delivery: Delivery
+    ) -> web.StreamResponse:
+        raw = b""
+        async for chunk in backend_chunks(response):
+            raw += chunk
+            if len(raw) > 4096:
+                break
+        counted = event_json(raw)
+        tokens = counted.get("prompt_tokens") if counted else None
+        if type(tokens) is not int:
+            raise UpstreamError(502, "The model server cannot count tokens (is it llama-gate's?).")
+        return delivery.whole(200, json_bytes({"input_tokens": tokens}), "application/json")

@@ -1,0 +1,122 @@
+"""Anthropic's Messages request as types: what `/v1/messages` accepts.
+
+Fields the Messages API has and a local model cannot use (`cache_control`, `citations`,
+`container`, `service_tier`, ...) and unknown fields are accepted and ignored, as unknown
+`anthropic-beta` flags are: clients built for Claude send them all the time.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+Temperature = Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)]
+Probability = Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)]
+MaxTokens = Annotated[int, Field(strict=True, ge=1)]
+TopK = Annotated[int, Field(strict=True, ge=0)]
+
+
+class _Checked(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class TextBlock(_Checked):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImageSource(_Checked):
+    type: StrictStr
+    media_type: StrictStr | None = None
+    data: StrictStr | None = None
+    url: StrictStr | None = None
+
+
+class ImageBlock(_Checked):
+    type: Literal["image"]
+    source: ImageSource
+
+
+class ToolUseBlock(_Checked):
+    type: Literal["tool_use"]
+    id: StrictStr
+    name: StrictStr
+    input: dict[str, Any]
+
+
+class ToolResultBlock(_Checked):
+    type: Literal["tool_result"]
+    tool_use_id: StrictStr
+    content: StrictStr | list[Annotated[TextBlock | ImageBlock, Field(discriminator="type")]] = ""
+    is_error: StrictBool | None = None
+
+
+class ThinkingBlock(_Checked):
+    type: Literal["thinking"]
+    thinking: StrictStr
+    signature: StrictStr | None = None
+
+
+class RedactedThinkingBlock(_Checked):
+    type: Literal["redacted_thinking"]
+    data: StrictStr | None = None
+
+
+Block = Annotated[
+    TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+    Field(discriminator="type"),
+]
+
+
+class Message(_Checked):
+    role: Literal["user", "assistant"]
+    content: StrictStr | list[Block]
+
+
+class Tool(_Checked):
+    name: StrictStr
+    description: StrictStr | None = None
+    input_schema: dict[str, Any]
+
+
+class ToolChoice(_Checked):
+    type: Literal["auto", "any", "tool", "none"]
+    name: StrictStr | None = None
+    disable_parallel_tool_use: StrictBool | None = None
+
+
+class Metadata(_Checked):
+    user_id: StrictStr | None = None
+
+
+class Thinking(_Checked):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: StrictInt | None = None
+
+
+class MessagesRequest(_Checked):
+    model: StrictStr
+    max_tokens: MaxTokens
+    messages: Annotated[list[Message], Field(min_length=1)]
+    system: StrictStr | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    stop_sequences: list[StrictStr] | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: TopK | None = None
+    metadata: Metadata | None = None
+    stream: StrictBool | None = None
+    thinking: Thinking | None = None
+
+
+class CountTokensRequest(_Checked):
+    """What `count_tokens` takes: the request, less what only generation needs."""
+
+    model: StrictStr
+    messages: Annotated[list[Message], Field(min_length=1)]
+    system: StrictStr | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
