@@ -57,6 +57,7 @@ class FakeUpstream:
     client_left: asyncio.Event = field(default_factory=asyncio.Event)  # the proxy hung up
     client_left_at: float | None = None  # time.monotonic() of that
     health_checks: int = 0  # GET /health, answered at once and not counted in `seen`
+    usage: dict[str, Any] | None = None  # the usage a stream ends with (None: USAGE)
     port: int = field(default_factory=free_port)
     _runner: web.AppRunner | None = None
 
@@ -145,7 +146,7 @@ class FakeUpstream:
             events.append(_usage_chunk(progress))
         events += [chunks[0], ": ping - keeps idle connections open\r\n\r\n", *chunks[1:]]
         if options.get("include_usage") is True:
-            events.append(_usage_chunk())  # as llama-gate's backend does, before [DONE]
+            events.append(_usage_chunk(self.usage))  # as llama-gate's backend does, before [DONE]
         events.append("data: [DONE]\r\n\r\n")
         first_chunk = events.index(chunks[0])
         try:
@@ -233,7 +234,7 @@ def _text_chunk(text: str, finish_reason: str | None) -> str:
     return f"data: {json.dumps(body)}\r\n\r\n"
 
 
-def _usage_chunk(usage: dict[str, int] | None = None) -> str:
+def _usage_chunk(usage: dict[str, Any] | None = None) -> str:
     body = {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",

@@ -68,7 +68,7 @@ def test_it_agrees_with_a_brute_force_scan_on_random_conversations() -> None:
         else:
             index.put(key, f"v{step}")
             stored[key] = f"v{step}"
-        query = key[: rng.randint(0, len(key))] + (rng.randint(0, 5),)
+        query = (*key[: rng.randint(0, len(key))], rng.randint(0, 5))
         found = index.longest(query)
         expected = _brute_force(stored, query)
         if expected == 0:

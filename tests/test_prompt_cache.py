@@ -59,7 +59,7 @@ def test_the_budget_evicts_the_least_recently_used() -> None:
     cache = PromptCache(3 * MB + 3 * 4096)
     for first in (1, 2, 3):
         cache[(first, 0)] = _state((first, 0))
-    cache[(1, 0, 5)]  # noqa: B018 - a lookup: conversation 1 is now the most recent
+    cache[(1, 0, 5)]
     cache[(4, 0)] = _state((4, 0))
     stats = cache.stats()
     assert stats.bytes <= stats.capacity_bytes

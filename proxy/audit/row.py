@@ -43,6 +43,7 @@ class AuditRow(NamedTuple):
     error: str | None
     client_request_id: str | None = None
     backend: str | None = None
+    cached_tokens: int | None = None  # last, with a default: older spill files still read
 
 
 COLUMNS: tuple[str, ...] = AuditRow._fields

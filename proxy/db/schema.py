@@ -149,6 +149,8 @@ llama_requests = Table(
     # The client's X-Request-Id (request_id is always the proxy's own, unique).
     Column("client_request_id", Text, nullable=True),
     Column("backend", Text, nullable=True),  # the backend that served the request
+    # Of prompt_tokens, those the backend's prompt cache spared it from reading again.
+    Column("cached_tokens", Integer, nullable=True),
     Index("ix_llama_requests_created_at", "created_at"),
     Index("ix_llama_requests_username_created_at", "username", "created_at"),
     Index("ix_llama_requests_day_username", text(USAGE_DAY), "username"),

@@ -86,4 +86,5 @@ class Exchange:
             error=storable(outcome.error, ERROR_TEXT_LIMIT),
             client_request_id=storable(self.client_request_id),
             backend=storable(outcome.backend),
+            cached_tokens=outcome.cached_tokens,
         )
