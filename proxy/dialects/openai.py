@@ -17,6 +17,7 @@ from proxy.dialects.openai_replies import (
 )
 from proxy.errors import ApiError
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
+from proxy.upstream.affinity import conversation
 from proxy.upstream.forward import UpstreamCall
 
 
@@ -51,7 +52,11 @@ class Completions(_Forwarded):
         request = inference(parse_object(raw), limits.max_tokens)
         reply = StreamReply(request.usage_wanted) if request.stream else AssembledReply(self._kind)
         call = UpstreamCall("POST", self._path, request.body)
-        return Prepared(call, reply, request.model, request.stream)
+        body = request.body
+        # What shapes the prompt besides the messages must match too.
+        context = [request.model, body.get("tools"), body.get("functions")]
+        affinity = conversation(context, body.get("messages"))
+        return Prepared(call, reply, request.model, request.stream, affinity=affinity)
 
 
 class Embeddings(_Forwarded):

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.audit.row import ERROR_TEXT_LIMIT, AuditRow, storable
 from proxy.auth.cache import Principal
+from proxy.upstream.affinity import Affinity
 from proxy.upstream.delivery import Delivery
 from proxy.upstream.outcome import Outcome
 
@@ -36,6 +37,7 @@ class Exchange:
     caller: Principal | None = None
     model: str | None = None
     stream: bool | None = None
+    affinity: Affinity | None = None  # the conversation it continues (routing, never stored)
     outcome: Outcome = field(default_factory=Outcome)
     delivery: Delivery | None = None  # the client's side of the answer
 
