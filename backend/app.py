@@ -4,9 +4,9 @@
 llama_cpp.server lacks: a `/health` that never waits for the model lock, a 404 for a model that does
 not exist (llama_cpp.server would quietly answer with its first model), the default model's alias
 filled in when a request names none, the usage chunk on streams that ask for it, and the prompt
-cache (`backend.cache_plan`), installed on the model by the requests that pass through this layer
-(every request from llama-gate's proxy does). Everything else reaches llama_cpp.server untouched,
-so its auth, validation and errors stay its own.
+cache (`backend.cache_plan`), put on the default model at startup and on whichever model a request
+through this layer reaches (every request from llama-gate's proxy comes through it). Everything
+else reaches llama_cpp.server untouched, so its auth, validation and errors stay its own.
 """
 
 from __future__ import annotations

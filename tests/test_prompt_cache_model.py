@@ -83,20 +83,23 @@ def _cached(usage: Any) -> int:
     return int(usage.prompt_tokens_details.cached_tokens)
 
 
+@pytest.mark.parametrize("mode", ["ram", "disk"])
 def test_each_users_second_turn_is_served_from_cache_while_three_interleave(
-    tmp_path: Path, client_for: Any
+    tmp_path: Path, client_for: Any, mode: str
 ) -> None:
-    with running_backend(tmp_path) as backend:
+    with running_backend(tmp_path, LLAMA_PROMPT_CACHE=mode) as backend:
         usages = _interleave(client_for(backend), turns=2)
         health = _health(backend)
+        states = sorted((tmp_path / "runtime" / "cache" / "prompt-states").glob("*.state"))
     for name, (first, second) in usages.items():
         # The whole first turn (prompt and answer but its last token) is not read again,
         # although two other conversations ran on the model in between.
         assert _cached(second) >= first.prompt_tokens + first.completion_tokens - 2, name
         assert _cached(second) < second.prompt_tokens
     cache = health["prompt_cache"]
-    assert cache["mode"] == "ram"
+    assert cache["mode"] == mode
     assert cache["states"] == 3  # one per conversation: each first turn's state was replaced
+    assert len(states) == (3 if mode == "disk" else 0)  # a file each, kept after being read
     assert 0 < cache["bytes"] <= cache["capacity_bytes"]
     assert cache["hits"] >= 3
 
@@ -147,7 +150,11 @@ def test_with_the_cache_on_logprobs_are_refused_in_one_clear_answer(
                 max_tokens=2,
                 logprobs=True,
             )
+        # Unstreamed, so llama_cpp.server's own handler serves it: the model had the cache
+        # from the start, and the refused request never reached it.
         text = client.completions.create(model=DEFAULT, prompt="Yes", max_tokens=2)
+        cache = _health(backend)["prompt_cache"]
+    assert (cache["misses"], cache["states"]) == (1, 1)
     assert refused.value.status_code == 400
     assert "LLAMA_PROMPT_CACHE=off" in str(refused.value)
     assert text.choices[0].text is not None  # without logprobs all is well
