@@ -3,8 +3,10 @@
 `create_app` from llama_cpp.server builds the app; `BackendApp` sits in front of it and adds what
 llama_cpp.server lacks: a `/health` that never waits for the model lock, a 404 for a model that does
 not exist (llama_cpp.server would quietly answer with its first model), the default model's alias
-filled in when a request names none, and the usage chunk on streams that ask for it. Everything else
-reaches llama_cpp.server untouched, so its auth, validation and errors stay its own.
+filled in when a request names none, the usage chunk on streams that ask for it, and the prompt
+cache (`backend.cache_plan`), put on the default model at startup and on whichever model a request
+through this layer reaches (every request from llama-gate's proxy comes through it). Everything
+else reaches llama_cpp.server untouched, so its auth, validation and errors stay its own.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import anyio
 from llama_cpp import Llama
-from llama_cpp.server.app import create_app, get_event_publisher
+from llama_cpp.server.app import create_app, get_event_publisher, get_llama_proxy
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
 from pydantic import BaseModel, ValidationError
@@ -31,6 +34,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend import prompt_tokens
+from backend.cache_plan import CachePlan, ModelCache
 from backend.embeddings import Embedder
 from backend.errors import openai_error
 from backend.usage import Chunk, with_usage
@@ -79,7 +83,9 @@ _USAGE_STREAMS = {
 
 
 def create_backend_app(
-    server_settings: ServerSettings, model_settings: Sequence[ModelSettings]
+    server_settings: ServerSettings,
+    model_settings: Sequence[ModelSettings],
+    cache_plan: CachePlan | None = None,
 ) -> BackendApp:
     """llama_cpp.server's app for these settings (the first model is the default), wrapped.
 
@@ -89,7 +95,8 @@ def create_backend_app(
     paths = {model.model_alias or model.model: model.model for model in model_settings}
     first = model_settings[0]
     embedder = Embedder(paths, first.n_ctx, first.n_threads)
-    return BackendApp(inner, list(paths), server_settings.api_key, embedder)
+    model_cache = ModelCache(cache_plan or CachePlan("off", 0))
+    return BackendApp(inner, list(paths), server_settings.api_key, embedder, model_cache)
 
 
 class BackendApp:
@@ -101,23 +108,28 @@ class BackendApp:
         aliases: Sequence[str],
         api_key: str | None,
         embedder: Embedder | None = None,
+        model_cache: ModelCache | None = None,
     ) -> None:
         self._inner = inner
         self._embedder = embedder
+        self._cache = model_cache or ModelCache(CachePlan("off", 0))
         self._aliases = frozenset(aliases)
         self._default = aliases[0]
         self._api_key = api_key.encode() if api_key else None
         self._health = {"status": "ok", "models": sorted(aliases), "default": self._default}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._inner(scope, receive, self._after_startup(send))
+            return
         if scope["type"] != "http":
-            await self._inner(scope, receive, send)  # lifespan
+            await self._inner(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
         if path == "/health" and method in {"GET", "HEAD"}:
             # Answered here, before llama_cpp.server and its model lock: it must come back at
             # once while a long generation runs, since that is when a supervisor asks.
-            await JSONResponse(self._health)(scope, receive, send)
+            await JSONResponse(self._health_answer())(scope, receive, send)
             return
         if method != "POST" or path not in MODEL_PATHS or not self._authorized(scope):
             # A request without the key goes on untouched, so llama_cpp.server's 401 comes before
@@ -151,13 +163,44 @@ class BackendApp:
                 await (await self._embed_answer(data))(scope, receive, send)
                 return
             stream = _USAGE_STREAMS.get(scope["path"])
+            if stream is not None and self._cache.plan.on and _wants_logprobs(data):
+                await _no_logprobs()(scope, receive, send)
+                return
             if (
                 stream is not None
                 and _wants_usage(data)
-                and await _stream_with_usage(stream, data, scope, receive, send)
+                and await _stream_with_usage(stream, data, scope, receive, send, self._cache)
             ):
                 return
         await self._inner(scope, _replay(body, receive), send)
+
+    def _after_startup(self, send: Send) -> Send:
+        """`send` for the lifespan: the default model gets the prompt cache before serving, so
+        requests that reach llama_cpp.server's own handlers use it from the first one on."""
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and self._cache.plan.on:
+                async with asynccontextmanager(get_llama_proxy)() as llama_proxy:
+                    if llama_proxy is not None:
+                        self._cache.install(llama_proxy())
+            await send(message)
+
+        return sending
+
+    def _health_answer(self) -> dict[str, Any]:
+        stats = self._cache.stats()
+        if stats is None:
+            return {**self._health, "prompt_cache": {"mode": "off"}}
+        cache = {
+            "mode": self._cache.plan.mode,
+            "states": stats.states,
+            "bytes": stats.bytes,
+            "capacity_bytes": stats.capacity_bytes,
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "evictions": stats.evictions,
+        }
+        return {**self._health, "prompt_cache": cache}
 
     async def _embed_answer(self, data: dict[str, Any]) -> JSONResponse:
         text = data.get("input")
@@ -230,6 +273,25 @@ def _wants_usage(data: dict[str, Any]) -> bool:
     )
 
 
+def _wants_logprobs(data: dict[str, Any]) -> bool:
+    # Chat asks with `logprobs: true`; a text completion with any `logprobs` value at all.
+    value = data.get("logprobs")
+    return value is True if "messages" in data else value is not None
+
+
+def _no_logprobs() -> JSONResponse:
+    return JSONResponse(
+        openai_error(
+            "logprobs are not available while the prompt cache is on: the model then keeps "
+            "logits for the sampled token only. Ask without logprobs, or run the backend with "
+            "LLAMA_PROMPT_CACHE=off",
+            kind="invalid_request_error",
+            param="logprobs",
+        ),
+        status_code=400,
+    )
+
+
 def _wants_progress(data: dict[str, Any]) -> bool:
     """llama-gate's proxy asks for the prompt's usage as soon as it is known (see usage.py)."""
     options = data.get("stream_options")
@@ -237,7 +299,12 @@ def _wants_progress(data: dict[str, Any]) -> bool:
 
 
 async def _stream_with_usage(
-    stream: _Stream, data: dict[str, Any], scope: Scope, receive: Receive, send: Send
+    stream: _Stream,
+    data: dict[str, Any],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    model_cache: ModelCache,
 ) -> bool:
     """Serve a streamed request as llama_cpp.server's own handler would, through its own
     publisher (model lock, disconnects, [DONE]), with a `Llama` call that ends in usage.
@@ -255,14 +322,19 @@ async def _stream_with_usage(
         body.prompt = prompt[0] if prompt else ""
     kwargs = body.model_dump(exclude=stream.exclude)
     send_chan, recv_chan = anyio.create_memory_object_stream[dict[str, str]](10)
-    llama_call = stream.call
-    if _wants_progress(data):
-        # Called on the worker thread that runs the model, before the prompt is processed.
-        def on_prompt(tokens: int) -> None:
-            event = _progress_event(stream.object_name, body.model, tokens)
-            anyio.from_thread.run(send_chan.send, {"data": json.dumps(event)})
 
-        llama_call = partial(stream.call, on_prompt=on_prompt)
+    # Called on the worker thread that runs the model, before the prompt is processed.
+    def announce(tokens: int) -> None:
+        event = _progress_event(stream.object_name, body.model, tokens)
+        anyio.from_thread.run(send_chan.send, {"data": json.dumps(event)})
+
+    on_prompt = announce if _wants_progress(data) else None
+
+    def llama_call(llama: Llama, **kwargs: Any) -> Iterator[Chunk]:
+        # On the model's worker thread, under its lock: the model this request reached.
+        model_cache.install(llama)
+        return stream.call(llama, on_prompt=on_prompt, **kwargs)
+
     publisher = partial(
         get_event_publisher,
         request=Request(scope, receive),

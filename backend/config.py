@@ -20,6 +20,7 @@ from llama_cpp.llama_chat_format import (
 from llama_cpp.server.settings import ConfigFileSettings, ModelSettings, ServerSettings
 from pydantic import ValidationError
 
+from backend.cache_plan import CachePlan, plan_cache
 from backend.errors import BackendError
 from backend.models import ModelFile, models_dir, pick_default, require_models
 from proxy.settings import Settings
@@ -39,11 +40,13 @@ _VARIABLES = {
 
 @dataclass(frozen=True)
 class BackendPlan:
-    """What `serve` will run: the models, the default one, and llama_cpp.server's config."""
+    """What `serve` will run: the models, the default one, llama_cpp.server's config, and the
+    prompt cache the backend puts on the model."""
 
     models: list[ModelFile]
     default: ModelFile
     config: dict[str, Any]
+    cache: CachePlan
 
 
 def config_path(settings: Settings) -> Path:
@@ -51,8 +54,8 @@ def config_path(settings: Settings) -> Path:
 
 
 def cache_dir(settings: Settings) -> Path:
-    """Where llama_cpp.server's disk prompt cache lives (it writes `.cache/` under its cwd)."""
-    return settings.runtime_dir / "cache"
+    """Where the prompt cache keeps its states when LLAMA_PROMPT_CACHE=disk (emptied at start)."""
+    return settings.runtime_dir / "cache" / "prompt-states"
 
 
 def is_loopback(host: str) -> bool:
@@ -108,8 +111,12 @@ def model_entry(settings: Settings, model: ModelFile) -> dict[str, Any]:
         "n_threads": _threads(settings.n_threads),
         "n_gpu_layers": settings.n_gpu_layers,
         "chat_format": settings.chat_format or None,
-        "cache": settings.prompt_cache,
-        "cache_type": "disk",
+        # The backend installs its own prompt cache (backend.cache_plan); llama_cpp.server's
+        # would stand in its way.
+        "cache": False,
+        # Logits for every token (what logprobs need) would be copied into every cached state,
+        # a vocabulary-sized row per token: several times the model's own state.
+        "logits_all": settings.prompt_cache == "off",
         "verbose": False,  # llama.cpp's per-request timings would drown the server's own log
     }
 
@@ -132,7 +139,13 @@ def plan(settings: Settings) -> BackendPlan:
         "models": [model_entry(settings, model) for model in ordered],
     }
     _validate(config)
-    return BackendPlan(models=models, default=default, config=config)
+    cache = plan_cache(
+        settings.prompt_cache,
+        settings.prompt_cache_bytes,
+        max(model.size for model in models),
+        cache_dir(settings),
+    )
+    return BackendPlan(models=models, default=default, config=config, cache=cache)
 
 
 def write_config(settings: Settings, config: dict[str, Any]) -> Path:

@@ -10,7 +10,7 @@ import socket
 import uvicorn
 
 from backend.app import create_backend_app
-from backend.config import BackendPlan, cache_dir, check_api_key, load_config, write_config
+from backend.config import BackendPlan, check_api_key, load_config, write_config
 from backend.errors import BackendError
 from proxy.settings import Settings
 
@@ -56,26 +56,22 @@ def serve(settings: Settings, plan: BackendPlan) -> None:
     server_settings, model_settings = load_config(path, settings.server_api_key.reveal())
     sock = bind(settings.server_host, settings.server_port)
     try:
-        cache = cache_dir(settings)
-        cache.mkdir(parents=True, exist_ok=True)
-        # llama_cpp.server puts its disk prompt cache in `.cache/` under the working directory,
-        # with no setting to move it; every other path here is absolute.
-        os.chdir(cache)
         if os.environ.pop("CONFIG_FILE", None) is not None:
             # llama_cpp.server's create_app would load that file instead of these settings.
             logger.warning("ignoring CONFIG_FILE: the backend runs %s", path)
         logger.info("loading model %s from %s", plan.default.alias, plan.default.path)
         try:
-            app = create_backend_app(server_settings, model_settings)
+            app = create_backend_app(server_settings, model_settings, plan.cache)
         except (ValueError, OSError) as exc:
             raise BackendError(f"cannot load model {plan.default.alias}: {exc}") from None
         logger.info(
-            "serving %d model(s) on http://%s:%d (default %s, config %s)",
+            "serving %d model(s) on http://%s:%d (default %s, config %s, %s)",
             len(model_settings),
             settings.server_host,
             settings.server_port,
             plan.default.alias,
             path,
+            plan.cache.describe(),
         )
         config = uvicorn.Config(
             app,

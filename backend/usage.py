@@ -14,7 +14,12 @@ Cost: before a store Llama runs `save_state()`, a copy of this request's KV cach
 LLAMA_PROMPT_CACHE on that happens anyway; without it, it is the price of exact counts, paid only by
 streams that ask for usage.
 
-The tap's first lookup is also the first moment the prompt's length is known: before it is
+The tap's first lookup is also where the prompt's cached tokens are counted (OpenAI's
+`usage.prompt_tokens_details.cached_tokens`): the tokens Llama will not read again because the
+context it holds, or the state the cache returns, already starts with them. Llama keeps the longer
+of the two and always reads the prompt's last token again, for fresh logits to sample from.
+
+That lookup is also the first moment the prompt's length is known: before it is
 processed. `on_prompt` is told it then, so llama-gate's proxy (which asks with
 `stream_options.llama_gate_progress`) hears it at once and can charge a client who leaves during
 a long prompt for the prompt it made the model read.
@@ -25,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, cast
 
+import numpy as np
 from llama_cpp import Llama
 from llama_cpp.llama import LlamaState
 from llama_cpp.llama_cache import BaseLlamaCache
@@ -36,14 +42,19 @@ class TokenTap(BaseLlamaCache):
     """A prompt cache that records the length of every key Llama looks up and stores."""
 
     def __init__(
-        self, inner: BaseLlamaCache | None, on_prompt: Callable[[int], None] | None = None
+        self,
+        inner: BaseLlamaCache | None,
+        on_prompt: Callable[[int], None] | None = None,
+        llama: Llama | None = None,
     ) -> None:
         super().__init__(inner.capacity_bytes if inner is not None else 0)
         self.inner = inner
         self.on_prompt = on_prompt
+        self.llama = llama  # whose context counts as cached too
         self.lookups: list[int] = []
         self.stores: list[int] = []
         self.last_key: Sequence[int] = ()  # the prompt and completion of the last completion
+        self.cached = 0  # of the first prompt's tokens
 
     @property
     def cache_size(self) -> int:
@@ -51,11 +62,24 @@ class TokenTap(BaseLlamaCache):
 
     def __getitem__(self, key: Sequence[int]) -> LlamaState:
         self.lookups.append(len(key))
-        if len(self.lookups) == 1 and self.on_prompt is not None:
+        first = len(self.lookups) == 1
+        if first and self.on_prompt is not None:
             self.on_prompt(len(key))
-        if self.inner is None:
-            raise KeyError("empty cache")  # what Llama takes for a miss
-        return self.inner[key]
+        live = 0
+        if first and self.llama is not None:
+            live = shared_prefix(self.llama.input_ids[: self.llama.n_tokens], key)
+        try:
+            if self.inner is None:
+                raise KeyError("empty cache")  # what Llama takes for a miss
+            state = self.inner[key]
+        except KeyError:
+            if first:
+                self.cached = _reused(live, len(key))
+            raise
+        if first:
+            stored = shared_prefix(state.input_ids[: state.n_tokens], key)
+            self.cached = _reused(max(live, stored), len(key))
+        return state
 
     def __contains__(self, key: Sequence[int]) -> bool:
         return self.inner is not None and key in self.inner
@@ -66,7 +90,7 @@ class TokenTap(BaseLlamaCache):
         if self.inner is not None:
             self.inner[key] = value
 
-    def usage(self) -> dict[str, int] | None:
+    def usage(self) -> dict[str, Any] | None:
         """OpenAI's usage object, or None when no completion finished."""
         if not self.stores or len(self.lookups) != len(self.stores):
             return None
@@ -80,6 +104,7 @@ class TokenTap(BaseLlamaCache):
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
         }
 
 
@@ -97,6 +122,20 @@ def _stop_sequence(llama: Llama, tap: TokenTap, stop: Any, last: Chunk) -> str |
     generated = llama.detokenize(list(tap.last_key[tap.lookups[-1] :])).decode("utf-8", "ignore")
     found = [(generated.find(s), s) for s in stops if isinstance(s, str) and s and s in generated]
     return min(found)[1] if found else None
+
+
+def shared_prefix(tokens: Any, key: Sequence[int]) -> int:
+    """How many leading tokens the array `tokens` and `key` have in common."""
+    n = min(len(tokens), len(key))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(tokens[:n]) != np.asarray(key[:n], dtype=np.intc))
+    return int(differ[0]) if len(differ) else n
+
+
+def _reused(prefix: int, prompt: int) -> int:
+    # With the whole prompt at hand Llama still reads its last token again (see the docstring).
+    return min(prefix, prompt - 1) if prompt else 0
 
 
 def _real_cache(llama: Llama) -> BaseLlamaCache | None:
@@ -117,7 +156,7 @@ def with_usage(
     def stream(
         llama: Llama, *, on_prompt: Callable[[int], None] | None = None, **kwargs: Any
     ) -> Generator[Chunk, None, None]:
-        tap = TokenTap(_real_cache(llama), on_prompt)
+        tap = TokenTap(_real_cache(llama), on_prompt, llama)
         llama.set_cache(tap)
         last: Chunk | None = None
         try:

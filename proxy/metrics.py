@@ -100,6 +100,11 @@ class Metrics:
             "llama_gate_tokens", "Tokens served, by user and kind (prompt or completion).",
             ["user", "kind"], registry=r,
         )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "llama_gate_prompt_tokens",
+            "Prompt tokens by source: served from the backend's prompt cache, or processed.",
+            ["source"], registry=r,
+        )  # fmt: skip
         self._users: set[str] = set()
 
     def watch_audit(self, writer: AuditWriter) -> None:
@@ -123,6 +128,10 @@ class Metrics:
             user = self._user_label(row.username)
             self.tokens.labels(user, "prompt").inc(row.prompt_tokens or 0)
             self.tokens.labels(user, "completion").inc(row.completion_tokens or 0)
+        if row.prompt_tokens:
+            cached = min(row.cached_tokens or 0, row.prompt_tokens)
+            self.prompt_tokens.labels("cache").inc(cached)
+            self.prompt_tokens.labels("processed").inc(row.prompt_tokens - cached)
 
     def _user_label(self, username: str) -> str:
         if username in self._users or len(self._users) < MAX_USER_LABELS:

@@ -97,6 +97,39 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be 1 or 0 (or true/false)")
 
 
+_CACHE_MODES = {"ram": "ram", "disk": "disk", "off": "off", "0": "off", "1": "disk"}
+
+
+def _cache_mode(raw: str) -> str:
+    """ram, disk or off; 0 and 1 keep meaning what they did before there was a choice."""
+    mode = _CACHE_MODES.get(raw.strip().lower())
+    if mode is None:
+        raise ValueError("must be ram, disk or off")
+    return mode
+
+
+_SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+BYTE_SIZE_MIN = 1 << 20
+BYTE_SIZE_MAX = 1 << 50
+
+
+def _byte_size_or_auto(raw: str) -> int | None:
+    """`auto` (None), or a size in bytes: a whole number, optionally with K, M, G or T (x1024)."""
+    text = raw.strip()
+    if text.lower() == "auto":
+        return None
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError("must be auto or a size such as 2G, 512M or 1073741824")
+    value = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value < BYTE_SIZE_MIN:
+        raise ValueError("must be at least 1M (LLAMA_PROMPT_CACHE=off turns the cache off)")
+    if value > BYTE_SIZE_MAX:
+        raise ValueError("must be at most 1024T")
+    return value
+
+
 def _text(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -186,6 +219,8 @@ Urls = Annotated[tuple[str, ...], _parsed(_urls)]
 Origins = Annotated[tuple[str, ...], _parsed(_origins)]
 ReasoningMode = Annotated[str, _parsed(_choice("split", "keep", "strip"))]
 AnyInt = Annotated[int, _parsed(_int)]
+CacheMode = Annotated[str, _parsed(_cache_mode)]
+ByteSizeOrAuto = Annotated[int | None, _parsed(_byte_size_or_auto)]
 # Whole numbers within the bounds their use can hold.
 ThreadCount = Annotated[int, _parsed(_whole(0, 1024))]
 ContextTokens = Annotated[int, _parsed(_whole(1, 1 << 24))]
@@ -283,7 +318,10 @@ class Settings(BaseModel):
     n_threads: ThreadCount = setting("N_THREADS", "0")  # 0 = llama.cpp's own choice
     n_gpu_layers: AnyInt = setting("N_GPU_LAYERS", "0")
     chat_format: OptionalText = setting("LLAMA_CHAT_FORMAT", "")  # "" = the GGUF's template
-    prompt_cache: Flag = setting("LLAMA_PROMPT_CACHE", "0")
+    # The backend's prompt cache: each conversation's state kept between its turns.
+    prompt_cache: CacheMode = setting("LLAMA_PROMPT_CACHE", "ram")
+    # Its budget in bytes; auto derives one from the machine (see backend.cache_plan).
+    prompt_cache_bytes: ByteSizeOrAuto = setting("LLAMA_PROMPT_CACHE_BYTES", "auto")
 
     @property
     def database_dsn(self) -> Secret:

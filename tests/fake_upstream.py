@@ -62,6 +62,7 @@ class FakeUpstream:
     client_left: asyncio.Event = field(default_factory=asyncio.Event)  # the proxy hung up
     client_left_at: float | None = None  # time.monotonic() of that
     health_checks: int = 0  # GET /health, answered at once and not counted in `seen`
+    usage: dict[str, Any] | None = None  # the usage a stream ends with (None: USAGE)
     port: int = field(default_factory=free_port)
     _runner: web.AppRunner | None = None
 
@@ -167,7 +168,7 @@ class FakeUpstream:
         if options.get("include_usage") is True:
             # as llama-gate's backend does, before [DONE], naming a stop sequence that matched
             extra = {"stop_sequence": self.stop_sequence} if self.stop_sequence else None
-            events.append(_usage_chunk(None, extra))
+            events.append(_usage_chunk(self.usage, extra))
         events.append("data: [DONE]\r\n\r\n")
         first_chunk = events.index(chunks[0])
         try:
@@ -258,7 +259,7 @@ def _text_chunk(text: str, finish_reason: str | None) -> str:
     return f"data: {json.dumps(body)}\r\n\r\n"
 
 
-def _usage_chunk(usage: dict[str, int] | None = None, extra: Any = None) -> str:
+def _usage_chunk(usage: dict[str, Any] | None = None, extra: Any = None) -> str:
     body: dict[str, Any] = {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",

@@ -134,7 +134,8 @@ def test_config_writes_llama_cpp_server_config_with_the_default_first(home: Path
     first = config["models"][0]
     assert first["model"] == str(home / "models" / "smol-b.gguf")
     assert (first["n_ctx"], first["n_gpu_layers"], first["chat_format"]) == (4096, -1, "chatml")
-    assert (first["cache"], first["cache_type"]) == (True, "disk")
+    # The backend brings its own prompt cache; logits for every token would bloat its states.
+    assert (first["cache"], first["logits_all"]) == (False, False)
 
 
 def test_config_leaves_chat_format_and_threads_to_llama_cpp_when_unset(home: Path) -> None:
@@ -143,6 +144,13 @@ def test_config_leaves_chat_format_and_threads_to_llama_cpp_when_unset(home: Pat
     assert model["chat_format"] is None  # the template stored in the GGUF
     assert model["n_threads"] >= 1  # 0 would fail llama_cpp.server's own check
     assert model["cache"] is False
+    assert model["logits_all"] is False  # the prompt cache is on (in RAM) by default
+
+
+def test_with_the_prompt_cache_off_the_model_keeps_every_logit_for_logprobs(home: Path) -> None:
+    assert run(home, "config", LLAMA_PROMPT_CACHE="off").exit_code == 0
+    model = json.loads((home / "runtime" / "backend-config.json").read_text())["models"][0]
+    assert (model["cache"], model["logits_all"]) == (False, True)
 
 
 @pytest.mark.parametrize(

@@ -85,11 +85,20 @@ async def test_health_needs_no_key_and_names_the_models(
 ) -> None:
     async with http.get(f"{backend.url}/health") as response:
         assert response.status == 200
-        assert await response.json() == {
-            "status": "ok",
-            "models": [DEFAULT, OTHER],
-            "default": DEFAULT,
-        }
+        health = await response.json()
+    cache = health.pop("prompt_cache")
+    assert health == {"status": "ok", "models": [DEFAULT, OTHER], "default": DEFAULT}
+    assert cache["mode"] == "ram"  # the default, with the budget the machine allows
+    assert cache["capacity_bytes"] >= 64 << 20
+    assert set(cache) == {
+        "mode",
+        "states",
+        "bytes",
+        "capacity_bytes",
+        "hits",
+        "misses",
+        "evictions",
+    }
 
 
 @pytest.mark.parametrize(
@@ -255,7 +264,17 @@ async def test_usage_chunk_is_the_last_before_done_and_only_when_asked(
         with_usage = chunks(await sse(response))
     *rest, last = with_usage
     assert last["choices"] == []
-    assert set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert set(last["usage"]) == {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "prompt_tokens_details",
+    }
+    assert (
+        0
+        <= last["usage"]["prompt_tokens_details"]["cached_tokens"]
+        < last["usage"]["prompt_tokens"]
+    )
     assert last["usage"]["total_tokens"] == (
         last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
     )

@@ -197,3 +197,42 @@ def test_values_past_what_their_use_can_hold_stop_startup_in_one_line(
     message = str(caught.value)
     assert message.startswith(f"{name}={value!r} from environment: must be")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode"),
+    [("ram", "ram"), (" Disk ", "disk"), ("off", "off"), ("0", "off"), ("1", "disk")],
+)
+def test_prompt_cache_modes_and_the_old_flag(tmp_path: Path, raw: str, mode: str) -> None:
+    defaults = load_settings(environ={}, home=tmp_path)
+    assert (defaults.prompt_cache, defaults.prompt_cache_bytes) == ("ram", None)
+    settings = load_settings(environ={"LLAMA_PROMPT_CACHE": raw}, home=tmp_path)
+    assert settings.prompt_cache == mode
+
+
+@pytest.mark.parametrize(
+    ("raw", "size"),
+    [("auto", None), ("AUTO", None), ("2G", 2 << 30), ("512MiB", 512 << 20), ("1048576", 1 << 20)],
+)
+def test_prompt_cache_budget_sizes(tmp_path: Path, raw: str, size: int | None) -> None:
+    settings = load_settings(environ={"LLAMA_PROMPT_CACHE_BYTES": raw}, home=tmp_path)
+    assert settings.prompt_cache_bytes == size
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("LLAMA_PROMPT_CACHE", "yes", "must be ram, disk or off"),
+        ("LLAMA_PROMPT_CACHE_BYTES", "lots", "must be auto or a size such as 2G"),
+        ("LLAMA_PROMPT_CACHE_BYTES", "10K", "at least 1M (LLAMA_PROMPT_CACHE=off turns"),
+        ("LLAMA_PROMPT_CACHE_BYTES", "2000T", "must be at most 1024T"),
+    ],
+)
+def test_bad_prompt_cache_settings_stop_startup_in_one_line(
+    tmp_path: Path, name: str, value: str, says: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ={name: value}, home=tmp_path)
+    assert str(caught.value).startswith(f"{name}={value!r} from environment: ")
+    assert says in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -44,6 +44,7 @@ class AuditRow(NamedTuple):
     client_request_id: str | None = None
     backend: str | None = None
     end_user: str | None = None
+    cached_tokens: int | None = None  # last, with a default: older spill files still read
 
 
 COLUMNS: tuple[str, ...] = AuditRow._fields

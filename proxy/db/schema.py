@@ -151,6 +151,8 @@ llama_requests = Table(
     Column("backend", Text, nullable=True),  # the backend that served the request
     # Whom the client says the request is for (OpenAI's `user`, Anthropic's metadata.user_id).
     Column("end_user", Text, nullable=True),
+    # Of prompt_tokens, those the backend's prompt cache spared it from reading again.
+    Column("cached_tokens", Integer, nullable=True),
     Index("ix_llama_requests_created_at", "created_at"),
     Index("ix_llama_requests_username_created_at", "username", "created_at"),
     Index("ix_llama_requests_day_username", text(USAGE_DAY), "username"),

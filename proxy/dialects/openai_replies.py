@@ -76,6 +76,7 @@ class Tokens:
         prompt, completion = _counts(usage)
         if prompt is not None or completion is not None:
             self._outcome.count(prompt, completion or 0)
+        self._outcome.cached_tokens = cached_tokens(usage)
 
     def chunk(self, payload: dict[str, Any]) -> None:
         if any(_carries_text(choice) for choice in payload.get("choices") or ()):
@@ -91,6 +92,13 @@ def _counts(usage: Any) -> tuple[int | None, int | None]:
         prompt if type(prompt) is int else None,
         completion if type(completion) is int else None,
     )
+
+
+def cached_tokens(usage: Any) -> int | None:
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens`, when the usage holds it."""
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if type(cached) is int and cached >= 0 else None
 
 
 def _carries_text(choice: Any) -> bool:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.audit.row import ERROR_TEXT_LIMIT, AuditRow, storable
 from proxy.auth.cache import Principal
+from proxy.upstream.affinity import Affinity
 from proxy.upstream.delivery import Delivery
 from proxy.upstream.outcome import Outcome
 
@@ -37,6 +38,7 @@ class Exchange:
     model: str | None = None
     stream: bool | None = None
     end_user: str | None = None  # whom the client says the request is for
+    affinity: Affinity | None = None  # the conversation it continues (routing, never stored)
     outcome: Outcome = field(default_factory=Outcome)
     delivery: Delivery | None = None  # the client's side of the answer
 
@@ -97,4 +99,5 @@ class Exchange:
             client_request_id=storable(self.client_request_id),
             backend=storable(outcome.backend),
             end_user=storable(self.end_user),
+            cached_tokens=outcome.cached_tokens,
         )

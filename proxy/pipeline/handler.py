@@ -205,6 +205,7 @@ def _handler_for(route: Route) -> Handler:
             prepared = admitted.checked
             exchange.model, exchange.stream = prepared.model, prepared.stream
             exchange.end_user = prepared.end_user
+            exchange.affinity = prepared.affinity
             delivery.headers.update(admitted.headers)
             context = Context(caller, delivery, exchange.request_id, _sender(request, exchange))
             return await endpoint.serve(context, prepared)
@@ -226,7 +227,7 @@ def _sender(
         refused: list[str] = []
         while True:
             async with backends.acquire(
-                user, exchange.model, exchange.outcome, refused
+                user, exchange.model, exchange.outcome, refused, exchange.affinity
             ) as upstream:
                 try:
                     return await forward(

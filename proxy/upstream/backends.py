@@ -7,6 +7,13 @@ per-user queues served round-robin (`proxy.upstream.fairqueue`), and their wait 
 request: nobody waits behind a busy backend while another idles. A request goes to a backend that
 is up and serves its model; among free ones, the least loaded.
 
+A request that continues a conversation (`proxy.upstream.affinity`) goes to the backend that most
+recently served that conversation, where its state is still in the prompt cache, unless that
+backend is much busier than another that could serve it: `AFFINITY_SLACK` or more requests per
+slot more, counting those running and those waiting for it. Short of that the request waits for
+its backend even while another idles, since reading a whole conversation again costs more than
+waiting for one answer to end; past it, it goes elsewhere and the conversation moves with it.
+
 Health comes from each backend's `/health` every `probe_interval` seconds (see
 `proxy.upstream.probes`), and from requests: a backend that refuses a connection is out until a
 probe finds it back. The queues and the per-user concurrency cap are this process's own; with
@@ -21,6 +28,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,6 +39,7 @@ from yarl import URL
 
 from proxy.errors import QueueTimeout, UpstreamError
 from proxy.settings import Secret, Settings
+from proxy.upstream.affinity import Affinity
 from proxy.upstream.fairqueue import FairQueue
 from proxy.upstream.outcome import Outcome
 from proxy.upstream.probes import Health, probe_health
@@ -38,6 +47,8 @@ from proxy.upstream.probes import Health, probe_health
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_SECONDS = 2.0
+AFFINITY_SLACK = 2  # requests per slot: "much busier" (see the module docstring)
+AFFINITY_MEMORY = 100_000  # conversations whose last backend is remembered (16-byte digests)
 _SERVICE_SMOOTHING = 0.2  # weight of the newest request in the mean time a slot is held
 
 
@@ -83,6 +94,7 @@ class _Waiter:
     model: str | None
     avoid: frozenset[str]  # backends that refused this request's connection
     future: asyncio.Future[_Backend]
+    prefer: str | None = None  # the backend that last served its conversation
 
 
 class Backends:
@@ -106,6 +118,7 @@ class Backends:
         self._probe_timeout = probe_timeout
         self._session: aiohttp.ClientSession | None = None
         self._held_seconds = 1.0  # mean time a request holds a slot, for Retry-After
+        self._served: OrderedDict[bytes, str] = OrderedDict()  # conversation -> last backend
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Backends:
@@ -153,24 +166,29 @@ class Backends:
         model: str | None,
         outcome: Outcome,
         avoid: Collection[str] = (),
+        affinity: Affinity | None = None,
     ) -> AsyncIterator[Upstream]:
         """Hold a slot of a backend for one request, after a fair wait for one.
 
         `user` is whose turn it is, `model` what the request asks for; the wait and the backend
         chosen go to `outcome`. `avoid` names backends that already refused this request, which
-        then keeps its place at the front of the user's queue. The per-user concurrency cap is
-        admission's (`proxy.limits.places`): a request reaching here already holds its place.
+        then keeps its place at the front of the user's queue. `affinity` names the conversation
+        it continues, if any. The per-user concurrency cap is admission's
+        (`proxy.limits.places`): a request reaching here already holds its place.
         """
         self._queue.hold(user)
         started = time.monotonic()
+        prefer = self._last_served(affinity)
         try:
-            backend = await self._turn(user, model, outcome, frozenset(avoid))
+            backend = await self._turn(user, model, outcome, frozenset(avoid), prefer)
         except BaseException:
             self._queue.release(user)
             raise
         finally:
             outcome.queue_ms = (outcome.queue_ms or 0.0) + (time.monotonic() - started) * 1000.0
         outcome.backend = backend.upstream.name
+        if affinity is not None:
+            self._remember(affinity.key, backend.upstream.name)
         granted = time.monotonic()
         try:
             yield backend.upstream
@@ -181,23 +199,34 @@ class Backends:
             self._give_back(backend)
 
     async def _turn(
-        self, user: Hashable, model: str | None, outcome: Outcome, avoid: frozenset[str]
+        self,
+        user: Hashable,
+        model: str | None,
+        outcome: Outcome,
+        avoid: frozenset[str],
+        prefer: str | None = None,
     ) -> _Backend:
+        waiter = _Waiter(user, model, avoid, asyncio.get_running_loop().create_future(), prefer)
         free = [
             b
             for b in self._backends.values()
-            if b.in_flight < b.slots and self._serves(b, model, avoid)
+            if b.in_flight < b.slots and self._eligible(b, waiter)
         ]
         if free:
-            # Nobody waits for a free slot (every release hands it on), so no one is passed over.
-            backend = min(free, key=lambda b: b.in_flight / b.slots)
+            # Nobody waits for a free slot it may take (every release hands it on), so no one
+            # is passed over.
+            warm = [b for b in free if b.upstream.name == prefer]
+            backend = warm[0] if warm else min(free, key=lambda b: b.in_flight / b.slots)
             backend.in_flight += 1
             self._queue.served(user)
             return backend
         if not any(self._serves(b, model, avoid) for b in self._backends.values()):
             raise self._unavailable(model)
-        waiter = _Waiter(user, model, avoid, asyncio.get_running_loop().create_future())
         self._queue.push(user, waiter, front=bool(avoid))
+        if prefer is not None:
+            # One more request waiting for its backend may make that one "much busier" for
+            # somebody already waiting for it while a slot elsewhere is free.
+            self._dispatch_all()
         budget = max(0.0, self._queue_timeout - (outcome.queue_ms or 0.0) / 1000.0)
         try:
             async with asyncio.timeout(budget):
@@ -219,13 +248,53 @@ class Backends:
     def _dispatch(self, backend: _Backend) -> None:
         """Hand `backend`'s free slots to the next eligible waiters, fairly."""
         while backend.in_flight < backend.slots and backend.health.up:
-            waiter = self._queue.pop(
-                lambda w: not w.future.done() and self._serves(backend, w.model, w.avoid)
-            )
+            waiter = self._queue.pop(lambda w: not w.future.done() and self._eligible(backend, w))
             if waiter is None:
                 return
             backend.in_flight += 1
             waiter.future.set_result(backend)
+
+    def _dispatch_all(self) -> None:
+        for backend in self._backends.values():
+            self._dispatch(backend)
+
+    # -- conversations and the backend that last served them ---------------------------------
+
+    def _last_served(self, affinity: Affinity | None) -> str | None:
+        if affinity is None:
+            return None
+        for prefix in affinity.prefixes:
+            name = self._served.get(prefix)
+            if name is not None:
+                return name
+        return None
+
+    def _remember(self, conversation: bytes, name: str) -> None:
+        self._served[conversation] = name
+        self._served.move_to_end(conversation)
+        if len(self._served) > AFFINITY_MEMORY:
+            self._served.popitem(last=False)
+
+    def _eligible(self, backend: _Backend, waiter: _Waiter) -> bool:
+        """Whether `waiter` may take a slot of `backend` (see the module docstring)."""
+        if not self._serves(backend, waiter.model, waiter.avoid):
+            return False
+        prefer = self._backends.get(waiter.prefer) if waiter.prefer is not None else None
+        if prefer is None or prefer is backend:
+            return True
+        if not self._serves(prefer, waiter.model, waiter.avoid):
+            return True  # its backend is out, or does not serve this model
+        return self._load(prefer, waiter) - self._load(backend, waiter) >= AFFINITY_SLACK
+
+    def _load(self, backend: _Backend, besides: _Waiter) -> float:
+        """Requests per slot running on `backend` or waiting for it, but `besides`."""
+        name = backend.upstream.name
+        waiting = sum(
+            1
+            for w in self._queue.waiting()
+            if w is not besides and w.prefer == name and not w.future.done()
+        )
+        return (backend.in_flight + waiting) / backend.slots
 
     def _retry_after(self) -> int:
         slots = sum(b.slots for b in self._backends.values() if b.health.up) or 1
@@ -277,6 +346,7 @@ class Backends:
         if before.up and not health.up:
             log.warning("backend %s is out: %s", name, health.problem)
             self._fail_stranded()
+            self._dispatch_all()  # those waiting for it in particular may go elsewhere now
         elif health.up and not before.up:
             log.warning("backend %s is back in", name)
         if health.up:

@@ -27,6 +27,7 @@ class Outcome:
     bytes_out: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of prompt_tokens, served from the backend's prompt cache
     queue_ms: float | None = None  # waiting for a backend slot (the scheduler's share)
     backend: str | None = None  # the backend that served it
     ttfb_ms: float | None = None  # until the first answer event (or body byte) from the backend

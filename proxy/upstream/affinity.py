@@ -1,0 +1,44 @@
+"""Which conversation a request continues, so it can go where that conversation is warm.
+
+A backend keeps each conversation's state in its prompt cache, so the next turn of a conversation
+is cheapest on the backend that served the last one. A request names its conversation by digests
+of its message list's prefixes: `key` covers all of its messages, `prefixes` every shorter run of
+them, longest first. The next turn's messages start with this turn's, so one of its `prefixes`
+is this turn's `key`. Digests, not text: the routing table never holds what anybody wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MAX_PREFIXES = 256  # a conversation longer than this many messages is matched on its latest ones
+
+
+@dataclass(frozen=True)
+class Affinity:
+    key: bytes  # this request's whole conversation so far
+    prefixes: tuple[bytes, ...]  # the conversations it may continue, longest first
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def conversation(context: Any, messages: Any) -> Affinity | None:
+    """The affinity of a request whose `messages` are a list, in a `context` (model, tools, ...)
+    that must match too; None when there is no list of messages."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes) or not messages:
+        return None
+    digest = hashlib.blake2b(_canonical(context), digest_size=16).digest()
+    chain: list[bytes] = []
+    for message in messages:
+        digest = hashlib.blake2b(digest + _canonical(message), digest_size=16).digest()
+        chain.append(digest)
+    prefixes = tuple(reversed(chain[-MAX_PREFIXES - 1 : -1]))
+    return Affinity(chain[-1], prefixes)
