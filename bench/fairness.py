@@ -110,6 +110,7 @@ async def proxy(dsn: str, backend: str, slots: str, cap: str) -> AsyncIterator[s
         environ = {
             "POSTGRES_AUTH_DSN": dsn, "LLAMA_SERVER_URLS": backend,
             "LLAMA_SERVER_API_KEY": BACKEND_KEY, "LLAMA_PROXY_METRICS_PORT": "0",
+            "LLAMA_PROXY_DASHBOARD_PORT": "0",
             "LLAMA_BACKEND_SLOTS": slots, "LLAMA_PROXY_MAX_CONCURRENT": cap,
         }  # fmt: skip
         app = create_app(load_settings(environ=environ, home=Path(home)))

@@ -196,8 +196,8 @@ def main() -> None:
             "POSTGRES_AUTH_DSN": dsn, "LLAMA_GATE_HOME": home,
             "LLAMA_SERVER_HOST": "127.0.0.1", "LLAMA_SERVER_PORT": str(up_port),
             "LLAMA_SERVER_API_KEY": BACKEND_KEY, "LLAMA_PROXY_RATE_LIMIT": "1000000",
-            "LLAMA_PROXY_METRICS_PORT": "0", "LLAMA_PROXY_MAX_CONCURRENT": "1000",
-            "LLAMA_BACKEND_SLOTS": "1000",
+            "LLAMA_PROXY_METRICS_PORT": "0", "LLAMA_PROXY_DASHBOARD_PORT": "0",
+            "LLAMA_PROXY_MAX_CONCURRENT": "1000", "LLAMA_BACKEND_SLOTS": "1000",
         }  # fmt: skip
         with (
             process([python, "bench/upstream.py", str(up_port)]) as up,

@@ -33,6 +33,7 @@ from proxy.audit.row import CompletionHook
 from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
+from proxy.dashboard.app import dashboard_site
 from proxy.db.pool import Database
 from proxy.edge.cors import Cors
 from proxy.limits.admission import Admission
@@ -92,6 +93,7 @@ def create_app(settings: Settings) -> web.Application:
         (_database, _upstream_session, _authenticator, _auth_listener, _audit, _metrics_site)
     )
     app.cleanup_ctx.append(_backend_probes)
+    app.cleanup_ctx.append(dashboard_site)  # its own listener; stops first, the pool still open
     health.add_routes(app)
     add_fallback(app, table)  # last: it matches every path
     return app

@@ -311,6 +311,10 @@ class Settings(BaseModel):
     # Prometheus metrics, on loopback by default; port 0 turns them off.
     metrics_host: Text = setting("LLAMA_PROXY_METRICS_HOST", "127.0.0.1")
     metrics_port: PortOrOff = setting("LLAMA_PROXY_METRICS_PORT", "9101")
+    # The admins' web dashboard, on its own listener (loopback by default; reach it from another
+    # machine through an SSH tunnel); port 0 turns it off.
+    dashboard_host: Text = setting("LLAMA_PROXY_DASHBOARD_HOST", "127.0.0.1")
+    dashboard_port: PortOrOff = setting("LLAMA_PROXY_DASHBOARD_PORT", "9102")
     # The backend (llama_cpp.server) launcher.
     model: OptionalText = setting("LLAMA_MODEL", "")  # a models/*.gguf stem; "" = the first
     server_allow_remote: Flag = setting("LLAMA_SERVER_ALLOW_REMOTE", "0")

@@ -2,8 +2,9 @@
 # One-time, idempotent installer: everything llama-gate needs under runtime/ and models/.
 #
 #   runtime/install.sh          # the stack: venv, project, llama-cpp-python, model, config, Postgres
-#   runtime/install.sh --dev    # the same plus the test tools (pytest, ruff, mypy, openai, and
-#                               # docker-compose to validate docker-compose.yml when apt-get can)
+#   runtime/install.sh --dev    # the same plus the test tools (pytest, ruff, mypy, openai,
+#                               # playwright; with apt-get: docker-compose to validate
+#                               # docker-compose.yml, chromium for the dashboard's browser tests)
 #   runtime/install.sh --image  # only the venv, the project and llama-cpp-python (the Dockerfile):
 #                               # no config.env with its key, no model, no local Postgres
 #
@@ -24,7 +25,7 @@ for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
     --image) IMAGE=1 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -169,6 +170,23 @@ if [ "$DEV" = 1 ] && ! command -v docker-compose >/dev/null 2>&1; then
     fi
   else
     echo "==> docker-compose is missing and only root with apt-get installs it here: tests/test_compose.py will be skipped"
+  fi
+fi
+
+# --- 9. Chromium, for the dashboard's browser tests (--dev only) --------------------------------
+# Playwright drives Debian's chromium (its own browser download needs a network this machine
+# may not have); tests/test_dashboard_browser.py is skipped, saying why, when it is missing.
+if [ "$DEV" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "Installing chromium (Debian's package) for the dashboard's browser tests"
+    if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+           --no-install-recommends chromium chromium-driver fonts-dejavu-core; } >/dev/null 2>&1; then
+      done_step
+    else
+      echo "    apt-get could not install chromium: tests/test_dashboard_browser.py will be skipped"
+    fi
+  else
+    echo "==> chromium is missing and only root with apt-get installs it here: tests/test_dashboard_browser.py will be skipped"
   fi
 fi
 

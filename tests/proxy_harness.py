@@ -82,6 +82,7 @@ def proxy_environ(dsn: str, upstream_port: int, home: Path, **extra: str) -> dic
         "LLAMA_SERVER_PORT": str(upstream_port),
         "LLAMA_SERVER_API_KEY": BACKEND_KEY,
         "LLAMA_PROXY_METRICS_PORT": "0",  # tests that read metrics give a free port
+        "LLAMA_PROXY_DASHBOARD_PORT": "0",  # and so do those that open the dashboard
         **extra,
     }
 

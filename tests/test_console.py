@@ -42,6 +42,7 @@ def clone() -> Iterator[tuple[Path, dict[str, str]]]:
         "LLAMA_SERVER_PORT": str(free_port()),
         "LLAMA_PROXY_PORT": str(free_port()),
         "LLAMA_PROXY_METRICS_PORT": "0",
+        "LLAMA_PROXY_DASHBOARD_PORT": "0",
         "N_THREADS": "2",
     }
     inherited = {

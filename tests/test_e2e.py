@@ -64,6 +64,7 @@ def stack(module_db_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "LLAMA_SERVER_PORT": str(backend.port),
             "LLAMA_SERVER_API_KEY": backend.key,
             "LLAMA_PROXY_METRICS_PORT": "0",
+            "LLAMA_PROXY_DASHBOARD_PORT": "0",
         }
         with proxy_process(environ) as url:
             yield Stack(url, module_db_dsn, backend, keys)

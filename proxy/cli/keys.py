@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 import click
 
-from proxy.auth.apikeys import KEY_ID_RE, KEY_PREFIX, KeyHasher, NewKey, generate_key
+from proxy.auth import issuing
+from proxy.auth.apikeys import KEY_ID_RE, KEY_PREFIX, NewKey
+from proxy.auth.issuing import KeyAlreadyRevoked, KeyNotFound, issue_key
 from proxy.cli.support import Duration, print_json, print_table, run_db, state, username_arg
 from proxy.db import queries
 from proxy.settings import Settings
-
-
-async def issue_key(
-    con: asyncpg.Connection, user_id: int, label: str | None, expires_in: timedelta | None
-) -> NewKey:
-    """Make a key and store only its id and argon2id hash."""
-    key = generate_key()
-    expires_at = datetime.now(UTC) + expires_in if expires_in else None
-    secret_hash = KeyHasher().hash(key.secret)
-    await queries.insert_key(con, user_id, key.key_id, secret_hash, label, expires_at)
-    return key
 
 
 def announce_key(settings: Settings, username: str, key: NewKey) -> None:
@@ -130,20 +121,14 @@ def rotate_key(key_id: str, grace: timedelta, expires_in: timedelta | None) -> N
         llama-gate rotate-key 3f9a0c1d2e4b5a69 --grace 24h
     """
 
-    async def work(con: asyncpg.Connection) -> tuple[str, NewKey]:
-        async with con.transaction():
-            old = await queries.get_key_owner(con, key_id)
-            if old is None:
-                raise click.ClickException(f"no key with id {key_id!r} (see list-keys)")
-            if old["revoked_at"] is not None and old["revoked_at"] <= datetime.now(UTC):
-                raise click.ClickException(
-                    f"key {key_id} is already revoked; make a fresh one with create-key"
-                )
-            new = await issue_key(con, old["user_id"], old["label"], expires_in)
-            await queries.revoke_key(con, key_id, after=grace)
-            return old["username"], new
-
-    username, new = run_db(work)
+    try:
+        username, new = run_db(lambda con: issuing.rotate_key(con, key_id, grace, expires_in))
+    except KeyNotFound:
+        raise click.ClickException(f"no key with id {key_id!r} (see list-keys)") from None
+    except KeyAlreadyRevoked:
+        raise click.ClickException(
+            f"key {key_id} is already revoked; make a fresh one with create-key"
+        ) from None
     when = "now" if not grace else f"in {grace}"
     click.echo(f"Old key {key_id} stops working {when}.")
     announce_key(state().settings(), username, new)

@@ -7,6 +7,7 @@ import logging
 
 import click
 
+from proxy.cli import admins as cli_admins
 from proxy.cli import keys as cli_keys
 from proxy.cli import serve as cli_serve
 from proxy.cli import usage as cli_usage
@@ -75,6 +76,9 @@ for command in (
     cli_usage.usage,
     cli_usage.prune_logs,
     cli_serve.serve,
+    cli_admins.create_admin_token,
+    cli_admins.list_admin_tokens,
+    cli_admins.revoke_admin_token,
 ):
     cli.add_command(command)
 

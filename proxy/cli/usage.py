@@ -28,8 +28,16 @@ PRUNE_BATCH_SIZE = 5000
     is_flag=True,
     help="Show only token use against quotas: today (UTC) and the last minute.",
 )
+@click.option(
+    "--totals",
+    is_flag=True,
+    help="One row per day for all users together (what the dashboard charts): requests, "
+    "errors, tokens, p50/p95 latency and time to first token, cached prompt tokens.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def usage(username: str | None, since: date, only_quotas: bool, as_json: bool) -> None:
+def usage(
+    username: str | None, since: date, only_quotas: bool, totals: bool, as_json: bool
+) -> None:
     """Requests, errors, tokens, bytes and latency per user per day (the llama_usage_daily view),
     then each user's tokens today and in the last minute against their token quotas.
 
@@ -40,12 +48,19 @@ def usage(username: str | None, since: date, only_quotas: bool, as_json: bool) -
 
         llama-gate usage --user alice --since 7d
     """
+    if totals and username:
+        raise click.UsageError("--totals sums every user; leave out --user")
     now = datetime.now(UTC)
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     minute_start = now - timedelta(minutes=1)
 
     async def work(con: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
-        daily = [] if only_quotas else await queries.usage_daily(con, since, username)
+        if only_quotas:
+            daily = []
+        elif totals:
+            daily = await queries.usage_daily_totals(con, since)
+        else:
+            daily = await queries.usage_daily(con, since, username)
         quotas = await queries.quota_usage(con, day_start, minute_start, username)
         return daily, quotas
 
@@ -53,7 +68,11 @@ def usage(username: str | None, since: date, only_quotas: bool, as_json: bool) -
     if as_json:
         print_json(quotas if only_quotas else daily)
         return
-    if not only_quotas:
+    if totals and not only_quotas:
+        columns = ["day", "requests", "errors", "prompt_tokens", "completion_tokens", "p50_ms"]
+        latency = ["p95_ms", "ttfb_p50_ms", "ttfb_p95_ms"]
+        print_table(daily, [*columns, *latency, "cached_tokens"])
+    elif not only_quotas:
         columns = ["day", "username", "requests", "errors", "prompt_tokens", "completion_tokens"]
         print_table(daily, [*columns, "bytes_in", "bytes_out", "p50_ms", "p95_ms"])
         if not quotas:

@@ -10,7 +10,8 @@ import asyncpg
 import click
 
 from proxy.auth.apikeys import NewKey
-from proxy.cli.keys import announce_key, issue_key
+from proxy.auth.issuing import issue_key
+from proxy.cli.keys import announce_key
 from proxy.cli.support import Duration, print_json, print_table, run_db, state, username_arg
 from proxy.db import queries
 from proxy.settings import (

@@ -376,3 +376,186 @@ async def prune_audit_batches(con: Connection, before: datetime) -> int:
     """Forget batch ids older than `before` (they only guard replays of recent batches)."""
     result: Any = await con.execute("DELETE FROM llama_audit_batches WHERE written_at < $1", before)
     return int(str(result).rsplit(" ", 1)[-1])
+
+
+# -- admin tokens: who may sign in to the dashboard -------------------------------------------
+
+
+async def insert_admin_token(
+    con: Connection, token_id: str, secret_hash: str, label: str | None
+) -> asyncpg.Record:
+    row = await con.fetchrow(
+        """INSERT INTO admin_tokens (token_id, secret_hash, label) VALUES ($1, $2, $3)
+           RETURNING token_id, label, created_at""",
+        token_id,
+        secret_hash,
+        label,
+    )
+    assert row is not None
+    return row
+
+
+async def list_admin_tokens(con: Connection) -> list[asyncpg.Record]:
+    return await con.fetch(
+        """SELECT token_id, label, created_at, last_used_at, revoked_at,
+                  CASE WHEN revoked_at IS NULL THEN 'active' ELSE 'revoked' END AS state
+           FROM admin_tokens ORDER BY created_at"""
+    )
+
+
+async def lookup_admin_token(con: Connection, token_id: str) -> asyncpg.Record | None:
+    """A usable (unrevoked) admin token's hash, to verify a sign-in with."""
+    return await con.fetchrow(
+        "SELECT token_id, secret_hash FROM admin_tokens WHERE token_id = $1 AND revoked_at IS NULL",
+        token_id,
+    )
+
+
+async def admin_token_active(con: Connection, token_id: str) -> bool:
+    """Whether a signed-in session's token still stands (asked on every dashboard request)."""
+    return bool(
+        await con.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM admin_tokens WHERE token_id = $1 AND revoked_at IS NULL)",
+            token_id,
+        )
+    )
+
+
+async def touch_admin_token(con: Connection, token_id: str) -> None:
+    """Note a sign-in with the token (its `last_used_at`)."""
+    await con.execute("UPDATE admin_tokens SET last_used_at = now() WHERE token_id = $1", token_id)
+
+
+async def revoke_admin_token(con: Connection, token_id: str) -> bool | None:
+    """Revoke an admin token: True, False when it was already revoked, None when unknown."""
+    row = await con.fetchrow(
+        """UPDATE admin_tokens SET revoked_at = coalesce(revoked_at, now())
+           WHERE token_id = $1 RETURNING revoked_at = now() AS revoked_now""",
+        token_id,
+    )
+    return None if row is None else bool(row["revoked_now"])
+
+
+# -- usage reports: `llama-gate usage` and the dashboard's Overview run the same queries -----
+
+# The UTC day of a row, written exactly as the expression index ix_llama_requests_day_username.
+_USAGE_DAY = "((created_at AT TIME ZONE 'UTC')::date)"
+
+
+async def usage_daily_totals(con: Connection, since: date) -> list[asyncpg.Record]:
+    """Per UTC day, everyone together: requests, errors, tokens (prompt tokens served from the
+    backend's cache among them), and the percentiles of latency and of time to the first byte
+    of the answer (percentiles do not add up across users, so they are computed here rather than
+    from llama_usage_daily)."""
+    return await con.fetch(
+        f"""SELECT {_USAGE_DAY} AS day,
+                   count(*) AS requests,
+                   count(*) FILTER (WHERE status_code >= 400) AS errors,
+                   coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                   coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                   round(percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms)::numeric, 1)
+                       AS p50_ms,
+                   round(percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)::numeric, 1)
+                       AS p95_ms,
+                   round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ttfb_ms)::numeric, 1)
+                       AS ttfb_p50_ms,
+                   round(percentile_cont(0.95) WITHIN GROUP (ORDER BY ttfb_ms)::numeric, 1)
+                       AS ttfb_p95_ms,
+                   coalesce(sum(cached_tokens), 0) AS cached_tokens
+            FROM llama_requests
+            WHERE {_USAGE_DAY} >= $1
+            GROUP BY 1 ORDER BY 1 DESC""",
+        since,
+    )
+
+
+async def usernames(con: Connection, user_ids: Sequence[int]) -> dict[int, str]:
+    rows = await con.fetch("SELECT id, username FROM users WHERE id = ANY($1::bigint[])", user_ids)
+    return {row["id"]: row["username"] for row in rows}
+
+
+# -- the audit log, newest first: the dashboard's Requests page and its CSV export ----------
+
+REQUEST_LOG_COLUMNS = (
+    "id",
+    "created_at",
+    "username",
+    "key_id",
+    "method",
+    "path",
+    "model",
+    "stream",
+    "status_code",
+    "duration_ms",
+    "ttfb_ms",
+    "queue_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "request_bytes",
+    "response_bytes",
+    "backend",
+    "request_id",
+    "client_request_id",
+    "client_addr",
+    "error",
+    "cached_tokens",
+)
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    """Which audit rows to show; None leaves that condition out."""
+
+    username: str | None = None
+    status_from: int | None = None  # inclusive
+    status_to: int | None = None  # inclusive
+    path: str | None = None
+    since: datetime | None = None  # inclusive
+    until: datetime | None = None  # exclusive
+
+
+async def request_log(
+    con: Connection,
+    where: RequestFilter,
+    before: tuple[datetime, int] | None,
+    limit: int,
+    columns: Sequence[str] = REQUEST_LOG_COLUMNS,
+) -> list[asyncpg.Record]:
+    """Up to `limit` rows matching `where`, newest first, older than the `before` cursor
+    (a row's `created_at` and `id`: keyset pagination, as cheap on the last page as the first).
+
+    Only the conditions given become SQL, so each page is one range scan of an index on
+    `created_at` (or on `username, created_at`) that stops after `limit` rows.
+    """
+    unknown = set(columns) - set(REQUEST_LOG_COLUMNS)
+    if unknown:
+        raise ValueError(f"not a request log column: {sorted(unknown)}")
+    conditions: list[str] = []
+    args: list[object] = []
+
+    def add(condition: str, *values: object) -> None:
+        args.extend(values)
+        numbers = [f"${len(args) - len(values) + i + 1}" for i in range(len(values))]
+        conditions.append(condition.format(*numbers))
+
+    if where.username is not None:
+        add("username = {}", where.username)
+    if where.status_from is not None:
+        add("status_code >= {}", where.status_from)
+    if where.status_to is not None:
+        add("status_code <= {}", where.status_to)
+    if where.path is not None:
+        add("path = {}", where.path)
+    if where.since is not None:
+        add("created_at >= {}", where.since)
+    if where.until is not None:
+        add("created_at < {}", where.until)
+    if before is not None:
+        add("(created_at, id) < ({}, {})", *before)
+    args.append(limit)
+    return await con.fetch(
+        f"""SELECT {", ".join(columns)} FROM llama_requests
+            {"WHERE " + " AND ".join(conditions) if conditions else ""}
+            ORDER BY created_at DESC, id DESC LIMIT ${len(args)}""",
+        *args,
+    )

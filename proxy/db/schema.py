@@ -85,6 +85,20 @@ api_keys = Table(
     Column("revoked_at", DateTime(timezone=True), nullable=True),
 )
 
+# Tokens that sign admins in to the dashboard (`llama-gate create-admin-token`): like api_keys, a
+# public token id and an argon2id hash of the secret, never the secret itself.
+admin_tokens = Table(
+    "admin_tokens",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("token_id", Text, nullable=False, unique=True),
+    Column("secret_hash", Text, nullable=False),
+    Column("label", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
 # One row per admitted request inside the longest rate window, pruned by `llama_gate_admit` (a
 # plpgsql function of migration 0002, as are the auth-invalidation triggers). UNLOGGED: after a
 # crash it restarts empty, which forgets at most one window of history and saves the WAL.

@@ -157,6 +157,20 @@ class Backends:
     def is_up(self, name: str) -> bool:
         return self._backends[name].health.up
 
+    def health(self, name: str) -> Health:
+        """What the last probe (or a refused connection) said of backend `name`."""
+        return self._backends[name].health
+
+    def slots(self, name: str) -> int:
+        return self._backends[name].slots
+
+    def waiting_by_user(self) -> dict[Hashable, int]:
+        """Requests waiting for a turn, by user (the fair queue, for the dashboard)."""
+        counts: dict[Hashable, int] = {}
+        for waiter in self._queue.waiting():
+            counts[waiter.user] = counts.get(waiter.user, 0) + 1
+        return counts
+
     # -- a turn at a backend -------------------------------------------------------------------
 
     @asynccontextmanager

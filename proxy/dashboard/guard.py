@@ -1,0 +1,81 @@
+"""Nothing without signing in, and no action without its CSRF token: checked here, in one place,
+for every route, so no handler can forget.
+
+- A request without a live session gets the sign-in page (pages), 401 (`/live.json`) or 403
+  (actions); so does one whose admin token was revoked since it signed in (asked of Postgres on
+  every request: revoking a token ends its sessions at once, on every proxy).
+- Every POST must carry its session's CSRF token in the `csrf` form field. The session cookie is
+  also `SameSite=Strict`, so another site cannot even send it; the token guards what that misses
+  (an old browser, a same-site page of another service on the same host).
+- Sign-in (`/login`) has its own guard (a double-submit token and a rate limit, `signin.py`);
+  the static files (a charting library, CSS, JS) are public and hold nothing secret.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from urllib.parse import urlencode
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from proxy.appkeys import DATABASE
+from proxy.dashboard.keys import PROXY, SESSION, SESSIONS
+from proxy.dashboard.render import error_page, redirect
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "llama_gate_session"
+PUBLIC_PREFIXES = ("/login", "/static/")
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith(PUBLIC_PREFIXES):
+        return await handler(request)
+    sessions = request.app[SESSIONS]
+    cookie = request.cookies.get(SESSION_COOKIE)
+    session = sessions.get(cookie)
+    if session is not None:
+        token_id = session.token_id
+        try:
+            active = await request.app[PROXY][DATABASE].run(
+                lambda con: queries.admin_token_active(con, token_id)
+            )
+        except DatabaseUnavailable as exc:
+            return error_page(request, 503, f"{exc}. The dashboard needs Postgres: try again.")
+        if not active:
+            log.info("dashboard: admin token %s was revoked; its sessions end", token_id)
+            sessions.close_token(token_id)
+            session = None
+    if session is None:
+        return _refuse(request)
+    request[SESSION] = session
+    if request.method == "POST":
+        form = await request.post()
+        sent = form.get("csrf")
+        if not isinstance(sent, str) or not hmac.compare_digest(sent, session.csrf):
+            log.warning(
+                "dashboard: %s %s without its CSRF token refused (admin token %s)",
+                request.method,
+                request.path,
+                session.token_id,
+            )
+            return error_page(
+                request,
+                403,
+                "This action came without the dashboard's security token, so it was not "
+                "carried out. Reload the page and try again.",
+            )
+    return await handler(request)
+
+
+def _refuse(request: web.Request) -> web.StreamResponse:
+    if request.method == "GET" and request.path != "/live.json":
+        return redirect("/login?" + urlencode({"next": request.path_qs}))
+    if request.method == "GET":
+        return web.json_response({"error": "sign in first"}, status=401)
+    return error_page(request, 403, "Sign in first: this action needs a signed-in admin.")

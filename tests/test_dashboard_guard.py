@@ -1,0 +1,213 @@
+"""The dashboard's doors: its own listener, sign-in with admin tokens, sessions, CSRF tokens."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import asyncpg
+import pytest
+from yarl import URL
+
+from proxy.dashboard import sessions as sessions_module
+from proxy.dashboard.render import SECURITY_HEADERS
+from tests.dashboard_helpers import client, csrf_in, make_admin_token, running_dashboard, sign_in
+from tests.proxy_harness import make_user, running_proxy
+
+PAGES = ("/", "/live", "/users", "/requests", "/requests.csv", "/requests?status=4xx", "/nowhere")
+ACTIONS = (
+    "/users",
+    "/users/alice/disable",
+    "/users/alice/enable",
+    "/users/alice/keys",
+    "/users/alice/limits",
+    "/keys/0123456789abcdef/revoke",
+    "/keys/0123456789abcdef/rotate",
+    "/logout",
+)
+
+
+async def test_nothing_is_served_without_signing_in(db_dsn: str, tmp_path: Path) -> None:
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        for path in PAGES:
+            async with http.get(dashboard.at(path), allow_redirects=False) as r:
+                assert r.status == 303, path
+                assert r.headers["Location"].startswith("/login?next=")
+                assert await r.read() == b""
+        async with http.get(dashboard.at("/live.json")) as r:
+            assert r.status == 401
+            assert await r.json() == {"error": "sign in first"}
+        for path in ACTIONS:
+            async with http.post(dashboard.at(path), data={"csrf": "x"}) as r:
+                assert r.status == 403, path
+                assert "Sign in first" in await r.text()
+        # A made-up session cookie is no session.
+        http.cookie_jar.update_cookies({"llama_gate_session": "forged"}, URL(dashboard.url))
+        async with http.get(dashboard.at("/users"), allow_redirects=False) as r:
+            assert r.status == 303
+        # What is public holds nothing secret: the sign-in form and the static files.
+        async with http.get(dashboard.at("/login")) as r:
+            assert r.status == 200
+            for header, value in SECURITY_HEADERS.items():
+                assert r.headers[header] == value
+            assert r.headers["Cache-Control"] == "no-store"
+        async with http.get(dashboard.at("/static/chart.umd.min.js")) as r:
+            assert r.status == 200
+            assert "Chart.js v4" in (await r.text())[:200]
+
+
+async def test_the_dashboard_is_not_on_the_public_listener(db_dsn: str, tmp_path: Path) -> None:
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        for path in ("/login", "/users", "/static/dashboard.js", "/live.json"):
+            async with http.get(dashboard.proxy.url(path)) as r:
+                assert r.status == 404, path
+                assert "Sign in" not in await r.text()
+
+
+async def test_sign_in_opens_a_session_in_an_httponly_strict_cookie(
+    db_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token_id, token = await make_admin_token(db_dsn, "ops")
+    caplog.set_level(logging.INFO)
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        async with http.get(dashboard.at("/login?next=/requests")) as r:
+            nonce = csrf_in(await r.text())
+        form = {"csrf": nonce, "token": token, "next": "/requests"}
+        async with http.post(dashboard.at("/login"), data=form, allow_redirects=False) as r:
+            assert r.status == 303
+            assert r.headers["Location"] == "/requests"
+            cookie = r.cookies["llama_gate_session"]
+            assert cookie["httponly"] is True
+            assert cookie["samesite"] == "Strict"
+            assert cookie["path"] == "/"
+        async with http.get(dashboard.at("/requests")) as r:
+            assert r.status == 200
+            page = await r.text()
+            assert "Requests" in page
+        # Signing out ends the session (an action: it needs the CSRF token too).
+        async with http.post(dashboard.at("/logout"), data={"csrf": csrf_in(page)}) as r:
+            assert r.url.path == "/login"
+        async with http.get(dashboard.at("/users"), allow_redirects=False) as r:
+            assert r.status == 303
+    con = await asyncpg.connect(db_dsn)
+    try:
+        assert await con.fetchval(
+            "SELECT last_used_at IS NOT NULL FROM admin_tokens WHERE token_id = $1", token_id
+        )
+    finally:
+        await con.close()
+    assert token not in caplog.text
+    assert token.rsplit("_", 1)[1] not in caplog.text
+    assert token_id in caplog.text
+
+
+async def test_a_wrong_or_revoked_token_or_a_stale_form_does_not_sign_in(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    token_id, token = await make_admin_token(db_dsn)
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        async with http.get(dashboard.at("/login")) as r:
+            nonce = csrf_in(await r.text())
+        wrong = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+        for presented in (wrong, "lga_nonsense", "", "x" * 5000, "lgk_" + token[4:]):
+            form = {"csrf": nonce, "token": presented}
+            async with http.post(dashboard.at("/login"), data=form) as r:
+                assert r.status == 401, presented[:20]
+                assert "not a valid admin token" in await r.text()
+        # The form's own token must match the browser's cookie (no sign-in forged elsewhere).
+        async with http.post(dashboard.at("/login"), data={"csrf": "x" * 43, "token": token}) as r:
+            assert r.status == 403
+            assert "expired" in await r.text()
+        con = await asyncpg.connect(db_dsn)
+        try:
+            await con.execute("UPDATE admin_tokens SET revoked_at = now() WHERE token_id = $1",
+                              token_id)  # fmt: skip
+        finally:
+            await con.close()
+        async with http.post(dashboard.at("/login"), data={"csrf": nonce, "token": token}) as r:
+            assert r.status == 401
+
+
+async def test_revoking_an_admin_token_ends_its_sessions(db_dsn: str, tmp_path: Path) -> None:
+    token_id, token = await make_admin_token(db_dsn)
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        await sign_in(http, dashboard, token)
+        con = await asyncpg.connect(db_dsn)
+        try:
+            await con.execute("UPDATE admin_tokens SET revoked_at = now() WHERE token_id = $1",
+                              token_id)  # fmt: skip
+        finally:
+            await con.close()
+        async with http.get(dashboard.at("/users"), allow_redirects=False) as r:
+            assert r.status == 303
+            assert r.headers["Location"].startswith("/login")
+
+
+async def test_sign_in_attempts_are_rate_limited(db_dsn: str, tmp_path: Path) -> None:
+    _, token = await make_admin_token(db_dsn)
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        async with http.get(dashboard.at("/login")) as r:
+            nonce = csrf_in(await r.text())
+        for _ in range(sessions_module.ATTEMPTS_PER_ADDRESS):
+            form = {"csrf": nonce, "token": "lga_0123456789abcdef_" + "A" * 43}
+            async with http.post(dashboard.at("/login"), data=form) as r:
+                assert r.status == 401
+        # Over the limit even the right token waits: guessing gets nowhere faster.
+        async with http.post(dashboard.at("/login"), data={"csrf": nonce, "token": token}) as r:
+            assert r.status == 429
+            wait = int(r.headers["Retry-After"])
+            assert 0 < wait <= sessions_module.ATTEMPT_WINDOW_SECONDS
+            assert f"Try again in {wait} s" in await r.text()
+
+
+async def test_an_action_without_its_csrf_token_is_refused(db_dsn: str, tmp_path: Path) -> None:
+    await make_user(db_dsn, "alice")
+    _, token = await make_admin_token(db_dsn)
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        csrf = await sign_in(http, dashboard, token)
+        for form in ({}, {"csrf": ""}, {"csrf": csrf[:-1] + ("A" if csrf[-1] != "A" else "B")}):
+            async with http.post(dashboard.at("/users/alice/disable"), data=form) as r:
+                assert r.status == 403
+                assert "security token" in await r.text()
+        # Another session's token is no good either.
+        async with client() as other:
+            other_csrf = await sign_in(other, dashboard, token)
+        async with http.post(dashboard.at("/users/alice/disable"), data={"csrf": other_csrf}) as r:
+            assert r.status == 403
+        con = await asyncpg.connect(db_dsn)
+        try:
+            assert await con.fetchval("SELECT enabled FROM users WHERE username = 'alice'")
+        finally:
+            await con.close()
+        async with http.post(dashboard.at("/users/alice/disable"), data={"csrf": csrf}) as r:
+            assert r.status == 200
+            assert "Disabled alice" in await r.text()
+
+
+def test_sessions_end_when_idle_or_too_old() -> None:
+    now = [0.0]
+    sessions = sessions_module.Sessions(clock=lambda: now[0])
+    cookie, session = sessions.open("t1")
+    assert sessions.get(cookie) is session
+    now[0] += sessions_module.IDLE_SECONDS - 1
+    assert sessions.get(cookie) is session  # seen again: idle time starts over
+    now[0] += sessions_module.IDLE_SECONDS + 1
+    assert sessions.get(cookie) is None
+    cookie, session = sessions.open("t1")
+    for _ in range(int(sessions_module.LIFETIME_SECONDS // 3600) + 1):
+        now[0] += 3600
+        sessions.get(cookie)
+    assert sessions.get(cookie) is None
+    assert sessions.get(None) is None
+    assert sessions.get("") is None
+
+
+async def test_a_taken_dashboard_port_is_a_clear_error(db_dsn: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot serve the dashboard on 127\.0\.0\.1:{port}"):
+            async with running_proxy(db_dsn, tmp_path, LLAMA_PROXY_DASHBOARD_PORT=str(port)):
+                pass
