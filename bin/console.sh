@@ -213,7 +213,9 @@ stop_part() {
   rm -f "$file"
 }
 
-PROXY_COMMAND=("$RUNTIME/.venv/bin/llama-gate" serve --handover "$HANDOVER" --ready-file "$READY")
+# (Kept apart from its flags: tests/test_compose.py checks compose runs the same command.)
+PROXY_COMMAND=("$RUNTIME/.venv/bin/llama-gate" serve)
+PROXY_COMMAND+=(--handover "$HANDOVER" --ready-file "$READY")
 
 # The new proxy takes the listening sockets over from the running one (see proxy/cli/listen.py),
 # and only once it serves is the old one stopped: no connection is refused meanwhile. Should the
