@@ -124,7 +124,7 @@ def test_start_chat_restart_crash_and_stop_from_a_clean_clone(
     assert "backend: running" in status.stdout
 
     # A crashed part is reported with the end of its log.
-    backend_pid = int((checkout / "runtime" / "run" / "backend.pid").read_text())
+    backend_pid = int((checkout / "runtime" / "run" / "backend.pid").read_text().split()[0])
     os.kill(backend_pid, signal.SIGKILL)
     crashed = _run(checkout, env, "bin/console.sh", "status")
     assert crashed.returncode != 0
