@@ -127,8 +127,6 @@ ours() {
   fi
 }
 alive() { ours "$(pidfile "$1")" "$1"; }
-# A pid file whose process is gone, or is now another program.
-stale() { [ -f "$(pidfile "$1")" ] && ! alive "$1"; }
 
 # GET a URL; exit 0 on a 2xx answer.
 http_ok() {
