@@ -209,7 +209,8 @@ def test_without_the_proxy_the_backend_serves_alone_on_its_key(
 
 
 def _processes_of(checkout: Path, marker: str) -> list[int]:
-    """Our parts' processes: run from this clone, with `marker` in their command line."""
+    """Our parts' processes: run in this clone (the backend moves to runtime/cache), with `marker`
+    in their command line."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -219,7 +220,7 @@ def _processes_of(checkout: Path, marker: str) -> list[int]:
             cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if marker in cmdline and cwd == str(checkout):
+        if marker in cmdline and (cwd == str(checkout) or cwd.startswith(f"{checkout}/")):
             found.append(int(entry.name))
     return found
 
