@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 30.0
 # After it stops accepting, how long the proxy waits before closing idle connections: one it
 # accepted an instant earlier may not have sent its request yet, and would count as idle.
-ACCEPTED_GRACE_SECONDS = 0.5
+ACCEPTED_GRACE_SECONDS = 1.0
 
 
 @click.command("serve", cls=OneLineCommand)
