@@ -23,6 +23,8 @@ SHUTDOWN_SECONDS = 30.0
 # After it stops accepting, how long the proxy waits before closing idle connections: one it
 # accepted an instant earlier may not have sent its request yet, and would count as idle.
 ACCEPTED_GRACE_SECONDS = 1.0
+# Enough loop turns for connections accepted in the last one to get their transports.
+ATTACH_SECONDS = 0.05
 
 
 @click.command("serve", cls=OneLineCommand)
@@ -121,7 +123,12 @@ async def _serve(
         log.info("stopping: no new connections; requests in flight may finish")
         if handover:
             await handover.close()
-        # A successor holding the same sockets goes on accepting from the same queue.
+        # Stop accepting before closing: asyncio gives a connection it accepted its transport
+        # one loop turn later, and resets it if the server closed in between. A successor
+        # holding the same sockets goes on accepting from the same queue.
+        for sock in sockets:
+            loop.remove_reader(sock.fileno())
+        await asyncio.sleep(ATTACH_SECONDS)
         for site in sites:
             await site.stop()
         await asyncio.sleep(ACCEPTED_GRACE_SECONDS)
