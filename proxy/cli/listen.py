@@ -72,7 +72,10 @@ def take_over(path: Path, host: str, port: int) -> list[socket.socket] | None:
         log.warning("could not take the listening sockets over from %s: %s", path, exc)
         return None
     sockets = [socket.socket(fileno=fd) for fd in fds]
-    wanted = {address for _family, address in _addresses(host, port)}
+    try:
+        wanted = {address for _family, address in _addresses(host, port)}
+    except OSError:  # no such host: binding says so, in its own words
+        wanted = set()
     got = {tuple(sock.getsockname()[:2]) for sock in sockets}
     if greeting != _GREETING or not sockets or got != wanted:
         for sock in sockets:
