@@ -220,9 +220,19 @@ def _processes_of(checkout: Path, marker: str) -> list[int]:
             cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if marker in cmdline and (cwd == str(checkout) or cwd.startswith(f"{checkout}/")):
+        here = cwd == str(checkout) or cwd.startswith(f"{checkout}/")
+        if marker in cmdline and here and _running(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def _running(pid: int) -> bool:
+    """Running, and no zombie: nobody may reap an orphaned part here at once (as console.sh)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return not re.search(r"^State:\s*Z", status, flags=re.MULTILINE)
 
 
 def _closed(port: str) -> bool:
@@ -253,7 +263,7 @@ def test_restart_refuses_no_connection(clone: tuple[Path, dict[str, str]]) -> No
     assert set(hammer.statuses) == {200, 401}, hammer.statuses
     new_proxy = int((run / "proxy.pid").read_text().split()[0])
     assert new_proxy != old_proxy
-    assert not Path(f"/proc/{old_proxy}").exists()
+    assert not _running(old_proxy)
     assert _processes_of(checkout, "llama-gate serve") == [new_proxy]
 
     # README's psql line, as printed there, reaches the local database with its password.
