@@ -248,9 +248,18 @@ def test_restart_refuses_no_connection(clone: tuple[Path, dict[str, str]]) -> No
     assert "deprecated" not in started.stdout + started.stderr
     run = checkout / "runtime" / "run"
     old_proxy = int((run / "proxy.pid").read_text().split()[0])
+    # The new proxy gets the database as a keyword DSN with the local password in it.
+    config = (checkout / "runtime" / "config.env").read_text()
+    password = re.findall(r"^POSTGRES_AUTH_PASSWORD=(.+)$", config, flags=re.MULTILINE)[0]
+    keyword = (
+        f"host=127.0.0.1 port={env['LLAMA_GATE_LOCAL_PG_PORT']} user=postgres "
+        f"password={password} dbname=llama_gate"
+    )
     with Hammer(int(env["LLAMA_PROXY_PORT"])) as hammer:
         time.sleep(1)
-        restarted = _run(checkout, env, "bin/console.sh", "restart")
+        restarted = _run(
+            checkout, {**env, "POSTGRES_AUTH_DSN": keyword}, "bin/console.sh", "restart"
+        )
         time.sleep(1)
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert "proxy: restarted" in restarted.stdout
@@ -265,6 +274,11 @@ def test_restart_refuses_no_connection(clone: tuple[Path, dict[str, str]]) -> No
     assert new_proxy != old_proxy
     assert not _running(old_proxy)
     assert _processes_of(checkout, "llama-gate serve") == [new_proxy]
+    # Nothing the stack printed or logged holds the database password.
+    logs = [path.read_text() for path in (checkout / "runtime" / "logs").glob("*.log")]
+    for text in (started.stdout, started.stderr, restarted.stdout, restarted.stderr, *logs):
+        assert password not in text
+    assert "keys in postgresql://postgres:***@127.0.0.1:" in "".join(logs)
 
     # README's psql line, as printed there, reaches the local database with its password.
     readme = (REPO / "README.md").read_text()
