@@ -5,7 +5,10 @@
 #                                     migrate, start the model server, wait until healthy, start
 #                                     the proxy, and print the URL and the next command
 #   bin/console.sh stop               stop the proxy (draining requests), the backend, Postgres
-#   bin/console.sh restart            stop, then start
+#   bin/console.sh restart [backend|proxy]
+#                                     restart the backend and the proxy (or one of them); the new
+#                                     proxy takes the port over before the old one stops, so no
+#                                     connection is refused
 #   bin/console.sh status             each part: running or not, healthy or not
 #   bin/console.sh logs [backend|proxy|db] [-f]
 #                                     the last lines of a part's log (all parts by default)
@@ -28,16 +31,33 @@ export LLAMA_GATE_HOME="$ROOT"
 # it before both are done.
 STOP_GRACE_SECONDS="${LLAMA_GATE_STOP_GRACE_SECONDS:-60}"
 START_TIMEOUT_SECONDS="${LLAMA_GATE_START_TIMEOUT_SECONDS:-180}"
+LOCK_TIMEOUT_SECONDS="${LLAMA_GATE_LOCK_TIMEOUT_SECONDS:-900}"
+# The proxy hands its listening sockets to its successor here (relative to $ROOT: a Unix socket
+# path may not be longer than 107 bytes).
+HANDOVER=runtime/run/proxy.sock
+READY=runtime/run/proxy.ready
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'console.sh: %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 ensure_installed() {
   if [ ! -x "$PY" ] || [ ! -f "$CONFIG" ]; then
     say "First run: installing (runtime/install.sh)"
     "$RUNTIME/install.sh"
+  fi
+}
+
+# One console.sh at a time changes the stack: two concurrent starts would both launch every part.
+# The lock is fd 9, closed in every part started (a part holding it would hold it forever).
+lock() {
+  mkdir -p "$RUN"
+  exec 9>"$RUN/console.lock"
+  if ! flock -n 9; then
+    say "waiting for another bin/console.sh to finish (runtime/run/console.lock)"
+    flock -w "$LOCK_TIMEOUT_SECONDS" 9 \
+      || die "another bin/console.sh has held runtime/run/console.lock for ${LOCK_TIMEOUT_SECONDS}s; try again when it is done"
   fi
 }
 
@@ -49,6 +69,11 @@ load_settings() {
 import shlex, sys
 from urllib.parse import urlsplit
 from proxy.settings import SettingsError, load_settings
+def db_port(dsn):
+    try:
+        return urlsplit(dsn).port or 5432
+    except ValueError:  # several hosts: not the local database anyway
+        return 5432
 try:
     s = load_settings()
 except SettingsError as exc:
@@ -59,7 +84,7 @@ for name, value in {
     "SERVER_HOST": s.server_host, "SERVER_PORT": s.server_port,
     "PROXY_HOST": s.proxy_host, "PROXY_PORT": s.proxy_port,
     "PROXY_URL_HOST": show(s.proxy_host), "PROXY_ENABLED": int(s.proxy_enabled),
-    "DB_PORT": urlsplit(s.database_dsn.reveal()).port or 5432,
+    "DB_PORT": db_port(s.database_dsn.reveal()),
 }.items():
     print(f"{name}={shlex.quote(str(value))}")
 PY
@@ -70,13 +95,38 @@ PY
   return 0
 }
 
+# A pid file holds "PID START": START is the process's start time (field 22 of /proc/PID/stat),
+# so a pid the system has since given to another program is never taken for ours.
 pidfile() { echo "$RUN/$1.pid"; }
-pid_of() { local f; f=$(pidfile "$1"); [ -f "$f" ] && cat "$f" || true; }
-# Running, and not a zombie: a killed part whose parent never reaps it must count as gone.
-alive() {
-  local pid; pid=$(pid_of "$1")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
+pid_in() { [ -f "$1" ] && { read -r pid _ < "$1"; echo "${pid:-}"; } || true; }
+pid_of() { pid_in "$(pidfile "$1")"; }
+start_time() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  stat=${stat##*) }  # what follows "(comm)", which may itself hold spaces
+  # shellcheck disable=SC2086
+  set -- $stat
+  echo "${20}"
 }
+record_pid() { printf '%s %s\n' "$2" "$(start_time "$2")" > "$1"; }
+# What each part's command line holds, for pid files written before start times were recorded.
+marker() { case "$1" in backend) echo "-m backend serve" ;; *) echo "llama-gate serve" ;; esac; }
+# ours PIDFILE NAME: its process runs, is no zombie (a killed part nobody reaped counts as gone),
+# and is the one we started.
+ours() {
+  local file=$1 name=$2 pid recorded
+  [ -f "$file" ] || return 1
+  read -r pid recorded < "$file" || true
+  [ -n "${pid:-}" ] && kill -0 "$pid" 2>/dev/null || return 1
+  [ -d "/proc/$pid" ] || return 0  # no /proc here: kill -0 is all there is to ask
+  grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null && return 1
+  if [ -n "${recorded:-}" ]; then
+    [ "$(start_time "$pid")" = "$recorded" ]
+  else
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$(marker "$name")"
+  fi
+}
+alive() { ours "$(pidfile "$1")" "$1"; }
 
 # GET a URL; exit 0 on a 2xx answer.
 http_ok() {
@@ -98,6 +148,15 @@ PY
 
 last_log_lines() { [ -f "$LOGS/$1.log" ] && tail -n "${2:-15}" "$LOGS/$1.log" | sed 's/^/    | /'; }
 
+# launch NAME PIDFILE COMMAND...: run a part detached, in its own session, logging to its log.
+launch() {
+  local name=$1 file=$2; shift 2
+  mkdir -p "$LOGS" "$RUN"
+  printf '\n=== %s starting %s\n' "$(date -u +%FT%TZ)" "$name" >> "$LOGS/$name.log"
+  (cd "$ROOT" && exec setsid "$@" >> "$LOGS/$name.log" 2>&1 < /dev/null 9>&-) &
+  record_pid "$file" $!
+}
+
 # start_part NAME HEALTH_URL HOST PORT COMMAND...
 start_part() {
   local name=$1 url=$2 host=$3 port=$4; shift 4
@@ -107,10 +166,7 @@ start_part() {
     die "$name: port $port on $host is already taken by another program; stop it or set a different port (see README.md, Settings)"
   fi
   if ! alive "$name"; then
-    mkdir -p "$LOGS" "$RUN"
-    printf '\n=== %s starting %s\n' "$(date -u +%FT%TZ)" "$name" >> "$LOGS/$name.log"
-    (cd "$ROOT" && exec setsid "$@" >> "$LOGS/$name.log" 2>&1 < /dev/null) &
-    echo $! > "$(pidfile "$name")"
+    launch "$name" "$(pidfile "$name")" "$@"
   fi
   say "$name: starting (pid $(pid_of "$name"), log runtime/logs/$name.log)"
   local waited=0
@@ -131,13 +187,20 @@ start_part() {
   say "$name: healthy after ${waited}s"
 }
 
+# stop_part NAME [PIDFILE]: SIGTERM, then SIGKILL after the grace period; only ever our process.
 stop_part() {
-  local name=$1 pid waited=0
-  pid=$(pid_of "$name")
-  if [ -z "$pid" ] || ! alive "$name"; then rm -f "$(pidfile "$name")"; return 0; fi
+  local name=$1 file=${2:-$(pidfile "$1")} pid waited=0
+  pid=$(pid_in "$file")
+  if [ -z "$pid" ]; then rm -f "$file"; return 0; fi
+  if ! ours "$file" "$name"; then
+    if kill -0 "$pid" 2>/dev/null; then
+      say "$name: pid $pid (runtime/run/$(basename "$file")) is no longer ours but another program's; leaving it alone"
+    fi
+    rm -f "$file"; return 0
+  fi
   say "$name: stopping (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  while alive "$name"; do
+  while ours "$file" "$name"; do
     if [ "$waited" -ge "$STOP_GRACE_SECONDS" ]; then
       say "$name: still running after ${STOP_GRACE_SECONDS}s; killing it"
       kill -KILL "$pid" 2>/dev/null || true
@@ -145,25 +208,65 @@ stop_part() {
     fi
     sleep 1; waited=$((waited + 1))
   done
-  rm -f "$(pidfile "$name")"
+  rm -f "$file"
 }
 
-db() { (cd "$ROOT" && "$PY" -m proxy.db.localpg "$1" --datadir "$RUNTIME/pgdata" --port "$DB_PORT" --log "$LOGS/db.log"); }
+# (Kept apart from its flags: tests/test_compose.py checks compose runs the same command.)
+PROXY_COMMAND=("$RUNTIME/.venv/bin/llama-gate" serve)
+PROXY_COMMAND+=(--handover "$HANDOVER" --ready-file "$READY")
+
+# The new proxy takes the listening sockets over from the running one (see proxy/cli/listen.py),
+# and only once it serves is the old one stopped: no connection is refused meanwhile. Should the
+# new one fail, the old one keeps serving.
+restart_proxy() {
+  if ! alive proxy; then
+    start_part proxy "http://$PROXY_URL_HOST:$PROXY_PORT/health" "$PROXY_URL_HOST" "$PROXY_PORT" \
+      "${PROXY_COMMAND[@]}"
+    return
+  fi
+  if [ ! -S "$ROOT/$HANDOVER" ]; then  # a proxy from before handovers: a short gap then
+    stop_part proxy
+    start_part proxy "http://$PROXY_URL_HOST:$PROXY_PORT/health" "$PROXY_URL_HOST" "$PROXY_PORT" \
+      "${PROXY_COMMAND[@]}"
+    return
+  fi
+  local new_file="$RUN/proxy.new.pid" new waited=0
+  rm -f "$ROOT/$READY"
+  launch proxy "$new_file" "${PROXY_COMMAND[@]}"
+  new=$(pid_in "$new_file")
+  say "proxy: starting a new proxy (pid $new) next to the running one (pid $(pid_of proxy))"
+  until [ "$(cat "$ROOT/$READY" 2>/dev/null)" = "$new" ]; do
+    if ! ours "$new_file" proxy || [ "$waited" -ge $((START_TIMEOUT_SECONDS * 5)) ]; then
+      stop_part proxy "$new_file" >/dev/null
+      say "proxy: the new proxy did not start; the old one (pid $(pid_of proxy)) keeps serving. The end of runtime/logs/proxy.log:" >&2
+      last_log_lines proxy >&2
+      exit 1
+    fi
+    sleep 0.2; waited=$((waited + 1))  # fifths of a second
+  done
+  stop_part proxy
+  mv "$new_file" "$(pidfile proxy)"
+  say "proxy: restarted (pid $new) without refusing a connection"
+}
+
+db() { (cd "$ROOT" && "$PY" -m proxy.db.localpg "$1" --datadir "$RUNTIME/pgdata" --port "${DB_PORT:-55432}" --log "$LOGS/db.log" 9>&-); }
 
 cmd_start() {
   ensure_installed
-  "$RUNTIME/install.sh" >/dev/null  # completes config.env or the model if either went missing
+  # Completes config.env or the model if either went missing; it prints only what it does (a
+  # llama-cpp-python build shows its progress).
+  LLAMA_GATE_INSTALL_QUIET=1 "$RUNTIME/install.sh"
   load_settings
   if [ "$LOCAL_PG" = 1 ]; then
     db start >/dev/null || { last_log_lines db >&2; exit 1; }
     say "db: running on 127.0.0.1:$DB_PORT (data in runtime/pgdata)"
   fi
-  (cd "$ROOT" && "$RUNTIME/.venv/bin/llama-gate" init-db) | sed 's/^/db: /'
+  (cd "$ROOT" && "$RUNTIME/.venv/bin/llama-gate" init-db 9>&-) | sed 's/^/db: /'
   start_part backend "http://$SERVER_HOST:$SERVER_PORT/health" "$SERVER_HOST" "$SERVER_PORT" \
     "$PY" -m backend serve
   if [ "$PROXY_ENABLED" = 1 ]; then
     start_part proxy "http://$PROXY_URL_HOST:$PROXY_PORT/health" "$PROXY_URL_HOST" "$PROXY_PORT" \
-      "$RUNTIME/.venv/bin/llama-gate" serve
+      "${PROXY_COMMAND[@]}"
     say ""
     say "llama-gate is up: http://$PROXY_URL_HOST:$PROXY_PORT/v1 (OpenAI-compatible)"
     say "Next: create a user and their API key with"
@@ -175,8 +278,17 @@ cmd_start() {
   fi
 }
 
+# Stopping needs no settings: pid files say what runs, and a broken config.env must not leave the
+# stack running with no way to stop it.
 cmd_stop() {
-  load_settings
+  local problem
+  if ! problem=$(load_settings 2>&1 >/dev/null); then
+    say "settings do not load (${problem#console.sh: }); stopping what runtime/run names" >&2
+    LOCAL_PG=0
+    grep -q '^LLAMA_GATE_LOCAL_POSTGRES=1' "$CONFIG" 2>/dev/null && LOCAL_PG=1
+  else
+    load_settings
+  fi
   stop_part proxy
   stop_part backend
   if [ "$LOCAL_PG" = 1 ] && [ -f "$RUNTIME/pgdata/postmaster.pid" ]; then
@@ -184,6 +296,32 @@ cmd_stop() {
     db stop
   fi
   say "stopped"
+}
+
+cmd_restart() {
+  local parts=("$@") part
+  [ "${#parts[@]}" -gt 0 ] || parts=(backend proxy)
+  for part in "${parts[@]}"; do
+    case "$part" in backend|proxy) ;; *) die "restart: unknown part '$part' (backend or proxy)" ;; esac
+  done
+  ensure_installed
+  LLAMA_GATE_INSTALL_QUIET=1 "$RUNTIME/install.sh"
+  load_settings
+  if [ "$LOCAL_PG" = 1 ]; then
+    db start >/dev/null || { last_log_lines db >&2; exit 1; }
+  fi
+  (cd "$ROOT" && "$RUNTIME/.venv/bin/llama-gate" init-db 9>&-) | sed 's/^/db: /'
+  for part in "${parts[@]}"; do
+    if [ "$part" = backend ]; then
+      stop_part backend
+      start_part backend "http://$SERVER_HOST:$SERVER_PORT/health" "$SERVER_HOST" "$SERVER_PORT" \
+        "$PY" -m backend serve
+    elif [ "$PROXY_ENABLED" = 1 ]; then
+      restart_proxy
+    else
+      stop_part proxy
+    fi
+  done
 }
 
 cmd_status() {
@@ -199,7 +337,9 @@ cmd_status() {
       if http_ok "$url"; then say "$part: running (pid $(pid_of "$part")), healthy at $url"
       else say "$part: running (pid $(pid_of "$part")) but NOT healthy at $url"; rc=1; fi
     elif [ -f "$(pidfile "$part")" ]; then
-      say "$part: CRASHED (pid $(pid_of "$part") is gone). The end of runtime/logs/$part.log:"
+      local gone="is gone"
+      kill -0 "$(pid_of "$part")" 2>/dev/null && gone="now belongs to another program"
+      say "$part: CRASHED (pid $(pid_of "$part") $gone). The end of runtime/logs/$part.log:"
       last_log_lines "$part"; rc=1
     else
       say "$part: stopped"; rc=1
@@ -259,15 +399,15 @@ cmd_pull() {
 }
 
 case "${1:-}" in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  restart) cmd_stop; cmd_start ;;
+  start) lock; cmd_start ;;
+  stop) lock; cmd_stop ;;
+  restart) shift; lock; cmd_restart "$@" ;;
   status) cmd_status ;;
   logs) shift; cmd_logs "$@" ;;
   models) ensure_installed; cd "$ROOT" && exec "$PY" -m backend models ;;
-  use-model) shift; cmd_use_model "$@" ;;
+  use-model) shift; lock; cmd_use_model "$@" ;;
   pull) shift; cmd_pull "$@" ;;
-  install) exec "$RUNTIME/install.sh" ;;
+  install) lock; exec "$RUNTIME/install.sh" ;;
   -h|--help|help) usage ;;
   "") usage; exit 2 ;;
   *) say "console.sh: unknown command '$1'" >&2; usage >&2; exit 2 ;;

@@ -18,10 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from proxy.dsn import as_url
+from proxy.dsn import mask_passwords as mask_passwords  # re-exported for callers of settings
+from proxy.dsn import redact_dsn as redact_dsn
 
 # What the database and the rate limiter can hold (users.* are integer columns; the rate window
 # reaches SQL in milliseconds as an integer). Settings and `set-limit` refuse anything beyond.
@@ -171,12 +175,9 @@ def _secret(raw: str) -> Secret:
     return Secret(raw.strip())
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^/@:\s]*):[^/@\s]*@")
-
-
-def mask_passwords(text: str) -> str:
-    """`text` with the password of any `scheme://user:password@host` in it masked."""
-    return _PASSWORD_IN_URL.sub(r"\1:***@", text)
+def _dsn(raw: str) -> Secret:
+    """A URL, or libpq's `host=... password=...` spelling turned into one (what asyncpg reads)."""
+    return Secret(as_url(raw))
 
 
 def _urls(raw: str) -> tuple[str, ...]:
@@ -215,6 +216,7 @@ Port = Annotated[int, _parsed(_port)]
 PortOrOff = Annotated[int, _parsed(_port_or_off)]
 Flag = Annotated[bool, _parsed(_bool)]
 SecretText = Annotated[Secret, _parsed(_secret)]
+Dsn = Annotated[Secret, _parsed(_dsn)]
 Urls = Annotated[tuple[str, ...], _parsed(_urls)]
 Origins = Annotated[tuple[str, ...], _parsed(_origins)]
 ReasoningMode = Annotated[str, _parsed(_choice("split", "keep", "strip"))]
@@ -250,7 +252,7 @@ class Settings(BaseModel):
 
     home: Path
     # Postgres: a full DSN overrides the five parts.
-    postgres_dsn: SecretText = setting("POSTGRES_AUTH_DSN", "")
+    postgres_dsn: Dsn = setting("POSTGRES_AUTH_DSN", "")
     postgres_host: Text = setting("POSTGRES_AUTH_HOST", "127.0.0.1")
     postgres_port: Port = setting("POSTGRES_AUTH_PORT", "5432")
     postgres_db: Text = setting("POSTGRES_AUTH_DB", "llama_gate")
@@ -372,21 +374,6 @@ DEFAULTS: dict[str, str] = {
 }
 # Read by the shell scripts rather than by Settings.
 KNOWN_VARIABLES = frozenset(VARIABLES) | {"LLAMA_GATE_HOME", "LLAMA_GATE_LOCAL_POSTGRES"}
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with its password masked, wherever it stands (user part or `?password=`)."""
-    parts = urlsplit(dsn)
-    if parts.password is not None:
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
-    if parts.query:
-        query = [
-            (name, "***" if name.lower() == "password" else value)
-            for name, value in parse_qsl(parts.query, keep_blank_values=True)
-        ]
-        parts = parts._replace(query=urlencode(query, safe="*"))
-    return urlunsplit(parts)
 
 
 def _read_env_file(path: Path) -> dict[str, str]:

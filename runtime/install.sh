@@ -34,6 +34,35 @@ step_start=0
 step() { step_start=$(date +%s); printf '==> %s\n' "$*"; }
 done_step() { printf '    done in %ss%s\n' "$(( $(date +%s) - step_start ))" "${1:+ ($1)}"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+PROGRESS_SECONDS="${LLAMA_GATE_PROGRESS_SECONDS:-20}"
+
+# with_progress LOG COMMAND...: run COMMAND with its output in LOG (replaced), printing the time
+# elapsed and LOG's last progress line every PROGRESS_SECONDS; on failure, LOG's last lines.
+with_progress() {
+  local log=$1 started pid rc=0 last
+  shift
+  started=$(date +%s)
+  printf '=== %s: %s\n' "$(date -u +%FT%TZ)" "$*" > "$log"
+  "$@" >> "$log" 2>&1 &
+  pid=$!
+  while ! wait_for "$pid" "$PROGRESS_SECONDS"; do
+    last=$(grep -aoE '\[ *[0-9]+%\][^\r]*|\[[0-9]+/[0-9]+\][^\r]*' "$log" | tail -n 1 | cut -c1-90 || true)
+    printf '    ... %ss%s\n' "$(( $(date +%s) - started ))" "${last:+, $last}"
+  done
+  wait "$pid" || rc=$?
+  if [ "$rc" != 0 ]; then
+    tail -n 25 "$log" | sed 's/^/    | /' >&2
+  fi
+  return "$rc"
+}
+# wait_for PID SECONDS: true once PID has exited, false if it still runs after SECONDS.
+wait_for() {
+  local waited=0
+  while kill -0 "$1" 2>/dev/null; do
+    [ "$waited" -ge "$2" ] && return 1
+    sleep 1; waited=$((waited + 1))
+  done
+}
 
 find_python() {
   local candidate
@@ -47,27 +76,69 @@ find_python() {
   return 1
 }
 
+py_version() { "$1" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null; }
+
 # --- 1. virtual environment ------------------------------------------------------------------
-if [ ! -x "$VENV/bin/python" ]; then
+# A venv is usable when its interpreter runs, is the version the venv was made for (a system
+# upgrade can swap the one a venv links to) and has pip; and, when PYTHON names an interpreter,
+# has that one's version. Anything else (a creation that failed half-way: Debian's python3
+# without python3-venv leaves a venv without pip) is removed and made again.
+venv_problem() {
+  [ -e "$VENV" ] || { echo "missing"; return; }
+  local have made
+  have=$(py_version "$VENV/bin/python") || { echo "its Python no longer runs"; return; }
+  made=$(sed -n 's/^version\(_info\)\{0,1\} *= *//p' "$VENV/pyvenv.cfg" 2>/dev/null | head -n 1)
+  if [ -n "$made" ] && [ "$(minor "$made")" != "$(minor "$have")" ]; then
+    echo "it was made for Python $made, its interpreter is now $have"; return
+  fi
+  "$VENV/bin/python" -c 'import pip' >/dev/null 2>&1 || { echo "it has no pip"; return; }
+  if [ -n "${PYTHON:-}" ] && [ "$(py_version "$PYTHON")" != "$have" ]; then
+    echo "it has Python $have, PYTHON=$PYTHON is $(py_version "$PYTHON")"
+  fi
+}
+minor() { echo "$1" | cut -d. -f1,2; }
+if [ -n "${PYTHON:-}" ] && ! py_version "$PYTHON" >/dev/null; then
+  die "PYTHON=$PYTHON does not run: point it at a Python 3.11 or newer"
+fi
+problem=$(venv_problem)
+if [ -n "$problem" ]; then
+  if [ "$problem" != missing ]; then
+    step "runtime/.venv is not usable ($problem): making it again"
+    rm -rf "$VENV"
+  fi
   step "Creating the Python environment in runtime/.venv"
   PY=$(find_python) || die "Python 3.11 or newer is needed: install it (e.g. apt-get install python3 python3-venv) or set PYTHON=/path/to/python3.11"
-  "$PY" -m venv "$VENV" || die "could not create a venv: on Debian/Ubuntu install python3-venv"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  done_step
+  # Half a venv would trip every later run: on any failure, or Ctrl-C, none is left behind.
+  trap 'rm -rf "$VENV"' EXIT
+  venv_log=$(mktemp)
+  if ! "$PY" -m venv "$VENV" > "$venv_log" 2>&1; then
+    sed 's/^/    | /' "$venv_log" >&2
+    rm -f "$venv_log"
+    die "could not create a venv with $PY ($(py_version "$PY")): on Debian/Ubuntu install python3-venv (or python3.X-venv), then run this again"
+  fi
+  rm -f "$venv_log"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip \
+    || echo "    (could not upgrade pip; going on with the one Python bundles)"
+  trap - EXIT
+  done_step "Python $(py_version "$VENV/bin/python")"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+PY_VERSION=$(py_version "$VENV/bin/python")
 
 # --- 2. the project and its dependencies -----------------------------------------------------
 extras=""
 [ "$DEV" = 1 ] && extras="[dev]"
-stamp="$VENV/.llama-gate-installed"  # "<pyproject hash> <extras>" of the last install
-read -r have_hash have_extras 2>/dev/null < "$stamp" || true
+# "<pyproject hash> <python version> <extras>" of the last install: a new pyproject.toml or a new
+# interpreter (whose compiled packages differ) installs again.
+stamp="$VENV/.llama-gate-installed"
+read -r have_hash have_python have_extras 2>/dev/null < "$stamp" || true
 want_hash=$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)
-if [ "${have_hash:-}" != "$want_hash" ] || { [ "$DEV" = 1 ] && [ "${have_extras:-}" != "[dev]" ]; }; then
-  step "Installing llama-gate$extras and its dependencies"
+if [ "${have_hash:-}" != "$want_hash" ] || [ "${have_python:-}" != "$PY_VERSION" ] \
+   || { [ "$DEV" = 1 ] && [ "${have_extras:-}" != "[dev]" ]; }; then
+  step "Installing llama-gate$extras and its dependencies (Python $PY_VERSION)"
   "${PIP[@]}" install --quiet -e "$ROOT$extras"
   [ "$DEV" = 0 ] && [ "${have_extras:-}" = "[dev]" ] && extras="[dev]"  # dev tools stay installed
-  echo "$want_hash $extras" > "$stamp"
+  echo "$want_hash $PY_VERSION $extras" > "$stamp"
   done_step
 fi
 
@@ -80,9 +151,14 @@ if ! "$VENV/bin/python" -c "import llama_cpp.server, sys; sys.exit(llama_cpp.__v
     # A native build uses every instruction the CPU advertises; some VMs advertise more than they
     # run, and the first inference dies with `invalid opcode`. The wheel is kept in our own cache
     # because pip's wheel cache does not notice a change of CMAKE_ARGS.
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" "${PIP[@]}" wheel --quiet --no-deps --no-cache-dir \
-      --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEEL_CACHE" \
-      || die "building llama-cpp-python failed: it needs a C/C++ compiler and cmake (apt-get install build-essential cmake)"
+    # The build's whole output goes to its log, kept for when it fails; meanwhile a line every
+    # ~20 s says it is alive, with the build's own progress ("[ 45%] Building CXX ...").
+    mkdir -p "$RUNTIME/logs"
+    build_log="$RUNTIME/logs/llama-cpp-build.log"
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" with_progress "$build_log" "${PIP[@]}" wheel -v --no-deps \
+      --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_VERSION" \
+      -w "$WHEEL_CACHE" \
+      || die "building llama-cpp-python failed (its log: runtime/logs/llama-cpp-build.log, ending above); it needs a C/C++ compiler and cmake (apt-get install build-essential cmake)"
     wheel=$(ls "$WHEEL_CACHE"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -n 1)
     done_step "cached in $WHEEL_CACHE"
   fi
@@ -190,4 +266,4 @@ if [ "$DEV" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
-echo "llama-gate is installed. Start it with: bin/console.sh start"
+[ -n "${LLAMA_GATE_INSTALL_QUIET:-}" ] || echo "llama-gate is installed. Start it with: bin/console.sh start"

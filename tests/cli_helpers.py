@@ -21,13 +21,15 @@ def ok(env: dict[str, str], *args: str) -> str:
     return result.output
 
 
-def failure(env: dict[str, str], *args: str) -> str:
-    """Run a command that must fail cleanly: non-zero, one error line, no traceback."""
-    result = invoke(env, *args)
+def failure(env: dict[str, str], *args: str, input: str | None = None) -> str:
+    """Run a command that must fail cleanly: non-zero, and stderr is one `Error: ` line (no
+    Usage: or Try ... lines, no traceback)."""
+    result = invoke(env, *args, input=input)
     assert result.exit_code != 0, result.output
     assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: "), result.stderr
     return result.stderr
 
 

@@ -25,6 +25,7 @@ from proxy.db.localpg import free_port
 from proxy.settings import KNOWN_VARIABLES
 from tests.backend_harness import REPO
 from tests.cli_helpers import KEY_RE
+from tests.hammer import Hammer
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +125,7 @@ def test_start_chat_restart_crash_and_stop_from_a_clean_clone(
     assert "backend: running" in status.stdout
 
     # A crashed part is reported with the end of its log.
-    backend_pid = int((checkout / "runtime" / "run" / "backend.pid").read_text())
+    backend_pid = int((checkout / "runtime" / "run" / "backend.pid").read_text().split()[0])
     os.kill(backend_pid, signal.SIGKILL)
     crashed = _run(checkout, env, "bin/console.sh", "status")
     assert crashed.returncode != 0
@@ -206,3 +207,171 @@ def test_without_the_proxy_the_backend_serves_alone_on_its_key(
             assert response.status == 200
     finally:
         _run(checkout, alone, "bin/console.sh", "stop")
+
+
+def _processes_of(checkout: Path, marker: str) -> list[int]:
+    """Our parts' processes: run in this clone (the backend moves to runtime/cache), with `marker`
+    in their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        here = cwd == str(checkout) or cwd.startswith(f"{checkout}/")
+        if marker in cmdline and here and _running(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Running, and no zombie: nobody may reap an orphaned part here at once (as console.sh)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return not re.search(r"^State:\s*Z", status, flags=re.MULTILINE)
+
+
+def _closed(port: str) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", int(port))) != 0
+
+
+def test_restart_refuses_no_connection(clone: tuple[Path, dict[str, str]]) -> None:
+    checkout, env = clone
+    started = _run(checkout, env, "bin/console.sh", "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "BuildBackendWarning" not in started.stdout + started.stderr  # no setuptools banners
+    assert "deprecated" not in started.stdout + started.stderr
+    run = checkout / "runtime" / "run"
+    old_proxy = int((run / "proxy.pid").read_text().split()[0])
+    # The new proxy gets the database as a keyword DSN with the local password in it.
+    config = (checkout / "runtime" / "config.env").read_text()
+    password = re.findall(r"^POSTGRES_AUTH_PASSWORD=(.+)$", config, flags=re.MULTILINE)[0]
+    keyword = (
+        f"host=127.0.0.1 port={env['LLAMA_GATE_LOCAL_PG_PORT']} user=postgres "
+        f"password={password} dbname=llama_gate"
+    )
+    with Hammer(int(env["LLAMA_PROXY_PORT"])) as hammer:
+        time.sleep(1)
+        restarted = _run(
+            checkout, {**env, "POSTGRES_AUTH_DSN": keyword}, "bin/console.sh", "restart"
+        )
+        time.sleep(1)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert "proxy: restarted" in restarted.stdout
+    assert "without refusing a connection" in restarted.stdout
+    assert "backend: healthy" in restarted.stdout
+    print(f"during the restart: {hammer.answered} answered {dict(hammer.statuses)}, "
+          f"{len(hammer.failures)} refused or cut")  # fmt: skip
+    assert hammer.failures == [], hammer.failures
+    assert hammer.answered >= 120, hammer.statuses
+    assert set(hammer.statuses) == {200, 401}, hammer.statuses
+    new_proxy = int((run / "proxy.pid").read_text().split()[0])
+    assert new_proxy != old_proxy
+    assert not _running(old_proxy)
+    assert _processes_of(checkout, "llama-gate serve") == [new_proxy]
+    # Nothing the stack printed or logged holds the database password.
+    logs = [path.read_text() for path in (checkout / "runtime" / "logs").glob("*.log")]
+    for text in (started.stdout, started.stderr, restarted.stdout, restarted.stderr, *logs):
+        assert password not in text
+    assert "keys in postgresql://postgres:***@127.0.0.1:" in "".join(logs)
+
+    # README's psql line, as printed there, reaches the local database with its password.
+    readme = (REPO / "README.md").read_text()
+    line = next(text for text in readme.splitlines() if text.startswith("PGPASSWORD="))
+    line = line.replace("-p 55432", f"-p {env['LLAMA_GATE_LOCAL_PG_PORT']}")
+    psql = subprocess.run(
+        ["bash", "-c", f"{line} -Atc 'SELECT count(*) FROM users'"], cwd=checkout, env=env,
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert psql.returncode == 0, psql.stderr
+    assert psql.stdout.strip().isdigit()
+
+
+def test_stop_works_when_the_settings_no_longer_load(clone: tuple[Path, dict[str, str]]) -> None:
+    checkout, env = clone
+    started = _run(checkout, env, "bin/console.sh", "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    config = checkout / "runtime" / "config.env"
+    kept = config.read_text()
+    config.write_text(kept + "LLAMA_PROXY_RATE_LIMIT=lots\n")
+    try:
+        assert _run(checkout, env, "bin/console.sh", "status").returncode != 0
+        stopped = _run(checkout, env, "bin/console.sh", "stop")
+    finally:
+        config.write_text(kept)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "settings do not load (LLAMA_PROXY_RATE_LIMIT='lots'" in stopped.stderr
+    assert "proxy: stopping" in stopped.stdout
+    assert "backend: stopping" in stopped.stdout
+    assert "db: stopping" in stopped.stdout
+    for port in (
+        env["LLAMA_PROXY_PORT"],
+        env["LLAMA_SERVER_PORT"],
+        env["LLAMA_GATE_LOCAL_PG_PORT"],
+    ):
+        assert _closed(port), f"port {port} still open"
+
+
+def test_two_concurrent_starts_launch_one_stack(clone: tuple[Path, dict[str, str]]) -> None:
+    checkout, env = clone
+    assert not _processes_of(checkout, "backend serve")
+    starts = [
+        subprocess.Popen(
+            ["bin/console.sh", "start"],
+            cwd=checkout,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [start.communicate(timeout=900)[0] for start in starts]
+    try:
+        assert [start.returncode for start in starts] == [0, 0], outputs
+        assert any("waiting for another bin/console.sh" in output for output in outputs), outputs
+        assert sum("proxy: already running" in output for output in outputs) == 1, outputs
+        assert len(_processes_of(checkout, "-m backend serve")) == 1
+        assert len(_processes_of(checkout, "llama-gate serve")) == 1
+    finally:
+        stopped = _run(checkout, env, "bin/console.sh", "stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def test_a_pid_file_naming_another_program_is_never_signalled(
+    clone: tuple[Path, dict[str, str]],
+) -> None:
+    checkout, env = clone
+    run = checkout / "runtime" / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    # Programs that now hold the pids our stopped parts once had (the system reuses pids).
+    strangers = [
+        subprocess.Popen(["sleep", "300"], cwd=checkout),
+        subprocess.Popen(["sleep", "300"], cwd=checkout),
+    ]
+    try:
+        start_time = Path(f"/proc/{strangers[0].pid}/stat").read_text().rsplit(") ", 1)[1]
+        wrong_start = int(start_time.split()[19]) - 100
+        (run / "proxy.pid").write_text(f"{strangers[0].pid} {wrong_start}\n")
+        (run / "backend.pid").write_text(f"{strangers[1].pid}\n")  # written before start times
+        status = _run(checkout, env, "bin/console.sh", "status")
+        assert "proxy: CRASHED" in status.stdout
+        assert "now belongs to another program" in status.stdout
+        stopped = _run(checkout, env, "bin/console.sh", "stop")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert "is no longer ours but another program's; leaving it alone" in stopped.stdout
+        time.sleep(0.5)
+        assert [stranger.poll() for stranger in strangers] == [None, None]
+        assert not (run / "proxy.pid").exists()
+        assert not (run / "backend.pid").exists()
+    finally:
+        for stranger in strangers:
+            stranger.kill()
+            stranger.wait()

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from proxy.cli.main import cli
 from proxy.db.localpg import free_port
 from tests.fake_upstream import FakeUpstream
+from tests.hammer import Hammer
 from tests.proxy_harness import (
     BACKEND_KEY,
     ROOT,
@@ -129,3 +131,103 @@ async def test_sigterm_lets_a_stream_in_flight_finish(db_dsn: str, tmp_path: Pat
             process.stdout.close()
         await upstream.stop()
     assert returncode == 0
+
+
+def _serve(environ: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args], env={**os.environ, **environ}, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def _wait_for_file(path: Path, content: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text().strip() == content):
+        assert process.poll() is None, (process.stdout.read() if process.stdout else b"").decode()
+        assert time.monotonic() < deadline, f"{path} never said {content}"
+        time.sleep(0.05)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> str:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        output, _ = process.communicate(timeout=45)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return output.decode()
+
+
+def test_a_successor_takes_the_port_over_and_no_connection_is_refused(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    environ = proxy_environ(db_dsn, free_port(), tmp_path)
+    handover = tmp_path / "proxy.sock"
+    flags = ["--host", "127.0.0.1", "--port", str(port), "--handover", str(handover)]
+    old = _serve(environ, *flags, "--ready-file", str(tmp_path / "old.ready"))
+    new: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_for_file(tmp_path / "old.ready", str(old.pid), old)
+        assert oct(handover.stat().st_mode & 0o777) == "0o600"
+        with Hammer(port) as hammer:
+            time.sleep(1)
+            new = _serve(environ, *flags, "--ready-file", str(tmp_path / "new.ready"))
+            _wait_for_file(tmp_path / "new.ready", str(new.pid), new)
+            before = hammer.answered
+            old_output = _stop(old)
+            time.sleep(1.5)
+        assert old.returncode == 0, old_output
+        assert "handed the listening sockets to a successor" in old_output
+        assert hammer.failures == [], hammer.failures
+        assert hammer.answered > before > 20, hammer.statuses
+        assert set(hammer.statuses) == {200, 401}, hammer.statuses
+        assert new.poll() is None
+        # The socket file is the successor's now; the old proxy left it in place.
+        assert handover.exists()
+    finally:
+        _stop(old)
+        new_output = _stop(new) if new else ""
+    assert "took the listening sockets on 127.0.0.1:" in new_output
+    assert not handover.exists()  # the last one removes its own
+
+
+def test_a_stale_handover_socket_or_another_port_binds_afresh(db_dsn: str, tmp_path: Path) -> None:
+    environ = proxy_environ(db_dsn, free_port(), tmp_path)
+    handover = tmp_path / "proxy.sock"
+    with socket.socket(socket.AF_UNIX) as left_behind:  # a proxy that was SIGKILLed
+        left_behind.bind(str(handover))
+    first_port, second_port = free_port(), free_port()
+    first = _serve(
+        environ, "--host", "127.0.0.1", "--port", str(first_port), "--handover", str(handover)
+    )
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for_health(f"http://127.0.0.1:{first_port}", first)
+        # The port setting changed: the successor listens where it is told, not on the old port.
+        second = _serve(
+            environ, "--host", "127.0.0.1", "--port", str(second_port), "--handover", str(handover)
+        )
+        wait_for_health(f"http://127.0.0.1:{second_port}", second)
+    finally:
+        first_output = _stop(first)
+        second_output = _stop(second) if second else ""
+    assert "took the listening sockets" not in first_output + second_output
+    assert "Traceback" not in first_output + second_output
+
+
+def test_serve_logs_no_password_of_a_keyword_dsn(tmp_path: Path) -> None:
+    """The listening line, the pool's and the listener's complaints all name the database."""
+    dsn = f"host=127.0.0.1 port={free_port()} user=postgres password=kw-s3cret dbname=nowhere"
+    port = free_port()
+    environ = proxy_environ(dsn, free_port(), tmp_path)
+    process = _serve(environ, "--host", "127.0.0.1", "--port", str(port))
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", process)
+        time.sleep(1)  # the auth listener's first attempt and complaint
+    finally:
+        output = _stop(process)
+    assert "kw-s3cret" not in output
+    assert output.count("postgres:***@127.0.0.1") >= 3, output

@@ -40,7 +40,9 @@ def key_id_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 @click.command("create-key")
 @click.option("--username", required=True, callback=username_arg, help="Owner of the new key.")
 @click.option("--label", help="A note to tell keys apart, e.g. the laptop it lives on.")
-@click.option("--expires-in", type=Duration(), help="Expire the key after this long (e.g. 90d).")
+@click.option(
+    "--expires-in", type=Duration(positive=True), help="Expire the key after this long (e.g. 90d)."
+)
 def create_key(username: str, label: str | None, expires_in: timedelta | None) -> None:
     """Give a user another API key (users may hold several).
 
@@ -110,7 +112,9 @@ def revoke_key(key_id: str) -> None:
     show_default=True,
     help="Keep the old key working this long (e.g. 1h) so clients can switch without downtime.",
 )
-@click.option("--expires-in", type=Duration(), help="Expire the new key after this long.")
+@click.option(
+    "--expires-in", type=Duration(positive=True), help="Expire the new key after this long."
+)
 def rotate_key(key_id: str, grace: timedelta, expires_in: timedelta | None) -> None:
     """Replace the key KEY_ID with a new key for the same user.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import click
 
@@ -12,12 +11,12 @@ from proxy.cli import keys as cli_keys
 from proxy.cli import serve as cli_serve
 from proxy.cli import usage as cli_usage
 from proxy.cli import users as cli_users
-from proxy.cli.support import state
+from proxy.cli.support import OneLineGroup, configure_logging, state
 from proxy.db import migrate
 from proxy.db.connect import DatabaseUnavailable, ensure_database
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--dsn",
     metavar="URL",
@@ -84,5 +83,5 @@ for command in (
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     cli(prog_name="llama-gate")

@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import socket
+from pathlib import Path
 
 import click
+from aiohttp import web
 
 from proxy.app import create_app
-from proxy.cli.support import state
-from proxy.edge import server as edge
+from proxy.cli.listen import BACKLOG, Handover, bind, take_over
+from proxy.cli.support import OneLineCommand, configure_logging, state
+from proxy.edge.server import EdgeRunner
 
 log = logging.getLogger(__name__)
 
 # How long a stop (SIGTERM, Ctrl-C) waits for requests in flight, streams included.
 SHUTDOWN_SECONDS = 30.0
+# After it stops accepting, how long the proxy waits before closing idle connections: one it
+# accepted an instant earlier may not have sent its request yet, and would count as idle.
+ACCEPTED_GRACE_SECONDS = 1.0
+# Enough loop turns for connections accepted in the last one to get their transports.
+ATTACH_SECONDS = 0.05
 
 
-@click.command("serve")
+@click.command("serve", cls=OneLineCommand)
 @click.option(
     "--host",
     metavar="ADDRESS",
@@ -28,7 +39,21 @@ SHUTDOWN_SECONDS = 30.0
     type=click.IntRange(1, 65535),
     help="Listen on this port (default: LLAMA_PROXY_PORT, 8001).",
 )
-def serve(host: str | None, port: int | None) -> None:
+@click.option(
+    "--handover",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A Unix socket: take the listening sockets over from the proxy serving there, then "
+    "offer them there to the next one (how bin/console.sh restarts without refusing a "
+    "connection).",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write this process's id to this file once it serves.",
+)
+def serve(
+    host: str | None, port: int | None, handover: Path | None, ready_file: Path | None
+) -> None:
     """Run the proxy: check API keys and rate limits, stream requests to the model server.
 
     It forwards to LLAMA_SERVER_HOST:LLAMA_SERVER_PORT with LLAMA_SERVER_API_KEY, and stops
@@ -48,32 +73,86 @@ def serve(host: str | None, port: int | None) -> None:
             "LLAMA_SERVER_API_KEY is empty: anything on this host can use the backend directly, "
             "bypassing keys and limits. Set it for both the backend and the proxy."
         )
+    where = f"{settings.proxy_host}:{settings.proxy_port}"
+    sockets = take_over(handover, settings.proxy_host, settings.proxy_port) if handover else None
+    if sockets:
+        log.info("took the listening sockets on %s over from the running proxy", where)
+    else:
+        try:
+            sockets = bind(settings.proxy_host, settings.proxy_port)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {where}: {exc.strerror or exc}. "
+                "Choose another --port or stop what uses it."
+            ) from None
     log.info(
-        "llama-gate proxy listening on %s:%d, forwarding to %s, keys in %s",
-        settings.proxy_host,
-        settings.proxy_port,
+        "llama-gate proxy listening on %s, forwarding to %s, keys in %s",
+        where,
         settings.backend_url,
         settings.database_label,
     )
-    try:
-        asyncio.run(
-            edge.serve(
-                create_app(settings),
-                settings.proxy_host,
-                settings.proxy_port,
-                header_timeout=settings.header_timeout_seconds,
-                shutdown_timeout=SHUTDOWN_SECONDS,
-            )
-        )
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot listen on {settings.proxy_host}:{settings.proxy_port}: "
-            f"{exc.strerror or exc}. Choose another --port or stop what uses it."
-        ) from None
+    app = create_app(settings)
+    asyncio.run(_serve(app, sockets, handover, ready_file, settings.header_timeout_seconds))
     log.info("llama-gate proxy stopped")
+
+
+async def _serve(
+    app: web.Application,
+    sockets: list[socket.socket],
+    handover_path: Path | None,
+    ready_file: Path | None,
+    header_timeout: float,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting and let requests in flight finish.
+
+    The edge's runner (`proxy.edge.server`) answers malformed HTTP in one line; aiohttp's
+    keep-alive timer, set to `header_timeout`, cuts off request heads that dribble in.
+    """
+    runner = EdgeRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=header_timeout,
+        shutdown_timeout=SHUTDOWN_SECONDS,
+    )
+    await runner.setup()
+    handover = Handover(handover_path, sockets) if handover_path else None
+    try:
+        sites = [web.SockSite(runner, sock, backlog=BACKLOG) for sock in sockets]
+        for site in sites:
+            await site.start()
+        if handover:
+            handover.start()
+        if ready_file:
+            _write_pid(ready_file)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping: no new connections; requests in flight may finish")
+        if handover:
+            await handover.close()
+        # Stop accepting before closing: asyncio gives a connection it accepted its transport
+        # one loop turn later, and resets it if the server closed in between. A successor
+        # holding the same sockets goes on accepting from the same queue.
+        for sock in sockets:
+            loop.remove_reader(sock.fileno())
+        await asyncio.sleep(ATTACH_SECONDS)
+        for site in sites:
+            await site.stop()
+        await asyncio.sleep(ACCEPTED_GRACE_SECONDS)
+    finally:
+        if handover:
+            await handover.close()
+        await runner.cleanup()
+
+
+def _write_pid(path: Path) -> None:
+    path.write_text(f"{os.getpid()}\n")
 
 
 def main() -> None:
     """`python -m proxy`: the same as `llama-gate serve`, with its options."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     serve(prog_name="python -m proxy")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -16,7 +18,7 @@ import click
 
 from proxy.db.connect import DatabaseUnavailable, connect
 from proxy.db.schema import USERNAME_PATTERN
-from proxy.settings import Settings, SettingsError, load_settings
+from proxy.settings import Settings, SettingsError, load_settings, mask_passwords
 
 T = TypeVar("T")
 Row = Mapping[str, Any] | asyncpg.Record
@@ -24,6 +26,72 @@ Row = Mapping[str, Any] | asyncpg.Record
 _USERNAME_RE = re.compile(USERNAME_PATTERN)
 _DURATION_RE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# The longest duration any option takes: dates stay far inside what Python and Postgres hold.
+LONGEST = timedelta(days=36500)
+USERNAME_RULE = "1-64 characters of a-z 0-9 . _ -, starting with a letter or digit"
+
+
+class OneLineError(click.ClickException):
+    """An error as the README promises: one line on stderr (no usage block), no password."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(mask_passwords(message).split()))
+
+
+class OneLineUsageError(OneLineError):
+    """A command line click could not take; exit status 2, as click's own usage errors."""
+
+    exit_code = 2
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except OneLineError:
+        raise
+    except click.UsageError as exc:  # click would print Usage:, Try ... --help and Error: lines
+        hint = f"; see {exc.ctx.command_path} --help" if exc.ctx else ""
+        raise OneLineUsageError(exc.format_message().rstrip(".") + hint) from None
+    except click.ClickException as exc:
+        raise OneLineError(exc.format_message()) from None
+
+
+class OneLineCommand(click.Command):
+    """A command whose errors, its options' included, are each one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+class OneLineGroup(click.Group):
+    """The command group: errors of its own options and of every subcommand are one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+class _MaskingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_passwords(super().format(record))
+
+
+def configure_logging() -> None:
+    """Log lines on stderr; a password that reaches one anyway (a driver's message) is masked."""
+    logging.basicConfig(level=logging.WARNING)
+    formatter = _MaskingFormatter("%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
 
 
 @dataclass
@@ -76,16 +144,17 @@ def username_arg(_ctx: click.Context, _param: click.Parameter, value: str | None
         return None
     normalized = value.strip().lower()
     if not _USERNAME_RE.match(normalized):
-        raise click.BadParameter(
-            f"{value!r} is not a valid username: use 1-64 characters of a-z 0-9 . _ -"
-        )
+        raise click.BadParameter(f"{value!r} is not a valid username: use {USERNAME_RULE}")
     return normalized
 
 
 class Duration(click.ParamType[timedelta]):
-    """`90d`, `12h`, `30m`, `45s` or `2w`."""
+    """`90d`, `12h`, `30m`, `45s` or `2w`, up to `LONGEST`; `positive` refuses `0d`."""
 
     name = "duration"
+
+    def __init__(self, positive: bool = False) -> None:
+        self._positive = positive
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
@@ -95,7 +164,12 @@ class Duration(click.ParamType[timedelta]):
         match = _DURATION_RE.match(str(value).strip().lower())
         if not match:
             self.fail(f"{value!r} is not a duration: write e.g. 90d, 12h, 30m or 45s", param, ctx)
-        return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+        if seconds > LONGEST.total_seconds():
+            self.fail(f"{value!r} is too long: at most {LONGEST.days}d (100 years)", param, ctx)
+        if self._positive and seconds == 0:
+            self.fail(f"{value!r} is no time at all: give a duration above 0", param, ctx)
+        return timedelta(seconds=seconds)
 
 
 class SinceDate(click.ParamType[date]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -11,6 +12,9 @@ from proxy.cli.support import Duration, SinceDate, print_json, print_table, run_
 from proxy.db import queries
 
 PRUNE_BATCH_SIZE = 5000
+PRUNE_BATCH_MAX = 1_000_000
+# A retention job keeps days; a cutoff closer than this is more likely a slip than a policy.
+ASK_BELOW = timedelta(days=1)
 
 
 @click.command("usage")
@@ -93,19 +97,25 @@ def usage(
 )
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, PRUNE_BATCH_MAX),
     default=PRUNE_BATCH_SIZE,
     show_default=True,
     help="Rows deleted per statement; small batches never lock the table for long.",
 )
-def prune_logs(older_than: timedelta, batch_size: int) -> None:
+@click.option("--yes", is_flag=True, help="Do not ask before deleting rows from today.")
+def prune_logs(older_than: timedelta, batch_size: int, yes: bool) -> None:
     """Delete old audit rows in small batches (retention), and the batch ids that guarded them.
+
+    A cutoff less than a day back (e.g. --older-than 0d, which empties the audit log) is
+    asked about first; --yes skips the question.
 
     Example:
 
         llama-gate prune-logs --older-than 90d
     """
     cutoff = datetime.now(UTC) - older_than
+    if older_than < ASK_BELOW and not yes:
+        _confirm_recent_cutoff(cutoff, older_than)
 
     async def work(con: asyncpg.Connection) -> tuple[int, int]:
         total = 0
@@ -119,3 +129,23 @@ def prune_logs(older_than: timedelta, batch_size: int) -> None:
         f"Deleted {total} llama_requests rows and {batches} audit batch ids from before "
         f"{cutoff:%Y-%m-%d %H:%M} UTC."
     )
+
+
+def _confirm_recent_cutoff(cutoff: datetime, older_than: timedelta) -> None:
+    """Ask before deleting today's rows; with no one to ask (cron, a pipe), refuse."""
+    what = "every audit row" if not older_than else "every audit row, today's included"
+    deletes = (
+        f"--older-than {_shown(older_than)} deletes {what} (from before {cutoff:%H:%M:%S} UTC)"
+    )
+    if not sys.stdin.isatty():
+        raise click.ClickException(f"{deletes}; add --yes to delete them without a question")
+    if not click.confirm(f"{deletes}. Delete them?", err=True):
+        raise click.ClickException("nothing deleted")
+
+
+def _shown(duration: timedelta) -> str:
+    seconds = int(duration.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -12,7 +12,15 @@ import click
 from proxy.auth.apikeys import NewKey
 from proxy.auth.issuing import issue_key
 from proxy.cli.keys import announce_key
-from proxy.cli.support import Duration, print_json, print_table, run_db, state, username_arg
+from proxy.cli.support import (
+    USERNAME_RULE,
+    Duration,
+    print_json,
+    print_table,
+    run_db,
+    state,
+    username_arg,
+)
 from proxy.db import queries
 from proxy.settings import (
     MAX_CONCURRENT_MAX,
@@ -28,11 +36,13 @@ _WINDOW = click.IntRange(1, RATE_WINDOW_MAX_SECONDS)
 
 
 @click.command("create-user")
-@click.option("--username", required=True, callback=username_arg, help="1-64 of a-z 0-9 . _ -")
+@click.option("--username", required=True, callback=username_arg, help=USERNAME_RULE + ".")
 @click.option("--rate-limit", type=_RATE_LIMIT, help="Requests per window (default: global).")
 @click.option("--window", type=_WINDOW, help="Window length in seconds (default: global).")
 @click.option("--label", help="A note for the first key.")
-@click.option("--expires-in", type=Duration(), help="Expire the first key after this long.")
+@click.option(
+    "--expires-in", type=Duration(positive=True), help="Expire the first key after this long."
+)
 def create_user(
     username: str,
     rate_limit: int | None,

@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from proxy.settings import Settings, redact_dsn
+from proxy.settings import Settings, mask_passwords, redact_dsn
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 
@@ -18,6 +18,10 @@ class DatabaseUnavailable(Exception):
 
 
 def _explain(label: str, exc: BaseException) -> str:
+    return mask_passwords(_reason(label, exc))  # a driver's message may quote the DSN it got
+
+
+def _reason(label: str, exc: BaseException) -> str:
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return f"{exc} at {label}: run `llama-gate init-db` to create it"
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):  # bad password or user

@@ -35,7 +35,8 @@ metadata = MetaData(
     }
 )
 
-USERNAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
+# A letter or digit first: `--help`, `-` or `...` would read as options or as nothing.
+USERNAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 users = Table(
     "users",

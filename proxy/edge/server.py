@@ -6,15 +6,13 @@
 - A request head must arrive whole within `header_timeout` seconds of the connection opening (or
   of its previous answer): aiohttp's keep-alive timer, which starts with the connection and is
   not reset by bytes dribbling in, cuts off a slow sender at that deadline.
-- SIGINT and SIGTERM stop it gracefully: no new connections, requests in flight get
-  `shutdown_timeout` seconds to finish, then the app's cleanup (the audit flush) runs.
+
+`llama-gate serve` (`proxy.cli.serve`) runs the app on an `EdgeRunner`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -56,33 +54,3 @@ class EdgeRunner(web.AppRunner):
         # makes per connection differs, and _EdgeServer adds no state of its own.
         server.__class__ = _EdgeServer
         return server
-
-
-async def serve(
-    app: web.Application,
-    host: str,
-    port: int,
-    *,
-    header_timeout: float,
-    shutdown_timeout: float,
-    reuse_port: bool = False,
-) -> None:
-    """Serve `app` until SIGINT or SIGTERM; raises OSError when the address cannot be bound."""
-    runner = EdgeRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        keepalive_timeout=header_timeout,
-        shutdown_timeout=shutdown_timeout,
-    )
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
-        stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(number, stopped.set)
-        await stopped.wait()
-        log.info("stopping: requests in flight get up to %g s", shutdown_timeout)
-    finally:
-        await runner.cleanup()
