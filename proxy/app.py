@@ -57,6 +57,7 @@ def create_app(settings: Settings) -> web.Application:
     audit_writer = AuditWriter(
         lambda: database.pool,
         settings.runtime_dir / "audit-spill",
+        journal=settings.audit_journal,
         memory_rows=settings.audit_memory_rows,
     )
     metrics.watch_audit(audit_writer)

@@ -228,6 +228,9 @@ class Settings(BaseModel):
     # Audit rows held in memory while Postgres is unreachable; past this they spill to
     # runtime/audit-spill/ and are replayed when it returns.
     audit_memory_rows: RowCount = setting("LLAMA_PROXY_AUDIT_MEMORY_ROWS", "20000")
+    # Each finished request's row is written to a journal in runtime/audit-spill/ before it is
+    # batched, so a killed proxy loses none; 0 keeps rows in memory only until they are written.
+    audit_journal: Flag = setting("LLAMA_PROXY_AUDIT_JOURNAL", "1")
     # Prometheus metrics, on loopback by default; port 0 turns them off.
     metrics_host: Text = setting("LLAMA_PROXY_METRICS_HOST", "127.0.0.1")
     metrics_port: PortOrOff = setting("LLAMA_PROXY_METRICS_PORT", "9101")

@@ -1,7 +1,8 @@
 """The audit writer: one `llama_requests` row per request, written off the request path, never lost.
 
-Requests hand finished rows to `AuditWriter.submit`, which only appends to a deque. A background
-task writes them in batches with COPY. Each batch carries a UUID that is recorded in
+Requests hand finished rows to `AuditWriter.submit`, which appends each to the journal on disk
+(one plain `write`, see `proxy.audit.journal`: a killed process loses no row) and to a deque. A
+background task writes them in batches with COPY. Each batch carries a UUID that is recorded in
 `llama_audit_batches` in the same transaction as its rows, so a batch retried after an ambiguous
 failure (the connection died around COMMIT), or replayed from a spill file by two processes, is
 written exactly once. While Postgres is unreachable rows stay in memory up to a bound, then spill
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import asyncpg
 
+from proxy.audit import journal
+from proxy.audit.journal import Journal
 from proxy.audit.row import COLUMNS, AuditRow
 from proxy.audit.spill import Batch, SpillFiles
 from proxy.db import queries
@@ -48,6 +52,8 @@ _REFUSED = (
 
 WRITE_TIMEOUT_SECONDS = 5.0
 RESTART_MAX_SECONDS = 5.0
+# How often a live writer looks for files a process that died left behind (at start: at once).
+REPLAY_SCAN_SECONDS = 10.0
 _OUTAGE = (
     OSError,
     asyncpg.PostgresError,
@@ -70,6 +76,7 @@ class AuditWriter:
         pool: Callable[[], asyncpg.Pool],
         spill_dir: Path,
         *,
+        journal: bool = True,
         batch_size: int = 1000,
         flush_interval: float = 0.2,
         memory_rows: int = 20_000,
@@ -77,6 +84,8 @@ class AuditWriter:
     ) -> None:
         self._pool = pool
         self._spills = SpillFiles(spill_dir)
+        self._folder = spill_dir
+        self._journal = Journal(spill_dir) if journal else None
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._memory_rows = memory_rows
@@ -86,6 +95,7 @@ class AuditWriter:
         self._wake = asyncio.Event()
         self._closing = False
         self._db_down_since: float | None = None
+        self._next_scan = 0.0
         self.rows_written = 0
         self.rows_spilled = 0
         self.rows_rejected = 0
@@ -94,7 +104,13 @@ class AuditWriter:
     # -- the request side ------------------------------------------------------------------
 
     def submit(self, row: AuditRow) -> None:
-        """Queue a row; constant time, never blocks, never raises."""
+        """Journal and queue a row; constant time, never waits for the disk, never raises.
+
+        Called before the request's answer is complete, so every answered request's row is in
+        the journal when its client has the answer.
+        """
+        if self._journal is not None:
+            self._journal.append(row)
         self._pending.append(row)
         if len(self._pending) >= self._batch_size:
             self._wake.set()
@@ -111,6 +127,10 @@ class AuditWriter:
     def unreadable_files(self) -> int:
         return self._spills.unreadable
 
+    @property
+    def journal_failures(self) -> int:
+        return self._journal.failures if self._journal is not None else 0
+
     # -- the background side ---------------------------------------------------------------
 
     async def run(self, shutdown_timeout: float = 10.0) -> None:
@@ -120,6 +140,7 @@ class AuditWriter:
         failure never ends this: it is logged and the writing starts again, rows kept.
         """
         delay = self._flush_interval
+        syncing = asyncio.create_task(self._sync_journal())
         while not self._closing:
             try:
                 await self._write_until_stopped()
@@ -137,6 +158,17 @@ class AuditWriter:
             await asyncio.wait_for(self._drain(), shutdown_timeout)
         self._spill()
         self._spills.release()
+        syncing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await syncing
+        if self._journal is not None:
+            self._journal.close()
+
+    async def _sync_journal(self) -> None:
+        """An fsync about once a second bounds what a machine crash can lose."""
+        while self._journal is not None:
+            await asyncio.sleep(journal.SYNC_SECONDS)
+            await self._journal.sync()
 
     async def _write_until_stopped(self) -> None:
         delay = self._flush_interval
@@ -149,7 +181,8 @@ class AuditWriter:
                 return
             if await self._drain():
                 delay = self._flush_interval
-                if self.rows_spilled and self._spills.paths():
+                spilled = self.rows_spilled and self._spills.paths()
+                if spilled or time.monotonic() > self._next_scan:
                     await self._replay()
             else:
                 delay = min(max(delay * 2, 0.25), self._retry_max)
@@ -165,12 +198,26 @@ class AuditWriter:
         """Write pending rows in batches; False when Postgres failed (rows are kept)."""
         while self._inflight is not None or self._pending:
             if self._inflight is None:
-                count = min(self._batch_size, len(self._pending))
-                self._inflight = (uuid.uuid4(), [self._pending.popleft() for _ in range(count)])
+                self._inflight = self._batch()
+            if self._journal is not None:
+                await self._journal.sync()  # the batch's id is on disk before Postgres has it
             if not await self._write(self._inflight):
                 return False
             self._inflight = None
+        self._caught_up()
         return True
+
+    def _batch(self) -> Batch:
+        """The oldest pending rows as a new batch, its id journaled before it goes anywhere."""
+        count = min(self._batch_size, len(self._pending))
+        batch = (uuid.uuid4(), [self._pending.popleft() for _ in range(count)])
+        if self._journal is not None:
+            self._journal.mark(batch[0], count)
+        return batch
+
+    def _caught_up(self) -> None:
+        if self._journal is not None and self._inflight is None and not self._pending:
+            self._journal.caught_up()
 
     async def _write(self, batch: Batch) -> bool:
         """Write one batch exactly once; False when Postgres is away (the batch is kept)."""
@@ -225,14 +272,21 @@ class AuditWriter:
             batches.append(self._inflight)
             self._inflight = None
         while self._pending:
-            count = min(self._batch_size, len(self._pending))
-            batches.append((uuid.uuid4(), [self._pending.popleft() for _ in range(count)]))
+            batches.append(self._batch())
         if batches:
+            if self._journal is not None:
+                # Rare (Postgres has been away a while) and must not let go of the loop: the
+                # ids go to disk before the rows reach a spill file under them.
+                self._journal.sync_now()
             self._spills.append(batches)
             self.rows_spilled += sum(len(rows) for _, rows in batches)
+        self._caught_up()
 
     async def _replay(self) -> None:
-        for claim in self._spills.claims():
+        """Write what spill files and the journals of dead processes hold, each exactly once."""
+        self._next_scan = time.monotonic() + REPLAY_SCAN_SECONDS
+        journals = journal.claims(self._folder, self._spills.count_kept)
+        for claim in itertools.chain(self._spills.claims(), journals):
             try:
                 for batch in claim.batches():
                     if not await self._write(batch):

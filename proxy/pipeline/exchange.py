@@ -38,6 +38,7 @@ class Exchange:
     stream: bool | None = None
     outcome: Outcome = field(default_factory=Outcome)
     delivery: Delivery | None = None  # the client's side of the answer
+    recorded: bool = False  # its row went to the completion hooks (it goes once)
 
     @classmethod
     def begin(cls, request: web.Request, path: str) -> Exchange:

@@ -65,6 +65,9 @@ def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]
         route = table.get(request.match_info.route.resource)  # type: ignore[arg-type]
         exchange = Exchange.begin(request, route.path if route else request.path)
         request[EXCHANGE] = exchange
+        assert exchange.delivery is not None
+        # A streamed answer's row is made as it ends, before its last bytes go out.
+        exchange.delivery.on_complete = lambda: _finish(request, exchange)
         dialect: Dialect = route.endpoint.dialect if route else DEFAULT_DIALECT
         try:
             response = await _respond(request, handler, exchange, dialect)
@@ -117,6 +120,9 @@ def _answer(exchange: Exchange, dialect: Dialect, exc: ApiError) -> web.StreamRe
 
 
 def _finish(request: web.Request, exchange: Exchange) -> None:
+    if exchange.recorded:
+        return
+    exchange.recorded = True
     row = exchange.row()
     for hook in request.app[COMPLETION_HOOKS]:
         try:

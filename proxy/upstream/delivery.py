@@ -8,7 +8,7 @@ the outcome says the client left), so no reply needs to know how aiohttp reports
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -33,6 +33,8 @@ class Delivery:
         self.headers = headers  # X-Request-Id and the rate-limit headers, on every answer
         self._started = started  # monotonic time the request arrived
         self.response: web.StreamResponse | None = None
+        # Called once the answer is whole, before its end leaves: the ledger records its row.
+        self.on_complete: Callable[[], None] | None = None
 
     def first_byte(self) -> None:
         """The backend's first answer byte (or event) arrived: time to first byte."""
@@ -66,14 +68,20 @@ class Delivery:
         self.outcome.bytes_out += len(data)
 
     async def finish(self) -> None:
-        """The whole answer has been sent: end the response."""
+        """The whole answer has been sent: end the response.
+
+        Its row is made before the response's end goes out, so no client holds a complete
+        answer whose row a proxy killed just then could lose. Every byte of the answer has
+        been written by now: a client gone before the end of the chunked encoding had it all.
+        """
         assert self.response is not None, "open() first"
+        self.outcome.complete = True
+        if self.on_complete is not None:
+            self.on_complete()
         try:
             await self.response.write_eof()
         except ConnectionResetError:
-            self.outcome.left()
             raise ClientGone from None
-        self.outcome.complete = True
 
     def whole(self, status: int, body: bytes, content_type: str) -> web.Response:
         """An answer sent in one piece (aiohttp writes it once the handler returns)."""
