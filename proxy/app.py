@@ -34,6 +34,7 @@ from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
 from proxy.db.pool import Database
+from proxy.forwarded import TrustedProxies
 from proxy.limits.admission import Admission
 from proxy.limits.places import Places
 from proxy.limits.quotas import TokenQuotas
@@ -67,6 +68,8 @@ def create_app(settings: Settings) -> web.Application:
     hooks: list[CompletionHook] = [audit_writer.submit, metrics.observe, quotas.observe]
     app = web.Application(client_max_size=settings.max_body_bytes)
     table = add_routes(app, ROUTES)
+    if settings.trusted_proxies:  # first: everything after it sees the client's address
+        app.middlewares.append(TrustedProxies(settings.trusted_proxies).middleware)
     app.middlewares.extend([metrics.middleware(health.PATHS), ledger(table, health.PATHS)])
     authenticator = Authenticator(settings, database)
     app[SETTINGS] = settings

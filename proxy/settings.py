@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -145,6 +146,19 @@ def _urls(raw: str) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def _networks(raw: str) -> tuple[str, ...]:
+    """Comma-separated addresses or networks, e.g. `127.0.0.1,10.0.0.0/8,::1`."""
+    networks: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(str(ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
 def _parsed(parse: Callable[[str], Any]) -> BeforeValidator:
     """Every raw value is text (from a file, the environment or a flag): parse it as such."""
     return BeforeValidator(lambda raw: parse(raw) if isinstance(raw, str) else raw)
@@ -157,6 +171,7 @@ PortOrOff = Annotated[int, _parsed(_port_or_off)]
 Flag = Annotated[bool, _parsed(_bool)]
 SecretText = Annotated[Secret, _parsed(_secret)]
 Urls = Annotated[tuple[str, ...], _parsed(_urls)]
+Networks = Annotated[tuple[str, ...], _parsed(_networks)]
 AnyInt = Annotated[int, _parsed(_int)]
 # Whole numbers within the bounds their use can hold.
 ThreadCount = Annotated[int, _parsed(_whole(0, 1024))]
@@ -205,6 +220,9 @@ class Settings(BaseModel):
     rate_limit: RateLimitCount = setting("LLAMA_PROXY_RATE_LIMIT", "60")
     rate_window_seconds: RateWindowSeconds = setting("LLAMA_PROXY_RATE_WINDOW_SECONDS", "60")
     max_body_bytes: BodyBytes = setting("LLAMA_PROXY_MAX_BODY_BYTES", str(8 << 20))
+    # Reverse proxies whose X-Forwarded-For names the client (failure limit, audit rows,
+    # /ready's details); from any other peer the header is ignored. "" = no reverse proxy.
+    trusted_proxies: Networks = setting("LLAMA_PROXY_TRUSTED_PROXIES", "")
     # How long a verified key is trusted without asking Postgres again; revocations normally
     # arrive within a second through LISTEN/NOTIFY, this bounds staleness if one is lost.
     auth_cache_seconds: UpToADay = setting("LLAMA_PROXY_AUTH_CACHE_SECONDS", "30")
