@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 
 from proxy.audit.journal import Journal
 from proxy.audit.row import COLUMNS, AuditRow
@@ -285,3 +286,24 @@ async def test_the_journal_holds_only_rows_not_yet_written_and_none_after_a_stop
         await pool.close()
     assert writer.rows_written == 11
     assert not list(folder.glob("journal-*"))
+
+
+async def test_a_journal_that_cannot_be_written_loses_no_row_and_says_so(
+    db_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "audit"
+    folder.write_text("a file where the folder should be")  # as a full or broken disk would
+    pool = await asyncpg.create_pool(db_dsn)
+    try:
+        writer = AuditWriter(lambda: pool, folder)
+        task = asyncio.create_task(writer.run())
+        for index in range(5):
+            writer.submit(_row(index))  # never raises
+        await eventually(lambda: writer.rows_written == 5)
+        writer.stop()
+        await task
+    finally:
+        await pool.close()
+    assert writer.journal_failures >= 1
+    complaints = [r for r in caplog.records if "cannot write the audit journal" in r.message]
+    assert len(complaints) == 1  # once, not once a row

@@ -60,15 +60,22 @@ class Journal:
         self._path: Path | None = None
         self._rows = 0  # rows in the current file
         self._dirty = False  # written to since the last fsync
-        # A write (or opening a file) failed: nothing more is journaled until the writer
-        # catches up, when a new file is tried. The rows meanwhile wait in memory only.
+        # A write (or opening a file) failed: the file is gone and nothing more is journaled
+        # until the writer catches up, when a new file is tried. Rows wait in memory only.
         self._broken = False
         self._failing = False  # said so in the log, and not yet that it works again
+        self._folder_ready = False
         self.failures = 0
 
     def append(self, row: AuditRow) -> None:
         """Journal a finished request's row; one `write`, never raises."""
-        self._write(_ENCODER.encode(row) + "\n")
+        try:
+            line = _ENCODER.encode(row) + "\n"
+        except (TypeError, ValueError) as exc:  # a value JSON cannot hold: this row stays
+            self.failures += 1  # in memory only, and the journal goes on
+            log.error("cannot journal the audit row of request %s: %s", row.request_id, exc)
+            return
+        self._write(line)
         self._rows += 1
 
     def mark(self, batch_id: uuid.UUID, rows: int) -> None:
@@ -93,9 +100,12 @@ class Journal:
         journal_id = uuid.uuid4()
         path = self._folder / f"journal-{os.getpid()}-{journal_id.hex}.jsonl"
         try:
-            private_folder(self._folder)
+            if not self._folder_ready:  # once, not at every new journal
+                private_folder(self._folder)
+                self._folder_ready = True
             fd = open_private(path, new=True)
         except OSError as exc:
+            self._folder_ready = False  # made again next time, if it was removed
             self._fail(f"{type(exc).__name__}: {exc.strerror or exc}", path)
             return False
         lock(fd)
@@ -109,8 +119,12 @@ class Journal:
     def _fail(self, reason: str, path: Path | None = None) -> None:
         self.failures += 1
         self._broken = True
-        # An open file stays open and locked: its rows are in memory too, and a replay by
-        # another writer meanwhile would write them twice. It goes when the writer catches up.
+        if self._fd is not None and self._path is not None:
+            # Batches formed from now on get no marker here, so a replay of this file could
+            # write their rows twice: it goes (its rows are in memory too), while still locked.
+            self._path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd, self._dirty = None, False
         if not self._failing:
             self._failing = True
             log.error(
