@@ -238,12 +238,58 @@ async def test_a_batch_committed_just_before_the_kill_is_not_written_again(
     (journal,) = folder.glob("journal-*.jsonl")
     with journal.open("a") as handle:
         handle.write('["req-torn", "2026')  # a line the kill cut short: never an answer
-    shutil.copy(journal, folder / "journal-1-copy.jsonl")  # and a second replay of it all
+    pid = journal.name.split("-")[1]
+    copy = folder / journal.name.replace(f"journal-{pid}-", "journal-1-")
+    shutil.copy(journal, copy)  # as if a second process had the same journal: replayed twice
 
     written, writer = await _replay(db_dsn, folder, 5)
     assert written == [f"req-{index}" for index in range(5)]
     assert writer.rows_written == 2  # the 3 committed rows were not written again
     assert not list(folder.glob("journal-*"))
+
+
+async def test_a_journal_in_several_parts_replays_as_one(db_dsn: str, tmp_path: Path) -> None:
+    folder = tmp_path / "audit"
+    rows = [_row(index) for index in range(6)]
+    dead = Journal(folder)
+    for row in rows[:3]:
+        dead.append(row)
+    dead.sync_now()  # each fsync ends a part: what follows goes into the next one
+    dead.append(rows[3])
+    committed = uuid.uuid4()
+    dead.mark(committed, 3)  # its rows are in the part before
+    await dead.sync()
+    dead.append(rows[4])
+    dead.append(rows[5])
+    con = await asyncpg.connect(db_dsn)
+    try:
+        assert await queries.write_audit_batch(con, committed, COLUMNS, rows[:3])
+    finally:
+        await con.close()
+    dead.close()
+    assert len(list(folder.glob("journal-*.jsonl"))) == 3
+
+    written, writer = await _replay(db_dsn, folder, 6)
+    assert written == [f"req-{index}" for index in range(6)]
+    assert writer.rows_written == 3
+    assert not list(folder.glob("journal-*"))
+
+
+async def test_what_is_left_of_a_journal_deleted_once_caught_up_is_not_replayed(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "audit"
+    dead = Journal(folder)
+    dead.append(_row(0))
+    dead.sync_now()
+    dead.append(_row(1))  # both were written; the writer was deleting the journal, part 0 first,
+    dead.close()  # when it died
+    part_0, part_1 = sorted(folder.glob("journal-*.jsonl"))
+    part_0.unlink()
+
+    written, _ = await _replay(db_dsn, folder, 0)
+    assert written == []
+    assert not part_1.exists()
 
 
 async def test_a_journal_with_an_unreadable_line_is_kept_and_the_rest_written(

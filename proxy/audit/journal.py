@@ -12,10 +12,16 @@ never sent; a replay writes them under ids derived from the journal's, the same 
 Once the writer has caught up (every row in Postgres or a spill file) it deletes the journal
 and begins a new one at the next row, so a journal holds seconds of rows, not days.
 
-A file is `journal-<pid>-<uuid>.jsonl` in the audit folder, 0600: a header line (its id and the
-columns), then rows as JSON arrays in those columns' order, and markers `{"batch", "rows"}`.
-A journal whose process died is replayed at the next start, or by any live writer that finds
-it; a last line the kill cut short belongs to an answer never completed and is skipped.
+A journal is written in parts, `journal-<pid>-<journal id>-<part>.jsonl` in the audit folder,
+0600: an fsync seals the part it makes durable, and appends go on in a new one. Appending to a
+file while it is being fsynced can wait for the disk (measured here: 20 ms stalls of the event
+loop), appending next to it does not. Each part starts with a header (the journal's id, the
+part's number, the columns); then come rows as JSON arrays in those columns' order and markers
+`{"batch", "rows"}`, whose rows may be in earlier parts. The writer holds a lock on part 0 for
+the journal's life. A journal whose process died is replayed (all its parts, in order) at the
+next start, or by any live writer that finds it; a last line cut short by the kill belongs to an
+answer never completed and is skipped. Part 0 is deleted first, so parts without a part 0 are
+what was left of a journal deleted once caught up: they go without a replay.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -38,7 +45,6 @@ log = logging.getLogger(__name__)
 
 SYNC_SECONDS = 1.0  # what a machine crash may lose; a killed process loses nothing
 TAIL_BATCH_ROWS = 1000  # unmarked rows replayed per batch (fixed: their ids derive from it)
-_PATTERN = "journal-*.jsonl"
 
 
 def _iso(value: object) -> str:
@@ -56,12 +62,14 @@ class Journal:
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder
-        self._fd: int | None = None
-        self._path: Path | None = None
-        self._rows = 0  # rows in the current file
-        self._dirty = False  # written to since the last fsync
-        # A write (or opening a file) failed: the file is gone and nothing more is journaled
-        # until the writer catches up, when a new file is tried. Rows wait in memory only.
+        self._id: uuid.UUID | None = None  # None: no journal begun since the last catch-up
+        self._parts: list[Path] = []  # every part of this journal, in order
+        self._anchor: int | None = None  # part 0, held open for its lock
+        self._fd: int | None = None  # the part appends go to; None: begin one at the next
+        self._dirty = False  # the current part has lines not yet fsynced
+        # A write (or beginning a part) failed: the journal is gone and nothing more is
+        # journaled until the writer catches up, when a new one is tried. Rows wait in
+        # memory only meanwhile.
         self._broken = False
         self._failing = False  # said so in the log, and not yet that it works again
         self._folder_ready = False
@@ -76,14 +84,13 @@ class Journal:
             log.error("cannot journal the audit row of request %s: %s", row.request_id, exc)
             return
         self._write(line)
-        self._rows += 1
 
     def mark(self, batch_id: uuid.UUID, rows: int) -> None:
         """The next `rows` unbatched rows form batch `batch_id` (before it is sent anywhere)."""
         self._write(json.dumps({"batch": str(batch_id), "rows": rows}) + "\n")
 
     def _write(self, line: str) -> None:
-        if self._broken or (self._fd is None and not self._open()):
+        if self._broken or (self._fd is None and not self._begin_part()):
             return
         assert self._fd is not None
         data = line.encode()
@@ -93,24 +100,35 @@ class Journal:
             self._fail(f"{type(exc).__name__}: {exc.strerror or exc}")
             return
         self._dirty = True
-        if written != len(data):  # the disk is full: the line is torn, so the file ends here
+        if written != len(data):  # the disk is full: the line is torn
             self._fail("the disk took only part of a line")
 
-    def _open(self) -> bool:
-        journal_id = uuid.uuid4()
-        path = self._folder / f"journal-{os.getpid()}-{journal_id.hex}.jsonl"
+    def _begin_part(self) -> bool:
+        if self._id is None:
+            self._id = uuid.uuid4()
+        number = len(self._parts)
+        path = self._folder / f"journal-{os.getpid()}-{self._id.hex}-{number:06d}.jsonl"
         try:
-            if not self._folder_ready:  # once, not at every new journal
+            if not self._folder_ready:  # once, not at every part
                 private_folder(self._folder)
                 self._folder_ready = True
-            fd = open_private(path, new=True)
+            if number == 0:
+                # Locked before it has the name replays look for, or one could take it first.
+                fresh = path.with_name(f".{path.name}.new")
+                fd = open_private(fresh, new=True)
+                lock(fd)
+                fresh.rename(path)
+                self._anchor = fd
+            else:
+                fd = open_private(path, new=True)
         except OSError as exc:
             self._folder_ready = False  # made again next time, if it was removed
             self._fail(f"{type(exc).__name__}: {exc.strerror or exc}", path)
             return False
-        lock(fd)
-        self._fd, self._path, self._rows = fd, path, 0
-        self._write(json.dumps({"journal": str(journal_id), "columns": COLUMNS}) + "\n")
+        self._parts.append(path)
+        self._fd = fd
+        header = {"journal": str(self._id), "part": number, "columns": COLUMNS}
+        self._write(json.dumps(header) + "\n")
         if self._failing and not self._broken:
             self._failing = False
             log.warning("audit rows are journaled again, in %s", path)
@@ -118,62 +136,70 @@ class Journal:
 
     def _fail(self, reason: str, path: Path | None = None) -> None:
         self.failures += 1
+        shown = path or (self._parts[-1] if self._parts else self._folder)
+        # Batches formed from now on get no marker, so a replay of this journal could write
+        # their rows twice: it goes (its rows are in memory too).
+        self._discard()
         self._broken = True
-        if self._fd is not None and self._path is not None:
-            # Batches formed from now on get no marker here, so a replay of this file could
-            # write their rows twice: it goes (its rows are in memory too), while still locked.
-            self._path.unlink(missing_ok=True)
-            os.close(self._fd)
-            self._fd, self._dirty = None, False
         if not self._failing:
             self._failing = True
             log.error(
                 "cannot write the audit journal %s (%s); audit rows wait in memory only, "
                 "where a killed proxy would lose them, until a new journal can be written",
-                path or self._path,
+                shown,
                 reason,
             )
 
-    async def sync(self) -> None:
-        """Make what was written durable, on a worker thread (the event loop never waits)."""
+    def _seal(self) -> int | None:
+        """End the current part, if it has lines not yet durable; a descriptor to fsync it."""
         if self._fd is None or not self._dirty:
-            return
-        self._dirty = False
+            return None
+        fd, self._fd, self._dirty = self._fd, None, False
+        # Part 0's descriptor holds the journal's lock: fsync a duplicate of it.
+        return os.dup(fd) if fd == self._anchor else fd
+
+    async def sync(self) -> None:
+        """Make what was written durable, on a worker thread; appends go on in a new part."""
+        part = self._parts[-1] if self._parts else None
         try:
-            # A duplicate of the descriptor: the writer may close ours meanwhile (`caught_up`).
-            await asyncio.to_thread(_fsync_and_close, os.dup(self._fd))
+            fd = self._seal()
+            if fd is not None:
+                await asyncio.to_thread(_fsync_and_close, fd)
         except OSError as exc:
-            self._dirty = True
-            log.error("cannot fsync the audit journal %s (%s)", self._path, exc)
+            log.error("cannot fsync the audit journal %s (%s)", part, exc)
 
     def sync_now(self) -> None:
         """`sync` on the event loop's thread, for the rare step that must not let go of it."""
-        if self._fd is not None and self._dirty:
-            self._dirty = False
-            try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                self._dirty = True
-                log.error("cannot fsync the audit journal %s (%s)", self._path, exc)
+        part = self._parts[-1] if self._parts else None
+        try:
+            fd = self._seal()
+            if fd is not None:
+                _fsync_and_close(fd)
+        except OSError as exc:
+            log.error("cannot fsync the audit journal %s (%s)", part, exc)
 
     def caught_up(self) -> None:
-        """Every row journaled so far is in Postgres or a spill file: this file may go."""
-        self._broken = False  # the next row tries a new file
-        if self._fd is None or self._rows == 0:
-            return
-        assert self._path is not None
-        # Deleted while still locked, so no other writer can claim it between close and unlink.
-        self._path.unlink(missing_ok=True)
-        os.close(self._fd)
-        self._fd, self._path, self._dirty = None, None, False
+        """Every row journaled so far is in Postgres or a spill file: the journal may go."""
+        self._broken = False  # the next row tries a new journal
+        self._discard()
+
+    def _discard(self) -> None:
+        # Part 0 first: a replay that finds the rest (if this is cut short) knows it was done.
+        for path in self._parts:
+            path.unlink(missing_ok=True)
+        self._let_go()
+        self._parts = []
+
+    def _let_go(self) -> None:
+        for fd in {self._fd, self._anchor} - {None}:
+            assert fd is not None
+            os.close(fd)
+        self._id, self._fd, self._anchor, self._dirty = None, None, None, False
 
     def close(self) -> None:
-        """Stop journaling. Call it caught up: a file with rows left stays for the next start."""
-        if self._fd is not None:
-            if self._rows == 0 and self._path is not None:
-                self._path.unlink(missing_ok=True)  # a header alone
-            os.close(self._fd)
-            self._fd = None
+        """Stop journaling. Call it caught up: a journal with rows left stays for the next start."""
+        self._let_go()
+        self._parts = []
 
 
 def _fsync_and_close(fd: int) -> None:
@@ -183,26 +209,45 @@ def _fsync_and_close(fd: int) -> None:
         os.close(fd)
 
 
+_NAME = re.compile(r"^(journal-\d+-[0-9a-f]{32})-(\d{6})\.jsonl$")
+
+
 def claims(folder: Path, on_kept: Callable[[], None]) -> Iterator[Claim]:
     """Each journal no live writer holds (its process died), locked, for replay."""
-    paths = sorted(folder.glob(_PATTERN)) if folder.exists() else []
-    for path in paths:
-        handle = claim(path)
-        if handle is not None:
-            yield Claim(path, handle, _journal_batches, on_kept)
+    journals: dict[str, list[Path]] = {}
+    for path in sorted(folder.glob("journal-*.jsonl")) if folder.exists() else []:
+        if match := _NAME.match(path.name):
+            journals.setdefault(match.group(1), []).append(path)
+    for name, parts in journals.items():
+        if parts[0].name != f"{name}-000000.jsonl":
+            for path in parts:  # its writer caught up and was deleting it as it died
+                path.unlink(missing_ok=True)
+            continue
+        anchor = claim(parts[0])
+        if anchor is None:
+            continue  # a live writer's
+        handles = [anchor]
+        try:
+            handles += [path.open("r", encoding="utf-8", errors="replace") for path in parts[1:]]
+        except FileNotFoundError:  # replayed and deleted by another writer meanwhile
+            for handle in handles:
+                handle.close()
+            continue
+        yield Claim(parts, handles, _journal_batches, on_kept)
 
 
 def _journal_batches(journal: Claim) -> Iterator[Batch]:
     """The batches a dead writer had formed, with their ids; then the rows it had not batched."""
     columns: list[str] | None = None
-    journal_id = uuid.uuid5(uuid.NAMESPACE_URL, journal.path.name)  # until the header says
+    journal_id = uuid.uuid5(uuid.NAMESPACE_URL, journal.paths[0].name)  # until the header says
     waiting: deque[AuditRow] = deque()
-    for number, line in enumerate(journal.handle, 1):
-        if not line.endswith("\n"):
+    last = journal.paths[-1]
+    for path, number, line in journal.lines():
+        if not line.endswith("\n") and path == last:
             log.warning(
                 "the last line of audit journal %s was cut short by the process's end; it "
                 "belongs to an answer that was never completed",
-                journal.path,
+                path,
             )
             break
         try:
@@ -219,7 +264,7 @@ def _journal_batches(journal: Claim) -> Iterator[Batch]:
                     raise ValueError(f"a batch of {count} rows with {len(waiting)} waiting")
                 yield batch_id, [waiting.popleft() for _ in range(count)]
         except UNREADABLE:
-            journal.unreadable(number)
+            journal.unreadable(path, number)
     part = 0
     while waiting:
         count = min(TAIL_BATCH_ROWS, len(waiting))

@@ -61,53 +61,62 @@ UNREADABLE = (ValueError, KeyError, TypeError, IndexError)
 
 
 def _spilled_batches(claim: Claim) -> Iterator[Batch]:
-    for number, line in enumerate(claim.handle, 1):
+    for path, number, line in claim.lines():
         try:
             record = json.loads(line)
             batch = uuid.UUID(record["batch"]), [stored_row(row) for row in record["rows"]]
         except UNREADABLE:
-            claim.unreadable(number)
+            claim.unreadable(path, number)
             continue
         yield batch
 
 
 @dataclass
 class Claim:
-    """A file of rows this writer holds the lock of, to replay and then delete."""
+    """Files of rows this writer holds (the first file's lock), to replay and then delete."""
 
-    path: Path
-    handle: IO[str]
-    decode: Callable[[Claim], Iterator[Batch]]  # the file's batches, in its format
-    on_kept: Callable[[], None]  # counts a file kept for an operator
+    paths: list[Path]
+    handles: list[IO[str]]
+    decode: Callable[[Claim], Iterator[Batch]]  # the files' batches, in their format
+    on_kept: Callable[[], None]  # counts files kept for an operator
     unreadable_lines: int = 0
 
     def batches(self) -> Iterator[Batch]:
         return self.decode(self)
 
-    def unreadable(self, number: int) -> None:
+    def lines(self) -> Iterator[tuple[Path, int, str]]:
+        """Each line of each file in turn, with its file and number."""
+        for path, handle in zip(self.paths, self.handles, strict=True):
+            for number, line in enumerate(handle, 1):
+                yield path, number, line
+
+    def unreadable(self, path: Path, number: int) -> None:
         self.unreadable_lines += 1
-        log.error("line %d of audit file %s cannot be read", number, self.path)
+        log.error("line %d of audit file %s cannot be read", number, path)
 
     def done(self) -> None:
-        """Every readable batch is in Postgres: delete the file, or keep it if it had others."""
+        """Every readable batch is in Postgres: delete the files (the first first), or keep
+        them for an operator if a line could not be read."""
         if self.unreadable_lines:
-            kept = self.path.with_name(self.path.name + ".unreadable")
-            self.path.rename(kept)
+            for path in self.paths:
+                path.rename(path.with_name(path.name + ".unreadable"))
             self.on_kept()
             log.error(
                 "audit file %s had %d unreadable lines; the rest is written, the file "
-                "is kept as %s for an operator",
-                self.path,
+                "is kept as %s.unreadable for an operator",
+                self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (and parts)",
                 self.unreadable_lines,
-                kept,
+                self.paths[0].name,
             )
         else:
-            self.path.unlink(missing_ok=True)
-            log.warning("replayed audit file %s", self.path)
-        self.handle.close()
+            for path in self.paths:
+                path.unlink(missing_ok=True)
+            log.warning("replayed audit file %s", self.paths[0])
+        self.release()
 
     def release(self) -> None:
-        self.handle.close()
+        for handle in self.handles:
+            handle.close()
 
 
 class SpillFiles:
@@ -165,7 +174,7 @@ class SpillFiles:
         for path in self.paths():
             handle = claim(path)
             if handle is not None:
-                yield Claim(path, handle, _spilled_batches, self.count_kept)
+                yield Claim([path], [handle], _spilled_batches, self.count_kept)
 
     def count_kept(self) -> None:
         """One more file kept for an operator (a spill file or a journal)."""
