@@ -273,7 +273,7 @@ def main() -> None:
     _report(results, journal, sent_through_gate, rows)
 
 
-JOURNAL_ROUNDS = 5
+JOURNAL_ROUNDS = 7
 
 
 @dataclass

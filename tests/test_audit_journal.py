@@ -273,6 +273,13 @@ async def test_a_journal_in_several_parts_replays_as_one(db_dsn: str, tmp_path: 
     assert written == [f"req-{index}" for index in range(6)]
     assert writer.rows_written == 3
     assert not list(folder.glob("journal-*"))
+    con = await asyncpg.connect(db_dsn)
+    try:
+        stored = await con.fetchrow("SELECT * FROM llama_requests WHERE request_id = 'req-5'")
+    finally:
+        await con.close()
+    assert stored is not None
+    assert tuple(stored[name] for name in COLUMNS) == tuple(rows[5])  # exactly, time and all
 
 
 async def test_what_is_left_of_a_journal_deleted_once_caught_up_is_not_replayed(

@@ -26,7 +26,8 @@ def open_private(path: Path, *, new: bool = False) -> int:
     """A descriptor appending to `path` (0600); `new` insists that the file did not exist."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_EXCL if new else 0)
     fd = os.open(path, flags, 0o600)
-    os.fchmod(fd, 0o600)  # a file made by an older version may be readable by others
+    if not new:
+        os.fchmod(fd, 0o600)  # a file made by an older version may be readable by others
     return fd
 
 

@@ -16,12 +16,13 @@ A journal is written in parts, `journal-<pid>-<journal id>-<part>.jsonl` in the 
 0600: an fsync seals the part it makes durable, and appends go on in a new one. Appending to a
 file while it is being fsynced can wait for the disk (measured here: 20 ms stalls of the event
 loop), appending next to it does not. Each part starts with a header (the journal's id, the
-part's number, the columns); then come rows as JSON arrays in those columns' order and markers
-`{"batch", "rows"}`, whose rows may be in earlier parts. The writer holds a lock on part 0 for
-the journal's life. A journal whose process died is replayed (all its parts, in order) at the
-next start, or by any live writer that finds it; a last line cut short by the kill belongs to an
-answer never completed and is skipped. Part 0 is deleted first, so parts without a part 0 are
-what was left of a journal deleted once caught up: they go without a replay.
+part's number, the columns); then come rows as JSON arrays in those columns' order (the time in
+microseconds since 1970, UTC) and markers `{"batch", "rows"}`, whose rows may be in earlier
+parts. The writer holds a lock on part 0 for the journal's life. A journal whose process died is
+replayed (all its parts, in order) at the next start, or by any live writer that finds it; a
+last line cut short by the kill belongs to an answer never completed and is skipped. Part 0 is
+deleted first, so parts without a part 0 are what was left of a journal deleted once caught up:
+they go without a replay.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from proxy.audit.files import claim, lock, open_private, private_folder
@@ -47,14 +48,12 @@ SYNC_SECONDS = 1.0  # what a machine crash may lose; a killed process loses noth
 TAIL_BATCH_ROWS = 1000  # unmarked rows replayed per batch (fixed: their ids derive from it)
 
 
-def _iso(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-# A row is a tuple: encoded as an array, the datetime as ISO text (measured: ~6 us a row).
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_iso)
+# A row is encoded as a JSON array, its time as whole microseconds since 1970 (UTC): ~3.5 us a
+# row here, where an ISO string took 5.5 us and a `default=` hook for datetimes 7.5 us.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_CREATED = COLUMNS.index("created_at")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 class Journal:
@@ -78,7 +77,9 @@ class Journal:
     def append(self, row: AuditRow) -> None:
         """Journal a finished request's row; one `write`, never raises."""
         try:
-            line = _ENCODER.encode(row) + "\n"
+            values = tuple(row)
+            at = (row.created_at - _EPOCH) // _MICROSECOND
+            line = _ENCODER.encode((*values[:_CREATED], at, *values[_CREATED + 1 :])) + "\n"
         except (TypeError, ValueError) as exc:  # a value JSON cannot hold: this row stays
             self.failures += 1  # in memory only, and the journal goes on
             log.error("cannot journal the audit row of request %s: %s", row.request_id, exc)
@@ -127,7 +128,10 @@ class Journal:
             return False
         self._parts.append(path)
         self._fd = fd
-        header = {"journal": str(self._id), "part": number, "columns": COLUMNS}
+        header = {
+            "journal": str(self._id), "part": number, "columns": COLUMNS,
+            "created_at": "microseconds since 1970-01-01 UTC",
+        }  # fmt: skip
         self._write(json.dumps(header) + "\n")
         if self._failing and not self._broken:
             self._failing = False
@@ -255,7 +259,9 @@ def _journal_batches(journal: Claim) -> Iterator[Batch]:
             if isinstance(record, list):
                 if columns is None:
                     raise ValueError("a row before the header")
-                waiting.append(stored_row(dict(zip(columns, record, strict=True))))
+                stored = dict(zip(columns, record, strict=True))
+                stored["created_at"] = _EPOCH + stored["created_at"] * _MICROSECOND
+                waiting.append(stored_row(stored))
             elif "journal" in record:
                 journal_id, columns = uuid.UUID(record["journal"]), list(record["columns"])
             else:

@@ -52,7 +52,9 @@ def stored_row(stored: object) -> AuditRow:
     if not isinstance(stored, dict):
         raise TypeError("a row is neither an object nor a list")
     fields = {name: stored[name] for name in COLUMNS if name in stored}
-    fields["created_at"] = datetime.fromisoformat(str(fields["created_at"]))
+    created = fields["created_at"]
+    if not isinstance(created, datetime):
+        fields["created_at"] = datetime.fromisoformat(str(created))
     return AuditRow(**fields)
 
 
