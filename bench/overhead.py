@@ -192,6 +192,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load (>= 5)")
+    parser.add_argument(
+        "--journal-rounds", type=int, default=7, help="alternating runs of c and d (journal cost)"
+    )
+    parser.add_argument(
+        "--journal-only", action="store_true", help="only the journal's cost: c and d, json c=32"
+    )
     args = parser.parse_args()
     python = sys.executable
     up_port, base_port, gate_port, unjournaled_port = (free_port() for _ in range(4))
@@ -250,6 +256,8 @@ def main() -> None:
                 ("sse c=1", 1, True), ("sse c=32", 32, True),
             ):  # fmt: skip
                 for target, (url, headers) in targets.items():
+                    if args.journal_only:
+                        break
                     result = asyncio.run(load(url, headers, concurrency, args.seconds, streamed))
                     results[(load_name, target)] = result
                     if target.startswith(("c", "d")):
@@ -259,7 +267,7 @@ def main() -> None:
             # their throughput each proxy's own CPU time per request is counted, which other
             # work on the machine does not change.
             pids = {"c: llama-gate": gate.pid, NO_JOURNAL: unjournaled.pid}
-            for _ in range(JOURNAL_ROUNDS):
+            for _ in range(args.journal_rounds):
                 for target in pids:
                     url, headers = targets[target]
                     before = _cpu_seconds(pids[target])
@@ -270,10 +278,10 @@ def main() -> None:
             time.sleep(1.5)  # the audit writer flushes every 0.2 s
             rows = asyncio.run(_rows(dsn))
     journal.append_us = _append_us()
+    if args.journal_only:
+        _report_journal(journal)
+        return
     _report(results, journal, sent_through_gate, rows)
-
-
-JOURNAL_ROUNDS = 7
 
 
 @dataclass
@@ -346,12 +354,6 @@ def _report(
 
     added_p50 = p50("json c=1", gate) - p50("json c=1", direct)
     ratio = results[("json c=32", gate)].rps / results[("json c=32", base)].rps
-    rps_ratio = journal.median(journal.rps, gate) / journal.median(journal.rps, NO_JOURNAL)
-    cpu_on = journal.median(journal.cpu_us, gate)
-    cpu_off = journal.median(journal.cpu_us, NO_JOURNAL)
-    cost = cpu_off / cpu_on  # the throughput a CPU-bound proxy keeps with the journal on
-    share = journal.append_us / cpu_on
-    appended = f"{journal.append_us:.1f} us {share:.1%}"
     added_ttfb = p50("sse c=1", gate, ttfb=True) - p50("sse c=1", direct, ttfb=True)
     spacing = gap("sse c=1", gate) - gap("sse c=1", direct)
     spacing_c32 = gap("sse c=32", gate) - gap("sse c=32", direct)
@@ -361,19 +363,49 @@ def _report(
         ("c=1 added TTFB, streamed (c - a)", f"{added_ttfb:.3f} ms", "<= 1 ms", added_ttfb <= 1),
         ("c=1 max added SSE gap error (c - a)", f"{spacing:.3f} ms", "<= 1 ms", spacing <= 1),
         ("c=32 max added SSE gap error (c - a)", f"{spacing_c32:.3f} ms", "(no target)", True),
+        *_journal_checks(journal),
+        ("audit rows written / requests sent", f"{rows} / {sent}", "equal", rows == sent),
+    ]
+    _print_checks(checks)
+    _print_journal_runs(journal)
+
+
+Check = tuple[str, str, str, bool]  # figure, measured, target, met
+
+
+def _journal_checks(journal: JournalCost) -> list[Check]:
+    gate = "c: llama-gate"
+    rps_ratio = journal.median(journal.rps, gate) / journal.median(journal.rps, NO_JOURNAL)
+    cpu_on = journal.median(journal.cpu_us, gate)
+    cpu_off = journal.median(journal.cpu_us, NO_JOURNAL)
+    cost = cpu_off / cpu_on  # the throughput a CPU-bound proxy keeps with the journal on
+    share = journal.append_us / cpu_on
+    return [
         ("journal: c=32 req/s, median on / off", f"{rps_ratio:.3f} x", "(noisy)", True),
         ("journal: proxy CPU us/req, on / off", f"{cpu_on:.0f} / {cpu_off:.0f}", "", True),
         ("journal: throughput kept (CPU off / on)", f"{cost:.3f} x", ">= 0.95 x", cost >= 0.95),
-        ("journal: one append, share of c's CPU/req", appended, "< 5 %", share < 0.05),
-        ("audit rows written / requests sent", f"{rows} / {sent}", "equal", rows == sent),
-    ]
+        ("journal: one append, share of c's CPU/req", f"{journal.append_us:.1f} us {share:.1%}",
+         "< 5 %", share < 0.05),
+    ]  # fmt: skip
+
+
+def _print_checks(checks: list[Check]) -> None:
     print(f"{'figure':<42} {'measured':>14} {'target':>12}  met")
     for name, measured, target, met in checks:
         print(f"{name:<42} {measured:>14} {target:>12}  {'yes' if met else 'NO'}")
-    print(f"\njournal runs, json c=32, {JOURNAL_ROUNDS} each, alternating (c: on, d: off):")
-    for target in (gate, NO_JOURNAL):
+
+
+def _print_journal_runs(journal: JournalCost) -> None:
+    rounds = len(journal.rps[NO_JOURNAL])
+    print(f"\njournal runs, json c=32, {rounds} each, alternating (c: on, d: off):")
+    for target in ("c: llama-gate", NO_JOURNAL):
         runs = zip(journal.rps[target], journal.cpu_us[target], strict=True)
         print(f"  {target[0]}: " + ", ".join(f"{rps:.0f} req/s {cpu:.0f} us" for rps, cpu in runs))
+
+
+def _report_journal(journal: JournalCost) -> None:
+    _print_checks(_journal_checks(journal))
+    _print_journal_runs(journal)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -73,6 +74,7 @@ class Journal:
         self._failing = False  # said so in the log, and not yet that it works again
         self._folder_ready = False
         self.failures = 0
+        self.synced_at = 0.0  # monotonic time of the last fsync begun
 
     def append(self, row: AuditRow) -> None:
         """Journal a finished request's row; one `write`, never raises."""
@@ -156,6 +158,7 @@ class Journal:
 
     def _seal(self) -> int | None:
         """End the current part, if it has lines not yet durable; a descriptor to fsync it."""
+        self.synced_at = time.monotonic()
         if self._fd is None or not self._dirty:
             return None
         fd, self._fd, self._dirty = self._fd, None, False
