@@ -169,7 +169,7 @@ async def test_sigkill_during_a_postgres_outage_loses_no_answered_row(
                     assert await _ask(client, url, alice, request_id, stream=number % 2 == 0)
                     answered.append(request_id)
                     if number == 30:
-                        await asyncio.sleep(1.5)  # the writer gives up waiting and spills
+                        await asyncio.sleep(2.5)  # the writer gives up waiting and spills
             process.send_signal(signal.SIGKILL)
             await asyncio.to_thread(process.wait, 10)
 
