@@ -294,9 +294,13 @@ async def test_what_is_left_of_a_journal_deleted_once_caught_up_is_not_replayed(
     part_0, part_1 = sorted(folder.glob("journal-*.jsonl"))
     part_0.unlink()
 
+    unnamed = folder / f".{part_0.name}.new"  # a writer died between making and naming one
+    unnamed.touch()
+
     written, _ = await _replay(db_dsn, folder, 0)
     assert written == []
     assert not part_1.exists()
+    assert not unnamed.exists()
 
 
 async def test_a_journal_with_an_unreadable_line_is_kept_and_the_rest_written(

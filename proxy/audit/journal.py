@@ -221,8 +221,14 @@ _NAME = re.compile(r"^(journal-\d+-[0-9a-f]{32})-(\d{6})\.jsonl$")
 
 def claims(folder: Path, on_kept: Callable[[], None]) -> Iterator[Claim]:
     """Each journal no live writer holds (its process died), locked, for replay."""
+    if not folder.exists():
+        return
+    for fresh in folder.glob(".journal-*.jsonl.new"):  # its writer died before it was named
+        if (handle := claim(fresh)) is not None:
+            fresh.unlink(missing_ok=True)
+            handle.close()
     journals: dict[str, list[Path]] = {}
-    for path in sorted(folder.glob("journal-*.jsonl")) if folder.exists() else []:
+    for path in sorted(folder.glob("journal-*.jsonl")):
         if match := _NAME.match(path.name):
             journals.setdefault(match.group(1), []).append(path)
     for name, parts in journals.items():
