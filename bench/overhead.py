@@ -1,5 +1,6 @@
 """What llama-gate costs: the same load straight to a backend, through a bare pass-through, and
-through llama-gate (real key, rate limits on, audit rows written to Postgres), in one run.
+through llama-gate (real key, rate limits on, audit rows written to Postgres), in one run; and
+llama-gate once more without its audit journal, to show what the journal costs.
 
     runtime/.venv/bin/python bench/overhead.py [--seconds 5]
 
@@ -14,14 +15,17 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -32,11 +36,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchdb import database  # noqa: E402
 
+from proxy.audit.journal import Journal  # noqa: E402
+from proxy.audit.row import AuditRow  # noqa: E402
 from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
 from proxy.db import migrate, queries  # noqa: E402
 from proxy.db.localpg import free_port  # noqa: E402
 
 BACKEND_KEY = "bench-backend-key"
+NO_JOURNAL = "d: llama-gate, no journal"
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}
 STREAM = {**CHAT, "messages": [{"role": "user", "content": "stream slowly"}], "stream": True}
 
@@ -185,11 +192,21 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load (>= 5)")
+    parser.add_argument(
+        "--journal-rounds", type=int, default=7, help="alternating runs of c and d (journal cost)"
+    )
+    parser.add_argument(
+        "--journal-only", action="store_true", help="only the journal's cost: c and d, json c=32"
+    )
     args = parser.parse_args()
     python = sys.executable
-    up_port, base_port, gate_port = free_port(), free_port(), free_port()
+    up_port, base_port, gate_port, unjournaled_port = (free_port() for _ in range(4))
     upstream_url = f"http://127.0.0.1:{up_port}"
-    with database() as dsn, tempfile.TemporaryDirectory() as home:
+    with (
+        database() as dsn,
+        tempfile.TemporaryDirectory() as home,
+        tempfile.TemporaryDirectory() as other_home,
+    ):
         migrate.upgrade(dsn)
         key = asyncio.run(_prepare(dsn))
         gate_env = {
@@ -199,16 +216,26 @@ def main() -> None:
             "LLAMA_PROXY_METRICS_PORT": "0", "LLAMA_PROXY_DASHBOARD_PORT": "0",
             "LLAMA_PROXY_MAX_CONCURRENT": "1000", "LLAMA_BACKEND_SLOTS": "1000",
         }  # fmt: skip
+        unjournaled_env = {
+            **gate_env,
+            "LLAMA_GATE_HOME": other_home,
+            "LLAMA_PROXY_AUDIT_JOURNAL": "0",
+        }
         with (
             process([python, "bench/upstream.py", str(up_port)]) as up,
             process([python, "bench/passthrough.py", str(base_port), upstream_url]) as base,
             process(
                 [python, "-m", "proxy", "--host", "127.0.0.1", "--port", str(gate_port)], gate_env
             ) as gate,
+            process(
+                [python, "-m", "proxy", "--host", "127.0.0.1", "--port", str(unjournaled_port)],
+                unjournaled_env,
+            ) as unjournaled,
         ):
             _wait_http(upstream_url, up, "/")
             _wait_http(f"http://127.0.0.1:{base_port}", base, "/")
             _wait_http(f"http://127.0.0.1:{gate_port}", gate, "/health")
+            _wait_http(f"http://127.0.0.1:{unjournaled_port}", unjournaled, "/health")
             targets = {
                 "a: direct": (f"{upstream_url}/v1/chat/completions", {}),
                 "b: bare pass-through": (f"http://127.0.0.1:{base_port}/v1/chat/completions", {}),
@@ -216,24 +243,93 @@ def main() -> None:
                     f"http://127.0.0.1:{gate_port}/v1/chat/completions",
                     {"Authorization": f"Bearer {key}"},
                 ),
+                NO_JOURNAL: (
+                    f"http://127.0.0.1:{unjournaled_port}/v1/chat/completions",
+                    {"Authorization": f"Bearer {key}"},
+                ),
             }
             results: dict[tuple[str, str], Result] = {}
+            journal = JournalCost()
             sent_through_gate = 0
             for load_name, concurrency, streamed in (
                 ("json c=1", 1, False), ("json c=32", 32, False),
                 ("sse c=1", 1, True), ("sse c=32", 32, True),
             ):  # fmt: skip
                 for target, (url, headers) in targets.items():
+                    if args.journal_only:
+                        break
                     result = asyncio.run(load(url, headers, concurrency, args.seconds, streamed))
                     results[(load_name, target)] = result
-                    if target.startswith("c"):
+                    if target.startswith(("c", "d")):
                         sent_through_gate += result.count + result.errors + concurrency  # + warm-up
-            time.sleep(1.5)  # the audit writer flushes every 0.2 s
+            # The journal's cost is a few percent: less than the run-to-run noise of a load on
+            # cores shared with other work. So c and d take turns, several times, and besides
+            # their throughput each proxy's own CPU time per request is counted, which other
+            # work on the machine does not change.
+            pids = {"c: llama-gate": gate.pid, NO_JOURNAL: unjournaled.pid}
+            for _ in range(args.journal_rounds):
+                for target in pids:
+                    url, headers = targets[target]
+                    before = _cpu_seconds(pids[target])
+                    result = asyncio.run(load(url, headers, 32, args.seconds / 2, False))
+                    cpu = _cpu_seconds(pids[target]) - before
+                    journal.add(target, result.rps, cpu / (result.count + 32) * 1e6)
+                    sent_through_gate += result.count + result.errors + 32
+            time.sleep(2.5)  # the audit writer writes about once a second
             rows = asyncio.run(_rows(dsn))
-    _report(results, sent_through_gate, rows)
+    journal.append_us = _append_us()
+    if args.journal_only:
+        _report_journal(journal)
+        return
+    _report(results, journal, sent_through_gate, rows)
 
 
-def _report(results: dict[tuple[str, str], Result], sent: int, rows: int) -> None:
+@dataclass
+class JournalCost:
+    """llama-gate with its journal (c) and without (d), json c=32, in alternating runs."""
+
+    rps: dict[str, list[float]] = field(default_factory=dict)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # proxy CPU per request
+    append_us: float = 0.0  # what `Journal.append` itself costs, measured in this process
+
+    def add(self, target: str, rps: float, cpu_us: float) -> None:
+        self.rps.setdefault(target, []).append(rps)
+        self.cpu_us.setdefault(target, []).append(cpu_us)
+
+    def median(self, figures: dict[str, list[float]], target: str) -> float:
+        return statistics.median(figures[target])
+
+
+def _append_us(rows: int = 50_000) -> float:
+    """Microseconds one `Journal.append` takes (encode and write a typical row), best of 3."""
+    row = AuditRow(
+        request_id=uuid.uuid4().hex, created_at=datetime.now(UTC), user_id=1, username="bench",
+        key_id="0123456789abcdef", method="POST", path="/v1/chat/completions", model="smollm2",
+        stream=True, status_code=200, duration_ms=12.345678, ttfb_ms=3.21, queue_ms=0.12,
+        request_bytes=120, response_bytes=3000, prompt_tokens=10, completion_tokens=16,
+        client_addr="127.0.0.1", error=None, client_request_id=None, backend="default",
+    )  # fmt: skip
+    best = float("inf")
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(3):
+            journal = Journal(Path(folder))
+            started = time.perf_counter()
+            for _ in range(rows):
+                journal.append(row)
+            best = min(best, (time.perf_counter() - started) / rows * 1e6)
+            journal.close()
+    return best
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User and system CPU time of a process and its threads so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _report(
+    results: dict[tuple[str, str], Result], journal: JournalCost, sent: int, rows: int
+) -> None:
     head = ("load", "path", "req/s", "p50 ms", "p99 ms", "ttfb p50", "gap err p99/max ms", "errors")
     print("{:<10} {:<22} {:>8} {:>8} {:>8} {:>9} {:>19} {:>6}".format(*head))
     for (load_name, target), r in results.items():
@@ -267,11 +363,49 @@ def _report(results: dict[tuple[str, str], Result], sent: int, rows: int) -> Non
         ("c=1 added TTFB, streamed (c - a)", f"{added_ttfb:.3f} ms", "<= 1 ms", added_ttfb <= 1),
         ("c=1 max added SSE gap error (c - a)", f"{spacing:.3f} ms", "<= 1 ms", spacing <= 1),
         ("c=32 max added SSE gap error (c - a)", f"{spacing_c32:.3f} ms", "(no target)", True),
+        *_journal_checks(journal),
         ("audit rows written / requests sent", f"{rows} / {sent}", "equal", rows == sent),
     ]
-    print(f"{'figure':<40} {'measured':>14} {'target':>12}  met")
+    _print_checks(checks)
+    _print_journal_runs(journal)
+
+
+Check = tuple[str, str, str, bool]  # figure, measured, target, met
+
+
+def _journal_checks(journal: JournalCost) -> list[Check]:
+    gate = "c: llama-gate"
+    rps_ratio = journal.median(journal.rps, gate) / journal.median(journal.rps, NO_JOURNAL)
+    cpu_on = journal.median(journal.cpu_us, gate)
+    cpu_off = journal.median(journal.cpu_us, NO_JOURNAL)
+    cost = cpu_off / cpu_on  # the throughput a CPU-bound proxy keeps with the journal on
+    share = journal.append_us / cpu_on
+    return [
+        ("journal: c=32 req/s, median on / off", f"{rps_ratio:.3f} x", "(noisy)", True),
+        ("journal: proxy CPU us/req, on / off", f"{cpu_on:.0f} / {cpu_off:.0f}", "", True),
+        ("journal: throughput kept (CPU off / on)", f"{cost:.3f} x", ">= 0.95 x", cost >= 0.95),
+        ("journal: one append, share of c's CPU/req", f"{journal.append_us:.1f} us {share:.1%}",
+         "< 5 %", share < 0.05),
+    ]  # fmt: skip
+
+
+def _print_checks(checks: list[Check]) -> None:
+    print(f"{'figure':<42} {'measured':>14} {'target':>12}  met")
     for name, measured, target, met in checks:
-        print(f"{name:<40} {measured:>14} {target:>12}  {'yes' if met else 'NO'}")
+        print(f"{name:<42} {measured:>14} {target:>12}  {'yes' if met else 'NO'}")
+
+
+def _print_journal_runs(journal: JournalCost) -> None:
+    rounds = len(journal.rps[NO_JOURNAL])
+    print(f"\njournal runs, json c=32, {rounds} each, alternating (c: on, d: off):")
+    for target in ("c: llama-gate", NO_JOURNAL):
+        runs = zip(journal.rps[target], journal.cpu_us[target], strict=True)
+        print(f"  {target[0]}: " + ", ".join(f"{rps:.0f} req/s {cpu:.0f} us" for rps, cpu in runs))
+
+
+def _report_journal(journal: JournalCost) -> None:
+    _print_checks(_journal_checks(journal))
+    _print_journal_runs(journal)
 
 
 if __name__ == "__main__":

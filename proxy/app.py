@@ -36,6 +36,7 @@ from proxy.auth.listener import AuthListener
 from proxy.dashboard.app import dashboard_site
 from proxy.db.pool import Database
 from proxy.edge.cors import Cors
+from proxy.forwarded import TrustedProxies
 from proxy.limits.admission import Admission
 from proxy.limits.places import Places
 from proxy.limits.quotas import TokenQuotas
@@ -60,6 +61,7 @@ def create_app(settings: Settings) -> web.Application:
     audit_writer = AuditWriter(
         lambda: database.pool,
         settings.runtime_dir / "audit-spill",
+        journal=settings.audit_journal,
         memory_rows=settings.audit_memory_rows,
     )
     metrics.watch_audit(audit_writer)
@@ -69,6 +71,8 @@ def create_app(settings: Settings) -> web.Application:
     hooks: list[CompletionHook] = [audit_writer.submit, metrics.observe, quotas.observe]
     app = web.Application(client_max_size=settings.max_body_bytes)
     table = add_routes(app, routes)
+    if settings.trusted_proxies:  # first: everything after it sees the client's address
+        app.middlewares.append(TrustedProxies(settings.trusted_proxies).middleware)
     cors = Cors(settings.cors_origins)
     app.middlewares.extend(
         [cors.preflight, metrics.middleware(health.PATHS), ledger(table, health.PATHS)]

@@ -59,6 +59,11 @@ class _AuditCollector(Collector):
             "Spill files kept as *.unreadable because a line could not be read.",
             value=writer.unreadable_files,
         )
+        yield CounterMetricFamily(
+            "llama_gate_audit_journal_failures",
+            "Writes to the audit journal that failed (disk full?): rows waited in memory only.",
+            value=writer.journal_failures,
+        )
 
 
 class Metrics:

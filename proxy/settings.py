@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -205,6 +206,19 @@ def _urls(raw: str) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def _networks(raw: str) -> tuple[str, ...]:
+    """Comma-separated addresses or networks, e.g. `127.0.0.1,10.0.0.0/8,::1`."""
+    networks: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(str(ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
 def _parsed(parse: Callable[[str], Any]) -> BeforeValidator:
     """Every raw value is text (from a file, the environment or a flag): parse it as such."""
     return BeforeValidator(lambda raw: parse(raw) if isinstance(raw, str) else raw)
@@ -220,6 +234,7 @@ Dsn = Annotated[Secret, _parsed(_dsn)]
 Urls = Annotated[tuple[str, ...], _parsed(_urls)]
 Origins = Annotated[tuple[str, ...], _parsed(_origins)]
 ReasoningMode = Annotated[str, _parsed(_choice("split", "keep", "strip"))]
+Networks = Annotated[tuple[str, ...], _parsed(_networks)]
 AnyInt = Annotated[int, _parsed(_int)]
 CacheMode = Annotated[str, _parsed(_cache_mode)]
 ByteSizeOrAuto = Annotated[int | None, _parsed(_byte_size_or_auto)]
@@ -287,6 +302,9 @@ class Settings(BaseModel):
     # A model's <think>...</think> on /v1/chat/completions: apart from the answer as
     # `reasoning_content` (split), inline as generated (keep), or dropped (strip).
     reasoning: ReasoningMode = setting("LLAMA_PROXY_REASONING", "split")
+    # Reverse proxies whose X-Forwarded-For names the client (failure limit, audit rows,
+    # /ready's details); from any other peer the header is ignored. "" = no reverse proxy.
+    trusted_proxies: Networks = setting("LLAMA_PROXY_TRUSTED_PROXIES", "")
     # How long a verified key is trusted without asking Postgres again; revocations normally
     # arrive within a second through LISTEN/NOTIFY, this bounds staleness if one is lost.
     auth_cache_seconds: UpToADay = setting("LLAMA_PROXY_AUTH_CACHE_SECONDS", "30")
@@ -310,6 +328,9 @@ class Settings(BaseModel):
     # Audit rows held in memory while Postgres is unreachable; past this they spill to
     # runtime/audit-spill/ and are replayed when it returns.
     audit_memory_rows: RowCount = setting("LLAMA_PROXY_AUDIT_MEMORY_ROWS", "20000")
+    # Each finished request's row is written to a journal in runtime/audit-spill/ before it is
+    # batched, so a killed proxy loses none; 0 keeps rows in memory only until they are written.
+    audit_journal: Flag = setting("LLAMA_PROXY_AUDIT_JOURNAL", "1")
     # Prometheus metrics, on loopback by default; port 0 turns them off.
     metrics_host: Text = setting("LLAMA_PROXY_METRICS_HOST", "127.0.0.1")
     metrics_port: PortOrOff = setting("LLAMA_PROXY_METRICS_PORT", "9101")

@@ -127,7 +127,7 @@ async def test_rows_arrive_within_about_a_second_without_the_request_waiting(
         answered = time.monotonic()
     rows = await _rows(proxy.dsn, 1, within=3)
     assert len(rows) == 1
-    assert time.monotonic() - answered < 3  # the writer flushes every 0.2 s
+    assert time.monotonic() - answered < 3  # the writer writes about once a second
 
 
 async def test_postgres_stopped_and_started_mid_run_loses_and_doubles_nothing(
@@ -154,7 +154,7 @@ async def test_postgres_stopped_and_started_mid_run_loses_and_doubles_nothing(
         statuses = [await call(i) for i in range(10)]
         await asyncio.to_thread(own_postgres.stop)
         statuses += [await call(i) for i in range(10, 20)]
-        await asyncio.sleep(1.0)  # the writer fails, holds, and spills past its bound
+        await asyncio.sleep(2.0)  # the writer (a round a second) fails, holds, and spills
         assert list((tmp_path / "runtime" / "audit-spill").glob("spill-*.jsonl"))
         await asyncio.to_thread(own_postgres.start, True)
         statuses += [await call(i) for i in range(20, total)]

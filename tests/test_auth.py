@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from proxy.appkeys import AUTHENTICATOR
 from proxy.auth.apikeys import KeyHasher
-from proxy.auth.authenticator import FAILURE_LIMIT, Authenticator
+from proxy.auth.authenticator import BLOCKED_WAITING, FAILURE_LIMIT, Authenticator
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
@@ -137,22 +138,45 @@ async def test_a_repeated_bad_key_is_rejected_from_memory(
     assert auth.stats.lookups == 1  # not shaped like a key: no query at all
 
 
-async def test_too_many_failures_from_one_address_are_cut_off_without_work(
-    proxy: Harness, client: aiohttp.ClientSession
+async def test_past_the_failure_limit_an_address_is_checked_one_at_a_time_never_locked_out(
+    db_dsn: str, tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:
+    # Lookups are held up on purpose below: a long query timeout keeps them from giving up.
+    async with running_proxy(db_dsn, tmp_path, LLAMA_PROXY_DB_TIMEOUT_SECONDS="30") as proxy:
+        await _one_at_a_time(proxy, client)
+
+
+async def _one_at_a_time(proxy: Harness, client: aiohttp.ClientSession) -> None:
     auth = proxy.app[AUTHENTICATOR]
     known = await proxy.user("alice")
+    newcomer = await proxy.user("bob")  # behind the same address (a NATed office), never used
     assert await _get(client, proxy, bearer(known)) == 200
     for _ in range(FAILURE_LIMIT):
         assert await _get(client, proxy, bearer(random_key())) == 401
-    lookups = auth.stats.lookups
-    async with client.get(proxy.url("/v1/models"), headers=bearer(random_key())) as r:
-        assert r.status == 429
-        assert 1 <= int(r.headers["Retry-After"]) <= 10
-        assert (await r.json())["error"]["code"] == "too_many_authentication_failures"
-    assert auth.stats.lookups == lookups
-    assert auth.stats.blocked == 1
+    excess = 5
+    admin = await asyncpg.connect(proxy.dsn)
+    try:
+        async with admin.transaction():
+            # Lookups wait on this lock, so the address's keys pile up behind the one in flight.
+            await admin.execute("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+            flood = [
+                asyncio.create_task(_get(client, proxy, bearer(random_key())))
+                for _ in range(1 + BLOCKED_WAITING + excess)
+            ]
+            await eventually(lambda: sum(task.done() for task in flood) == excess)
+            async with client.get(proxy.url("/v1/models"), headers=bearer(random_key())) as r:
+                assert r.status == 429  # refused at once, without a lookup
+                assert 1 <= int(r.headers["Retry-After"]) <= 10
+                assert (await r.json())["error"]["code"] == "too_many_authentication_failures"
+            assert auth.stats.lookups == 1 + FAILURE_LIMIT  # the flood's first is in flight
+    finally:
+        await admin.close()
+    statuses = Counter(await asyncio.gather(*flood))
+    assert statuses == Counter({401: 1 + BLOCKED_WAITING, 429: excess})
+    assert auth.stats.lookups == 1 + FAILURE_LIMIT + 1 + BLOCKED_WAITING  # none for the 429s
+    assert auth.stats.blocked == excess + 1
     assert await _get(client, proxy, bearer(known)) == 200  # a key that verified still passes
+    assert await _get(client, proxy, bearer(newcomer)) == 200  # and a new valid key gets through
 
 
 async def test_last_used_at_is_written_lazily_in_one_batch(

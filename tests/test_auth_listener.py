@@ -14,7 +14,7 @@ import pytest
 
 from proxy.appkeys import AUTH_LISTENER, AUTHENTICATOR
 from proxy.db import queries
-from tests.proxy_harness import Harness, bearer, running_proxy
+from tests.proxy_harness import Harness, bearer, eventually, running_proxy
 
 
 @pytest.fixture
@@ -98,7 +98,34 @@ async def test_the_listener_reconnects_and_rechecks_what_it_may_have_missed(
         async with asyncio.timeout(10):
             while listener.connections < 2 or not listener.connected.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+        # Every cached key was re-checked at once, in one query, as the listener came back...
+        await eventually(lambda: auth.stats.rechecks == 1)
         assert await _status(client, proxy, key) == 200
-        assert auth.stats.lookups == lookups + 1  # the reconnect marked the cache for re-checking
+        assert auth.stats.lookups == lookups  # ... so its holder did not wait for a re-check
         await queries.revoke_key(admin, key.split("_")[1])
         assert await _seconds_until(client, proxy, key, 401) < 1.0
+
+
+async def test_a_key_revoked_while_the_listener_was_away_is_refused_as_it_returns(
+    proxy: Harness, admin: asyncpg.Connection
+) -> None:
+    key = await proxy.user("alice")
+    other = await proxy.user("bob")
+    listener = proxy.app[AUTH_LISTENER]
+    auth = proxy.app[AUTHENTICATOR]
+    async with aiohttp.ClientSession() as client:
+        assert await _status(client, proxy, key) == 200
+        assert await _status(client, proxy, other) == 200
+        # The listener's connection goes, and the revocation comes before it is back: its
+        # notification reaches no one.
+        await admin.execute(
+            """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+               WHERE application_name = 'llama-gate auth listener'
+                 AND datname = current_database()"""
+        )
+        await queries.revoke_key(admin, key.split("_")[1])
+        await eventually(lambda: listener.connections == 2 and auth.stats.rechecks == 1)
+        lookups = auth.stats.lookups
+        assert await _status(client, proxy, key) == 401  # found by the re-check of every key
+        assert await _status(client, proxy, other) == 200
+        assert auth.stats.lookups == lookups  # both verdicts came from that one re-check

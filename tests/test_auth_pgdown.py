@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from proxy.appkeys import AUTH_LISTENER
+from proxy.db import queries
 from proxy.db.localpg import LocalPostgres
 from tests.proxy_harness import Harness, bearer, make_user, running_proxy
 
@@ -71,3 +73,30 @@ async def test_postgres_outage_and_recovery(
     assert sum("reachable again" in m for m in outage_logs) == 1, outage_logs
     per_process = [r for r in caplog.records if r.name == "proxy.limits.ratelimit"]
     assert len(per_process) == 1
+
+
+async def test_a_revocation_right_after_postgres_restarts_takes_effect_within_a_second(
+    own_postgres: LocalPostgres, tmp_path: Path
+) -> None:
+    _, alice = await make_user(own_postgres.dsn, "alice")
+    # A long cache TTL: only the listener (or its re-check of every key) can explain a refusal.
+    settings = {"LLAMA_PROXY_AUTH_CACHE_SECONDS": "300"}
+    async with (
+        running_proxy(own_postgres.dsn, tmp_path, **settings) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        assert (await _call(client, proxy, alice)).status == 200
+        await asyncio.to_thread(own_postgres.stop)
+        await asyncio.sleep(3)  # long enough for an unbounded reconnect backoff to grow
+        assert (await _call(client, proxy, alice)).status == 200  # cached: served meanwhile
+        await asyncio.to_thread(own_postgres.start, True)
+        admin = await asyncpg.connect(own_postgres.dsn)
+        try:
+            await queries.revoke_key(admin, alice.split("_")[1])
+        finally:
+            await admin.close()
+        revoked = time.monotonic()
+        while (await _call(client, proxy, alice)).status != 401:
+            assert time.monotonic() - revoked < 5, "the revocation never reached the proxy"
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - revoked < 1.0

@@ -201,7 +201,11 @@ async def test_parallel_requests_take_places_atomically_and_refusals_spend_nothi
         flood = [asyncio.create_task(call(json=body)) for _ in range(10)]
         await asyncio.wait_for(_all_but(2, flood), 5)
         assert sorted(task.result() for task in flood if task.done()) == [429] * 8
-        # Only the two admitted requests spent a rate-limit admission.
+        # Only the two admitted requests spent a rate-limit admission (theirs may still be on
+        # the way to Postgres as the refusals come back).
+        async with asyncio.timeout(5):
+            while await _admissions(proxy.dsn, "alice") < 2:  # noqa: ASYNC110 - Postgres is polled
+                await asyncio.sleep(0.02)
         assert await _admissions(proxy.dsn, "alice") == 2
         proxy.upstream.gate.set()
         assert sorted(await asyncio.gather(*flood)) == [200] * 2 + [429] * 8

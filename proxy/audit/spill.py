@@ -3,8 +3,8 @@
 Each writer appends to a file of its own (`spill-<pid>-<ns>.jsonl`, one JSON line per batch, batch
 ids kept, fsynced) and holds an exclusive `flock` on it while it may still append. Any writer may
 replay a file it can lock: its own once it lets go, or one left by a process that has exited
-(the kernel drops a dead process's locks, whatever its pid is later reused for). Replaying the
-same batch twice is harmless, since batch ids make writes exactly-once (see `proxy.audit.writer`).
+(see `proxy.audit.files`). Replaying the same batch twice is harmless, since batch ids make
+writes exactly-once (see `proxy.audit.writer`).
 
 Rows are stored by column name, so a file written before a schema change still reads after it
 (a column it lacks is empty; files of the first format, rows as lists, read by position). A file
@@ -15,18 +15,18 @@ left for an operator, while the lines that could be read are replayed.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+from proxy.audit.files import claim, lock, open_private, private_folder
 from proxy.audit.row import COLUMNS, AuditRow
 
 log = logging.getLogger(__name__)
@@ -45,60 +45,80 @@ def _encode(batch: Batch) -> str:
     return json.dumps({"batch": str(batch_id), "rows": [_fields(row) for row in rows]}) + "\n"
 
 
-def _row(stored: object) -> AuditRow:
+def stored_row(stored: object) -> AuditRow:
+    """A row as a file keeps it (by column name; or by position, the first format) as a row."""
     if isinstance(stored, list):  # the first format: values in the columns' order of then
         stored = dict(zip(COLUMNS, stored, strict=False))
     if not isinstance(stored, dict):
         raise TypeError("a row is neither an object nor a list")
     fields = {name: stored[name] for name in COLUMNS if name in stored}
-    fields["created_at"] = datetime.fromisoformat(str(fields["created_at"]))
+    created = fields["created_at"]
+    if not isinstance(created, datetime):
+        fields["created_at"] = datetime.fromisoformat(str(created))
     return AuditRow(**fields)
 
 
-def _decode(line: str) -> Batch:
-    record = json.loads(line)
-    return uuid.UUID(record["batch"]), [_row(stored) for stored in record["rows"]]
+# What a line that cannot be read raises while it is decoded.
+UNREADABLE = (ValueError, KeyError, TypeError, IndexError)
+
+
+def _spilled_batches(claim: Claim) -> Iterator[Batch]:
+    for path, number, line in claim.lines():
+        try:
+            record = json.loads(line)
+            batch = uuid.UUID(record["batch"]), [stored_row(row) for row in record["rows"]]
+        except UNREADABLE:
+            claim.unreadable(path, number)
+            continue
+        yield batch
 
 
 @dataclass
 class Claim:
-    """A spill file this writer holds the lock of, to replay and then delete."""
+    """Files of rows this writer holds (the first file's lock), to replay and then delete."""
 
-    path: Path
-    handle: IO[str]
-    files: SpillFiles
+    paths: list[Path]
+    handles: list[IO[str]]
+    decode: Callable[[Claim], Iterator[Batch]]  # the files' batches, in their format
+    on_kept: Callable[[], None]  # counts files kept for an operator
     unreadable_lines: int = 0
 
     def batches(self) -> Iterator[Batch]:
-        for number, line in enumerate(self.handle, 1):
-            try:
-                batch = _decode(line)
-            except (ValueError, KeyError, TypeError, IndexError):
-                self.unreadable_lines += 1
-                log.error("line %d of audit spill file %s cannot be read", number, self.path)
-                continue
-            yield batch
+        return self.decode(self)
+
+    def lines(self) -> Iterator[tuple[Path, int, str]]:
+        """Each line of each file in turn, with its file and number."""
+        for path, handle in zip(self.paths, self.handles, strict=True):
+            for number, line in enumerate(handle, 1):
+                yield path, number, line
+
+    def unreadable(self, path: Path, number: int) -> None:
+        self.unreadable_lines += 1
+        log.error("line %d of audit file %s cannot be read", number, path)
 
     def done(self) -> None:
-        """Every readable batch is in Postgres: delete the file, or keep it if it had others."""
+        """Every readable batch is in Postgres: delete the files (the first first), or keep
+        them for an operator if a line could not be read."""
         if self.unreadable_lines:
-            kept = self.path.with_name(self.path.name + ".unreadable")
-            self.path.rename(kept)
-            self.files.unreadable += 1
+            for path in self.paths:
+                path.rename(path.with_name(path.name + ".unreadable"))
+            self.on_kept()
             log.error(
-                "audit spill file %s had %d unreadable lines; the rest is written, the file "
-                "is kept as %s for an operator",
-                self.path,
+                "audit file %s had %d unreadable lines; the rest is written, the file "
+                "is kept as %s.unreadable for an operator",
+                self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (and parts)",
                 self.unreadable_lines,
-                kept,
+                self.paths[0].name,
             )
         else:
-            self.path.unlink(missing_ok=True)
-            log.warning("replayed audit spill file %s", self.path)
-        self.handle.close()
+            for path in self.paths:
+                path.unlink(missing_ok=True)
+            log.warning("replayed audit file %s", self.paths[0])
+        self.release()
 
     def release(self) -> None:
-        self.handle.close()
+        for handle in self.handles:
+            handle.close()
 
 
 class SpillFiles:
@@ -110,10 +130,11 @@ class SpillFiles:
 
     def append(self, batches: Sequence[Batch]) -> None:
         if self._own is None:
-            self._folder.mkdir(parents=True, exist_ok=True)
+            private_folder(self._folder)
             self._own_path = self._folder / f"spill-{os.getpid()}-{time.time_ns()}.jsonl"
-            self._own = self._own_path.open("a", encoding="utf-8")
-            fcntl.flock(self._own.fileno(), fcntl.LOCK_EX)
+            fd = open_private(self._own_path, new=True)
+            lock(fd)
+            self._own = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - closed by release()
         self._own.writelines(_encode(batch) for batch in batches)
         self._own.flush()
         os.fsync(self._own.fileno())
@@ -123,10 +144,14 @@ class SpillFiles:
 
     def reject(self, row: AuditRow, reason: str) -> Path:
         """Keep a row Postgres refuses where an operator can read it; it is not replayed."""
-        self._folder.mkdir(parents=True, exist_ok=True)
-        path = self._folder / "rejected.jsonl"
-        with path.open("a", encoding="utf-8", errors="backslashreplace") as handle:
-            handle.write(json.dumps({"reason": reason, "row": _fields(row)}) + "\n")
+        path = private_folder(self._folder) / "rejected.jsonl"
+        line = json.dumps({"reason": reason, "row": _fields(row)}) + "\n"
+        fd = open_private(path)
+        try:
+            os.write(fd, line.encode("utf-8", "backslashreplace"))
+            os.fsync(fd)  # its journal lines go once it is written: this is its only copy
+        finally:
+            os.close(fd)
         return path
 
     def release(self) -> None:
@@ -149,16 +174,10 @@ class SpillFiles:
         """Each replayable file in turn, locked; our own included (it is released first)."""
         self.release()
         for path in self.paths():
-            try:
-                handle = path.open("r", encoding="utf-8")
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()  # a live writer still appends to it
-                continue
-            if os.fstat(handle.fileno()).st_nlink == 0:
-                handle.close()  # replayed and deleted by someone else meanwhile
-                continue
-            yield Claim(path, handle, self)
+            handle = claim(path)
+            if handle is not None:
+                yield Claim([path], [handle], _spilled_batches, self.count_kept)
+
+    def count_kept(self) -> None:
+        """One more file kept for an operator (a spill file or a journal)."""
+        self.unreadable += 1

@@ -81,6 +81,15 @@ class KeyCache:
     def discard(self, digest: bytes) -> None:
         self._entries.pop(digest, None)
 
+    def entries(self) -> list[tuple[bytes, CachedKey]]:
+        """Every entry as it is now (a re-check of all of them reads Postgres meanwhile)."""
+        return list(self._entries.items())
+
+    def replace(self, digest: bytes, old: CachedKey, new: CachedKey) -> None:
+        """Put `new` in place of `old`, unless the entry changed (or went) since it was read."""
+        if self._entries.get(digest) is old:
+            self._entries[digest] = new
+
     def forget_key(self, key_id: str) -> None:
         self._forget(lambda p: p.key_id == key_id)
 

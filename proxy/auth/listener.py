@@ -3,7 +3,7 @@
 Migration 0002's triggers NOTIFY `queries.AUTH_CHANNEL` when a key is revoked, expires, or is
 deleted, or a user changes or is deleted. The listener holds one dedicated connection (a pooled
 one could be handed to a query mid-notification). A notification lost while that connection is
-down cannot be replayed, so each (re)connect marks every cached key for re-checking, and the
+down cannot be replayed, so each (re)connect has every cached key re-checked at once, and the
 cache's freshness limit bounds staleness meanwhile. A connection that dies silently is found by a
 ping every `PING_SECONDS`.
 """
@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 
 PING_SECONDS = 10.0
 RETRY_MIN_SECONDS = 0.2
-RETRY_MAX_SECONDS = 5.0
+# While disconnected the proxy hears no revocation, so after Postgres returns (a restart takes
+# seconds) the listener must be back within a second: retries never grow further apart than
+# this. A refused connection costs next to nothing; one to an unreachable host is bounded by
+# the connect timeout.
+RETRY_MAX_SECONDS = 0.5
 
 
 class AuthListener:

@@ -86,6 +86,10 @@ class Database:
     def up(self) -> bool:
         return self._down_since is None
 
+    def retry_now(self) -> None:
+        """Postgres answered elsewhere (the auth listener connected): stop skipping it."""
+        self._skip_until = 0.0
+
     async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` on a pooled connection within the query timeout.
 

@@ -204,16 +204,23 @@ async def revoke_key(con: Connection, key_id: str, after: timedelta = timedelta(
     return row is not None
 
 
+_KEY_RECORDS = """
+    SELECT k.key_id, k.secret_hash, k.expires_at, k.revoked_at,
+           u.id AS user_id, u.username, u.enabled AS user_enabled,
+           u.rate_limit, u.rate_window_seconds, u.max_concurrent, u.max_tokens,
+           u.tokens_per_day, u.tokens_per_minute
+    FROM api_keys k JOIN users u ON u.id = k.user_id"""
+
+
 async def lookup_key(con: Connection, key_id: str) -> KeyRecord | None:
-    row = await con.fetchrow(
-        """SELECT k.key_id, k.secret_hash, k.expires_at, k.revoked_at,
-                  u.id AS user_id, u.username, u.enabled AS user_enabled,
-                  u.rate_limit, u.rate_window_seconds, u.max_concurrent, u.max_tokens,
-                  u.tokens_per_day, u.tokens_per_minute
-           FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_id = $1""",
-        key_id,
-    )
+    row = await con.fetchrow(f"{_KEY_RECORDS} WHERE k.key_id = $1", key_id)
     return KeyRecord(**dict(row)) if row is not None else None
+
+
+async def lookup_keys(con: Connection, key_ids: Sequence[str]) -> list[KeyRecord]:
+    """The records of several keys in one query (those that no longer exist are missing)."""
+    rows = await con.fetch(f"{_KEY_RECORDS} WHERE k.key_id = ANY($1::text[])", list(key_ids))
+    return [KeyRecord(**dict(row)) for row in rows]
 
 
 async def touch_keys(con: Connection, key_ids: Sequence[str]) -> None:

@@ -41,6 +41,7 @@ class Exchange:
     affinity: Affinity | None = None  # the conversation it continues (routing, never stored)
     outcome: Outcome = field(default_factory=Outcome)
     delivery: Delivery | None = None  # the client's side of the answer
+    recorded: bool = False  # its row went to the completion hooks (it goes once)
 
     @classmethod
     def begin(

@@ -101,6 +101,9 @@ def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]
             max_answer_bytes=settings.max_answer_bytes,
         )
         request[EXCHANGE] = exchange
+        assert exchange.delivery is not None
+        # A streamed answer's row is made as it ends, before its last bytes go out.
+        exchange.delivery.on_complete = lambda: _finish(request, exchange)
         dialect = route.endpoint.dialect if route else _nearest_dialect(table, request.path)
         try:
             response = await _respond(request, handler, exchange, dialect)
@@ -174,6 +177,9 @@ def _answer(exchange: Exchange, dialect: Dialect, exc: ApiError) -> web.StreamRe
 
 
 def _finish(request: web.Request, exchange: Exchange) -> None:
+    if exchange.recorded:
+        return
+    exchange.recorded = True
     row = exchange.row()
     for hook in request.app[COMPLETION_HOOKS]:
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -43,6 +43,8 @@ class Delivery:
         self._client_timeout = client_timeout
         self.max_answer_bytes = max_answer_bytes
         self.response: web.StreamResponse | None = None
+        # Called once the answer is whole, before its end leaves: the ledger records its row.
+        self.on_complete: Callable[[], None] | None = None
 
     def first_byte(self) -> None:
         """The backend's first answer byte (or event) arrived: time to first byte."""
@@ -80,25 +82,35 @@ class Delivery:
         self.outcome.bytes_out += len(data)
 
     async def finish(self) -> None:
-        """The whole answer has been sent: end the response."""
+        """The whole answer has been sent: end the response.
+
+        Its row is made before the response's end goes out, so no client holds a complete
+        answer whose row a proxy killed just then could lose. Every byte of the answer has
+        been written by now: a client gone before the end of the chunked encoding had it all.
+        """
         assert self.response is not None, "open() first"
+        self.outcome.complete = True
+        if self.on_complete is not None:
+            self.on_complete()
         try:
             async with asyncio.timeout(self._client_timeout):
                 await self.response.write_eof()
         except ConnectionResetError:
-            self.outcome.left()
             raise ClientGone from None
         except TimeoutError:
-            self._stopped_reading()
-        self.outcome.complete = True
+            # Every byte was handed over and the row made: a client that will not take the end
+            # of the chunked encoding only loses its connection.
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise ClientGone from None
 
     async def fail(self, status: int, reason: str, last: bytes) -> None:
         """End a stream that already began with `last`, an error event in the API's own words;
         its row records `status`, the failure the client was told of."""
         self.outcome.note_error(reason)
         await self.send(last)
+        self.outcome.status = status  # before finish(), which makes the row
         await self.finish()
-        self.outcome.status = status
 
     def check_size(self, size: int) -> None:
         """Raise `AnswerTooLarge` when an answer of `size` bytes is more than is sent."""
