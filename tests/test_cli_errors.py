@@ -125,9 +125,9 @@ def test_the_migration_names_existing_bad_usernames_instead_of_failing_obscurely
     migrate.upgrade(empty_dsn, "0006")
     _fetchval(empty_dsn, "INSERT INTO users (username) VALUES ('--help'), ('ok')")
     with pytest.raises(RuntimeError, match=r"1 username\(s\) do not start .*'--help'"):
-        migrate.upgrade(empty_dsn, "0009")
+        migrate.upgrade(empty_dsn, "0010")
     _fetchval(empty_dsn, "UPDATE users SET username = 'help' WHERE username = '--help'")
-    migrate.upgrade(empty_dsn, "0009")
+    migrate.upgrade(empty_dsn, "0010")
     with pytest.raises(asyncpg.CheckViolationError):
         _fetchval(empty_dsn, "INSERT INTO users (username) VALUES ('-')")
     migrate.downgrade(empty_dsn, "0006")
