@@ -3,10 +3,11 @@
 `create_app` from llama_cpp.server builds the app; `BackendApp` sits in front of it and adds what
 llama_cpp.server lacks: a `/health` that never waits for the model lock, a 404 for a model that does
 not exist (llama_cpp.server would quietly answer with its first model), the default model's alias
-filled in when a request names none, the usage chunk on streams that ask for it, and the prompt
-cache (`backend.cache_plan`), put on the default model at startup and on whichever model a request
-through this layer reaches (every request from llama-gate's proxy comes through it). Everything
-else reaches llama_cpp.server untouched, so its auth, validation and errors stay its own.
+filled in when a request names none, the usage chunk on streams that ask for it, tool calls on
+streamed chats with tools (`backend.tools`), and the prompt cache (`backend.cache_plan`), put on
+the default model at startup and on whichever model a request through this layer reaches (every
+request from llama-gate's proxy comes through it). Everything else reaches llama_cpp.server
+untouched, so its auth, validation and errors stay its own.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -33,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend import prompt_tokens
+from backend import prompt_tokens, tools
 from backend.cache_plan import CachePlan, ModelCache
 from backend.embeddings import Embedder
 from backend.errors import openai_error
@@ -96,7 +97,8 @@ def create_backend_app(
     first = model_settings[0]
     embedder = Embedder(paths, first.n_ctx, first.n_threads)
     model_cache = ModelCache(cache_plan or CachePlan("off", 0))
-    return BackendApp(inner, list(paths), server_settings.api_key, embedder, model_cache)
+    formats = {model.model_alias or model.model: model.chat_format for model in model_settings}
+    return BackendApp(inner, list(paths), server_settings.api_key, embedder, model_cache, formats)
 
 
 class BackendApp:
@@ -109,10 +111,12 @@ class BackendApp:
         api_key: str | None,
         embedder: Embedder | None = None,
         model_cache: ModelCache | None = None,
+        chat_formats: Mapping[str, str | None] | None = None,
     ) -> None:
         self._inner = inner
         self._embedder = embedder
         self._cache = model_cache or ModelCache(CachePlan("off", 0))
+        self._chat_formats = dict(chat_formats or {})  # alias -> LLAMA_CHAT_FORMAT (None: GGUF's)
         self._aliases = frozenset(aliases)
         self._default = aliases[0]
         self._api_key = api_key.encode() if api_key else None
@@ -166,9 +170,20 @@ class BackendApp:
             if stream is not None and self._cache.plan.on and _wants_logprobs(data):
                 await _no_logprobs()(scope, receive, send)
                 return
+            plan = None
+            if scope["path"] == "/v1/chat/completions" and data.get("stream") is True:
+                try:
+                    plan = tools.plan(data, self._chat_formats.get(data["model"]))
+                except tools.ToolRequestError as exc:
+                    await _refused(str(exc), exc.param)(scope, receive, send)
+                    return
+            if stream is not None and plan is not None:
+                # Tools made real (see backend.tools): the rewritten request, its calls read back.
+                stream = replace(stream, call=plan.llama_call(usage=_wants_usage(data)))
+                data = plan.body
             if (
                 stream is not None
-                and _wants_usage(data)
+                and (plan is not None or _wants_usage(data))
                 and await _stream_with_usage(stream, data, scope, receive, send, self._cache)
             ):
                 return
@@ -262,6 +277,11 @@ async def _count_answer(data: dict[str, Any]) -> JSONResponse:
             status_code=400,
         )
     return JSONResponse({"prompt_tokens": tokens})
+
+
+def _refused(message: str, param: str) -> JSONResponse:
+    error = openai_error(message, kind="invalid_request_error", param=param)
+    return JSONResponse(error, status_code=400)
 
 
 def _wants_usage(data: dict[str, Any]) -> bool:

@@ -23,6 +23,7 @@ from proxy.appkeys import (
     BACKENDS,
     COMPLETION_HOOKS,
     DATABASE,
+    DECLARED_TOOLS,
     METRICS,
     QUOTAS,
     RATE_LIMITER,
@@ -35,6 +36,7 @@ from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
 from proxy.dashboard.app import dashboard_site
 from proxy.db.pool import Database
+from proxy.dialects.conversation import load_tools
 from proxy.edge.cors import Cors
 from proxy.forwarded import TrustedProxies
 from proxy.limits.admission import Admission
@@ -55,6 +57,8 @@ AUDIT_FLUSH_SECONDS = 10.0
 
 
 def create_app(settings: Settings) -> web.Application:
+    """The proxy for `settings`; `SettingsError` when a file they name cannot be used."""
+    declared_tools = load_tools(settings)
     routes = build_routes(settings)
     metrics = Metrics(route.path for route in routes)
     database = Database(settings)
@@ -80,6 +84,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(cors.label)
     authenticator = Authenticator(settings, database)
     app[SETTINGS] = settings
+    app[DECLARED_TOOLS] = declared_tools
     app[COMPLETION_HOOKS] = hooks
     app[AUDIT_WRITER] = audit_writer
     app[METRICS] = metrics

@@ -14,6 +14,7 @@ from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
 from proxy.db.pool import Database
+from proxy.dialects.conversation import Tool
 from proxy.limits.admission import Admission
 from proxy.limits.quotas import TokenQuotas
 from proxy.limits.ratelimit import RateLimiter
@@ -34,3 +35,5 @@ UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 COMPLETION_HOOKS = web.AppKey[list[CompletionHook]]("completion_hooks")
 AUDIT_WRITER = web.AppKey("audit_writer", AuditWriter)
 METRICS = web.AppKey("metrics", Metrics)
+# The tools this deployment declares (LLAMA_PROXY_TOOLS_FILE), read at startup.
+DECLARED_TOOLS = web.AppKey[tuple[Tool, ...]]("declared_tools")

@@ -8,7 +8,7 @@ to do next and never contain a key, a DSN or a backend address.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 INVALID_REQUEST = "invalid_request_error"
@@ -247,11 +247,12 @@ class ModelNotFound(ApiError):
     type = INVALID_REQUEST
     code = "model_not_found"
 
-    def __init__(self, model: str, known: str) -> None:
+    def __init__(self, model: str, known: str, models: Sequence[str] = ()) -> None:
         shown = model if len(model) <= 80 else model[:77] + "..."
         super().__init__(
             f"The model {shown!r} does not exist; the models here are: {known}", param="model"
         )
+        self.models = list(models)  # for APIs that list them apart (JSON-RPC's error.data)
 
 
 class RequestTimeout(ApiError):

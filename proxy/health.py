@@ -1,6 +1,7 @@
-"""Probes: `/health` says the process is alive; `/ready` that it can serve requests.
+"""Probes: `/health` says the process is alive; `/ready` that it can serve requests; `/` what
+this server is.
 
-Neither needs a key, and neither is recorded as an API request. `/ready` checks Postgres with one
+None needs a key, and none is recorded as an API request. `/ready` checks Postgres with one
 trivial query and probes each backend's `/health`, which never waits for the model lock (see
 `proxy.upstream.probes`). It is ready while Postgres and at least one backend answer, naming any
 backend that does not; otherwise it answers 503 naming what failed.
@@ -9,6 +10,7 @@ backend that does not; otherwise it answers 503 naming what failed.
 from __future__ import annotations
 
 import asyncio
+from importlib import metadata
 
 from aiohttp import web
 
@@ -16,7 +18,16 @@ from proxy.appkeys import AUTH_LISTENER, BACKENDS, DATABASE, SETTINGS
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 
-PATHS = frozenset({"/health", "/ready"})
+PATHS = frozenset({"/health", "/ready", "/"})
+# Where each API lives, for clients finding their way (GET /).
+APIS = {
+    "openai": "/v1",
+    "jsonrpc": "/rpc",
+    "stream": "/stream",
+    "models": "/models",
+    "set_model": "/setModel",
+    "restore_cache": "/restore_cache",
+}
 
 
 LOCAL_ADDRESSES = frozenset({"127.0.0.1", "::1"})
@@ -25,6 +36,32 @@ LOCAL_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/", status)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("llama-gate")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+async def status(request: web.Request) -> web.Response:
+    """What this server is: name, version, whether it can serve, its models and APIs.
+
+    From what the backend probes last found (no backend or database is asked), and nothing
+    about any user.
+    """
+    backends = request.app[BACKENDS]
+    body = {
+        "name": "llama-gate",
+        "version": _version(),
+        "ready": any(backends.is_up(upstream.name) for upstream in backends.upstreams),
+        "models": backends.models() or [],
+        "default_model": backends.default_model(),
+        "apis": APIS,
+    }
+    return web.json_response(body)
 
 
 async def health(request: web.Request) -> web.Response:

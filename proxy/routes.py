@@ -6,7 +6,7 @@ all come from here; a path that is not in the table is a 404 that never reaches 
 
 from __future__ import annotations
 
-from proxy.dialects import anthropic, openai
+from proxy.dialects import anthropic, jsonrpc, local, openai, stream
 from proxy.dialects.anthropic_replies import Thoughts
 from proxy.dialects.reasoning import Reasoning
 from proxy.pipeline.endpoint import Route
@@ -49,6 +49,11 @@ def build_routes(settings: Settings) -> tuple[Route, ...]:
                 ("/count_tokens", anthropic.CountTokens()),
             )
         ),
+        # The APIs of other local LLM servers (proxy.dialects.jsonrpc, .stream, .local).
+        Route("/rpc", "POST", jsonrpc.JsonRpc()),
+        Route("/stream", "POST", stream.Stream()),
+        Route("/setModel", "POST", local.SetModel()),
+        Route("/restore_cache", "POST", local.RestoreCache()),
     )
 
 

@@ -251,6 +251,7 @@ ConcurrencyCap = Annotated[int, _parsed(_whole(1, MAX_CONCURRENT_MAX))]
 TokenCap = Annotated[int, _parsed(_whole(1, MAX_TOKENS_MAX))]
 RateLimitCount = Annotated[int, _parsed(_whole(1, RATE_LIMIT_MAX))]
 RateWindowSeconds = Annotated[int, _parsed(_whole(1, RATE_WINDOW_MAX_SECONDS))]
+IterationCap = Annotated[int, _parsed(_whole(1, 100))]
 
 
 def setting(variable: str, default: str) -> Any:
@@ -325,6 +326,12 @@ class Settings(BaseModel):
     # 600 s timeout, so a client hears "busy, retry later" rather than timing out by itself,
     # with room left for the answer (1024 tokens at ~50 tokens/s take ~20 s).
     queue_timeout_seconds: UpToADay = setting("LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS", "300")
+    # The JSON-RPC tool loop (POST /rpc create_message): the most model turns a client may ask
+    # for (`max_iterations`, 5 by default) before the server asks for a final answer.
+    max_tool_iterations: IterationCap = setting("LLAMA_PROXY_MAX_TOOL_ITERATIONS", "10")
+    # A JSON file of the tools this deployment declares (JSON-RPC `tool_list`, and the tools of
+    # requests that name none); "" = none. Relative to LLAMA_GATE_HOME; read at startup.
+    tools_file: OptionalText = setting("LLAMA_PROXY_TOOLS_FILE", "")
     # Audit rows held in memory while Postgres is unreachable; past this they spill to
     # runtime/audit-spill/ and are replayed when it returns.
     audit_memory_rows: RowCount = setting("LLAMA_PROXY_AUDIT_MEMORY_ROWS", "20000")

@@ -1,9 +1,9 @@
 """A real HTTP server that plays llama_cpp.server for the proxy's tests.
 
 It speaks the OpenAI routes the proxy forwards (chat with SSE streaming, completions,
-embeddings, models, and an echo for any other /v1 path), records every request it receives, and
-can be told to misbehave: answer FastAPI-style errors, hang, close before or during a response,
-or pause a stream until the test lets it go on.
+embeddings, models, and an echo for any other /v1 path), records every request it receives, can
+play a model that calls tools (`script`), and can be told to misbehave: answer FastAPI-style
+errors, hang, close before or during a response, or pause a stream until the test lets it go on.
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ class FakeUpstream:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # {"id", "name", "arguments"}
     finish_reason: str = "stop"  # of an answer without tool calls ("length": ran out of tokens)
     stop_sequence: str | None = None  # reported as matched, as llama-gate's backend does
+    # What successive chat requests are answered with, each taken in turn when one comes (then
+    # `pieces` again): {"content": "..."} or {"tool_calls": [{"name": ..., "arguments": {...}}]}
+    # (arguments may also be a string, sent as it is). As llama-gate's backend does, a request
+    # with tool_choice "none" is never answered with calls: it gets `pieces` and takes nothing.
+    script: list[dict[str, Any]] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: [MODEL])  # what /health and /v1/models say
+    cached_tokens: int | None = None  # reported in usage.prompt_tokens_details when set
+    plain: bool = False  # no /health, as a plain llama_cpp.server: its models are not known
     # Added to every answer: e.g. the CORS headers llama_cpp.server's middleware sends.
     response_headers: dict[str, str] = field(default_factory=dict)
     gate: asyncio.Event | None = None  # when set, a stream waits on it after its first chunk...
@@ -124,23 +132,30 @@ class FakeUpstream:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         payload = _json(request)
+        answer = self._scripted(payload)
         if not payload.get("stream"):
             message = {"role": "assistant", "content": "".join(self.pieces)}
             return web.json_response(_completion("chat.completion", {"message": message}))
         chunks = [_chunk({"delta": {"role": "assistant", "content": ""}})]
-        chunks += [_chunk({"delta": {"content": piece}}) for piece in self.pieces]
-        for index, call in enumerate(self.tool_calls):
-            # As OpenAI streams a call: id and name first, the arguments in pieces after.
-            head = {"index": index, "id": call["id"], "type": "function",
-                    "function": {"name": call["name"], "arguments": ""}}  # fmt: skip
-            chunks.append(_chunk({"delta": {"tool_calls": [head]}}))
-            arguments = json.dumps(call["arguments"])
-            for start in range(0, len(arguments), 7):
-                piece = {"index": index, "function": {"arguments": arguments[start : start + 7]}}
-                chunks.append(_chunk({"delta": {"tool_calls": [piece]}}))
-        finish = "tool_calls" if self.tool_calls else self.finish_reason
+        if answer is not None and "tool_calls" in answer:
+            chunks += _call_chunks(answer["tool_calls"])
+            finish = "tool_calls"
+        else:
+            pieces = [answer["content"]] if answer is not None else self.pieces
+            chunks += [_chunk({"delta": {"content": piece}}) for piece in pieces]
+            finish = self.finish_reason
+            if answer is None and self.tool_calls:
+                chunks += _call_chunks(self.tool_calls)
+                finish = "tool_calls"
         chunks.append(_chunk({"delta": {}, "finish_reason": finish}))
         return await self._stream(request, payload, chunks)
+
+    def _scripted(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        if not self.script:
+            return None
+        if payload.get("tool_choice") == "none" and "tool_calls" in self.script[0]:
+            return None
+        return self.script.pop(0)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         payload = _json(request)
@@ -166,9 +181,12 @@ class FakeUpstream:
             events.append(_usage_chunk(progress))
         events += [chunks[0], ": ping - keeps idle connections open\r\n\r\n", *chunks[1:]]
         if options.get("include_usage") is True:
+            usage: dict[str, Any] = dict(self.usage or USAGE)
+            if self.cached_tokens is not None:
+                usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
             # as llama-gate's backend does, before [DONE], naming a stop sequence that matched
             extra = {"stop_sequence": self.stop_sequence} if self.stop_sequence else None
-            events.append(_usage_chunk(self.usage, extra))
+            events.append(_usage_chunk(usage, extra))
         events.append("data: [DONE]\r\n\r\n")
         first_chunk = events.index(chunks[0])
         try:
@@ -209,11 +227,16 @@ class FakeUpstream:
 
     async def _health(self, request: web.Request) -> web.Response:
         self.health_checks += 1
-        return web.json_response({"status": "ok", "models": [MODEL], "default": MODEL})
+        if self.plain:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        return web.json_response({"status": "ok", "models": self.models, "default": self.models[0]})
 
     async def _models(self, request: web.Request) -> web.Response:
-        model = {"id": MODEL, "object": "model", "owned_by": "me", "created": 1700000000}
-        return web.json_response({"object": "list", "data": [model]})
+        data = [
+            {"id": model, "object": "model", "owned_by": "me", "created": 1700000000}
+            for model in self.models
+        ]
+        return web.json_response({"object": "list", "data": data})
 
     async def _echo(self, request: web.Request) -> web.Response:
         seen = request[SEEN]
@@ -246,6 +269,22 @@ def _chunk(choice: dict[str, Any]) -> str:
 
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+
+def _call_chunks(calls: list[dict[str, Any]]) -> list[str]:
+    """A chat stream's tool calls as llama-gate's backend sends them, arguments in two pieces."""
+    chunks = []
+    for index, call in enumerate(calls):
+        arguments = call["arguments"]
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        half = len(text) // 2
+        call_id = call.get("id") or f"call_{index}_{len(text)}"
+        first = {"index": index, "id": call_id, "type": "function",
+                 "function": {"name": call["name"], "arguments": text[:half]}}  # fmt: skip
+        chunks.append(_chunk({"delta": {"content": None, "tool_calls": [first]}}))
+        rest = {"index": index, "function": {"arguments": text[half:]}}
+        chunks.append(_chunk({"delta": {"tool_calls": [rest]}}))
+    return chunks
 
 
 def _text_chunk(text: str, finish_reason: str | None) -> str:

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from proxy import health
 from tests.proxy_harness import BACKEND_KEY, running_proxy
 
 T = TypeVar("T")
@@ -27,7 +28,7 @@ PATHS = [
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
     "/v1/models/smollm2-test", "/chat/completions", "/models", "/v1/messages", "/", "/health",
 ]  # fmt: skip
-PROBES = {"/health", "/ready"}
+PROBES = health.PATHS  # no API requests: no rows
 BACKEND_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
 
 json_values = st.recursive(
@@ -138,10 +139,7 @@ async def test_generated_requests_never_break_the_front_door(
         def one(request: dict[str, Any]) -> None:
             nonlocal sent
             status, answer = on_loop(send(request))
-            probe = request["path"] in {"/health", "/ready"} and request["method"] in {
-                "GET",
-                "HEAD",
-            }
+            probe = request["path"] in PROBES and request["method"] in {"GET", "HEAD"}
             sent += not probe  # probes are no API requests
             assert status < 500, (request, status, answer[:300])
             assert b"Traceback" not in answer

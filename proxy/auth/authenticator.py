@@ -347,7 +347,7 @@ def _principal(record: queries.KeyRecord) -> Principal:
     return Principal(
         record.user_id, record.username, record.key_id, record.rate_limit,
         record.rate_window_seconds, record.max_concurrent, record.max_tokens,
-        record.tokens_per_day, record.tokens_per_minute,
+        record.tokens_per_day, record.tokens_per_minute, record.default_model,
     )  # fmt: skip
 
 

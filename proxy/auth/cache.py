@@ -28,6 +28,7 @@ class Principal:
     max_tokens: int | None = None
     tokens_per_day: int | None = None  # token quotas; None means none
     tokens_per_minute: int | None = None
+    default_model: str | None = None  # for requests naming none (POST /setModel); None: server's
 
 
 @dataclass

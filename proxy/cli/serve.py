@@ -16,6 +16,7 @@ from proxy.app import create_app
 from proxy.cli.listen import BACKLOG, Handover, bind, take_over
 from proxy.cli.support import OneLineCommand, configure_logging, state
 from proxy.edge.server import EdgeRunner
+from proxy.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,10 @@ def serve(
         settings.backend_url,
         settings.database_label,
     )
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     asyncio.run(_serve(app, sockets, handover, ready_file, settings.header_timeout_seconds))
     log.info("llama-gate proxy stopped")
 

@@ -34,6 +34,7 @@ class KeyRecord:
     max_tokens: int | None
     tokens_per_day: int | None
     tokens_per_minute: int | None
+    default_model: str | None
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,17 @@ async def set_user_limits(
     )
 
 
+async def set_default_model(con: Connection, user_id: int, model: str | None) -> bool:
+    """Set (None: clear) the model a user's requests naming none get; False if no such user.
+
+    The users trigger notifies every proxy, so cached keys pick the change up at once.
+    """
+    row = await con.fetchrow(
+        "UPDATE users SET default_model = $2 WHERE id = $1 RETURNING id", user_id, model
+    )
+    return row is not None
+
+
 async def insert_key(
     con: Connection,
     user_id: int,
@@ -208,7 +220,7 @@ _KEY_RECORDS = """
     SELECT k.key_id, k.secret_hash, k.expires_at, k.revoked_at,
            u.id AS user_id, u.username, u.enabled AS user_enabled,
            u.rate_limit, u.rate_window_seconds, u.max_concurrent, u.max_tokens,
-           u.tokens_per_day, u.tokens_per_minute
+           u.tokens_per_day, u.tokens_per_minute, u.default_model
     FROM api_keys k JOIN users u ON u.id = k.user_id"""
 
 

@@ -63,6 +63,8 @@ users = Table(
         CheckConstraint(f"{column} IS NULL OR {column} > 0", name=f"{column}_positive")
         for column in ("max_concurrent", "max_tokens", "tokens_per_day", "tokens_per_minute")
     ),
+    # The model the user's requests naming none get (POST /setModel); NULL: the server's default.
+    Column("default_model", Text, nullable=True),
 )
 
 api_keys = Table(

@@ -6,6 +6,8 @@ reports them as the API's own.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from proxy.dialects import openai_body
@@ -29,6 +31,13 @@ class OpenAIDialect:
 
 
 DIALECT = OpenAIDialect()
+
+
+def _with_default_model(payload: dict[str, Any], limits: CallerLimits) -> dict[str, Any]:
+    """The caller's own default model (POST /setModel) for a request that names none."""
+    if payload.get("model") is None and limits.default_model is not None:
+        return {**payload, "model": limits.default_model}
+    return payload
 
 
 class _Forwarded:
@@ -56,7 +65,7 @@ class Completions(_Forwarded):
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         normalize = openai_body.chat if self._kind == "chat" else openai_body.text
-        request = normalize(parse_object(raw), limits.max_tokens)
+        request = normalize(_with_default_model(parse_object(raw), limits), limits.max_tokens)
         reply: Reply = (
             StreamReply(request.usage_wanted, self._reasoning)
             if request.stream
@@ -76,7 +85,7 @@ class Embeddings(_Forwarded):
     """POST /v1/embeddings: the body as checked; tokens from the answer's usage."""
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
-        body = openai_body.embeddings(parse_object(raw))
+        body = openai_body.embeddings(_with_default_model(parse_object(raw), limits))
         call = UpstreamCall("POST", "/v1/embeddings", body)
         reply = BodyReply(counts_tokens=True)
         return Prepared(call, reply, body.get("model"), None, end_user=body.get("user"))

@@ -50,6 +50,14 @@ def _no_constant(name: str) -> NoReturn:
 
 def parse_object(raw: bytes | None) -> dict[str, Any]:
     """The body as a JSON object, or a 400 saying what is wrong with it."""
+    payload = parse_json(raw)
+    if not isinstance(payload, dict):
+        raise InvalidJson("expected an object, got " + type(payload).__name__)
+    return payload
+
+
+def parse_json(raw: bytes | None) -> Any:
+    """The body as JSON of any kind, or `InvalidJson` saying what is wrong with it."""
     if not raw:
         raise InvalidJson("the body is empty")
     try:
@@ -64,8 +72,6 @@ def parse_object(raw: bytes | None) -> dict[str, Any]:
         raise InvalidJson(
             str(exc) if "JSON number" in str(exc) else "a number in it is too long"
         ) from None
-    if not isinstance(payload, dict):
-        raise InvalidJson("expected an object, got " + type(payload).__name__)
     return payload
 
 

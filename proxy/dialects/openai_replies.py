@@ -57,31 +57,45 @@ class Tokens:
 
     Usage events before the end are progress (the first names the prompt's tokens before they
     are even processed); each answer chunk carries at least one token. The usage the stream ends
-    with is exact and replaces whatever was counted.
+    with is exact and replaces whatever was counted. A request that asks the backend more than
+    once (the JSON-RPC tool loop) counts each answer on top of the ones before.
     """
 
     def __init__(self, outcome: Outcome) -> None:
         self._outcome = outcome
+        self._base_prompt = outcome.prompt_tokens or 0  # earlier answers of the same request
+        self._base_completion = outcome.completion_tokens or 0
+        self._base_cached = outcome.cached_tokens or 0
         self._generated = 0  # answer chunks seen
         self._reported = 0
 
     def progress(self, usage: Any) -> None:
         prompt, completion = _counts(usage)
-        self._outcome.count(prompt, None)
+        if prompt is not None:
+            self._outcome.count(self._base_prompt + prompt, None)
         if completion is not None:
             self._reported = completion
-        self._outcome.completion_tokens = max(self._generated, self._reported)
+        self._count_completion()
 
     def final(self, usage: Any) -> None:
         prompt, completion = _counts(usage)
         if prompt is not None or completion is not None:
-            self._outcome.count(prompt, completion or 0)
-        self._outcome.cached_tokens = cached_tokens(usage)
+            self._outcome.count(
+                None if prompt is None else self._base_prompt + prompt,
+                self._base_completion + (completion or 0),
+            )
+        cached = cached_tokens(usage)
+        if cached is not None:
+            self._outcome.cached_tokens = self._base_cached + cached
 
     def chunk(self, payload: dict[str, Any]) -> None:
         if any(_carries_text(choice) for choice in payload.get("choices") or ()):
             self._generated += 1
-            self._outcome.completion_tokens = max(self._generated, self._reported)
+            self._count_completion()
+
+    def _count_completion(self) -> None:
+        generated = max(self._generated, self._reported)
+        self._outcome.completion_tokens = self._base_completion + generated
 
 
 def _counts(usage: Any) -> tuple[int | None, int | None]:
@@ -233,6 +247,13 @@ class AssembledReply:
         return delivery.whole(200, body, "application/json")
 
 
+async def assemble(
+    response: aiohttp.ClientResponse, delivery: Delivery, kind: str
+) -> dict[str, Any]:
+    """The one answer document the backend's stream (`kind` chat or text) adds up to."""
+    return (await collect(response, delivery, kind)).document()
+
+
 async def collect(response: aiohttp.ClientResponse, delivery: Delivery, kind: str) -> Answer:
     """The backend's whole SSE stream as one answer, tokens counted as it arrives."""
     tokens = Tokens(delivery.outcome)
@@ -312,19 +333,24 @@ class OneModelReply:
     async def relay(
         self, response: aiohttp.ClientResponse, delivery: Delivery
     ) -> web.StreamResponse:
-        raw = b""
-        async for chunk in backend_chunks(response):
-            delivery.first_byte()
-            raw += chunk
-            if len(raw) > MODEL_LIST_LIMIT:
-                raise BackendBrokeOff("the backend's model list is too long to read")
-        try:
-            listed = json.loads(raw).get("data")
-        except (ValueError, AttributeError):
-            listed = None
-        entries = [m for m in listed or () if isinstance(m, dict)]
+        entries = await model_list(response, delivery)
         for entry in entries:
             if entry.get("id") == self._model:
                 return delivery.whole(200, json_bytes(entry), "application/json")
         names = ", ".join(str(m.get("id")) for m in entries) or "none"
         raise ModelNotFound(self._model, names)
+
+
+async def model_list(response: aiohttp.ClientResponse, delivery: Delivery) -> list[dict[str, Any]]:
+    """The entries of the backend's model list (`GET /v1/models`)."""
+    raw = b""
+    async for chunk in backend_chunks(response):
+        delivery.first_byte()
+        raw += chunk
+        if len(raw) > MODEL_LIST_LIMIT:
+            raise BackendBrokeOff("the backend's model list is too long to read")
+    try:
+        listed = json.loads(raw).get("data")
+    except (ValueError, AttributeError):
+        listed = None
+    return [m for m in listed or () if isinstance(m, dict)]

@@ -60,8 +60,13 @@ class Admission:
         check: Callable[[bytes | None], T],
         *,
         read_body_first: bool,
+        spend: bool = True,
     ) -> AsyncIterator[Admitted[T]]:
-        """Hold the caller's place for as long as this is entered; raise `ApiError` to refuse."""
+        """Hold the caller's place for as long as this is entered; raise `ApiError` to refuse.
+
+        Without `spend` the quota and the rate limit are not asked: a batch's envelope, whose
+        calls are each admitted (and so counted) alone.
+        """
         self.places.take(caller.user_id, caller.max_concurrent or self._max_concurrent)
         try:
             raw = (
@@ -70,8 +75,11 @@ class Admission:
                 else None
             )
             checked = check(raw)
-            token_headers = await self._quotas.admit(caller)
-            rate_headers = await self._rate.admit(caller)
-            yield Admitted(checked, {**rate_headers, **token_headers})
+            headers: dict[str, str] = {}
+            if spend:
+                token_headers = await self._quotas.admit(caller)
+                rate_headers = await self._rate.admit(caller)
+                headers = {**rate_headers, **token_headers}
+            yield Admitted(checked, headers)
         finally:
             self.places.give_back(caller.user_id)

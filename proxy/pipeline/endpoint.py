@@ -4,11 +4,18 @@ An API dialect (OpenAI's, Anthropic's, JSON-RPC, ...) provides `Endpoint`s; the 
 (`proxy.routes`) lists each path once with its endpoint. The pipeline does everything else the
 same way for all of them: authentication, the admission step, the fair turn at a backend, the
 outcome and the audit row.
+
+A `BatchEndpoint` is the one variation: its request holds several calls (a JSON-RPC batch). The
+admission step only reads and checks its envelope; each call then goes through the admission
+step itself (place, quota, rate), is served and gets its own outcome and audit row, through
+`Context.calls`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +39,7 @@ class CallerLimits:
     """What a route's check needs to know about the caller."""
 
     max_tokens: int  # the cap on one answer (the caller's own, never above the hard cap)
+    default_model: str | None = None  # the caller's own default (POST /setModel), or none
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,31 @@ class Context:
     delivery: Delivery
     request_id: str
     send: Callable[[UpstreamCall, Reply], Awaitable[web.StreamResponse]]
+    calls: Calls | None = None  # a BatchEndpoint's: admits each call of the batch alone
+
+
+@dataclass
+class AdmittedCall:
+    """One call of a batch, admitted: what its check made of it, and its own turn and outcome."""
+
+    prepared: Prepared
+    context: Context  # its own delivery (never opened: the batch answers once) and outcome
+
+    def answered(self, size: int) -> None:
+        """The call's answer (`size` bytes of the batch's answer) is made: it succeeded."""
+        outcome = self.context.delivery.outcome
+        outcome.status, outcome.complete = 200, True
+        outcome.bytes_out += size
+
+
+class Calls(Protocol):
+    def admit(
+        self, method: str, size: int, check: Callable[[CallerLimits], Prepared]
+    ) -> AbstractAsyncContextManager[AdmittedCall]:
+        """Admit one call (`method`, `size` bytes of the request) as a request of its own:
+        `check` runs at the admission step's body check; whatever the block raises is the
+        call's outcome, recorded on its own row when the block ends."""
+        ...
 
 
 class Endpoint(Protocol):
@@ -72,6 +105,26 @@ class Endpoint(Protocol):
         """Parse, validate and normalize the request; raise `ApiError` to refuse it."""
         ...
 
+    async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse: ...
+
+
+class BatchEndpoint(ABC):
+    """An endpoint whose request holds several calls, each admitted, served and recorded alone.
+
+    `check` reads only the envelope (the admission step spends no quota or rate on it);
+    `serve` gets `context.calls` to admit each call.
+    """
+
+    reads_body = True
+
+    @property
+    @abstractmethod
+    def dialect(self) -> Dialect: ...
+
+    @abstractmethod
+    def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared: ...
+
+    @abstractmethod
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse: ...
 
 

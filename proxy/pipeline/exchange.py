@@ -42,6 +42,7 @@ class Exchange:
     outcome: Outcome = field(default_factory=Outcome)
     delivery: Delivery | None = None  # the client's side of the answer
     recorded: bool = False  # its row went to the completion hooks (it goes once)
+    calls: int = 0  # calls of a batch recorded on rows of their own (then this one has none)
 
     @classmethod
     def begin(
@@ -66,6 +67,23 @@ class Exchange:
             max_answer_bytes=max_answer_bytes,
         )
         return exchange
+
+    def call(self, method: str) -> Exchange:
+        """One call of this batch request (a JSON-RPC call): the same client and caller, its own
+        id, outcome and row, whose `method` names it."""
+        assert self.delivery is not None
+        self.calls += 1
+        call = Exchange(
+            request_id=uuid.uuid4().hex,
+            client_request_id=self.client_request_id,
+            method=method,
+            path=self.path,
+            client_addr=self.client_addr,
+            started_at=datetime.now(UTC),
+            caller=self.caller,
+        )
+        call.delivery = self.delivery.fork(call.outcome, call.start)
+        return call
 
     @property
     def answer_id(self) -> str:

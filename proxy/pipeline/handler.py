@@ -5,6 +5,10 @@ answers its error in the route's dialect and hands its one row to the completion
 handler each route gets authenticates the caller, runs the admission step (place, body, quota,
 rate) and lets the route's endpoint serve the request with a fair turn at a backend.
 
+A batch endpoint (JSON-RPC) runs the same steps once per call of its batch: `_Calls` admits each
+call alone and records it on a row of its own; the request itself then leaves no row, unless it
+held no call at all (a parse error, an empty batch, a refused key).
+
 Run the app with `handler_cancellation=True` (as `serve` and aiohttp's TestServer do): aiohttp
 then cancels a handler whose client disconnected, and that is what closes the backend request and
 stops llama_cpp.server generating for nobody.
@@ -14,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -39,7 +44,15 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.limits.body import defer_continue
-from proxy.pipeline.endpoint import CallerLimits, Context, Dialect, Prepared, Route
+from proxy.pipeline.endpoint import (
+    AdmittedCall,
+    BatchEndpoint,
+    CallerLimits,
+    Context,
+    Dialect,
+    Prepared,
+    Route,
+)
 from proxy.pipeline.exchange import Exchange
 from proxy.upstream.forward import Reply, UpstreamCall, forward
 
@@ -121,7 +134,8 @@ def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]
             exchange.outcome.left()
             raise
         finally:
-            _finish(request, exchange)
+            if not exchange.calls:  # a batch's calls are its rows
+                _finish(request, exchange)
 
     return record
 
@@ -190,33 +204,96 @@ def _finish(request: web.Request, exchange: Exchange) -> None:
 
 def _handler_for(route: Route) -> Handler:
     endpoint = route.endpoint
+    batch = isinstance(endpoint, BatchEndpoint)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         """Authenticate, admit, and let the route's endpoint serve the request."""
-        app = request.app
         exchange = request[EXCHANGE]
-        delivery = exchange.delivery
-        assert delivery is not None
-        caller = await app[AUTHENTICATOR].authenticate(presented_key(request), exchange.client_addr)
-        exchange.caller = caller
-        admission = app[ADMISSION]
-        limits = CallerLimits(max_tokens=admission.max_tokens(caller))
-
-        def check(raw: bytes | None) -> Prepared:
-            return endpoint.check(raw, limits)
-
-        async with admission.admit(
-            request, caller, exchange.outcome, check, read_body_first=endpoint.reads_body
-        ) as admitted:
-            prepared = admitted.checked
-            exchange.model, exchange.stream = prepared.model, prepared.stream
-            exchange.end_user = prepared.end_user
-            exchange.affinity = prepared.affinity
-            delivery.headers.update(admitted.headers)
-            context = Context(caller, delivery, exchange.request_id, _sender(request, exchange))
-            return await endpoint.serve(context, prepared)
+        exchange.caller = await request.app[AUTHENTICATOR].authenticate(
+            presented_key(request), exchange.client_addr
+        )
+        if batch:
+            # Only the envelope here, under a place; each of its calls is admitted alone.
+            async with _admitted(request, exchange, endpoint.check, True, spend=False) as checked:
+                pass
+            calls = _Calls(request, exchange)
+            return await endpoint.serve(_context(request, exchange, calls), checked)
+        async with _admitted(request, exchange, endpoint.check, endpoint.reads_body) as prepared:
+            return await endpoint.serve(_context(request, exchange), prepared)
 
     return handle
+
+
+@asynccontextmanager
+async def _admitted(
+    request: web.Request,
+    exchange: Exchange,
+    check: Callable[[bytes | None, CallerLimits], Prepared],
+    read_body: bool,
+    spend: bool = True,
+) -> AsyncIterator[Prepared]:
+    """The admission step for one request (or one call of a batch), held while entered."""
+    admission = request.app[ADMISSION]
+    caller, delivery = exchange.caller, exchange.delivery
+    assert caller is not None
+    assert delivery is not None
+    limits = CallerLimits(admission.max_tokens(caller), caller.default_model)
+    async with admission.admit(
+        request,
+        caller,
+        exchange.outcome,
+        lambda raw: check(raw, limits),
+        read_body_first=read_body,
+        spend=spend,
+    ) as admitted:
+        prepared = admitted.checked
+        exchange.model, exchange.stream = prepared.model, prepared.stream
+        exchange.end_user = prepared.end_user
+        exchange.affinity = prepared.affinity
+        delivery.headers.update(admitted.headers)
+        yield prepared
+
+
+def _context(request: web.Request, exchange: Exchange, calls: _Calls | None = None) -> Context:
+    assert exchange.caller is not None
+    assert exchange.delivery is not None
+    sender = _sender(request, exchange)
+    return Context(exchange.caller, exchange.delivery, exchange.request_id, sender, calls)
+
+
+class _Calls:
+    """Admits, serves and records the calls of one batch request, each as a request of its own."""
+
+    def __init__(self, request: web.Request, batch: Exchange) -> None:
+        self._request = request
+        self._batch = batch
+
+    @asynccontextmanager
+    async def admit(
+        self, method: str, size: int, check: Callable[[CallerLimits], Prepared]
+    ) -> AsyncIterator[AdmittedCall]:
+        request, batch = self._request, self._batch
+        call = batch.call(method)
+        call.outcome.bytes_in = size
+        assert call.delivery is not None
+        assert batch.delivery is not None
+        try:
+            async with _admitted(request, call, lambda _, limits: check(limits), False) as prepared:
+                batch.delivery.headers.update(call.delivery.headers)  # the latest call's limits
+                yield AdmittedCall(prepared, _context(request, call))
+        except ApiError as exc:
+            call.outcome.note_error(exc.reason)
+            call.outcome.status = exc.status
+            raise
+        except asyncio.CancelledError:
+            call.outcome.left()
+            raise
+        except Exception:
+            call.outcome.note_error(InternalError.code or "internal_error")
+            call.outcome.status = 500
+            raise
+        finally:
+            _finish(request, call)
 
 
 def _sender(

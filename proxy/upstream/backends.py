@@ -171,6 +171,20 @@ class Backends:
             counts[waiter.user] = counts.get(waiter.user, 0) + 1
         return counts
 
+    def models(self) -> list[str] | None:
+        """The models the backends serve, as their probes last said; None when one of them does
+        not say (a plain llama_cpp.server), so only asking it would tell."""
+        names: set[str] = set()
+        for backend in self._backends.values():
+            if backend.health.models is None:
+                return None
+            names |= backend.health.models
+        return sorted(names)
+
+    def default_model(self) -> str | None:
+        """The model a request naming none gets (see `_serves`), when the backends say."""
+        return self._default_model()
+
     # -- a turn at a backend -------------------------------------------------------------------
 
     @asynccontextmanager

@@ -46,6 +46,18 @@ class Delivery:
         # Called once the answer is whole, before its end leaves: the ledger records its row.
         self.on_complete: Callable[[], None] | None = None
 
+    def fork(self, outcome: Outcome, started: float) -> Delivery:
+        """The same client's side for another outcome: one call of a batch, which is answered
+        within the batch's answer (so this one is never opened)."""
+        return Delivery(
+            self.request,
+            outcome,
+            {},
+            started,
+            client_timeout=self._client_timeout,
+            max_answer_bytes=self.max_answer_bytes,
+        )
+
     def first_byte(self) -> None:
         """The backend's first answer byte (or event) arrived: time to first byte."""
         if self.outcome.ttfb_ms is None:

@@ -1,0 +1,155 @@
+"""POST /stream: a chat answer as server-sent events of text, the local-server way.
+
+The body is create_message's (`message`, `history`, `tools`, `max_new_tokens`, `temperature`,
+`model`; `tool_results` are not processed here, and the model answers in text). The answer is
+`data: {"delta": "..."}` per piece of text, then `data: {"done": true, "finish_reason": ...,
+"usage": {...}, "model": ...}`. An error before the stream begins is one `data: {"error": ...}`
+event with the HTTP status; one after it began is a `data: {"error": ...}` event, then the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.dialects.conversation import Message, StreamRequest, answer_length, chat_body
+from proxy.dialects.local import error_body, with_declared_tools
+from proxy.dialects.openai_body import checked, parse_object
+from proxy.dialects.openai_replies import SSE_HEADERS, Tokens, json_bytes
+from proxy.errors import ApiError, InvalidRequest
+from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
+from proxy.upstream.delivery import ClientGone, Delivery
+from proxy.upstream.forward import BackendBrokeOff, UpstreamCall, backend_chunks
+from proxy.upstream.sse import DONE, EventSplitter, data_of, event
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/event-stream; charset=utf-8"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return event(json_bytes(payload))
+
+
+class StreamDialect:
+    def error(self, exc: ApiError, request_id: str) -> web.Response:
+        response = web.Response(
+            status=exc.status, body=_event(error_body(exc)), headers=exc.headers
+        )
+        response.content_type = "text/event-stream"
+        return response
+
+
+DIALECT = StreamDialect()
+
+
+class Stream:
+    """POST /stream."""
+
+    dialect = DIALECT
+    reads_body = True
+
+    def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
+        params = checked(StreamRequest, parse_object(raw))
+        conversation = list(params.history)
+        if params.message is not None:
+            conversation.append(Message(role="user", content=params.message))
+        if not conversation:
+            raise InvalidRequest("'message' is required (or a 'history' to answer).", "message")
+        model = params.model or limits.default_model
+        body = chat_body(
+            conversation,
+            params.tools or (),
+            tool_choice="none",
+            max_tokens=answer_length(params.max_new_tokens, limits.max_tokens),
+            temperature=params.temperature,
+            model=model,
+        )
+        call = UpstreamCall("POST", "/v1/chat/completions", body)
+        return Prepared(call, DeltaStream(), model, True, {"declared": params.tools is None})
+
+    async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
+        assert prepared.call is not None
+        assert prepared.reply is not None
+        call = with_declared_tools(context, prepared.call, prepared.extra["declared"])
+        return await context.send(call, prepared.reply)
+
+
+class DeltaStream:
+    """The backend's OpenAI stream as `{"delta"}` events, ending with finish reason and usage."""
+
+    async def relay(
+        self, response: aiohttp.ClientResponse, delivery: Delivery
+    ) -> web.StreamResponse:
+        await delivery.open(200, CONTENT_TYPE, SSE_HEADERS)
+        try:
+            return await self._relay(response, delivery)
+        except (BackendBrokeOff, ApiError) as exc:
+            await _say_error(delivery, exc)
+            raise
+
+    async def _relay(
+        self, response: aiohttp.ClientResponse, delivery: Delivery
+    ) -> web.StreamResponse:
+        tokens = Tokens(delivery.outcome)
+        splitter = EventSplitter()
+        usage: Any = None
+        finish, model = None, None
+        async for chunk in backend_chunks(response):
+            out: list[bytes] = []
+            for piece in splitter.feed(chunk):
+                data = data_of(piece)
+                if data is None:
+                    out.append(piece)  # a keep-alive comment: on its way at once
+                    continue
+                if data.strip() == DONE:
+                    tokens.final(usage)
+                    out.append(_event({"done": True, "finish_reason": finish, "usage": usage,
+                                       "model": model}))  # fmt: skip
+                    await delivery.send(b"".join(out))
+                    await delivery.finish()
+                    assert delivery.response is not None
+                    return delivery.response
+                payload = _json(data)
+                if payload is None:
+                    continue
+                model = payload.get("model") or model
+                if payload.get("choices") == [] and "usage" in payload:
+                    usage = payload["usage"]
+                    tokens.progress(usage)
+                    continue
+                tokens.chunk(payload)
+                delivery.first_byte()
+                for choice in payload.get("choices") or ():
+                    delta = choice.get("delta") if isinstance(choice, dict) else None
+                    text = delta.get("content") if isinstance(delta, dict) else None
+                    if isinstance(text, str) and text:
+                        out.append(_event({"delta": text}))
+                    finish = choice.get("finish_reason") or finish
+            if out:
+                await delivery.send(b"".join(out))
+        raise BackendBrokeOff("the backend's stream ended before its [DONE]")
+
+
+def _json(data: bytes) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+async def _say_error(delivery: Delivery, exc: Exception) -> None:
+    """Tell the client in the stream why it ends here (best effort: it may be gone)."""
+    if isinstance(exc, ApiError):
+        said = error_body(exc)
+    else:
+        said = {"error": f"The model server broke off the answer ({exc}). Try again."}
+    try:
+        await delivery.send(_event(said))
+    except (ClientGone, ApiError):
+        log.info("could not tell the client why its stream ended: %s", exc)
