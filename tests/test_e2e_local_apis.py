@@ -241,6 +241,8 @@ def test_a_turn_after_restore_cache_finds_its_prompt_cached(stack: Stack) -> Non
     assert status == 200
     warmed = json.loads(raw)
     assert warmed["cached_tokens"] > 60
+    # Someone else's request in between: the RAM cache keeps alice's warmed state all the same.
+    stack.rpc("bob", "create_message", history=[], message="Name a colour.", **turn)
     result = stack.rpc("alice", "create_message", history=conversation,
                        message="And why do they turn red in autumn?", **turn)  # fmt: skip
     cached = result["usage"]["prompt_tokens_details"]["cached_tokens"]
