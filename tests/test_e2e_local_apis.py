@@ -126,8 +126,11 @@ def test_required_gives_a_tool_call_through_json_rpc(stack: Stack) -> None:
     if second["type"] == "final_text":
         assert second["loop_guard"] == "repeated_tool_call"
         assert isinstance(second["content"], str)
-    else:
-        assert second["tool_calls"][0]["arguments"] != called["arguments"]
+    else:  # another call: well formed, and not the one already answered
+        (again,) = second["tool_calls"]
+        assert again["name"] == "get_weather"
+        assert isinstance(again["arguments"]["city"], str)
+        assert again["arguments"] != called["arguments"]
     print(f"\nrequired, then required after the result: {second['type']} {second['loop_guard']}")
     rows = asyncio.run(_rows(stack.dsn, 2, path="/rpc", username="alice"))
     assert [(r["method"], r["status_code"]) for r in rows[-2:]] == [("create_message", 200)] * 2
@@ -169,10 +172,17 @@ def test_auto_answers_either_way_and_always_well_formed(stack: Stack) -> None:
     for question in ("What is the weather in Paris?", "Say hello.", "Is it raining in Oslo?"):
         result = stack.rpc("bob", "create_message", message=question, tools=[WEATHER],
                            temperature=0, max_new_tokens=60, model=DEFAULT)  # fmt: skip
+        # Whichever the model chose, it is whole: a call of the declared tool with its arguments
+        # as an object, or text with no piece of the call syntax in it.
         if result["type"] == "tool_calls":
-            assert isinstance(result["tool_calls"][0]["arguments"], dict)
+            (call,) = result["tool_calls"]
+            assert call["name"] == "get_weather"
+            assert isinstance(call["arguments"], dict)
         else:
-            assert not result["content"].startswith("<tool_call>")
+            assert result["type"] == "final_text"
+            assert result["content"].strip()
+            assert "<tool_call" not in result["content"]
+            assert not result["tool_calls"]
         chosen.append((question, result["type"], result["content"][:60]))
     print("\nauto with SmolLM2:", *chosen, sep="\n  ")
 

@@ -150,6 +150,18 @@ async def test_unprefixed_aliases_reach_their_route_and_other_paths_never_the_ba
         assert r.status == 405
         assert r.headers["Allow"] == "POST"
     assert len(proxy.upstream.seen) == seen
+    # Each leaves a row naming the API it reached: the route's own path, whatever the alias.
+    rows = await proxy.wait_for_records(8)
+    assert [(row.method, row.path, row.status_code) for row in rows] == [
+        ("POST", "/v1/chat/completions", 200),
+        ("GET", "/v1/models", 200),
+        ("GET", "/v1/models/{model}", 200),
+        ("GET", "/v1/models/{model}", 404),
+        ("POST", "/v1/engines/copilot-codex/completions", 404),
+        ("DELETE", "/v1/extras/whatever", 404),
+        ("POST", "/v1/chat/completions/", 404),
+        ("GET", "/v1/chat/completions", 405),
+    ]
 
 
 async def test_one_upstream_connection_is_kept_alive_across_requests(
@@ -234,8 +246,9 @@ async def test_backend_silent_past_the_timeout_is_504(
     db_dsn: str, tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:
     upstream = FakeUpstream(expected_key=BACKEND_KEY, mode="hang")
-    settings = {"LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS": "1"}
-    async with running_proxy(db_dsn, tmp_path, upstream, **settings) as proxy:
+    async with running_proxy(
+        db_dsn, tmp_path, upstream, LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS="1"
+    ) as proxy:
         key = await proxy.user("alice")
         started = time.monotonic()
         async with client.get(proxy.url("/v1/models"), headers=bearer(key)) as r:

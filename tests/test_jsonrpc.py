@@ -108,7 +108,7 @@ async def test_a_batch_of_notifications_only_is_an_empty_204(proxy: Harness) -> 
     status, body, _ = await rpc(proxy, key, [call(params=HELLO), call("tool_list")])
     assert (status, body) == (204, None)
     rows = await proxy.wait_for_records(2)
-    assert sorted(row.method for row in rows) == ["create_message", "tool_list"]
+    assert sorted(str(row.method) for row in rows) == ["create_message", "tool_list"]
 
 
 async def test_a_batch_answers_each_request_in_order_and_records_each_call(
@@ -306,8 +306,9 @@ async def test_a_spent_token_quota_is_32001_with_retry_after(proxy: Harness) -> 
 
 async def test_a_queue_timeout_is_32002_with_retry_after(db_dsn: str, tmp_path: Path) -> None:
     upstream = FakeUpstream(expected_key=BACKEND_KEY, gate=asyncio.Event())
-    settings = {"LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS": "1"}
-    async with running_proxy(db_dsn, tmp_path, upstream, **settings) as proxy:
+    async with running_proxy(
+        db_dsn, tmp_path, upstream, LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS="1"
+    ) as proxy:
         alice, bob = await proxy.user("alice"), await proxy.user("bob")
         async with aiohttp.ClientSession() as client:
             body = {"messages": [{"role": "user", "content": "Hi"}], "stream": True}

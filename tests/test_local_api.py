@@ -109,6 +109,38 @@ async def test_stream_needs_a_message_or_a_history(proxy: Harness) -> None:
     assert events(raw)[0]["param"] == "message"
 
 
+async def test_stream_accepts_tool_results_but_does_not_process_them(proxy: Harness) -> None:
+    # /stream takes create_message's body, tool_results included, and leaves them out: the
+    # model sees the history and the message only, and answers in text.
+    key = await proxy.user("alice")
+    asked = {"id": "call_1", "name": "get_weather", "arguments": {"city": "Oslo"}}
+    history = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "tool_calls": [asked]},
+    ]
+    answered = [{"tool_call_id": "call_1", "content": {"celsius": 3}}]
+    body = {"history": history, "message": "Well?", "tool_results": answered,
+            "tools": [{"name": "get_weather"}]}  # fmt: skip
+    status, raw, _ = await post(proxy, "/stream", key, body)
+    # Not checked either: results naming no call of the history, in any shape, pass unread.
+    anything = {"message": "Hi", "tool_results": [{"tool_call_id": "nope"}, 7]}
+    unchecked = await post(proxy, "/stream", key, anything)
+    # Nor are they a turn of their own: without a message or a history there is nothing to say.
+    alone = await post(proxy, "/stream", key, {"tool_results": answered})
+    first, second = chats(proxy)
+    rows = await proxy.wait_for_records(3)
+    assert status == 200
+    assert [e.get("delta") for e in events(raw)] == ["Hello", " world", None]
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant", "user"]
+    assert "celsius" not in json.dumps(first)
+    assert first["tool_choice"] == "none"  # the tools stay in the prompt; the answer is text
+    assert unchecked[0] == 200
+    assert second["messages"] == [{"role": "user", "content": "Hi"}]
+    assert alone[0] == 400
+    assert events(alone[1])[0]["param"] == "message"
+    assert [(r.path, r.status_code) for r in rows] == [("/stream", 200)] * 2 + [("/stream", 400)]
+
+
 # -- POST /setModel -------------------------------------------------------------------------------
 
 
@@ -252,11 +284,35 @@ async def test_the_status_document_needs_no_key_and_names_no_user(proxy: Harness
     assert body["ready"] is True
     assert body["models"] == [MODEL]
     assert body["default_model"] == MODEL
-    assert body["apis"]["jsonrpc"] == "/rpc"
-    assert body["apis"]["openai"] == "/v1"
+    assert body["apis"] == {
+        "openai": "/v1",
+        "jsonrpc": "/rpc",
+        "stream": "/stream",
+        "models": "/models",
+        "set_model": "/setModel",
+        "restore_cache": "/restore_cache",
+    }
     assert "alice" not in json.dumps(body)
     await asyncio.sleep(0.1)
     assert proxy.records == []  # a probe, not an API request
+
+
+async def test_every_api_the_status_document_names_is_served_there(proxy: Harness) -> None:
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proxy.url("/")) as r:
+            apis = (await r.json())["apis"]
+        # Asked without a key: a path that is served asks for one, any other is unknown.
+        answers = {}
+        for name, path in apis.items():
+            if name == "openai":  # a prefix: its model list lies under it
+                path += "/models"
+            method = "GET" if path.endswith("/models") else "POST"
+            async with client.request(method, proxy.url(path)) as r:
+                answers[name] = r.status
+        async with client.post(proxy.url("/nowhere")) as r:
+            unknown = r.status
+    assert answers == dict.fromkeys(apis, 401)
+    assert unknown == 404
 
 
 async def test_get_models_keeps_working(two_models: Harness) -> None:
@@ -267,3 +323,8 @@ async def test_get_models_keeps_working(two_models: Harness) -> None:
     ):
         listed = await r.json()
     assert [m["id"] for m in listed["data"]] == MODELS
+    # Its row names the API by its route's own path, /v1/models, as for the OpenAI SDK's call.
+    (row,) = await two_models.wait_for_records(1)
+    assert (row.method, row.path, row.status_code, row.username) == (
+        "GET", "/v1/models", 200, "alice",
+    )  # fmt: skip

@@ -43,7 +43,7 @@ async def scripted(
 ) -> AsyncIterator[tuple[Harness, str]]:
     """The proxy in front of a model answering with `script`, and a user's key."""
     upstream = FakeUpstream(expected_key=BACKEND_KEY, script=script)
-    async with running_proxy(db_dsn, tmp_path, upstream, **settings) as proxy:
+    async with running_proxy(db_dsn, tmp_path, upstream, True, **settings) as proxy:
         yield proxy, await proxy.user("alice")
 
 
@@ -174,6 +174,84 @@ async def test_max_iterations_asks_for_a_final_answer_without_tools(
     assert result["content"] == "Hello world"  # the model's text answer (the script waits)
 
 
+async def test_max_iterations_is_five_when_the_client_sends_none(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    # More distinct calls than five turns take: only the default can end this loop.
+    script = [calls({"city": f"city {i}"}) for i in range(7)]
+    async with scripted(db_dsn, tmp_path, script) as (proxy, key):
+        result = await create_message(proxy, key, message="Go", tools=[WEATHER])
+        turns = [result]
+        while result["type"] == "tool_calls" and len(turns) < 10:
+            results = [{"tool_call_id": result["tool_calls"][0]["id"], "content": "x"}]
+            result = await create_message(
+                proxy, key, history=result["history"], tool_results=results, tools=[WEATHER]
+            )
+            turns.append(result)
+        sent = chats(proxy)
+        left = len(proxy.upstream.script)
+    assert [t["iteration_count"] for t in turns] == [1, 2, 3, 4, 5]
+    assert [t["type"] for t in turns] == ["tool_calls"] * 4 + ["final_text"]
+    assert [t["loop_guard"] for t in turns] == [None] * 4 + ["max_iterations"]
+    assert [body["tool_choice"] for body in sent] == ["auto"] * 4 + ["none"]
+    assert [t["tool_calls"][0]["arguments"]["city"] for t in turns[:4]] == [
+        f"city {i}" for i in range(4)
+    ]
+    assert left == 3  # the fifth turn took no call from the script: it was asked for text
+    assert result["content"] == "Hello world"
+    assert result["tool_calls"] == []
+
+
+async def test_the_forced_final_request_keeps_the_tools_in_the_prompt_with_choice_none(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    # What the backend gets when the loop asks for a final answer: the same tools as every turn
+    # (so the prompt, and the prompt cache, stay the same; llama-gate's backend then allows text
+    # only, see backend.tools) and tool_choice "none", with the whole conversation.
+    script = [calls({"city": "A"}), {"content": "Done."}]
+    async with scripted(db_dsn, tmp_path, script) as (proxy, key):
+        first = await create_message(proxy, key, message="Go", tools=[WEATHER], max_iterations=2)
+        results = [{"tool_call_id": first["tool_calls"][0]["id"], "content": "x"}]
+        await create_message(
+            proxy, key, history=first["history"], tool_results=results,
+            tools=[WEATHER], max_iterations=2,
+        )  # fmt: skip
+        sent = chats(proxy)
+    assert len(sent) == 2
+    final = sent[1]
+    assert final["tool_choice"] == "none"
+    assert final["tools"] == sent[0]["tools"] == [{"type": "function", "function": WEATHER}]
+    assert [m["role"] for m in final["messages"]] == ["user", "assistant", "tool"]
+    assert final["stream"] is True
+
+
+async def test_a_backend_calling_tools_when_told_none_still_gets_the_client_a_final_text(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    # A backend that ignores tool_choice "none" (this fake answers every chat request with text
+    # and a call): a forced final answer never hands the client a call to run.
+    upstream = FakeUpstream(
+        expected_key=BACKEND_KEY, tool_calls=[{"name": "get_weather", "arguments": {"city": "X"}}]
+    )
+    async with running_proxy(db_dsn, tmp_path, upstream) as proxy:
+        key = await proxy.user("alice")
+        capped = await create_message(proxy, key, message="Go", tools=[WEATHER], max_iterations=1)
+        first = await create_message(proxy, key, message="Go", tools=[WEATHER])
+        results = [{"tool_call_id": first["tool_calls"][0]["id"], "content": "x"}]
+        repeated_call = await create_message(
+            proxy, key, history=first["history"], tool_results=results, tools=[WEATHER]
+        )
+        sent = chats(proxy)
+    assert first["type"] == "tool_calls"  # the fake does call
+    assert [body["tool_choice"] for body in sent] == ["none", "auto", "auto", "none"]
+    for result, guard in ((capped, "max_iterations"), (repeated_call, "repeated_tool_call")):
+        assert result["type"] == "final_text"
+        assert result["loop_guard"] == guard
+        assert result["tool_calls"] == []
+        assert result["content"] == "Hello world"
+        assert result["history"][-1] == {"role": "assistant", "content": "Hello world"}
+
+
 async def test_max_iterations_is_capped_by_the_setting(db_dsn: str, tmp_path: Path) -> None:
     script = [calls({"city": str(i)}) for i in range(5)]
     async with scripted(db_dsn, tmp_path, script, LLAMA_PROXY_MAX_TOOL_ITERATIONS="3") as (
@@ -214,7 +292,10 @@ async def test_a_new_user_message_starts_the_count_again(db_dsn: str, tmp_path: 
 async def test_a_call_whose_arguments_are_no_object_gets_a_final_text(
     db_dsn: str, tmp_path: Path
 ) -> None:
-    script = [{"tool_calls": [{"name": "get_weather", "arguments": "Paris"}]}, {"content": "?"}]
+    script: list[dict[str, Any]] = [
+        {"tool_calls": [{"name": "get_weather", "arguments": "Paris"}]},
+        {"content": "?"},
+    ]
     async with scripted(db_dsn, tmp_path, script) as (proxy, key):
         result = await create_message(proxy, key, message="Weather?", tools=[WEATHER])
     assert result["type"] == "final_text"
