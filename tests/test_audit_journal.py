@@ -364,3 +364,41 @@ async def test_a_journal_that_cannot_be_written_loses_no_row_and_says_so(
     assert writer.journal_failures >= 1
     complaints = [r for r in caplog.records if "cannot write the audit journal" in r.message]
     assert len(complaints) == 1  # once, not once a row
+
+
+async def _fsynced_each_row(dsn: str, folder: Path) -> AuditWriter:
+    """Submit rows to a writer one by one; each must be fsynced within 2.5 s, with no call."""
+    pool = await asyncpg.create_pool(dsn, min_size=0)
+    try:
+        writer = AuditWriter(lambda: pool, folder)
+        task = asyncio.create_task(writer.run(shutdown_timeout=1))
+        for index in range(4):
+            synced = writer.journal_syncs
+            writer.submit(_row(index))
+            assert writer.journal_syncs == synced  # appending never waits for the disk
+            appended = time.monotonic()
+            while writer.journal_syncs == synced:
+                assert time.monotonic() - appended < 2.5, f"row {index} is not fsynced yet"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(index * 0.3)  # the next row comes at another point of the cycle
+        writer.stop()
+        await task
+    finally:
+        await pool.close()
+    return writer
+
+
+async def test_each_row_is_fsynced_within_about_a_second(db_dsn: str, tmp_path: Path) -> None:
+    """An fsync about once a second bounds what a machine crash can lose."""
+    writer = await _fsynced_each_row(db_dsn, tmp_path / "audit")
+    assert writer.rows_written == 4
+
+
+async def test_while_postgres_is_away_each_row_is_still_fsynced_within_a_second(
+    tmp_path: Path,
+) -> None:
+    """The writer forms no new batches then (whose fsync would cover the rows otherwise)."""
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # refuses connections
+    writer = await _fsynced_each_row(nowhere, tmp_path / "audit")
+    assert writer.rows_written == 0
+    assert writer.rows_spilled == 4  # at the stop, as the journal need not hold them longer

@@ -93,7 +93,8 @@ def test_start_chat_restart_crash_and_stop_from_a_clean_clone(
     config = checkout / "runtime" / "config.env"
     assert oct(config.stat().st_mode & 0o777) == "0o600"
     # The local Postgres wants the generated password: nothing else here can log in to it.
-    assert "POSTGRES_AUTH_PASSWORD=" in config.read_text()
+    written = config.read_text()
+    assert "POSTGRES_AUTH_PASSWORD=" in written
     with pytest.raises(asyncpg.InvalidPasswordError):
         asyncio.run(
             asyncpg.connect(
@@ -119,7 +120,7 @@ def test_start_chat_restart_crash_and_stop_from_a_clean_clone(
     assert again.returncode == 0, again.stdout + again.stderr
     assert "backend: already running" in again.stdout
     assert "proxy: already running" in again.stdout
-    assert config.read_text() == config.read_text()  # never rewritten, only completed
+    assert config.read_text() == written  # complete already: not rewritten, keys and all
     status = _run(checkout, env, "bin/console.sh", "status")
     assert status.returncode == 0, status.stdout
     assert "backend: running" in status.stdout
@@ -145,6 +146,7 @@ def test_start_chat_restart_crash_and_stop_from_a_clean_clone(
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert "backend: healthy" in restarted.stdout
     assert "proxy: already running" in restarted.stdout
+    assert config.read_text() == written
     # The proxy probes backends every 2 s, so it takes the restarted one back in by then.
     deadline = time.monotonic() + 10
     while (answer := _chat(proxy_port, key.group(0), check=False)).get("object") is None:

@@ -5,13 +5,23 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 
-from tests.dashboard_helpers import Dashboard, client, make_admin_token, running_dashboard, sign_in
-from tests.proxy_harness import Harness, bearer, make_user, running_proxy
+from proxy.appkeys import AUTHENTICATOR
+from proxy.db import queries
+from tests.dashboard_helpers import (
+    Dashboard,
+    client,
+    make_admin_token,
+    running_dashboard,
+    sign_in,
+    wait_for_rows,
+)
+from tests.proxy_harness import Harness, add_key, bearer, make_user, running_proxy
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 _KEY_RE = re.compile(r'<pre class="secret" id="new-key">(lgk_[0-9a-f]{16}_[A-Za-z0-9_-]{43})</pre>')
@@ -30,6 +40,37 @@ async def _until(http: aiohttp.ClientSession, proxy: Harness, key: str, status: 
         assert time.monotonic() - started < 3, f"still not {status}"
         await asyncio.sleep(0.05)
     return time.monotonic() - started
+
+
+def _section(page: str, username: str) -> str:
+    """The part of the Users page about `username`."""
+    match = re.search(
+        rf'<section class="user[^"]*" id="user-{username}">(.*?)</section>', page, re.S
+    )
+    assert match, page[:2000]
+    return match.group(1)
+
+
+def _fact(section: str, name: str) -> str:
+    """What a user's section says after `name` (its facts: rate limit, tokens today, ...)."""
+    match = re.search(rf"<dt>{name}</dt><dd[^>]*>(.*?)</dd>", section, re.S)
+    assert match, (name, section)
+    return match.group(1)
+
+
+def _key_cells(section: str, key_id: str) -> dict[str, str]:
+    """A key's row in a user's section: label, state, created, last use, expires."""
+    match = re.search(
+        rf'<tr class="key-\w+"><td><code>{key_id}</code></td>(.*?)</tr>', section, re.S
+    )
+    assert match, (key_id, section)
+    cells = re.findall(r"<td>(.*?)</td>", match.group(1), re.S)  # the actions cell has a class
+    return dict(zip(["label", "state", "created", "last use", "expires"], cells, strict=True))
+
+
+def _shown_time(text: str) -> datetime:
+    """A timestamp as the dashboard shows it (UTC, to the second)."""
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%SZ").replace(tzinfo=UTC)
 
 
 async def _act(
@@ -176,3 +217,88 @@ async def test_limits_are_checked_and_blank_means_the_default(db_dsn: str, tmp_p
     assert row["max_concurrent"] == 2
     assert row["rate_limit"] is None
     assert row["max_tokens"] is None
+
+
+async def test_users_show_todays_use_and_each_keys_last_use(db_dsn: str, tmp_path: Path) -> None:
+    _, token = await make_admin_token(db_dsn)
+    alice_id, alice = await make_user(db_dsn, "alice")
+    _, bob = await make_user(db_dsn, "bob")
+    con = await asyncpg.connect(db_dsn)
+    try:
+        spare = await add_key(con, alice_id)  # never used
+        await con.execute(
+            "UPDATE users SET tokens_per_day = 5000, tokens_per_minute = 1000 WHERE id = $1",
+            alice_id,
+        )
+        # Yesterday's use is not today's (in UTC, as the quota counts days).
+        await con.execute(
+            """INSERT INTO llama_requests (user_id, username, path, status_code, duration_ms,
+                                           prompt_tokens, completion_tokens, created_at)
+               VALUES ($1, 'alice', '/v1/chat/completions', 200, 10, 900, 100,
+                       date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                       - interval '1 minute')""",
+            alice_id,
+        )
+    finally:
+        await con.close()
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        before = datetime.now(UTC).replace(microsecond=0)
+        for key in (alice, alice, alice, bob):
+            assert await _chat(http, dashboard.proxy, key) == 200
+        await wait_for_rows(db_dsn, 5)
+        # Keys' last use is written about once a minute (and at shutdown): now, for the test.
+        await dashboard.proxy.app[AUTHENTICATOR].flush_last_used()
+        after = datetime.now(UTC)
+        await sign_in(http, dashboard, token)
+        async with http.get(dashboard.at("/users")) as r:
+            assert r.status == 200
+            page = await r.text()
+
+    alice_part, bob_part = _section(page, "alice"), _section(page, "bob")
+    assert _fact(alice_part, "tokens today") == "21 of 5,000 per day"  # 3 requests of 5 + 2
+    assert _fact(alice_part, "last minute") == "21 of 1,000 per minute"
+    assert _fact(alice_part, "requests today") == "3"
+    assert _fact(bob_part, "tokens today") == "7"  # no quota: the use alone
+    assert _fact(bob_part, "requests today") == "1"
+    assert "last minute" not in bob_part
+
+    used = _key_cells(alice_part, alice.split("_")[1])
+    assert before <= _shown_time(used["last use"]) <= after, used
+    assert _fact(alice_part, "last use") == used["last use"]  # the user's: their latest key's
+    assert _key_cells(alice_part, spare.split("_")[1])["last use"] == "never"
+    bobs = _key_cells(bob_part, bob.split("_")[1])
+    assert before <= _shown_time(bobs["last use"]) <= after, bobs
+
+
+async def test_a_quota_shows_its_users_use_not_a_deleted_namesakes(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """An account deleted and made again under its name starts its quota afresh, and the page
+    shows the figure the quota goes by (the audit rows keep the old account's name)."""
+    _, token = await make_admin_token(db_dsn)
+    old_id, _ = await make_user(db_dsn, "alice")
+    con = await asyncpg.connect(db_dsn)
+    try:
+        await con.execute(
+            """INSERT INTO llama_requests (user_id, username, path, status_code, duration_ms,
+                                           prompt_tokens, completion_tokens)
+               VALUES ($1, 'alice', '/v1/chat/completions', 200, 10, 4100, 900)""",
+            old_id,
+        )
+        assert await queries.delete_user(con, "alice")
+    finally:
+        await con.close()
+    alice_id, alice = await make_user(db_dsn, "alice")
+    con = await asyncpg.connect(db_dsn)
+    try:
+        await con.execute("UPDATE users SET tokens_per_day = 5000 WHERE id = $1", alice_id)
+    finally:
+        await con.close()
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        for _ in range(2):  # refused if the old account's 5,000 tokens counted
+            assert await _chat(http, dashboard.proxy, alice) == 200
+        await wait_for_rows(db_dsn, 3)
+        await sign_in(http, dashboard, token)
+        async with http.get(dashboard.at("/users")) as r:
+            page = await r.text()
+    assert _fact(_section(page, "alice"), "tokens today") == "14 of 5,000 per day"

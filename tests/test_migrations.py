@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from proxy.db import migrate
 from proxy.db.schema import metadata
+from tests.proxy_harness import ROOT
 
 
 def _diff(dsn: str) -> list[object]:
@@ -67,47 +68,100 @@ def test_upgrade_is_idempotent(db_dsn: str) -> None:
     assert _diff(db_dsn) == []
 
 
-@pytest.mark.slow
-def test_init_db_works_from_an_installed_wheel(empty_dsn: str, tmp_path: Path) -> None:
-    """The revisions are package data: a wheel, installed anywhere, can migrate a database."""
-    # Built from a copy, so the build leaves nothing behind in the source tree.
-    root = tmp_path / "source"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built from a copy so the build leaves nothing in the source tree."""
+    folder = tmp_path_factory.mktemp("wheel")
+    root = folder / "source"
     shutil.copytree(
-        Path(__file__).resolve().parent.parent,
+        ROOT,
         root,
         ignore=shutil.ignore_patterns(
             ".git", "runtime", "models", "build", "*.egg-info", ".*cache"
         ),
     )
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), root],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(folder), root],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
-    (wheel,) = tmp_path.glob("llama_gate-*.whl")
+    (path,) = folder.glob("llama_gate-*.whl")
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel installed into a folder of its own (for PYTHONPATH)."""
+    site = tmp_path_factory.mktemp("site")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", site, wheel],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return site
+
+
+def _run_installed(
+    site: Path, code: str, *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`code` by the installed copy, from a folder with no source tree nor alembic.ini around."""
+    elsewhere = site.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=elsewhere, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(site), **env},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_init_db_works_from_an_installed_wheel(
+    empty_dsn: str, wheel: Path, installed: Path
+) -> None:
+    """The revisions are package data: a wheel, installed anywhere, can migrate a database."""
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert "proxy/db/migrations/env.py" in names
     assert "proxy/db/migrations/script.py.mako" in names
     assert any(name.startswith("proxy/db/migrations/versions/0001_") for name in names)
-    site = tmp_path / "site"
-    installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", site, wheel],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert installed.returncode == 0, installed.stderr
-    elsewhere = tmp_path / "elsewhere"  # no source tree, no alembic.ini around
-    elsewhere.mkdir()
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site), "POSTGRES_AUTH_DSN": empty_dsn}
     code = (
         "import proxy, sys; from proxy.cli.main import main; "
         "print(proxy.__file__, file=sys.stderr); main()"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code, "init-db"],
-        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = _run_installed(installed, code, "init-db", POSTGRES_AUTH_DSN=empty_dsn)
     assert result.returncode == 0, result.stderr
-    assert str(site) in result.stderr  # the wheel's copy ran, not the source tree's
+    assert str(installed) in result.stderr  # the wheel's copy ran, not the source tree's
     assert "is at the newest schema" in result.stdout
     assert _diff(empty_dsn) == []
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_dashboards_pages_and_chart_js(wheel: Path, installed: Path) -> None:
+    """The dashboard works offline from a wheel: its templates, styles and Chart.js are inside."""
+    source = ROOT / "proxy" / "dashboard"
+    shipped = {
+        path.relative_to(ROOT).as_posix()
+        for folder in ("templates", "static")
+        for path in (source / folder).iterdir()
+        if path.is_file()
+    }
+    assert "proxy/dashboard/static/chart.umd.min.js" in shipped
+    assert "proxy/dashboard/templates/users.html" in shipped
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        chart = archive.read("proxy/dashboard/static/chart.umd.min.js")
+    assert shipped <= names, sorted(shipped - names)
+    assert chart == (source / "static" / "chart.umd.min.js").read_bytes()
+    # The installed copy finds them where the dashboard looks: each template compiles.
+    code = (
+        "from proxy.dashboard.app import STATIC; from proxy.dashboard.render import templates\n"
+        "env = templates()\n"
+        "for name in env.list_templates(): env.get_template(name)\n"
+        "print(STATIC / 'chart.umd.min.js', *env.list_templates(), sep='\\n')\n"
+    )
+    result = _run_installed(installed, code)
+    assert result.returncode == 0, result.stderr
+    chart_path, *templates = result.stdout.split()
+    assert chart_path.startswith(str(installed)), chart_path
+    assert Path(chart_path).read_bytes() == chart
+    assert templates == sorted(p.name for p in (source / "templates").iterdir())

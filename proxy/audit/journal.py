@@ -75,6 +75,7 @@ class Journal:
         self._folder_ready = False
         self.failures = 0
         self.synced_at = 0.0  # monotonic time of the last fsync begun
+        self.syncs = 0  # fsyncs done of lines not yet durable (one per part sealed)
 
     def append(self, row: AuditRow) -> None:
         """Journal a finished request's row; one `write`, never raises."""
@@ -172,6 +173,7 @@ class Journal:
             fd = self._seal()
             if fd is not None:
                 await asyncio.to_thread(_fsync_and_close, fd)
+                self.syncs += 1
         except OSError as exc:
             log.error("cannot fsync the audit journal %s (%s)", part, exc)
 
@@ -182,6 +184,7 @@ class Journal:
             fd = self._seal()
             if fd is not None:
                 _fsync_and_close(fd)
+                self.syncs += 1
         except OSError as exc:
             log.error("cannot fsync the audit journal %s (%s)", part, exc)
 

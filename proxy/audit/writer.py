@@ -139,6 +139,11 @@ class AuditWriter:
     def journal_failures(self) -> int:
         return self._journal.failures if self._journal is not None else 0
 
+    @property
+    def journal_syncs(self) -> int:
+        """How many times the journal was fsynced with rows not yet on disk."""
+        return self._journal.syncs if self._journal is not None else 0
+
     # -- the background side ---------------------------------------------------------------
 
     async def run(self, shutdown_timeout: float = 10.0) -> None:

@@ -65,14 +65,15 @@ def rows(directory: Directory) -> list[dict[str, Any]]:
         name = user["username"]
         used = today.get(name)
         quota = quotas.get(name)
+        tokens = int(used["prompt_tokens"]) + int(used["completion_tokens"]) if used else 0
         shown.append(
             {
                 "user": user,
                 "keys": keys.get(name, []),
                 "requests_today": int(used["requests"]) if used else 0,
-                "tokens_today": (
-                    int(used["prompt_tokens"]) + int(used["completion_tokens"]) if used else 0
-                ),
+                # Next to a quota, the figure the quota goes by: this account's rows. The daily
+                # view goes by name, so it also counts a deleted namesake's rows of today.
+                "tokens_today": int(quota["tokens_today"]) if quota else tokens,
                 "quota": quota,
             }
         )
