@@ -71,6 +71,9 @@ class FakeUpstream:
     client_left_at: float | None = None  # time.monotonic() of that
     health_checks: int = 0  # GET /health, answered at once and not counted in `seen`
     usage: dict[str, Any] | None = None  # the usage a stream ends with (None: USAGE)
+    # When set, every prompt_tokens reported (chat usage, /llama-gate/prompt-tokens) is
+    # `prompt_size` of the request, as a real backend's counts depend on the prompt.
+    sized_prompts: bool = False
     port: int = field(default_factory=free_port)
     _runner: web.AppRunner | None = None
 
@@ -135,7 +138,8 @@ class FakeUpstream:
         answer = self._scripted(payload)
         if not payload.get("stream"):
             message = {"role": "assistant", "content": "".join(self.pieces)}
-            return web.json_response(_completion("chat.completion", {"message": message}))
+            usage = {**USAGE, **self._prompt(payload)}
+            return web.json_response(_completion("chat.completion", {"message": message}, usage))
         chunks = [_chunk({"delta": {"role": "assistant", "content": ""}})]
         if answer is not None and "tool_calls" in answer:
             chunks += _call_chunks(answer["tool_calls"])
@@ -178,10 +182,11 @@ class FakeUpstream:
         events = []
         if options.get("llama_gate_progress") is True:
             progress = {"prompt_tokens": USAGE["prompt_tokens"], "completion_tokens": 0}
+            progress.update(self._prompt(payload))
             events.append(_usage_chunk(progress))
         events += [chunks[0], ": ping - keeps idle connections open\r\n\r\n", *chunks[1:]]
         if options.get("include_usage") is True:
-            usage: dict[str, Any] = dict(self.usage or USAGE)
+            usage: dict[str, Any] = {**(self.usage or USAGE), **self._prompt(payload)}
             if self.cached_tokens is not None:
                 usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
             # as llama-gate's backend does, before [DONE], naming a stop sequence that matched
@@ -209,6 +214,9 @@ class FakeUpstream:
         await response.write_eof()
         return response
 
+    def _prompt(self, payload: dict[str, Any]) -> dict[str, int]:
+        return {"prompt_tokens": prompt_size(payload)} if self.sized_prompts else {}
+
     def _left(self) -> None:
         self.client_left_at = time.monotonic()
         self.client_left.set()
@@ -223,7 +231,8 @@ class FakeUpstream:
         return web.json_response({"object": "list", "data": data, "model": MODEL, "usage": usage})
 
     async def _count(self, request: web.Request) -> web.Response:
-        return web.json_response({"prompt_tokens": USAGE["prompt_tokens"]})
+        prompt = {"prompt_tokens": USAGE["prompt_tokens"], **self._prompt(_json(request))}
+        return web.json_response(prompt)
 
     async def _health(self, request: web.Request) -> web.Response:
         self.health_checks += 1
@@ -245,8 +254,17 @@ class FakeUpstream:
         )
 
 
-def _completion(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
-    usage = USAGE
+def prompt_size(payload: dict[str, Any]) -> int:
+    """A stand-in for a prompt's token count: the length of what a chat template renders
+    (messages, tools, tool_choice), so any difference in what was sent changes it."""
+    rendered = {name: payload.get(name) for name in ("messages", "tools", "tool_choice")}
+    return len(json.dumps(rendered, sort_keys=True))
+
+
+def _completion(
+    kind: str, choice: dict[str, Any], usage: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    usage = usage or USAGE
     return {
         "id": "cmpl-1",
         "object": kind,

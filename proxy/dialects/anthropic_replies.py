@@ -79,10 +79,13 @@ def event(name: str, data: dict[str, Any]) -> bytes:
 
 
 def _usage(answer_usage: Any) -> dict[str, int]:
+    """Anthropic's usage from the backend's; a count it did not give as an integer is 0 (a
+    backend's odd usage must not fail an answer it has otherwise given)."""
     usage = answer_usage if isinstance(answer_usage, dict) else {}
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     return {
-        "input_tokens": int(usage.get("prompt_tokens") or 0),
-        "output_tokens": int(usage.get("completion_tokens") or 0),
+        "input_tokens": prompt if type(prompt) is int else 0,
+        "output_tokens": completion if type(completion) is int else 0,
     }
 
 
@@ -257,7 +260,8 @@ class MessageStreamReply:
                 tokens.chunk(payload)
                 delivery.first_byte()
                 started = started or await self._start(delivery, answer.usage)
-                for choice in payload.get("choices") or ()[:1]:
+                choices = payload.get("choices")
+                for choice in (choices if isinstance(choices, list) else [])[:1]:  # one asked for
                     finish = choice.get("finish_reason") or finish
                     await self._delta(blocks, splitter, choice.get("delta") or {})
         raise BackendBrokeOff("the model server's stream ended before its end")
