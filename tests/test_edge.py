@@ -174,6 +174,61 @@ async def test_a_list_of_origins_admits_those_alone(db_dsn: str, tmp_path: Path)
                     assert shown == (origin if allowed else None), origin
 
 
+async def test_the_proxys_own_429_and_5xx_answers_carry_its_cors_and_never_the_backends(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """A browser page can read why it was refused or failed only if the error is labelled."""
+    upstream = FakeUpstream(
+        expected_key=BACKEND_KEY,
+        response_headers={
+            "Access-Control-Allow-Origin": "http://evil.example",
+            "Access-Control-Allow-Credentials": "true",
+        },
+    )
+    allowed, other = "https://chat.example.com", "http://evil.example"
+    async with running_proxy(db_dsn, tmp_path, upstream, LLAMA_PROXY_CORS_ORIGINS=allowed) as proxy:
+        limited = await proxy.user("limited", rate_limit=1, rate_window_seconds=3600)
+        alice = await proxy.user("alice")
+        url = proxy.url("/v1/chat/completions")
+        answers: list[tuple[str, int, str | None, dict[str, str]]] = []
+        async with aiohttp.ClientSession() as client:
+
+            async def ask(case: str, key: str) -> None:
+                for origin in (allowed, other):
+                    headers = {"Origin": origin, **bearer(key)}
+                    async with client.post(url, json=CHAT, headers=headers) as r:
+                        shown = r.headers.getall("Access-Control-Allow-Origin", [])
+                        assert len(shown) <= 1, (case, shown)
+                        labelled = shown[0] if shown else None
+                        answers.append((case, r.status, labelled, dict(r.headers)))
+
+            async with client.post(url, json=CHAT, headers=bearer(limited)) as r:
+                assert r.status == 200  # the one request of its hour
+            await ask("rate limited", limited)
+            upstream.mode, upstream.error_status = "error", 503
+            await ask("backend refused", alice)
+            upstream.mode = "close-before-headers"
+            await ask("backend cut off", alice)
+            await upstream.stop()
+            await ask("backend down", alice)
+    assert [(case, status, shown) for case, status, shown, _ in answers] == [
+        ("rate limited", 429, allowed),
+        ("rate limited", 429, None),
+        ("backend refused", 502, allowed),  # its own 503, answered as the proxy's 502
+        ("backend refused", 502, None),
+        ("backend cut off", 502, allowed),
+        ("backend cut off", 502, None),
+        ("backend down", 503, allowed),
+        ("backend down", 503, None),
+    ]
+    for case, _, shown, headers in answers:
+        assert "Access-Control-Allow-Credentials" not in headers, case
+        assert ("X-Request-Id" in headers.get("Access-Control-Expose-Headers", "")) == (
+            shown is not None
+        ), case
+        assert "evil.example" not in str(headers), case
+
+
 # -- slow, stalled and stopped clients -----------------------------------------------------------
 
 

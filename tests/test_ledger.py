@@ -19,12 +19,12 @@ import openai
 import pytest
 from prometheus_client.exposition import generate_latest
 
-from proxy.appkeys import AUDIT_WRITER
+from proxy.appkeys import ADMISSION, AUDIT_WRITER
 from proxy.audit.row import COLUMNS, AuditRow
 from proxy.audit.writer import AuditWriter
 from proxy.metrics import Metrics
 from tests.proxy_harness import Harness, bearer, running_proxy
-from tests.sharing_helpers import set_limits
+from tests.sharing_helpers import set_limits, until
 
 CHAT = {"model": "smollm2-test", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -157,10 +157,9 @@ async def test_a_backend_that_breaks_off_a_stream_leaves_a_failed_row(proxy: Har
     rows = await proxy.wait_for_records(3)
     assert [row.status_code for row in rows] == [502, 502, 502]
     assert all("broke off" in str(row.error) or "[DONE]" in str(row.error) for row in rows)
-    failed = await _db(proxy.dsn, "SELECT 1 FROM llama_requests WHERE status_code >= 500")
-    while len(failed) < 3:
-        await asyncio.sleep(0.05)
-        failed = await _db(proxy.dsn, "SELECT 1 FROM llama_requests WHERE status_code >= 500")
+    # ... and the audit writer puts all three in Postgres, as failures.
+    failed = await _rows_in_db(proxy.dsn, 3)
+    assert [row["status_code"] for row in failed] == [502, 502, 502]
 
 
 # -- one admission step --------------------------------------------------------------------------
@@ -191,9 +190,12 @@ async def test_parallel_requests_take_places_atomically_and_refusals_spend_nothi
     proxy.upstream.gate = asyncio.Event()
     url = proxy.url("/v1/chat/completions")
     async with aiohttp.ClientSession() as client:
+        refusals: list[dict[str, Any]] = []
 
         async def call(**kwargs: Any) -> int:
             async with client.post(url, headers=bearer(key), **kwargs) as r:
+                if r.status == 429:
+                    refusals.append(await r.json())
                 await r.read()
                 return r.status
 
@@ -209,6 +211,8 @@ async def test_parallel_requests_take_places_atomically_and_refusals_spend_nothi
         assert await _admissions(proxy.dsn, "alice") == 2
         proxy.upstream.gate.set()
         assert sorted(await asyncio.gather(*flood)) == [200] * 2 + [429] * 8
+        # A stream's place is given back as its backend's response ends, a moment after [DONE].
+        await until(lambda: not proxy.app[ADMISSION].places.by_user())
         # Refused at the body: no quota read, no admission spent.
         assert await call(data=b"{not json") == 400
         assert await call(json={**CHAT, "stream": "yes"}) == 400
@@ -217,6 +221,10 @@ async def test_parallel_requests_take_places_atomically_and_refusals_spend_nothi
         await set_limits(proxy.dsn, "alice", tokens_per_minute=1)
         await asyncio.sleep(2.1)  # the quota figures are re-read at most every 2 s
         assert await call(json=CHAT) == 429
+        # The quota's refusal, not the concurrency cap's (type "requests"): had the two 400s
+        # kept their places, alice would have none of her two left.
+        assert refusals[-1]["error"]["type"] == "tokens", refusals[-1]
+        assert "tokens per minute" in refusals[-1]["error"]["message"]
         assert await _admissions(proxy.dsn, "alice") == 2
     rows = await proxy.wait_for_records(13)
     assert sorted(row.status_code for row in rows) == [200] * 2 + [400] * 2 + [429] * 9
@@ -239,8 +247,10 @@ async def test_hostile_text_in_every_field_reaches_the_ledger(proxy: Harness) ->
     key = await proxy.user("alice")
     port = proxy.server.port
     assert port is not None
-    # JSON escapes for a lone surrogate and a NUL in the model; invalid UTF-8 in a header.
-    body = json.dumps({**CHAT, "model": "\ud800bad\x00model"}).encode()
+    # JSON escapes for a lone surrogate and a NUL in the model and the end user (OpenAI's
+    # `user`, far longer than a column should hold too); invalid UTF-8 in a header.
+    end_user = "\ud800who\x00" + "u" * 100_000
+    body = json.dumps({**CHAT, "model": "\ud800bad\x00model", "user": end_user}).encode()
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer " + key.encode() + b"\r\nX-Request-Id: \xff\xfe\xed\xa0\x80\r\n"
@@ -253,6 +263,7 @@ async def test_hostile_text_in_every_field_reaches_the_ledger(proxy: Harness) ->
     rows = await _rows_in_db(proxy.dsn, 4)
     assert len(rows) == 4
     assert rows[0]["model"] == "?bad\ufffdmodel"
+    assert rows[0]["end_user"] == "?who\ufffd" + "u" * 507  # cut at 512 characters
     assert rows[0]["client_request_id"] is None  # not an id we can give back: not recorded
     assert all("\x00" not in row["path"] for row in rows)
     assert len(rows[3]["path"]) <= 512

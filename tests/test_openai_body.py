@@ -69,6 +69,20 @@ async def test_a_field_of_the_wrong_type_or_range_is_a_400_naming_it(
     assert proxy.upstream.seen == []
 
 
+async def test_top_logprobs_is_bounded_at_openais_20(proxy: Harness) -> None:
+    key = await proxy.user("alice")
+    status, body = await _post(proxy, key, json={**CHAT, "logprobs": True, "top_logprobs": 20})
+    assert status == 200, body
+    sent = json.loads(proxy.upstream.seen[-1].body)
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 20)
+    status, body = await _post(proxy, key, json={**CHAT, "logprobs": True, "top_logprobs": 21})
+    assert status == 400, body
+    assert body["error"]["param"] == "top_logprobs"
+    assert "top_logprobs" in body["error"]["message"]
+    assert "20" in body["error"]["message"]  # says what it may be
+    assert len(proxy.upstream.seen) == 1
+
+
 @pytest.mark.parametrize(
     ("raw", "detail"),
     [

@@ -3,6 +3,7 @@ refused with OpenAI's 429 `tokens` shape, and reset as the minute slides and the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from proxy.auth.cache import Principal
 from proxy.db.pool import Database
 from proxy.errors import TokenQuotaExceeded
 from proxy.limits.quotas import TokenQuotas
-from tests.proxy_harness import make_user, proxy_settings, running_proxy
+from tests.proxy_harness import bearer, make_user, proxy_settings, running_proxy
 from tests.sharing_helpers import chat, set_limits
 from tests.timed_upstream import TimedUpstream
 
@@ -197,3 +198,41 @@ async def test_streamed_answers_count_against_the_quota(db_dsn: str, tmp_path: P
     assert answers[0][1]["stream"].endswith("data: [DONE]\r\n\r\n")
     assert '"usage"' not in answers[0][1]["stream"]  # asked for by the proxy, not the client
     assert [(r.prompt_tokens, r.completion_tokens) for r in proxy.records[:2]] == [(5, 2)] * 2
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_hanging_up_early_never_evades_the_quota(
+    db_dsn: str, tmp_path: Path, stream: bool
+) -> None:
+    """The tokens generated before a client left are charged, so its next request is refused:
+    the prompt alone (5) would leave a quota of 6 unspent, the prompt and 2 answer tokens not."""
+    async with running_proxy(db_dsn, tmp_path) as proxy:
+        alice = await proxy.user("alice")
+        await set_limits(db_dsn, "alice", tokens_per_day=6)
+        proxy.upstream.pieces = ["one", " two", " three", " four"]
+        proxy.upstream.gate, proxy.upstream.gate_after = asyncio.Event(), 3  # stalls after " two"
+        url = proxy.url("/v1/chat/completions")
+        body = {"messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+        async with aiohttp.ClientSession() as client:
+            if stream:
+                r = await client.post(url, json=body, headers=bearer(alice))
+                received = b""
+                while b" two" not in received:
+                    received += await asyncio.wait_for(r.content.readany(), 5)
+                r.close()
+            else:
+                waiting = asyncio.create_task(client.post(url, json=body, headers=bearer(alice)))
+                await asyncio.sleep(0.5)  # " two" has been generated: the backend is at the gate
+                waiting.cancel()
+            await asyncio.wait_for(proxy.upstream.client_left.wait(), 5)
+            proxy.upstream.gate.set()  # a next request let through is answered, not held
+            (left,) = await proxy.wait_for_records(1)
+            status, error, headers = await chat(client, url, alice, "alice")
+        rows = await proxy.wait_for_records(2)
+    assert (left.status_code, left.prompt_tokens, left.completion_tokens) == (499, 5, 2)
+    assert status == 429, error
+    assert error["error"]["type"] == "tokens"
+    assert "used 7 of your 6 tokens per day" in error["error"]["message"]
+    assert headers["x-ratelimit-remaining-tokens"] == "0"
+    assert len(proxy.upstream.seen) == 1  # the refused request never reached the backend
+    assert [row.status_code for row in rows] == [499, 429]
