@@ -91,12 +91,14 @@ def main() -> None:
             f" {nbytes / 2**20:>9.1f} {context / 2**20:>11.1f}"
         )
     ours = {(r[0], r[1]): r for r in rows if r[2] == "llama-gate"}
-    same = all(ours[(2048, t)][5] == ours[(4096, t)][5] for t in lengths)
+    # Only Llama's token id array (4 bytes a context slot, which load_state needs whole) grows
+    # with n_ctx; the keys and values, the bulk, are those of the tokens in use.
+    growth = max(ours[(4096, t)][5] / ours[(2048, t)][5] for t in lengths)
     overhead = max(r[5] / r[6] - 1 for r in ours.values())
     print()
     print(f"{'figure':<52} {'measured':>10} {'target':>10}  met")
-    print(f"{'llama-gate state bytes at 2048 == at 4096':<52} {same!s:>10} {'True':>10}  "
-          f"{'yes' if same else 'NO'}")  # fmt: skip
+    print(f"{'llama-gate state at n_ctx 4096 / at 2048':<52} {growth:>9.4f}x {'<= 1.01x':>10}  "
+          f"{'yes' if growth <= 1.01 else 'NO'}")  # fmt: skip
     print(f"{'llama-gate state beyond the context it holds':<52} {overhead:>9.1%} {'<= 10%':>10}  "
           f"{'yes' if overhead <= 0.10 else 'NO'}")  # fmt: skip
 
