@@ -49,6 +49,13 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 # allows 1024 by default).
 STRING_CAP = 256
 ARRAY_CAP = 32
+# llama.cpp refuses a grammar whose optional repetitions nest much deeper than this (between
+# 1000 and 1500 for a string's characters or an array's items, measured), and would say so only
+# as generation starts, after the answer began: larger bounds are lowered to it, and a minimum
+# above it is refused at once.
+REPEAT_MAX = 1000
+MAX_TOOLS = 128  # as OpenAI's API allows
+MAX_SCHEMA_DEPTH = 64  # a tool's parameters nest no deeper (rendering them recurses)
 RESULT_OPEN, RESULT_CLOSE = "<tool_response>", "</tool_response>"
 # A text answer: anything that does not begin a call.
 _TEXT_RULE = "[^<] .*"
@@ -129,7 +136,12 @@ def _about_tools(message: Any) -> bool:
 def _functions(tools: Any) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
         raise ToolRequestError("'tools' must be a list of function tools.", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise ToolRequestError(
+            f"'tools' holds {len(tools)} tools; at most {MAX_TOOLS} are allowed.", "tools"
+        )
     functions: list[dict[str, Any]] = []
+    names: set[str] = set()
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
@@ -138,16 +150,38 @@ def _functions(tools: Any) -> list[dict[str, Any]]:
                 f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ...}}}}.",
                 f"tools[{index}]",
             )
-        if any(f["name"] == name for f in functions):
+        if name in names:
             raise ToolRequestError(f"Two tools are named {name!r}.", f"tools[{index}]")
+        names.add(name)
         parameters = function.get("parameters")  # type: ignore[union-attr]
+        param = f"tools[{index}].function.parameters"
         if parameters is not None and not isinstance(parameters, dict):
-            param = f"tools[{index}].function.parameters"
             raise ToolRequestError(f"'{param}' must be a JSON schema object.", param)
+        if _depth(parameters) > MAX_SCHEMA_DEPTH:
+            raise ToolRequestError(
+                f"'{param}' is nested deeper than {MAX_SCHEMA_DEPTH} levels; flatten it.", param
+            )
         # OpenAI: no parameters means a function that takes none.
         none: dict[str, Any] = {"type": "object", "properties": {}}
         functions.append({**function, "parameters": parameters or none})  # type: ignore[dict-item]
     return functions
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in `value`, counted without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if not isinstance(item, dict | list):
+            continue
+        for child in children:
+            if isinstance(child, dict | list):
+                deepest = max(deepest, level)
+                if level > MAX_SCHEMA_DEPTH:
+                    return level
+                pending.append((child, level + 1))
+    return deepest
 
 
 def _choice(choice: Any, functions: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any] | None]:
@@ -179,7 +213,7 @@ def grammar(functions: Sequence[dict[str, Any]], mode: str) -> str:
         try:
             # Each tool's own `#/...` references resolve within its own schema.
             arguments = converter.resolve_refs(bounded(function["parameters"]), f"tool-{index}")
-        except (AssertionError, ValueError, KeyError, TypeError) as exc:
+        except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise _unusable(index, exc) from None
         alternatives.append(
             {
@@ -214,7 +248,16 @@ def bounded(schema: Any) -> Any:
         copy["maxLength"] = STRING_CAP
     if "array" in kinds and "maxItems" not in schema:
         copy["maxItems"] = ARRAY_CAP
+    for least, most in (("minLength", "maxLength"), ("minItems", "maxItems")):
+        if _count(schema.get(least)) > REPEAT_MAX:
+            raise ValueError(f"{least} above {REPEAT_MAX} cannot be generated")
+        if _count(copy.get(most)) > REPEAT_MAX:
+            copy[most] = REPEAT_MAX
     return copy
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _unusable(index: int | None, exc: BaseException) -> ToolRequestError:

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 from llama_cpp import Llama
+from llama_cpp.llama_grammar import SchemaConverter
 
-from backend.grammar import GrammarFilter
+from backend.grammar import GrammarError, GrammarFilter
 from backend.tools import (
     ToolRequestError,
     ToolStream,
@@ -146,6 +147,41 @@ def test_tools_that_cannot_be_served_are_refused_naming_the_field(
     with pytest.raises(ToolRequestError) as refused:
         plan(chat(**fields), None)
     assert refused.value.param == param
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def _function(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+@pytest.mark.parametrize(
+    ("tools", "param", "says"),
+    [
+        # Many tools: refused at once (OpenAI's own limit), never checked pair by pair.
+        ([_function(f"f{i}", {"type": "object"}) for i in range(129)], "tools", "at most 128"),
+        # A schema nested past Python's recursion: a clear refusal, not the backend's 500.
+        ([_function("deep", _nested(600))], "tools[0].function.parameters", "nested deeper"),
+        # More repetitions than llama.cpp's grammar allows cannot be generated at all.
+        (
+            [_function("long", {"properties": {"t": {"type": "string", "minLength": 1001}}})],
+            "tools[0].function.parameters",
+            "minLength above 1000",
+        ),
+    ],
+)
+def test_tools_past_what_can_be_served_are_refused_before_anything_runs(
+    tools: list[dict[str, Any]], param: str, says: str
+) -> None:
+    with pytest.raises(ToolRequestError) as refused:
+        plan(chat(tools=tools, tool_choice="required"), None)
+    assert refused.value.param == param
+    assert says in str(refused.value)
 
 
 def test_tools_with_a_response_format_are_fine_when_no_call_is_wanted() -> None:
@@ -302,6 +338,25 @@ def _ask(llama: Llama, question: str, choice: Any) -> tuple[str, list[Any], str 
     *chunks, usage = list(stream)
     assert usage["usage"]["completion_tokens"] > 0
     return _read("none", iter(chunks))  # already read back: take the chunks as they are
+
+
+@pytest.mark.slow
+def test_large_bounds_are_lowered_to_what_llama_cpps_grammar_takes(llama: Llama) -> None:
+    """A maxLength or maxItems past what llama.cpp's grammar takes would be refused by llama.cpp
+    only as generation starts, after the answer began: it is lowered to 1000 instead."""
+    huge = {"type": "object", "properties": {
+        "text": {"type": "string", "maxLength": 5000},
+        "items": {"type": "array", "items": {"type": "integer"}, "maxItems": 3000}}}  # fmt: skip
+    served = plan(chat(tools=[_function("big", huge)], tool_choice="required"), None)
+    assert served is not None
+    assert served.grammar is not None
+    assert "5000" not in served.grammar
+    assert "3000" not in served.grammar
+    GrammarFilter(llama, served.grammar)  # llama.cpp takes it
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit({"type": "string", "maxLength": 5000}, "")
+    with pytest.raises(GrammarError):  # and would have refused the bound as asked
+        GrammarFilter(llama, converter.format_grammar())
 
 
 @pytest.mark.slow

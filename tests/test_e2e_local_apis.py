@@ -262,3 +262,28 @@ def test_a_turn_after_restore_cache_finds_its_prompt_cached(stack: Stack) -> Non
     assert cached < result["usage"]["prompt_tokens"]
     (row,) = asyncio.run(_rows(stack.dsn, 1, path="/restore_cache"))
     assert (row["prompt_tokens"], row["completion_tokens"]) == (warmed["cached_tokens"], 1)
+
+
+def test_tools_the_backend_cannot_serve_are_a_clear_error_never_a_retry(stack: Stack) -> None:
+    """Refused before the model runs, naming the field: not a 5xx a client would retry."""
+    many = [{"name": f"f{i}", "parameters": {"type": "object"}} for i in range(129)]
+    deep: dict[str, Any] = {"type": "string"}
+    for _ in range(100):
+        deep = {"type": "object", "properties": {"a": deep}}
+    for tools, says in (
+        (many, "at most 128"),
+        ([{"name": "deep", "parameters": deep}], "nested deeper"),
+        ([{"name": "long", "parameters": {"properties": {"t": {"minLength": 5000}}}}], "minLength"),
+    ):
+        request = {"jsonrpc": "2.0", "method": "create_message", "id": 7,
+                   "params": {"message": "Hi", "tools": tools, "model": DEFAULT}}  # fmt: skip
+        status, raw = stack.post("bob", "/rpc", request)
+        error = json.loads(raw)["error"]
+        assert (status, error["code"]) == (200, -32602), error
+        assert says in error["message"]
+        with pytest.raises(openai.BadRequestError) as refused:
+            stack.client("bob").chat.completions.create(
+                model=DEFAULT, messages=ASK, max_tokens=5,
+                tools=[{"type": "function", "function": tool} for tool in tools],  # type: ignore[misc]
+            )  # fmt: skip
+        assert says in str(refused.value)

@@ -154,7 +154,17 @@ async def test_an_empty_batch_is_one_invalid_request_error(proxy: Harness) -> No
 
 
 @pytest.mark.parametrize(
-    "raw", [b'{"jsonrpc": "2.0", "method": "tool_list", "id": 1', b"\xff\xfe", b"", b"[1,]"]
+    "raw",
+    [
+        b'{"jsonrpc": "2.0", "method": "tool_list", "id": 1',
+        b"\xff\xfe",
+        b"",
+        b"[1,]",
+        # a number no double holds: echoed in a history, it would be Infinity, which is no JSON
+        b'{"jsonrpc": "2.0", "method": "create_message", "id": 1, "params": {"history": [{'
+        b'"role": "assistant", "tool_calls": [{"id": "c", "name": "f", "arguments": {"x": 1e400}'
+        b"}]}]}}",
+    ],
 )
 async def test_a_parse_error_is_32700_with_a_null_id(proxy: Harness, raw: bytes) -> None:
     key = await proxy.user("alice")

@@ -89,6 +89,8 @@ async def test_top_logprobs_is_bounded_at_openais_20(proxy: Harness) -> None:
         (b'{"messages": [], "top_p": NaN}', "NaN is not a JSON number"),
         (b'{"messages": [], "temperature": Infinity}', "Infinity is not a JSON number"),
         (b'{"messages": [], "seed": ' + b"9" * 5000 + b"}", "a number in it is too long"),
+        # A float past a double's range would come back (in an echoed history) as Infinity.
+        (b'{"messages": [], "top_p": 1e400}', "1e400 is not a JSON number this server can hold"),
     ],
 )
 async def test_numbers_json_does_not_have_are_a_400_not_a_500(

@@ -18,6 +18,7 @@ so the two can never disagree about a field. On every inference request:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -48,6 +49,15 @@ def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text: str) -> float:
+    """A JSON number as a float; one too large for a float (1e400) would be echoed back as
+    `Infinity`, which is not JSON, so it is refused like NaN and Infinity are."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is not a JSON number this server can hold")
+    return value
+
+
 def parse_object(raw: bytes | None) -> dict[str, Any]:
     """The body as a JSON object, or a 400 saying what is wrong with it."""
     payload = parse_json(raw)
@@ -61,7 +71,7 @@ def parse_json(raw: bytes | None) -> Any:
     if not raw:
         raise InvalidJson("the body is empty")
     try:
-        payload: Any = json.loads(raw, parse_constant=_no_constant)
+        payload: Any = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except UnicodeDecodeError:
         raise InvalidJson("it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
