@@ -57,28 +57,24 @@ def _one_line_errors() -> Iterator[None]:
         raise OneLineError(exc.format_message()) from None
 
 
-class OneLineCommand(click.Command):
+class _OneLineErrors(click.Command):
+    """Parsing its options and running it: whatever fails is said in one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+class OneLineCommand(_OneLineErrors):
     """A command whose errors, its options' included, are each one line."""
 
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        with _one_line_errors():
-            return super().make_context(*args, **kwargs)
 
-    def invoke(self, ctx: click.Context) -> Any:
-        with _one_line_errors():
-            return super().invoke(ctx)
-
-
-class OneLineGroup(click.Group):
+class OneLineGroup(_OneLineErrors, click.Group):
     """The command group: errors of its own options and of every subcommand are one line."""
-
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        with _one_line_errors():
-            return super().make_context(*args, **kwargs)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        with _one_line_errors():
-            return super().invoke(ctx)
 
 
 class _MaskingFormatter(logging.Formatter):
