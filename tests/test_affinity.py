@@ -118,9 +118,11 @@ async def two_backends() -> AsyncIterator[tuple[TimedUpstream, TimedUpstream]]:
         await second.stop()
 
 
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
 async def test_through_the_proxy_each_conversation_stays_on_one_backend_and_rows_say_which(
-    db_dsn: str, tmp_path: Path, two_backends: tuple[TimedUpstream, TimedUpstream]
+    db_dsn: str, tmp_path: Path, two_backends: tuple[TimedUpstream, TimedUpstream], api: str
 ) -> None:
+    """Whichever API the client speaks: the backend call is what names the conversation."""
     ports = [upstream.port for upstream in two_backends]
     urls = ",".join(f"http://127.0.0.1:{port}" for port in ports)
     app = create_app(proxy_settings(db_dsn, 9, tmp_path, LLAMA_SERVER_URLS=urls))
@@ -134,15 +136,23 @@ async def test_through_the_proxy_each_conversation_stays_on_one_backend_and_rows
         await asyncio.wait_for(app[AUTH_LISTENER].connected.wait(), 10)
         await backends.probe(5.0)
         _, key = await make_user(db_dsn, "alice")
-        url = str(server.make_url("/v1/chat/completions"))
+        path = "/v1/chat/completions" if api == "openai" else "/v1/messages"
+        url = str(server.make_url(path))
 
         async def send(name: str, turn: int) -> None:
-            body = {"messages": conversations[name][turn], "user": f"{name}#{turn}"}
+            messages, user = conversations[name][turn], f"{name}#{turn}"
+            body: dict[str, Any] = {"messages": messages, "user": user}
+            if api == "anthropic":  # the same conversation in Anthropic's words
+                system, *rest = messages
+                body = {"model": "m", "max_tokens": 5, "system": system["content"],
+                        "messages": rest, "metadata": {"user_id": user}}  # fmt: skip
             async with client.post(url, json=body, headers=bearer(key)) as r:
                 assert r.status == 200, await r.text()
 
         for turn in range(3):  # all four at once: two start on each backend, then stay there
-            await asyncio.gather(*(send(name, turn) for name in names))
+            # In another order each turn, so that without affinity they would change places.
+            order = names[turn:] + names[:turn]
+            await asyncio.gather(*(send(name, turn) for name in order))
     where: dict[str, set[str | None]] = {}
     for upstream, port in zip(two_backends, ports, strict=True):
         for served in upstream.served:

@@ -68,7 +68,7 @@ class TimedUpstream:
         models = list(self.models)
         return web.json_response({"status": "ok", "models": models, "default": models[0]})
 
-    async def _serve(self, request: web.Request) -> web.Response:
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         body: Any = json.loads(raw) if raw else {}
         body = body if isinstance(body, dict) else {}
@@ -85,6 +85,14 @@ class TimedUpstream:
             self.active -= 1
         user, model = body.get("user"), body.get("model")
         self.served.append(Served(user, model, started, time.monotonic(), body))
+        if body.get("stream") is True:  # as llama-gate asks: one chunk, usage, [DONE]
+            chunk = {"id": "cmpl-1", "object": "chat.completion.chunk", "created": 1700000000,
+                     "model": model or self.models[0],
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"},
+                                  "finish_reason": "stop"}]}  # fmt: skip
+            events = [chunk, {"choices": [], "usage": USAGE}]
+            text = "".join(f"data: {json.dumps(event)}\n\n" for event in events)
+            return web.Response(text=text + "data: [DONE]\n\n", content_type="text/event-stream")
         message = {"role": "assistant", "content": "ok"}
         return web.json_response(
             {

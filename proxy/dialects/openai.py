@@ -21,7 +21,6 @@ from proxy.dialects.openai_replies import (
 from proxy.dialects.reasoning import Reasoning
 from proxy.errors import ApiError
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
-from proxy.upstream.affinity import conversation
 from proxy.upstream.forward import Reply, UpstreamCall
 
 
@@ -72,13 +71,7 @@ class Completions(_Forwarded):
             else AssembledReply(self._kind, self._reasoning)
         )
         call = UpstreamCall("POST", self._path, request.body)
-        body = request.body
-        # What shapes the prompt besides the messages must match too.
-        context = [request.model, body.get("tools"), body.get("functions")]
-        affinity = conversation(context, body.get("messages"))
-        return Prepared(
-            call, reply, request.model, request.stream, end_user=request.end_user, affinity=affinity
-        )
+        return Prepared(call, reply, request.model, request.stream, end_user=request.end_user)
 
 
 class Embeddings(_Forwarded):

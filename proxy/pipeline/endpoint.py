@@ -23,7 +23,6 @@ from aiohttp import web
 
 from proxy.auth.cache import Principal
 from proxy.errors import ApiError
-from proxy.upstream.affinity import Affinity
 from proxy.upstream.delivery import Delivery
 from proxy.upstream.forward import Reply, UpstreamCall
 
@@ -52,7 +51,6 @@ class Prepared:
     stream: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # whatever the endpoint's serve needs
     end_user: str | None = None  # whom the client says the request is for, when it says
-    affinity: Affinity | None = None  # the conversation it continues, to route it where it is warm
 
 
 @dataclass

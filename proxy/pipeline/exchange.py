@@ -17,7 +17,6 @@ from aiohttp import web
 
 from proxy.audit.row import ERROR_TEXT_LIMIT, AuditRow, storable
 from proxy.auth.cache import Principal
-from proxy.upstream.affinity import Affinity
 from proxy.upstream.delivery import Delivery
 from proxy.upstream.outcome import Outcome
 
@@ -38,7 +37,6 @@ class Exchange:
     model: str | None = None
     stream: bool | None = None
     end_user: str | None = None  # whom the client says the request is for
-    affinity: Affinity | None = None  # the conversation it continues (routing, never stored)
     outcome: Outcome = field(default_factory=Outcome)
     delivery: Delivery | None = None  # the client's side of the answer
     recorded: bool = False  # its row went to the completion hooks (it goes once)

@@ -54,6 +54,7 @@ from proxy.pipeline.endpoint import (
     Route,
 )
 from proxy.pipeline.exchange import Exchange
+from proxy.upstream.affinity import of_call
 from proxy.upstream.forward import Reply, UpstreamCall, forward
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,6 @@ async def _admitted(
         prepared = admitted.checked
         exchange.model, exchange.stream = prepared.model, prepared.stream
         exchange.end_user = prepared.end_user
-        exchange.affinity = prepared.affinity
         delivery.headers.update(admitted.headers)
         yield prepared
 
@@ -307,10 +307,13 @@ def _sender(
 
     async def send(call: UpstreamCall, reply: Reply) -> web.StreamResponse:
         backends = app[BACKENDS]  # looked up per call: tests and schedulers may replace it
+        # Each call's own conversation (a tool loop's grows call by call), whatever the API;
+        # with one backend there is nowhere else to go, so nothing to work out.
+        affinity = of_call(call.path, call.json) if len(backends.upstreams) > 1 else None
         refused: list[str] = []
         while True:
             async with backends.acquire(
-                user, exchange.model, exchange.outcome, refused, exchange.affinity
+                user, exchange.model, exchange.outcome, refused, affinity
             ) as upstream:
                 try:
                     return await forward(

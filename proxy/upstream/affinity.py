@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 MAX_PREFIXES = 256  # a conversation longer than this many messages is matched on its latest ones
+CHAT_PATH = "/v1/chat/completions"  # the backend call that continues a conversation
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,15 @@ def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
         "utf-8", "surrogatepass"
     )
+
+
+def of_call(path: str, body: Mapping[str, Any] | None) -> Affinity | None:
+    """The conversation a backend call continues: a chat's, whichever API the client spoke (the
+    model and the tools shape the prompt too, so they must match as well); None otherwise."""
+    if path != CHAT_PATH or body is None:
+        return None
+    context = [body.get("model"), body.get("tools"), body.get("functions")]
+    return conversation(context, body.get("messages"))
 
 
 def conversation(context: Any, messages: Any) -> Affinity | None:
