@@ -154,15 +154,23 @@ async def test_browsers_get_cors_on_every_answer_and_preflights_need_no_key(
     assert len(rows) == 4  # the preflight is no API request
 
 
-async def test_a_list_of_origins_admits_those_alone(db_dsn: str, tmp_path: Path) -> None:
-    origins = "https://chat.example.com, http://localhost:3000"
+@pytest.mark.parametrize(
+    ("origins", "admitted"),
+    [
+        ("https://chat.example.com, http://localhost:3000", True),
+        ("", False),  # empty: no browser at all (clients that are not browsers are unaffected)
+    ],
+)
+async def test_a_list_of_origins_admits_those_alone(
+    db_dsn: str, tmp_path: Path, origins: str, admitted: bool
+) -> None:
     async with running_proxy(db_dsn, tmp_path, LLAMA_PROXY_CORS_ORIGINS=origins) as proxy:
         key = await proxy.user("alice")
         url = proxy.url("/v1/models")
         async with aiohttp.ClientSession() as client:
             for origin, allowed in (
-                ("http://localhost:3000", True),
-                ("https://CHAT.example.com", True),
+                ("http://localhost:3000", admitted),
+                ("https://CHAT.example.com", admitted),
                 ("https://evil.example", False),
             ):
                 ask = {"Origin": origin, "Access-Control-Request-Method": "GET"}

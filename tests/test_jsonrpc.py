@@ -153,6 +153,20 @@ async def test_an_empty_batch_is_one_invalid_request_error(proxy: Harness) -> No
     assert (row.path, row.method) == ("/rpc", "POST")
 
 
+async def test_a_batch_past_a_hundred_calls_is_refused_whole_and_runs_none(proxy: Harness) -> None:
+    key = await proxy.user("alice")
+    call = {"jsonrpc": "2.0", "method": "tool_list", "id": 1}
+    status, body, _ = await rpc(proxy, key, [call] * 100)
+    assert status == 200
+    assert len(body) == 100  # a hundred is fine
+    status, body, _ = await rpc(proxy, key, [call] * 101)
+    assert status == 200
+    assert body["error"]["code"] == -32600
+    assert "at most 100" in body["error"]["message"]
+    rows = await proxy.wait_for_records(101)
+    assert [row.method for row in rows].count("tool_list") == 100  # the refused batch ran none
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -126,3 +126,12 @@ async def test_reasoning_in_whole_answers_the_think_route_and_the_strip_setting(
             raw, deltas = await _stream(client, stripping.url("/v1/chat/completions"), key)
         assert b"Weigh it" not in raw
         assert "".join(d.get("content") or "" for d in deltas) == ANSWER
+    async with running_proxy(db_dsn, tmp_path / "keep", LLAMA_PROXY_REASONING="keep") as keeping:
+        keeping.upstream.pieces = [TEXT[:9], TEXT[9:]]
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(keeping.url("/v1/chat/completions"), json=CHAT, headers=bearer(key)) as r,
+        ):
+            message = (await r.json())["choices"][0]["message"]
+        assert message["content"] == TEXT  # as /think answers by default
+        assert "reasoning_content" not in message
