@@ -124,7 +124,9 @@ def _field_path(loc: tuple[int | str, ...]) -> list[str]:
 def chat(payload: dict[str, Any], max_tokens: int) -> Inference:
     request = checked(ChatRequest, payload)
     body = request.model_dump(exclude_none=True, by_alias=True, exclude={"messages"})
-    body["messages"] = [_message(m) for m in request.model_dump(by_alias=True)["messages"]]
+    # Messages keep their nulls (an assistant's `content: null` beside its tool calls).
+    messages = request.model_dump(by_alias=True, include={"messages"})["messages"]
+    body["messages"] = [_message(m) for m in messages]
     if request.response_format is not None:
         body["response_format"] = _response_format(request)
     return _inference(body, payload, request.stream, request.stream_options, max_tokens)
