@@ -10,15 +10,14 @@ the same request then reports: both are the length of that lookup's key.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from typing import Any
 
 from llama_cpp import Llama
-from llama_cpp.llama import LlamaState
-from llama_cpp.llama_cache import BaseLlamaCache
 from llama_cpp.server.app import get_llama_proxy, prepare_request_resources
 from llama_cpp.server.types import CreateChatCompletionRequest
 from starlette.concurrency import run_in_threadpool
+
+from backend.usage import TokenTap
 
 PATH = "/llama-gate/prompt-tokens"
 _EXCLUDE = frozenset({"n", "logit_bias_type", "user", "min_tokens", "stream", "stream_options"})
@@ -30,30 +29,15 @@ class _Counted(Exception):
         self.tokens = tokens
 
 
-class _Counter(BaseLlamaCache):
-    """A prompt cache whose first lookup ends the completion with the prompt's length."""
-
-    def __init__(self) -> None:
-        super().__init__(0)
-
-    @property
-    def cache_size(self) -> int:
-        return 0
-
-    def __getitem__(self, key: Sequence[int]) -> LlamaState:
-        raise _Counted(len(key))
-
-    def __contains__(self, key: Sequence[int]) -> bool:
-        return False
-
-    def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
-        raise AssertionError("nothing is stored while counting")
+def _stop(tokens: int) -> None:
+    raise _Counted(tokens)
 
 
 def count(llama: Llama, kwargs: dict[str, Any]) -> int:
     """On the model's worker thread, under its lock: the prompt tokens of a chat completion."""
     real = llama.cache
-    llama.set_cache(_Counter())
+    # The tap completions report their prompt tokens through, stopping at its first lookup.
+    llama.set_cache(TokenTap(None, on_prompt=_stop))
     try:
         llama.create_chat_completion(**kwargs, stream=False)
     except _Counted as counted:
