@@ -135,14 +135,10 @@ class RestoreCache:
         call = with_declared_tools(context, prepared.call, prepared.extra["declared"])
         answer = ChatAnswer()
         await context.send(call, answer)
-        usage = answer.document.get("usage")
-        usage = usage if isinstance(usage, dict) else {}
-        prompt = usage.get("prompt_tokens")
-        details = usage.get("prompt_tokens_details")
-        reused = details.get("cached_tokens") if isinstance(details, dict) else None
+        counted = context.delivery.outcome  # as its audit row has them
         result = {
-            "cached_tokens": prompt,  # the whole prefix is in the model's context now
-            "reused_tokens": reused,  # of which were there already (when the backend says)
+            "cached_tokens": counted.prompt_tokens,  # the whole prefix is in the context now
+            "reused_tokens": counted.cached_tokens,  # of which were there already (if known)
             "model": answer.document.get("model") or prepared.model,
         }
         return context.delivery.whole(200, json_bytes(result), "application/json")
