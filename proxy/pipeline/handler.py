@@ -289,7 +289,7 @@ class _Calls:
             call.outcome.left()
             raise
         except Exception:
-            call.outcome.note_error(InternalError.code or "internal_error")
+            call.outcome.note_error(InternalError().reason)  # as any other request's row says
             call.outcome.status = 500
             raise
         finally:
