@@ -293,6 +293,8 @@ async def test_an_unexpected_failure_is_32603_and_logged(
     assert "a bug" in caplog.text
     (row,) = rows
     assert (row.method, row.status_code) == ("create_message", 500)
+    assert row.error is not None
+    assert row.error.startswith("internal_error: The proxy failed unexpectedly")  # as elsewhere
 
 
 # -- the server's own errors ----------------------------------------------------------------------
