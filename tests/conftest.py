@@ -7,6 +7,7 @@ server is started from this machine's Postgres binaries and removed after the ru
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,15 @@ from proxy.db import migrate
 from proxy.db.localpg import LocalPostgres, throwaway_server
 
 TEMPLATE_DB = "llama_gate_template"
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect each test's garbage as it ends. Something it left unclosed (a socket, a session)
+    is then reported in that test, or closed while its loop still runs, rather than failing
+    whichever later test the collector happens to run in, as a socket did now and then."""
+    yield
+    gc.collect()
 
 
 def _with_database(dsn: str, name: str) -> str:
