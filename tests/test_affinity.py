@@ -144,7 +144,7 @@ async def test_through_the_proxy_each_conversation_stays_on_one_backend_and_rows
             body: dict[str, Any] = {"messages": messages, "user": user}
             if api == "anthropic":  # the same conversation in Anthropic's words
                 system, *rest = messages
-                body = {"model": "m", "max_tokens": 5, "system": system["content"],
+                body = {"model": "smollm2-test", "max_tokens": 5, "system": system["content"],
                         "messages": rest, "metadata": {"user_id": user}}  # fmt: skip
             async with client.post(url, json=body, headers=bearer(key)) as r:
                 assert r.status == 200, await r.text()
