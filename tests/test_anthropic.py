@@ -67,28 +67,33 @@ async def _events(proxy: Harness, key: str, **body: Any) -> list[tuple[str, dict
 async def test_a_message_with_the_sync_and_async_sdk_with_or_without_v1(proxy: Harness) -> None:
     key = await proxy.user("alice")
     for base in ("/", "/v1"):  # clients are configured both ways
-        client = anthropic.Anthropic(base_url=proxy.url(base), api_key=key, max_retries=0)
-        answer = await asyncio.to_thread(
-            client.messages.create,
-            model=MODEL,
-            max_tokens=50,
-            system=[{"type": "text", "text": "Be brief."}],
-            messages=HI,
-            stop_sequences=["\n\n"],
-            metadata={"user_id": "end-user-7"},
-            extra_headers={"anthropic-beta": "some-future-flag"},
-            # Sampling fields (older SDKs' own arguments) and fields without use here.
-            extra_body={"temperature": 0.5, "top_k": 5, "service_tier": "auto", "container": None},
-        )
-        assert answer.type == "message"
-        assert re.fullmatch(r"msg_\w+", answer.id)
-        assert answer.role == "assistant"
-        assert answer.model == MODEL
-        assert [(b.type, getattr(b, "text", None)) for b in answer.content] == [
-            ("text", "Hello world")
-        ]
-        assert (answer.stop_reason, answer.stop_sequence) == ("end_turn", None)
-        assert (answer.usage.input_tokens, answer.usage.output_tokens) == (5, 2)
+        with anthropic.Anthropic(base_url=proxy.url(base), api_key=key, max_retries=0) as client:
+            answer = await asyncio.to_thread(
+                client.messages.create,
+                model=MODEL,
+                max_tokens=50,
+                system=[{"type": "text", "text": "Be brief."}],
+                messages=HI,
+                stop_sequences=["\n\n"],
+                metadata={"user_id": "end-user-7"},
+                extra_headers={"anthropic-beta": "some-future-flag"},
+                # Sampling fields (older SDKs' own arguments) and fields without use here.
+                extra_body={
+                    "temperature": 0.5,
+                    "top_k": 5,
+                    "service_tier": "auto",
+                    "container": None,
+                },
+            )
+            assert answer.type == "message"
+            assert re.fullmatch(r"msg_\w+", answer.id)
+            assert answer.role == "assistant"
+            assert answer.model == MODEL
+            assert [(b.type, getattr(b, "text", None)) for b in answer.content] == [
+                ("text", "Hello world")
+            ]
+            assert (answer.stop_reason, answer.stop_sequence) == ("end_turn", None)
+            assert (answer.usage.input_tokens, answer.usage.output_tokens) == (5, 2)
     sent = _sent(proxy)
     assert sent["messages"] == [
         {"role": "system", "content": "Be brief."},

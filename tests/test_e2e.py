@@ -9,7 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import anthropic
@@ -33,9 +33,14 @@ class Stack:
     dsn: str
     backend: Backend
     keys: dict[str, str]
+    clients: dict[str, openai.OpenAI] = field(default_factory=dict)  # closed with the stack
 
     def client(self, user: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0)
+        if user not in self.clients:
+            self.clients[user] = openai.OpenAI(
+                base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0
+            )
+        return self.clients[user]
 
     def async_client(self, user: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0)
@@ -67,7 +72,10 @@ def stack(module_db_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "LLAMA_PROXY_DASHBOARD_PORT": "0",
         }
         with proxy_process(environ) as url:
-            yield Stack(url, module_db_dsn, backend, keys)
+            stack = Stack(url, module_db_dsn, backend, keys)
+            yield stack
+            for client in stack.clients.values():
+                client.close()
 
 
 async def _audit_row(dsn: str, request_id: str) -> asyncpg.Record:
@@ -105,8 +113,11 @@ def test_chat_stream_models_and_embeddings_through_the_proxy(stack: Stack) -> No
     assert finish in {"stop", "length"}
     embedding = client.embeddings.create(model=DEFAULT, input="hello")
     assert len(embedding.data[0].embedding) > 100
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{stack.url}/v1", api_key="lgk_bad", max_retries=0).models.list()
+    with (
+        openai.OpenAI(base_url=f"{stack.url}/v1", api_key="lgk_bad", max_retries=0) as bad,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        bad.models.list()
 
 
 def test_streamed_audit_row_counts_the_same_tokens_as_unstreamed(stack: Stack) -> None:

@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -44,9 +44,14 @@ class Stack:
     url: str
     dsn: str
     keys: dict[str, str]
+    clients: dict[str, openai.OpenAI] = field(default_factory=dict)  # closed with the stack
 
     def client(self, user: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0)
+        if user not in self.clients:
+            self.clients[user] = openai.OpenAI(
+                base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0
+            )
+        return self.clients[user]
 
     def post(self, user: str, path: str, body: Any) -> tuple[int, bytes]:
         return asyncio.run(_post(f"{self.url}{path}", self.keys[user], body))
@@ -83,7 +88,10 @@ def stack(module_db_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "LLAMA_PROXY_METRICS_PORT": "0",
         }
         with proxy_process(environ) as url:
-            yield Stack(url, module_db_dsn, keys)
+            stack = Stack(url, module_db_dsn, keys)
+            yield stack
+            for client in stack.clients.values():
+                client.close()
 
 
 async def _rows(dsn: str, count: int, **match: Any) -> list[asyncpg.Record]:
