@@ -15,6 +15,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -34,19 +36,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend import prompt_tokens, tools
+from backend import tools
 from backend.cache_plan import CachePlan, ModelCache
 from backend.embeddings import Embedder
 from backend.errors import openai_error
+from backend.prompts import PromptError, Vocabulary
 from backend.usage import Chunk, with_usage
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_OPTION = "llama_gate_progress"  # see backend.usage
+# Where llama-gate's proxy has a request's prompt measured (count_tokens; before a fair turn).
+PROMPT_TOKENS_PATH = "/llama-gate/prompt-tokens"
 # llama_cpp.server's routes whose JSON body may name a model.
 MODEL_PATHS = frozenset(
     {
-        prompt_tokens.PATH,
+        PROMPT_TOKENS_PATH,
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/embeddings",
@@ -98,7 +103,13 @@ def create_backend_app(
     embedder = Embedder(paths, first.n_ctx, first.n_threads)
     model_cache = ModelCache(cache_plan or CachePlan("off", 0))
     formats = {model.model_alias or model.model: model.chat_format for model in model_settings}
-    return BackendApp(inner, list(paths), server_settings.api_key, embedder, model_cache, formats)
+    vocabularies = {
+        model.model_alias or model.model: Vocabulary(model.model, model.n_ctx, model.chat_format)
+        for model in model_settings
+    }
+    return BackendApp(
+        inner, list(paths), server_settings.api_key, embedder, model_cache, formats, vocabularies
+    )
 
 
 class BackendApp:
@@ -112,15 +123,24 @@ class BackendApp:
         embedder: Embedder | None = None,
         model_cache: ModelCache | None = None,
         chat_formats: Mapping[str, str | None] | None = None,
+        vocabularies: Mapping[str, Vocabulary] | None = None,
     ) -> None:
         self._inner = inner
         self._embedder = embedder
         self._cache = model_cache or ModelCache(CachePlan("off", 0))
         self._chat_formats = dict(chat_formats or {})  # alias -> LLAMA_CHAT_FORMAT (None: GGUF's)
+        self._vocabularies = dict(vocabularies or {})
         self._aliases = frozenset(aliases)
         self._default = aliases[0]
         self._api_key = api_key.encode() if api_key else None
-        self._health = {"status": "ok", "models": sorted(aliases), "default": self._default}
+        self._meter = Meter()
+        self._health = {
+            "status": "ok",
+            "models": sorted(aliases),
+            "default": self._default,
+            "pid": os.getpid(),
+            "limits": {alias: v.limits.as_json() for alias, v in self._vocabularies.items()},
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -160,23 +180,24 @@ class BackendApp:
             elif not isinstance(model, str) or model not in self._aliases:
                 await self._unknown_model(str(model))(scope, receive, send)
                 return
-            if scope["path"] == prompt_tokens.PATH:
-                await (await _count_answer(data))(scope, receive, send)
+            path = scope["path"]
+            if path == PROMPT_TOKENS_PATH:
+                await (await self._measure_answer(data))(scope, receive, send)
                 return
-            if scope["path"] == "/v1/embeddings" and self._embedder is not None:
+            try:
+                # Before anything reaches llama.cpp: what it cannot serve is a 400 here.
+                measured = await self._measure(path, data, streamed=data.get("stream") is True)
+            except PromptError as exc:
+                await _prompt_refused(exc)(scope, receive, send)
+                return
+            if path == "/v1/embeddings" and self._embedder is not None:
                 await (await self._embed_answer(data))(scope, receive, send)
                 return
-            stream = _USAGE_STREAMS.get(scope["path"])
+            stream = _USAGE_STREAMS.get(path)
             if stream is not None and self._cache.plan.on and _wants_logprobs(data):
                 await _no_logprobs()(scope, receive, send)
                 return
-            plan = None
-            if scope["path"] == "/v1/chat/completions" and data.get("stream") is True:
-                try:
-                    plan = tools.plan(data, self._chat_formats.get(data["model"]))
-                except tools.ToolRequestError as exc:
-                    await _refused(str(exc), exc.param)(scope, receive, send)
-                    return
+            plan = measured.plan if measured is not None else None
             if stream is not None and plan is not None:
                 # Tools made real (see backend.tools): the rewritten request, its calls read back.
                 stream = replace(stream, call=plan.llama_call(usage=_wants_usage(data)))
@@ -184,10 +205,58 @@ class BackendApp:
             if (
                 stream is not None
                 and (plan is not None or _wants_usage(data))
-                and await _stream_with_usage(stream, data, scope, receive, send, self._cache)
+                and await _stream_with_usage(
+                    stream, data, scope, receive, send, self._cache, self._meter
+                )
             ):
                 return
         await self._inner(scope, _replay(body, receive), send)
+
+    async def _measure(
+        self, path: str, data: dict[str, Any], *, streamed: bool
+    ) -> _Measured | None:
+        """The prompt's tokens as the model will see them (None for a request that has none, or
+        a model without a vocabulary here); `PromptError` for what the model cannot serve."""
+        vocabulary = self._vocabularies.get(data.get("model", self._default))
+        if vocabulary is None:
+            return None
+        kind = _kind(path, data)
+        if kind is None:
+            return None
+        plan = None
+        if kind == "chat" and streamed:  # how the proxy asks; llama_cpp's own handler otherwise
+            try:
+                plan = tools.plan(data, self._chat_formats.get(data["model"]))
+            except tools.ToolRequestError as exc:
+                raise PromptError(str(exc), exc.param) from None
+        return await anyio.to_thread.run_sync(_measure_in_thread, vocabulary, kind, data, plan)
+
+    async def _measure_answer(self, data: dict[str, Any]) -> JSONResponse:
+        """`/llama-gate/prompt-tokens`: a request's prompt tokens, measured as it would be
+        served (a chat as the proxy sends it: streamed), or a 400 saying why it cannot be."""
+        kind = _kind("", data)
+        try:
+            measured = await self._measure(
+                _KIND_PATHS.get(kind or "", ""), data, streamed=kind == "chat"
+            )
+        except PromptError as exc:
+            return _prompt_refused(exc)
+        if measured is None:
+            return JSONResponse(
+                openai_error(
+                    "nothing to count: send a chat, text or embeddings request body",
+                    kind="invalid_request_error",
+                ),
+                status_code=400,
+            )
+        vocabulary = self._vocabularies[data.get("model", self._default)]
+        answer: dict[str, Any] = {
+            "prompt_tokens": measured.tokens,
+            "n_ctx": vocabulary.limits.n_ctx,
+        }
+        if measured.inputs is not None:
+            answer["inputs"] = measured.inputs
+        return JSONResponse(answer)
 
     def _after_startup(self, send: Send) -> Send:
         """`send` for the lifespan: the default model gets the prompt cache before serving, so
@@ -204,8 +273,9 @@ class BackendApp:
 
     def _health_answer(self) -> dict[str, Any]:
         stats = self._cache.stats()
+        health = {**self._health, "evaluated_tokens": self._meter.evaluated}
         if stats is None:
-            return {**self._health, "prompt_cache": {"mode": "off"}}
+            return {**health, "prompt_cache": {"mode": "off"}}
         cache = {
             "mode": self._cache.plan.mode,
             "states": stats.states,
@@ -215,7 +285,7 @@ class BackendApp:
             "misses": stats.misses,
             "evictions": stats.evictions,
         }
-        return {**self._health, "prompt_cache": cache}
+        return {**health, "prompt_cache": cache}
 
     async def _embed_answer(self, data: dict[str, Any]) -> JSONResponse:
         text = data.get("input")
@@ -240,6 +310,9 @@ class BackendApp:
                 openai_error(str(exc), kind="invalid_request_error", param="input"),
                 status_code=400,
             )
+        usage = answer.get("usage")
+        if isinstance(usage, dict) and type(usage.get("prompt_tokens")) is int:
+            self._meter.add(usage["prompt_tokens"])
         return JSONResponse(answer)
 
     def _authorized(self, scope: Scope) -> bool:
@@ -265,23 +338,68 @@ class BackendApp:
         )
 
 
-async def _count_answer(data: dict[str, Any]) -> JSONResponse:
-    """`{"prompt_tokens": n}` for a chat request, or a 400 in OpenAI's shape."""
-    try:
-        body = CreateChatCompletionRequest.model_validate(data)
-        tokens = await prompt_tokens.prompt_tokens(body)
-    except (ValidationError, ValueError) as exc:  # a bad body; a prompt past the context
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return JSONResponse(
-            openai_error(message, kind="invalid_request_error", param="messages"),
-            status_code=400,
-        )
-    return JSONResponse({"prompt_tokens": tokens})
+@dataclass(frozen=True)
+class _Measured:
+    tokens: int  # the prompt's (all inputs' for embeddings)
+    plan: tools.ToolPlan | None = None  # how a chat with tools is served
+    inputs: list[int] | None = None  # each embedding input's
 
 
-def _refused(message: str, param: str) -> JSONResponse:
-    error = openai_error(message, kind="invalid_request_error", param=param)
-    return JSONResponse(error, status_code=400)
+_KIND_PATHS = {
+    "chat": "/v1/chat/completions",
+    "text": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+
+def _kind(path: str, data: dict[str, Any]) -> str | None:
+    """Which kind of prompt a request body holds: by its path, or by its fields."""
+    for kind, known in _KIND_PATHS.items():
+        if path == known:
+            return kind
+    if path:
+        return None
+    if "messages" in data:
+        return "chat"
+    if "prompt" in data:
+        return "text"
+    return "embeddings" if "input" in data else None
+
+
+def _measure_in_thread(
+    vocabulary: Vocabulary, kind: str, data: dict[str, Any], plan: tools.ToolPlan | None
+) -> _Measured:
+    if kind == "chat":
+        body = plan.body if plan is not None else data
+        grammar = plan.grammar if plan is not None else None
+        return _Measured(vocabulary.chat(body, grammar), plan)
+    if kind == "text":
+        return _Measured(vocabulary.text(data))
+    given = data.get("input")
+    inputs = (
+        given if isinstance(given, list) and given and not isinstance(given[0], int) else [given]
+    )
+    counts = vocabulary.embeddings(inputs)
+    return _Measured(sum(counts), None, counts)
+
+
+def _prompt_refused(exc: PromptError) -> JSONResponse:
+    body = openai_error(str(exc), kind="invalid_request_error", param=exc.param, code=exc.code)
+    body["error"].update(exc.details)  # the numbers, for the proxy's own words
+    return JSONResponse(body, status_code=400)
+
+
+class Meter:
+    """Tokens the model evaluated (prompt tokens read, not cached, and tokens generated), for
+    `/health`: what a token quota bounds, measured where the work is done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.evaluated = 0
+
+    def add(self, tokens: int) -> None:
+        with self._lock:
+            self.evaluated += max(0, tokens)
 
 
 def _wants_usage(data: dict[str, Any]) -> bool:
@@ -325,6 +443,7 @@ async def _stream_with_usage(
     receive: Receive,
     send: Send,
     model_cache: ModelCache,
+    meter: Meter,
 ) -> bool:
     """Serve a streamed request as llama_cpp.server's own handler would, through its own
     publisher (model lock, disconnects, [DONE]), with a `Llama` call that ends in usage.
@@ -336,10 +455,10 @@ async def _stream_with_usage(
     except ValidationError:
         return False  # its 422, in its words
     prompt = getattr(body, "prompt", None)
-    if isinstance(prompt, list):
+    if isinstance(prompt, list) and not all(isinstance(token, int) for token in prompt):
         if len(prompt) > 1:
             return False  # it refuses batches; let it
-        body.prompt = prompt[0] if prompt else ""
+        body.prompt = prompt[0]  # a batch of one (measured, so never empty)
     kwargs = body.model_dump(exclude=stream.exclude)
     send_chan, recv_chan = anyio.create_memory_object_stream[dict[str, str]](10)
 
@@ -353,7 +472,7 @@ async def _stream_with_usage(
     def llama_call(llama: Llama, **kwargs: Any) -> Iterator[Chunk]:
         # On the model's worker thread, under its lock: the model this request reached.
         model_cache.install(llama)
-        return stream.call(llama, on_prompt=on_prompt, **kwargs)
+        return stream.call(llama, on_prompt=on_prompt, on_evaluated=meter.add, **kwargs)
 
     publisher = partial(
         get_event_publisher,

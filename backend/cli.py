@@ -10,6 +10,7 @@ from backend.config import BackendPlan, plan, write_config
 from backend.errors import BackendError
 from backend.fetch import FALLBACK, fetch_fallback, pull
 from backend.models import find_models, models_dir, pick_default, require_models
+from backend.serve import run_worker
 from backend.serve import serve as run_server
 from proxy.settings import Settings, SettingsError, load_settings
 
@@ -53,7 +54,9 @@ def serve(host: str | None, port: str | None, model: str | None) -> None:
 
     Writes runtime/backend-config.json, takes the port, loads the default model, then answers
     only requests carrying LLAMA_SERVER_API_KEY (GET /health needs none). Any bad setting, a
-    missing model or a taken port ends it at once with one line saying what to do.
+    missing model or a taken port ends it at once with one line saying what to do. The model
+    server runs as a child process: if it dies (a crash, the out-of-memory killer), it is
+    started again within seconds, with a log line, while the port keeps taking connections.
 
     Example:
 
@@ -64,6 +67,15 @@ def serve(host: str | None, port: str | None, model: str | None) -> None:
     settings = _settings(LLAMA_SERVER_HOST=host, LLAMA_SERVER_PORT=port, LLAMA_MODEL=model)
     try:
         run_server(settings, _plan(settings))
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command(hidden=True)
+def worker() -> None:
+    """The model server process `serve` runs and restarts (not for running by hand)."""
+    try:
+        run_worker(_settings())
     except BackendError as exc:
         raise click.ClickException(str(exc)) from None
 

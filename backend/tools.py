@@ -93,7 +93,9 @@ class ToolPlan:
         if usage:
             return with_usage(chat, "chat.completion.chunk")
 
-        def without_usage(llama: Llama, *, on_prompt: Any = None, **kwargs: Any) -> Iterator[Chunk]:
+        def without_usage(
+            llama: Llama, *, on_prompt: Any = None, on_evaluated: Any = None, **kwargs: Any
+        ) -> Iterator[Chunk]:
             return chat(llama, **kwargs)
 
         return without_usage

@@ -154,7 +154,11 @@ def with_usage(
     ends with OpenAI's usage chunk: `"choices": []` and the counts an unstreamed call reports."""
 
     def stream(
-        llama: Llama, *, on_prompt: Callable[[int], None] | None = None, **kwargs: Any
+        llama: Llama,
+        *,
+        on_prompt: Callable[[int], None] | None = None,
+        on_evaluated: Callable[[int], None] | None = None,
+        **kwargs: Any,
     ) -> Generator[Chunk, None, None]:
         tap = TokenTap(_real_cache(llama), on_prompt, llama)
         llama.set_cache(tap)
@@ -170,6 +174,10 @@ def with_usage(
         finally:
             if llama.cache is tap:
                 llama.set_cache(tap.inner)
+            if on_evaluated is not None and tap.lookups:
+                # What the context holds now, less what it held of this prompt before: the
+                # tokens read and generated, whether the stream ended or was left.
+                on_evaluated(llama.n_tokens - tap.cached)
         usage = tap.usage()
         if last is not None and usage is not None:
             final: Chunk = {
