@@ -228,7 +228,7 @@ class BackendApp:
             try:
                 plan = tools.plan(data, self._chat_formats.get(data["model"]))
             except tools.ToolRequestError as exc:
-                raise PromptError(str(exc), exc.param) from None
+                raise PromptError(str(exc), exc.param, "invalid_tools") from None
         return await anyio.to_thread.run_sync(_measure_in_thread, vocabulary, kind, data, plan)
 
     async def _measure_answer(self, data: dict[str, Any]) -> JSONResponse:
@@ -425,6 +425,7 @@ def _no_logprobs() -> JSONResponse:
             "LLAMA_PROMPT_CACHE=off",
             kind="invalid_request_error",
             param="logprobs",
+            code="logprobs_unavailable",
         ),
         status_code=400,
     )

@@ -10,7 +10,7 @@ from backend.config import BackendPlan, plan, write_config
 from backend.errors import BackendError
 from backend.fetch import FALLBACK, fetch_fallback, pull
 from backend.models import find_models, models_dir, pick_default, require_models
-from backend.serve import run_worker
+from backend.serve import WorkerFailed, run_worker
 from backend.serve import serve as run_server
 from proxy.settings import Settings, SettingsError, load_settings
 
@@ -69,6 +69,12 @@ def serve(host: str | None, port: str | None, model: str | None) -> None:
         run_server(settings, _plan(settings))
     except BackendError as exc:
         raise click.ClickException(str(exc)) from None
+    except WorkerFailed as exc:
+        if exc.status > 0:  # it printed its own one-line error
+            raise SystemExit(exc.status) from None
+        raise click.ClickException(
+            f"the model server stopped before it could serve ({exc}); the lines above say why"
+        ) from None
 
 
 @main.command(hidden=True)

@@ -146,14 +146,15 @@ class Vocabulary:
             raise
         except UnicodeEncodeError:
             raise PromptError(
-                "the messages hold a lone surrogate, which is not text", "messages"
+                "the messages hold a lone surrogate, which is not text", "messages", "invalid_text"
             ) from None
         except Exception as exc:  # the template failed on these messages
             raise PromptError(
                 f"the model's chat template cannot render these messages ({_short(exc)})",
                 "messages",
+                "template_error",
             ) from None
-        raise PromptError("the chat template produced no prompt", "messages")
+        raise PromptError("the chat template produced no prompt", "messages", "template_error")
 
     def text(self, body: Mapping[str, Any]) -> int:
         """The prompt tokens of a text completion: one prompt, as text (llama_cpp.server takes
@@ -165,13 +166,15 @@ class Vocabulary:
         if isinstance(body.get("grammar"), str):
             self.check_grammar(body["grammar"], "grammar")
         if not isinstance(prompt, str):
-            raise PromptError("'prompt' must be one text (token ids are not served)", "prompt")
+            raise PromptError(
+                "'prompt' must be one text (token ids are not served)", "prompt", "invalid_prompt"
+            )
         self._bound(len(prompt.encode("utf-8", "surrogatepass")), "prompt")
         tokens = self._tokens(prompt, "prompt", bos=False)
         if tokens and self._llama._model.add_bos_token():
             tokens = [self._llama.token_bos(), *tokens]
         if not tokens:
-            raise PromptError("'prompt' is empty: send some text", "prompt")
+            raise PromptError("'prompt' is empty: send some text", "prompt", "empty_prompt")
         return self._fits(len(tokens), "prompt")
 
     def embeddings(self, inputs: Sequence[Any]) -> list[int]:
@@ -180,11 +183,13 @@ class Vocabulary:
         for index, item in enumerate(inputs):
             param = f"input.{index}" if len(inputs) > 1 else "input"
             if not isinstance(item, str):
-                raise PromptError("each input must be a text (token ids are not served)", param)
+                raise PromptError(
+                    "each input must be a text (token ids are not served)", param, "invalid_prompt"
+                )
             self._bound(len(item.encode("utf-8", "surrogatepass")), param)
             count = len(self._tokens(item, param, bos=True))
             if count == 0:
-                raise PromptError("an input is empty", param)
+                raise PromptError("an input is empty", param, "empty_prompt")
             counts.append(self._fits(count, param))
         return counts
 
@@ -192,7 +197,9 @@ class Vocabulary:
         try:
             encoded = text.encode("utf-8")
         except UnicodeEncodeError:
-            raise PromptError("the text holds a lone surrogate, which is not text", param) from None
+            raise PromptError(
+                "the text holds a lone surrogate, which is not text", param, "invalid_text"
+            ) from None
         return self._llama.tokenize(encoded, add_bos=bos, special=True)
 
     # -- checks ----------------------------------------------------------------------------------
@@ -203,7 +210,7 @@ class Vocabulary:
         try:
             encoded = gbnf.encode("utf-8")
         except UnicodeEncodeError:
-            raise PromptError("the grammar is not text", param) from None
+            raise PromptError("the grammar is not text", param, "invalid_text") from None
         with self._lock:
             sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, encoded, b"root")
             if not sampler:
@@ -223,7 +230,9 @@ class Vocabulary:
                 token = -1
             if not 0 <= token < n_vocab:
                 raise PromptError(
-                    f"logit_bias keys must be token ids from 0 to {n_vocab - 1}", "logit_bias"
+                    f"logit_bias keys must be token ids from 0 to {n_vocab - 1}",
+                    "logit_bias",
+                    "invalid_logit_bias",
                 )
 
     def _bound(self, size: int, param: str) -> None:

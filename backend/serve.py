@@ -145,10 +145,7 @@ class Supervisor:
             if self._stopping:
                 return
             if not ready and not served_once:
-                raise BackendError(
-                    f"the model server stopped before it could serve ({_describe(status)}); "
-                    "the lines above say why"
-                )
+                raise WorkerFailed(status)
             served_once = served_once or ready
             if self._clock() - started >= STEADY_SECONDS:
                 backoff = FIRST_BACKOFF_SECONDS
@@ -214,6 +211,14 @@ class Supervisor:
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
+
+
+class WorkerFailed(Exception):
+    """The first model server process ended before it could serve; it said why."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(_describe(status))
+        self.status = status
 
 
 def _describe(status: int) -> str:

@@ -28,9 +28,11 @@ from proxy.appkeys import (
     QUOTAS,
     RATE_LIMITER,
     SETTINGS,
+    STRANGERS,
     UPSTREAM_SESSION,
 )
-from proxy.audit.row import CompletionHook
+from proxy.audit.row import AuditRow, CompletionHook
+from proxy.audit.strangers import Strangers
 from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
@@ -41,6 +43,7 @@ from proxy.edge.cors import Cors
 from proxy.forwarded import TrustedProxies
 from proxy.limits.admission import Admission
 from proxy.limits.places import Places
+from proxy.limits.prompts import Prompts
 from proxy.limits.quotas import TokenQuotas
 from proxy.limits.ratelimit import RateLimiter
 from proxy.metrics import Metrics, metrics_app
@@ -71,8 +74,17 @@ def create_app(settings: Settings) -> web.Application:
     metrics.watch_audit(audit_writer)
     quotas = TokenQuotas(database)
     rate_limiter = RateLimiter(settings, database)
+    strangers = Strangers(database)
+
+    def ledger_row(row: AuditRow) -> None:
+        """A caller's request is a row of the ledger; one without a valid key is counted."""
+        if row.user_id is None:
+            strangers.observe(row)
+        else:
+            audit_writer.submit(row)
+
     # quotas.observe counts a request's tokens before its audit row lands.
-    hooks: list[CompletionHook] = [audit_writer.submit, metrics.observe, quotas.observe]
+    hooks: list[CompletionHook] = [ledger_row, metrics.observe, quotas.observe]
     app = web.Application(client_max_size=settings.max_body_bytes)
     table = add_routes(app, routes)
     if settings.trusted_proxies:  # first: everything after it sees the client's address
@@ -87,6 +99,7 @@ def create_app(settings: Settings) -> web.Application:
     app[DECLARED_TOOLS] = declared_tools
     app[COMPLETION_HOOKS] = hooks
     app[AUDIT_WRITER] = audit_writer
+    app[STRANGERS] = strangers
     app[METRICS] = metrics
     app[DATABASE] = database
     app[AUTHENTICATOR] = authenticator
@@ -95,11 +108,20 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[RATE_LIMITER] = rate_limiter
     app[QUOTAS] = quotas
-    app[ADMISSION] = Admission(settings, Places(), quotas, rate_limiter)
+    prompts = Prompts(settings, lambda: app[BACKENDS], lambda: app[UPSTREAM_SESSION])
+    app[ADMISSION] = Admission(settings, Places(), quotas, rate_limiter, prompts)
     app[BACKENDS] = Backends.from_settings(settings)
     # Cleaned up in reverse: metrics and the audit flush go first, while the pool is still open.
     app.cleanup_ctx.extend(
-        (_database, _upstream_session, _authenticator, _auth_listener, _audit, _metrics_site)
+        (
+            _database,
+            _upstream_session,
+            _authenticator,
+            _auth_listener,
+            _audit,
+            _strangers,
+            _metrics_site,
+        )
     )
     app.cleanup_ctx.append(_backend_probes)
     app.cleanup_ctx.append(dashboard_site)  # its own listener; stops first, the pool still open
@@ -167,13 +189,23 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
     await task
 
 
+async def _strangers(app: web.Application) -> AsyncIterator[None]:
+    """Count the requests without a valid key for the app's whole life; flush them at the end."""
+    task = asyncio.create_task(app[STRANGERS].run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
     """Serve /metrics on its own (loopback by default) listener; port 0 means no metrics."""
     settings = app[SETTINGS]
     if settings.metrics_port == 0:
         yield
         return
-    runner = web.AppRunner(metrics_app(app[METRICS]), access_log=None)
+    served = metrics_app(app[METRICS], health.readiness_routes(app))
+    runner = web.AppRunner(served, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()

@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.audit.row import CompletionHook
+from proxy.audit.strangers import Strangers
 from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
@@ -34,6 +35,7 @@ UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 # Each finished request's row goes to every hook: the audit writer, metrics, quotas (and tests).
 COMPLETION_HOOKS = web.AppKey[list[CompletionHook]]("completion_hooks")
 AUDIT_WRITER = web.AppKey("audit_writer", AuditWriter)
+STRANGERS = web.AppKey("strangers", Strangers)  # requests without a valid key, in aggregate
 METRICS = web.AppKey("metrics", Metrics)
 # The tools this deployment declares (LLAMA_PROXY_TOOLS_FILE), read at startup.
 DECLARED_TOOLS = web.AppKey[tuple[Tool, ...]]("declared_tools")

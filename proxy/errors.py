@@ -214,22 +214,6 @@ class MethodNotAllowed(ApiError):
         super().__init__(f"Method {method} is not allowed here; use {allowed}.", {"Allow": allowed})
 
 
-class BackendAnswered(ApiError):
-    """The backend answered with an error of its own (already in OpenAI's vocabulary)."""
-
-    def __init__(
-        self, status: int, message: str, type_: str, param: str | None, code: str | None
-    ) -> None:
-        super().__init__(message, param=param)
-        self.status = status
-        self.type = type_
-        self.code = code
-
-    @property
-    def reason(self) -> str:
-        return self.message[:200]
-
-
 class InternalError(ApiError):
     """A bug in the proxy: the client hears that it is logged, never what it was."""
 
@@ -285,4 +269,63 @@ class AnswerTooLarge(ApiError):
         super().__init__(
             f"The answer grew larger than this server returns ({limit} bytes); ask for fewer "
             "tokens or fewer logprobs."
+        )
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (with the answer it asks room for) does not fit the model's context."""
+
+    status = 400
+    type = INVALID_REQUEST
+    code = "context_length_exceeded"
+
+    def __init__(
+        self,
+        prompt_tokens: int,
+        n_ctx: int,
+        answer: int = 0,
+        param: str | None = "messages",
+        at_least: bool = False,
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+        self.answer = answer
+        size = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+        if answer:
+            message = (
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{'at least ' if at_least else ''}{prompt_tokens + answer} tokens ({size} in "
+                f"the prompt, {answer} for the answer). Shorten the prompt or ask for fewer "
+                "max_tokens."
+            )
+        else:
+            message = (
+                f"This model's maximum context length is {n_ctx} tokens, and the prompt is "
+                f"{size} tokens. Shorten the prompt."
+            )
+        super().__init__(message, param)
+
+    @property
+    def maximum(self) -> int:
+        """The longest prompt the request could have had."""
+        return self.n_ctx - max(self.answer, 1)
+
+
+class RequestTooLarge(InvalidRequest):
+    """A request that no quota or bound could ever let through (never worth retrying)."""
+
+    code = "request_too_large"
+
+
+class AnswerBudgetSpent(ApiError):
+    """A request that asks the model again has no answer tokens left (its cap, or its quota)."""
+
+    status = 429
+    type = "tokens"
+    code = "answer_budget_spent"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This request has used every answer token its cap (or token quota) allows; ask "
+            "for a shorter answer, or try again later."
         )

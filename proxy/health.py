@@ -1,10 +1,11 @@
 """Probes: `/health` says the process is alive; `/ready` that it can serve requests; `/` what
 this server is.
 
-None needs a key, and none is recorded as an API request. `/ready` checks Postgres with one
-trivial query and probes each backend's `/health`, which never waits for the model lock (see
-`proxy.upstream.probes`). It is ready while Postgres and at least one backend answer, naming any
-backend that does not; otherwise it answers 503 naming what failed.
+None needs a key, and none is recorded as an API request. `/ready` on the public listener answers
+from what is already known (the backends' last probes, whether Postgres answered the last query),
+as `/` does: it costs nothing, queries nothing, and never changes what a waiting request sees.
+Asked from this machine (or on the metrics listener, `readiness_routes`), it looks now and says why:
+one trivial query to Postgres and a look at each backend's `/health` that changes no state.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _database_problem(request: web.Request) -> str | None:
+async def _database_problem(request: web.Request, app: web.Application) -> str | None:
     try:
-        await request.app[DATABASE].run(queries.ping)
+        await app[DATABASE].run(queries.ping)
     except DatabaseUnavailable as exc:
         return str(exc)
     return None
@@ -79,21 +80,36 @@ async def _database_problem(request: web.Request) -> str | None:
 
 async def ready(request: web.Request) -> web.Response:
     """Readiness: Postgres answers and at least one backend is up."""
-    timeout = float(request.app[SETTINGS].connect_timeout_seconds)
+    if request.remote in LOCAL_ADDRESSES:
+        return await _detailed(request, request.app)
+    # From the network: what is known already, and nothing of why (hosts, ports, Postgres'
+    # own words are for this machine).
+    app = request.app
+    backends = app[BACKENDS]
+    up = any(backends.is_up(upstream.name) for upstream in backends.upstreams)
+    ready = up and app[DATABASE].up
+    body = {"status": "ready" if ready else "not ready"}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+def readiness_routes(proxy: web.Application) -> list[web.RouteDef]:
+    """`/ready` with its details, for the metrics listener (loopback by default)."""
+
+    async def detailed(request: web.Request) -> web.Response:
+        return await _detailed(request, proxy)
+
+    return [web.get("/ready", detailed)]
+
+
+async def _detailed(request: web.Request, app: web.Application) -> web.Response:
+    timeout = float(app[SETTINGS].connect_timeout_seconds)
     database, backends = await asyncio.gather(
-        _database_problem(request), request.app[BACKENDS].probe(timeout)
+        _database_problem(request, app), app[BACKENDS].check(timeout)
     )
-    # /ready needs no key and the proxy listens on the network: why a part fails (hosts, ports,
-    # Postgres' own words) is told to callers on this machine only.
-    detailed = request.remote in LOCAL_ADDRESSES
-    if database is None:
-        checks: dict[str, str] = {"database": "ok"}
-    else:
-        checks = {"database": database if detailed else "unreachable"}
+    checks: dict[str, str] = {"database": database or "ok"}
     for name, problem in backends.items():
         label = "backend" if name == "default" else f"backend {name}"
-        reason = f": {problem}" if detailed else ""
-        checks[label] = f"not reachable{reason}" if problem else "ok"
+        checks[label] = f"not reachable: {problem}" if problem else "ok"
     failing = [name for name, state in checks.items() if state != "ok"]
     # One backend up is enough to serve; the others are named but do not fail readiness.
     ready = database is None and any(problem is None for problem in backends.values())
@@ -102,7 +118,7 @@ async def ready(request: web.Request) -> web.Response:
     else:
         status = ("ready, but failing: " if ready else "not ready: ") + ", ".join(failing)
     # Informational: while the listener is down, revocations take up to the cache TTL.
-    listening = request.app[AUTH_LISTENER].connected.is_set()
+    listening = app[AUTH_LISTENER].connected.is_set()
     body = {
         "status": status,
         "checks": checks,

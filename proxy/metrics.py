@@ -9,7 +9,7 @@ token counters stop adding users past `MAX_USER_LABELS`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -161,7 +161,9 @@ class Metrics:
         )
 
 
-def metrics_app(metrics: Metrics) -> web.Application:
+def metrics_app(metrics: Metrics, more: Sequence[web.RouteDef] = ()) -> web.Application:
+    """`/metrics`, and `more` routes (the detailed `/ready`)."""
     app = web.Application()
     app.router.add_get("/metrics", metrics.handle)
+    app.router.add_routes(more)
     return app

@@ -247,6 +247,8 @@ RowCount = Annotated[int, _parsed(_whole(1, 10_000_000))]
 UpToAMonth = Annotated[int, _parsed(_whole(1, 30 * 86_400))]
 UpToFiveMinutes = Annotated[int, _parsed(_whole(1, 300))]
 UpToADay = Annotated[int, _parsed(_whole(1, 86_400))]
+UpToAnHour = Annotated[int, _parsed(_whole(1, 3600))]
+EmbeddingInputs = Annotated[int, _parsed(_whole(1, 2048))]
 ConcurrencyCap = Annotated[int, _parsed(_whole(1, MAX_CONCURRENT_MAX))]
 TokenCap = Annotated[int, _parsed(_whole(1, MAX_TOKENS_MAX))]
 RateLimitCount = Annotated[int, _parsed(_whole(1, RATE_LIMIT_MAX))]
@@ -326,6 +328,15 @@ class Settings(BaseModel):
     # 600 s timeout, so a client hears "busy, retry later" rather than timing out by itself,
     # with room left for the answer (1024 tokens at ~50 tokens/s take ~20 s).
     queue_timeout_seconds: UpToADay = setting("LLAMA_PROXY_QUEUE_TIMEOUT_SECONDS", "300")
+    # A backend that went down (its supervisor restarts it within seconds) is waited for this
+    # long, within each request's queue timeout, before requests only it can serve get a 503.
+    backend_restart_wait_seconds: UpToAnHour = setting(
+        "LLAMA_PROXY_BACKEND_RESTART_WAIT_SECONDS", "30"
+    )
+    # One embeddings request: at most this many inputs, and this many tokens in all (each input
+    # within the model's context). Every one is measured and charged before its turn.
+    max_embedding_inputs: EmbeddingInputs = setting("LLAMA_PROXY_MAX_EMBEDDING_INPUTS", "128")
+    max_embedding_tokens: TokenCap = setting("LLAMA_PROXY_MAX_EMBEDDING_TOKENS", "8192")
     # The JSON-RPC tool loop (POST /rpc create_message): the most model turns a client may ask
     # for (`max_iterations`, 5 by default) before the server asks for a final answer.
     max_tool_iterations: IterationCap = setting("LLAMA_PROXY_MAX_TOOL_ITERATIONS", "10")

@@ -20,6 +20,7 @@ from multidict import CIMultiDictProxy
 from proxy.db.localpg import free_port
 
 MODEL = "smollm2-test"
+MEASURE_PATH = "/llama-gate/prompt-tokens"
 
 
 @dataclass
@@ -60,6 +61,7 @@ class FakeUpstream:
     script: list[dict[str, Any]] = field(default_factory=list)
     models: list[str] = field(default_factory=lambda: [MODEL])  # what /health and /v1/models say
     cached_tokens: int | None = None  # reported in usage.prompt_tokens_details when set
+    embedding_size: int = 1  # each embedding is this many times [0.1, 0.2, 0.3]
     plain: bool = False  # no /health, as a plain llama_cpp.server: its models are not known
     # Added to every answer: e.g. the CORS headers llama_cpp.server's middleware sends.
     response_headers: dict[str, str] = field(default_factory=dict)
@@ -70,6 +72,7 @@ class FakeUpstream:
     client_left: asyncio.Event = field(default_factory=asyncio.Event)  # the proxy hung up
     client_left_at: float | None = None  # time.monotonic() of that
     health_checks: int = 0  # GET /health, answered at once and not counted in `seen`
+    measured: list[bytes] = field(default_factory=list)  # prompts measured, not in `seen`
     usage: dict[str, Any] | None = None  # the usage a stream ends with (None: USAGE)
     # When set, every prompt_tokens reported (chat usage, /llama-gate/prompt-tokens) is
     # `prompt_size` of the request, as a real backend's counts depend on the prompt.
@@ -88,7 +91,7 @@ class FakeUpstream:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
-        app.router.add_post("/llama-gate/prompt-tokens", self._count)
+        app.router.add_post(MEASURE_PATH, self._count)
         app.router.add_route("*", "/v1/{tail:.+}", self._echo)
         app.on_response_prepare.append(self._label)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -110,9 +113,16 @@ class FakeUpstream:
         body = await request.read()
         assert request.transport is not None
         peer = request.transport.get_extra_info("peername")
-        self.seen.append(
-            Seen(request.method, request.path, request.query_string, request.headers, body, peer)
-        )
+        seen = Seen(request.method, request.path, request.query_string, request.headers, body, peer)
+        request[SEEN] = seen
+        if request.path == MEASURE_PATH:  # no model request either: counted apart, no mode
+            self.measured.append(body)
+            if self.expected_key is not None and (
+                request.headers.get("Authorization") != f"Bearer {self.expected_key}"
+            ):
+                return web.json_response({"detail": "Invalid API key"}, status=401)
+            return await handler(request)
+        self.seen.append(seen)
         self.received.set()
         if self.expected_key is not None and (
             request.headers.get("Authorization") != f"Bearer {self.expected_key}"
@@ -130,7 +140,6 @@ class FakeUpstream:
             assert request.transport is not None
             request.transport.close()
             await asyncio.sleep(0.1)
-        request[SEEN] = self.seen[-1]
         return await handler(request)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -224,9 +233,8 @@ class FakeUpstream:
     async def _embeddings(self, request: web.Request) -> web.Response:
         inputs = _json(request).get("input", "")
         count = len(inputs) if isinstance(inputs, list) else 1
-        data = [
-            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(count)
-        ]
+        vector = [0.1, 0.2, 0.3] * self.embedding_size
+        data = [{"object": "embedding", "index": i, "embedding": vector} for i in range(count)]
         usage = {"prompt_tokens": 3, "total_tokens": 3}
         return web.json_response({"object": "list", "data": data, "model": MODEL, "usage": usage})
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
-from proxy.appkeys import AUTH_LISTENER, COMPLETION_HOOKS
+from proxy.appkeys import AUTH_LISTENER, COMPLETION_HOOKS, STRANGERS
 from proxy.audit.row import AuditRow
 from proxy.auth.apikeys import KeyHasher, generate_key
 from proxy.db import queries
@@ -125,6 +125,15 @@ class Harness:
     async def user(self, username: str, **kwargs: int | None) -> str:
         """A new user's key."""
         return (await make_user(self.dsn, username, **kwargs))[1]  # type: ignore[arg-type]
+
+    async def strangers(self) -> list[asyncpg.Record]:
+        """`llama_unauthenticated`, once the requests without a valid key so far are in it."""
+        await self.app[STRANGERS].flush()
+        con = await asyncpg.connect(self.dsn)
+        try:
+            return await con.fetch("SELECT * FROM llama_unauthenticated ORDER BY minute, client_addr")
+        finally:
+            await con.close()
 
 
 @asynccontextmanager

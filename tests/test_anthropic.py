@@ -166,11 +166,12 @@ async def test_a_streamed_message_follows_anthropics_event_sequence(proxy: Harne
         raw = (await r.read()).decode()
     events = re.findall(r"event: (\w+)\ndata: (.*)\n", raw)
     names = [name for name, _ in events]
+    # The turn came at once: no ping (one comes only after PING_SECONDS of waiting).
     assert names == [
-        "ping", "message_start", "content_block_start", "content_block_delta",
+        "message_start", "content_block_start", "content_block_delta",
         "content_block_delta", "content_block_stop", "message_delta", "message_stop",
     ]  # fmt: skip
-    start = json.loads(events[1][1])
+    start = json.loads(events[0][1])
     assert start["message"]["usage"]["input_tokens"] == 5  # known before the first token
     delta = json.loads(events[-2][1])
     assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
@@ -189,19 +190,19 @@ async def test_a_streamed_tool_call_arrives_as_input_json_deltas(proxy: Harness)
     tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
     events = await _events(proxy, key, tools=tools)
     assert [name for name, _ in events] == [
-        "ping", "message_start", "content_block_start", "content_block_delta",
+        "message_start", "content_block_start", "content_block_delta",
         "content_block_delta", "content_block_stop", "message_delta", "message_stop",
     ]  # fmt: skip
-    assert events[2][1] == {
+    assert events[1][1] == {
         "type": "content_block_start",
         "index": 0,
         "content_block": {"type": "tool_use", "id": "call_7_x", "name": "get_weather",
                           "input": {}},
     }  # fmt: skip
-    deltas = [data["delta"] for _, data in events[3:5]]
+    deltas = [data["delta"] for _, data in events[2:4]]
     assert [d["type"] for d in deltas] == ["input_json_delta"] * 2  # as the backend sent them
     assert json.loads("".join(d["partial_json"] for d in deltas)) == {"city": "Paris"}
-    assert {data["index"] for _, data in events[2:6]} == {0}
+    assert {data["index"] for _, data in events[1:5]} == {0}
     assert events[-2][1]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
 
 
@@ -231,7 +232,7 @@ async def test_a_backend_failing_mid_stream_ends_it_with_an_api_error_event(
     proxy.upstream.mode = mode
     events = await _events(proxy, key)
     names = [name for name, _ in events]
-    assert names[:4] == ["ping", "message_start", "content_block_start", "content_block_delta"]
+    assert names[:3] == ["message_start", "content_block_start", "content_block_delta"]
     assert "message_stop" not in names
     assert names[-1] == "error"
     error = events[-1][1]
@@ -457,7 +458,9 @@ async def test_count_tokens_is_what_the_message_then_reports(proxy: Harness) -> 
 async def test_errors_come_in_anthropics_shape(
     db_dsn: str, tmp_path: Path, status: int, error_type: str, exception: type[Exception]
 ) -> None:
-    async with running_proxy(db_dsn, tmp_path, LLAMA_PROXY_MAX_BODY_BYTES="2000") as proxy:
+    # A stopped backend is waited for 1 s (not the default 30 s) before the 529.
+    settings = {"LLAMA_PROXY_MAX_BODY_BYTES": "2000", "LLAMA_PROXY_BACKEND_RESTART_WAIT_SECONDS": "1"}
+    async with running_proxy(db_dsn, tmp_path, **settings) as proxy:
         key = await proxy.user("alice", rate_limit=1)
         body: dict[str, Any] = {"model": MODEL, "max_tokens": 10, "messages": HI}
         url, headers = proxy.url("/v1/messages"), {"x-api-key": key, "anthropic-version": "x"}

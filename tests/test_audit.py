@@ -95,10 +95,15 @@ async def test_one_row_per_request_however_it_ends(proxy: Harness) -> None:
         r.close()
         statuses.append(499)
     assert statuses == [200, 200, 401, 401, 200, 429, 413, 400, 502, 502, 499]
-    rows = await _rows(proxy.dsn, len(statuses))
-    assert Counter(row["status_code"] for row in rows) == Counter(statuses)
+    # A request with a valid key is a row of its own; the two without one are counted apart.
+    keyed = [status for status in statuses if status != 401]
+    rows = await _rows(proxy.dsn, len(keyed))
+    assert Counter(row["status_code"] for row in rows) == Counter(keyed)
+    [strangers] = await proxy.strangers()
+    assert (strangers["client_addr"], strangers["requests"]) == ("127.0.0.1", 2)
+    assert json.loads(strangers["statuses"]) == {"401": 2}
+    assert json.loads(strangers["paths"]) == {"/v1/models": 2}
     by_status = {row["status_code"]: row for row in rows}
-    assert by_status[401]["username"] is None
     assert by_status[429]["username"] == "limited"
     assert by_status[413]["username"] == "alice"
     disconnected = by_status[499]
@@ -299,5 +304,7 @@ async def test_a_nul_in_the_path_does_not_poison_the_log(proxy: Harness) -> None
             assert r.status == 404
         async with client.get(proxy.url("/v1/models")) as r:
             assert r.status == 401
-    rows = await _rows(proxy.dsn, 2)
-    assert [row["path"] for row in rows] == ["/v1/\ufffd", "/v1/models"]
+    [counted] = await proxy.strangers()
+    assert json.loads(counted["paths"]) == {"/v1/\ufffd": 1, "/v1/models": 1}
+    assert json.loads(counted["statuses"]) == {"404": 1, "401": 1}
+    assert await _rows(proxy.dsn, 0, within=0.5) == []

@@ -12,7 +12,7 @@ import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.db.localpg import free_port
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import MODEL, FakeUpstream
 from tests.proxy_harness import BACKEND_KEY, bearer, running_proxy
 
 USAGE = {
@@ -49,9 +49,9 @@ async def test_cached_tokens_flow_to_the_client_the_row_and_the_metrics(
         async with openai.AsyncOpenAI(
             base_url=proxy.url("/v1"), api_key=key, max_retries=0
         ) as client:
-            whole = await client.chat.completions.create(model="m", **CHAT)  # type: ignore[call-overload]
+            whole = await client.chat.completions.create(model=MODEL, **CHAT)  # type: ignore[call-overload]
             stream = await client.chat.completions.create(
-                model="m", stream=True, stream_options={"include_usage": True}, **CHAT
+                model=MODEL, stream=True, stream_options={"include_usage": True}, **CHAT
             )  # type: ignore[call-overload]
             usages = [chunk.usage async for chunk in stream if chunk.usage is not None]
         assert whole.usage is not None

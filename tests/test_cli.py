@@ -261,7 +261,7 @@ def test_prune_logs_in_batches(cli_env: dict[str, str], db_dsn: str) -> None:
                   (gen_random_uuid(), now() - interval '1 day', 2) RETURNING 1""",
     )
     output = ok(cli_env, "prune-logs", "--older-than", "90d", "--batch-size", "3")
-    assert "Deleted 7 llama_requests rows and 1 audit batch ids" in output
+    assert "Deleted 7 llama_requests rows, 1 audit batch ids and 0 llama_unauthenticated" in output
     assert _fetch(db_dsn, "SELECT count(*) AS n FROM llama_requests")[0]["n"] == 2
     # The batch ids that guarded the deleted rows went with them; the recent one stays.
     kept = _fetch(db_dsn, "SELECT row_count FROM llama_audit_batches")

@@ -144,19 +144,20 @@ async def test_max_tokens_is_capped_by_the_users_own_cap_within_the_global_one(
         url = proxy.url("/v1/chat/completions")
         async with aiohttp.ClientSession() as client:
             for key, user in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
-                for asked in (None, 0, -1, 50, 500, 800):
+                for asked in (None, 50, 500, 800):
                     fields = {} if asked is None else {"max_tokens": asked}
                     assert (await chat(client, url, key, user, **fields))[0] == 200
                 # A string, a float or a boolean is no whole number (llama_cpp.server would
-                # coerce it): refused, naming the field.
-                for wrong in ("100000", 1e5, True):
+                # coerce it), and 0 or less is no answer at all (llama_cpp.server would read
+                # "until the context is full"): refused, naming the field, spending nothing.
+                for wrong in ("100000", 1e5, True, 0, -5):
                     status, body, _ = await chat(client, url, key, user, max_tokens=wrong)
                     assert (status, body["error"]["param"]) == (400, "max_tokens")
     sent = [(s.user, s.body["max_tokens"]) for s in upstream.served]
     assert sent == [
-        *[("alice", n) for n in (300, 300, 300, 50, 300, 300)],
-        *[("bob", n) for n in (100, 100, 100, 50, 100, 100)],
-        *[("carol", n) for n in (300, 300, 300, 50, 300, 300)],
+        *[("alice", n) for n in (300, 50, 300, 300)],
+        *[("bob", n) for n in (100, 50, 100, 100)],
+        *[("carol", n) for n in (300, 50, 300, 300)],
     ]
 
 

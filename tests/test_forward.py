@@ -264,11 +264,19 @@ async def test_backend_silent_past_the_timeout_is_504(
         # A backend's 500 may hold a traceback or its file paths: only the log gets it.
         (500, {"detail": "model exploded at /srv/llama_cpp/server/app.py"},
          "The model server failed on this request; the error is logged. Try again."),
-        (422, {"detail": [{"loc": ["body", "messages"], "msg": "field required"}]},
-         "messages: field required"),
+        # A backend's own words never reach the client (they may hold file paths): the field
+        # it names is kept, the message is the proxy's.
+        (422, {"detail": [{"loc": ["body", "messages"], "msg": "field required at /srv/x.py"}]},
+         "The model server cannot serve this request as sent: check 'messages'."),
+        (400, {"error": {"message": "jinja2 failed in /srv/template.py", "type": "x",
+                         "param": "messages", "code": "template_error"}},
+         "The model's chat template cannot render these messages (a content part it does not "
+         "take, such as an image, or a role it does not know); send plain text messages."),
         (400, {"error": {"message": "context too long", "type": "invalid_request_error",
-                         "param": "messages", "code": "context_length_exceeded"}},
-         "context too long"),
+                         "param": "messages", "code": "context_length_exceeded",
+                         "prompt_tokens": 3000, "n_ctx": 2048}},
+         "This model's maximum context length is 2048 tokens, and the prompt is 3000 tokens. "
+         "Shorten the prompt."),
     ],
 )  # fmt: skip
 async def test_backend_errors_are_rewritten_into_the_openai_shape(
@@ -285,8 +293,8 @@ async def test_backend_errors_are_rewritten_into_the_openai_shape(
     assert error["message"] == message
     assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
     assert error["param"] == (None if status >= 500 else "messages")
-    if status == 400:
-        assert error["code"] == "context_length_exceeded"  # already OpenAI's: kept as it was
+    if "context" in message:
+        assert error["code"] == "context_length_exceeded"  # OpenAI's code for it
 
 
 async def test_backend_refusing_the_proxys_key_is_502_not_the_clients_401(

@@ -126,7 +126,8 @@ async def test_answers_of_any_size_are_counted_in_bounded_memory(proxy: Harness)
             answer = await r.json()
         assert len(answer["choices"][0]["message"]["content"]) == 3_000_000
         assert answer["usage"]["total_tokens"] == 7
-        inputs = ["a"] * 20_000  # an embeddings answer well over a megabyte
+        proxy.upstream.embedding_size = 1000
+        inputs = ["a"] * 128  # an embeddings answer well over a megabyte
         async with client.post(
             proxy.url("/v1/embeddings"), json={"input": inputs}, headers=bearer(key)
         ) as r:
@@ -247,26 +248,35 @@ async def test_hostile_text_in_every_field_reaches_the_ledger(proxy: Harness) ->
     key = await proxy.user("alice")
     port = proxy.server.port
     assert port is not None
-    # JSON escapes for a lone surrogate and a NUL in the model and the end user (OpenAI's
-    # `user`, far longer than a column should hold too); invalid UTF-8 in a header.
-    end_user = "\ud800who\x00" + "u" * 100_000
-    body = json.dumps({**CHAT, "model": "\ud800bad\x00model", "user": end_user}).encode()
+    # A NUL in the model, and an end user (OpenAI's `user`) far longer than a column should
+    # hold; invalid UTF-8 in a header. The model is unknown: a 404 that spent nothing.
+    end_user = "who\x00" + "u" * 100_000
+    body = json.dumps({**CHAT, "model": "bad\x00model", "user": end_user}).encode()
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer " + key.encode() + b"\r\nX-Request-Id: \xff\xfe\xed\xa0\x80\r\n"
     )
-    assert b" 200 OK" in (await _raw(port, head, body)).split(b"\r\n", 1)[0]
+    assert b" 404 " in (await _raw(port, head, body)).split(b"\r\n", 1)[0]
+    # A lone surrogate (a JSON escape) is no text at all: a 400 naming the field.
+    lone = json.dumps({**CHAT, "user": "\ud800who"}).encode()
+    answer = await _raw(port, head.replace(b"\xff\xfe\xed\xa0\x80", b"x"), lone)
+    assert b" 400 " in answer.split(b"\r\n", 1)[0]
+    assert b'"param": "user"' in answer
     async with aiohttp.ClientSession() as client:
         for path in ("/v1/%ED%A0%80", "/v1/%00%FF", "/v1/" + "%F0%9F%A6%99" * 400):
             async with client.get(proxy.url(path), headers=bearer(key)) as r:
                 assert r.status == 404
-    rows = await _rows_in_db(proxy.dsn, 4)
-    assert len(rows) == 4
-    assert rows[0]["model"] == "?bad\ufffdmodel"
-    assert rows[0]["end_user"] == "?who\ufffd" + "u" * 507  # cut at 512 characters
+    rows = await _rows_in_db(proxy.dsn, 2)
+    assert len(rows) == 2
+    assert rows[0]["model"] == "bad\ufffdmodel"
+    assert rows[0]["end_user"] == "who\ufffd" + "u" * 508  # cut at 512 characters
     assert rows[0]["client_request_id"] is None  # not an id we can give back: not recorded
-    assert all("\x00" not in row["path"] for row in rows)
-    assert len(rows[3]["path"]) <= 512
+    assert rows[1]["status_code"] == 400
+    # Paths no route has are counted, not recorded one by one; and stored as text can be.
+    [counted] = await proxy.strangers()
+    paths = json.loads(counted["paths"])
+    assert sum(paths.values()) == 3
+    assert all("\x00" not in path and len(path) <= 512 for path in paths)
     writer = proxy.app[AUDIT_WRITER]
     assert (writer.rows_rejected, writer.restarts) == (0, 0)
 

@@ -4,6 +4,7 @@ refused with OpenAI's 429 `tokens` shape, and reset as the minute slides and the
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,8 +16,8 @@ import pytest
 from proxy.audit.row import AuditRow
 from proxy.auth.cache import Principal
 from proxy.db.pool import Database
-from proxy.errors import TokenQuotaExceeded
-from proxy.limits.quotas import TokenQuotas
+from proxy.errors import RequestTooLarge, TokenQuotaExceeded
+from proxy.limits.quotas import Reserved, TokenQuotas
 from tests.proxy_harness import bearer, make_user, proxy_settings, running_proxy
 from tests.sharing_helpers import chat, set_limits
 from tests.timed_upstream import TimedUpstream
@@ -64,7 +65,7 @@ class Clock:
 
 async def test_users_without_a_quota_cost_nothing(db_dsn: str, tmp_path: Path) -> None:
     unopened = Database(proxy_settings(db_dsn, 9, tmp_path))  # any query would raise
-    assert await TokenQuotas(unopened).admit(_alice(1)) == {}
+    assert await TokenQuotas(unopened).reserve(_alice(1), "r1", 500, 1000) == Reserved({}, 1000)
 
 
 async def test_the_minute_quota_refuses_then_frees_up_as_the_window_slides(
@@ -75,14 +76,14 @@ async def test_the_minute_quota_refuses_then_frees_up_as_the_window_slides(
     await _used(db_dsn, user_id, 10, clock.now - timedelta(seconds=30))
     quotas = TokenQuotas(database, clock=clock)
     with pytest.raises(TokenQuotaExceeded) as refused:
-        await quotas.admit(_alice(user_id, per_minute=10))
+        await quotas.reserve(_alice(user_id, per_minute=10), "r1", 0, 0)
     error = refused.value
     assert (error.status, error.type, error.code) == (429, "tokens", "rate_limit_exceeded")
     assert "used 10 of your 10 tokens per minute" in error.message
     assert error.headers["x-ratelimit-remaining-tokens"] == "0"
     assert 29 <= int(error.headers["Retry-After"]) <= 30
     clock.now += timedelta(seconds=31)  # the tokens used 30 s ago are out of the window
-    headers = await quotas.admit(_alice(user_id, per_minute=10))
+    headers = (await quotas.reserve(_alice(user_id, per_minute=10), "r2", 0, 0)).headers
     assert headers["x-ratelimit-limit-tokens"] == "10"
     assert headers["x-ratelimit-remaining-tokens"] == "10"
 
@@ -93,13 +94,13 @@ async def test_the_day_quota_resets_at_utc_midnight(db_dsn: str, database: Datab
     await _used(db_dsn, user_id, 100, clock.now)
     quotas = TokenQuotas(database, clock=clock)
     with pytest.raises(TokenQuotaExceeded) as refused:
-        await quotas.admit(_alice(user_id, per_day=100, per_minute=1000))
+        await quotas.reserve(_alice(user_id, per_day=100, per_minute=1000), "r1", 0, 0)
     midnight = (clock.now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     assert "tokens per day" in refused.value.message
     retry_after = int(refused.value.headers["Retry-After"])
     assert abs(retry_after - (midnight - clock.now).total_seconds()) <= 1
     clock.now = midnight + timedelta(seconds=90)  # past the minute window too
-    headers = await quotas.admit(_alice(user_id, per_day=100, per_minute=1000))
+    headers = (await quotas.reserve(_alice(user_id, 100, 1000), "r2", 0, 0)).headers
     # The headers describe the quota with fewer tokens left: the day's, whole again.
     assert headers["x-ratelimit-limit-tokens"] == "100"
     assert headers["x-ratelimit-remaining-tokens"] == "100"
@@ -113,20 +114,56 @@ async def test_own_finished_requests_count_at_once_and_only_once_when_their_rows
     clock = Clock()
     quotas = TokenQuotas(database, cache_seconds=0, clock=clock)
     alice = _alice(user_id, per_minute=20)
-    assert (await quotas.admit(alice))["x-ratelimit-remaining-tokens"] == "20"
+
+    async def remaining() -> str:
+        reserved = await quotas.reserve(alice, f"check-{next(checks)}", 0, 0)
+        return reserved.headers["x-ratelimit-remaining-tokens"]
 
     def finished(request_id: str) -> None:
         quotas.observe(_row(request_id, user_id, clock.now, client_request_id="same-for-all"))
 
+    checks = itertools.count()
+    assert await remaining() == "20"
     finished("r1")  # not in the database yet: the audit writer batches rows
-    assert (await quotas.admit(alice))["x-ratelimit-remaining-tokens"] == "13"
+    assert await remaining() == "13"
     await _used(db_dsn, user_id, 7, clock.now, request_id="r1")  # now it is
-    assert (await quotas.admit(alice))["x-ratelimit-remaining-tokens"] == "13"
+    assert await remaining() == "13"
     finished("r2")
-    assert (await quotas.admit(alice))["x-ratelimit-remaining-tokens"] == "6"
+    assert await remaining() == "6"
     finished("r3")
     with pytest.raises(TokenQuotaExceeded):
-        await quotas.admit(alice)
+        await remaining()
+
+
+async def test_what_a_request_may_cost_is_reserved_until_its_row_is_counted(
+    db_dsn: str, database: Database
+) -> None:
+    user_id, _ = await make_user(db_dsn, "alice")
+    clock = Clock()
+    quotas = TokenQuotas(database, cache_seconds=0, clock=clock)
+    alice = _alice(user_id, per_minute=300)
+    # A 100-token prompt asking up to 150 answer tokens: all of it fits, and is held.
+    first = await quotas.reserve(alice, "r1", 100, 150)
+    assert (first.answer, first.headers["x-ratelimit-remaining-tokens"]) == (150, "50")
+    # The next one's answer is lowered to what is left (40 of 50, after its 10-token prompt)...
+    second = await quotas.reserve(alice, "r2", 10, 150)
+    assert (second.answer, second.headers["x-ratelimit-remaining-tokens"]) == (40, "0")
+    # ... and a third, running at the same time, cannot get in at all.
+    with pytest.raises(TokenQuotaExceeded):
+        await quotas.reserve(alice, "r3", 1, 10)
+    # r1 ends having used 100 + 20: its unused reservation comes back at once.
+    quotas.observe(_row("r1", user_id, clock.now)._replace(prompt_tokens=100, completion_tokens=20))
+    third = await quotas.reserve(alice, "r3", 1, 10)
+    assert (third.answer, third.headers["x-ratelimit-remaining-tokens"]) == (10, "119")
+    # A tool loop asking again reserves its next prompt too, or is refused.
+    quotas.extend(alice, "r3", 100)
+    with pytest.raises(TokenQuotaExceeded):
+        quotas.extend(alice, "r3", 100)
+    # A prompt larger than the quota itself can never pass: a 400, not a 429 to retry.
+    with pytest.raises(RequestTooLarge) as never:
+        await quotas.reserve(alice, "r4", 300, 10)
+    assert never.value.status == 400
+    assert "more than your quota of 300 tokens per minute allows at all" in never.value.message
 
 
 def _row(request_id: str, user_id: int, at: datetime, **extra: str) -> AuditRow:
@@ -148,13 +185,14 @@ async def test_over_quota_through_the_proxy_is_429_tokens_with_openai_headers(
         answers = []
         async with aiohttp.ClientSession() as client:
             for count in (1, 2, 3):
-                answers.append(await chat(client, url, alice, "alice"))
+                answers.append(await chat(client, url, alice, "alice", max_tokens=2))
                 await proxy.wait_for_records(count)
             unlimited = await chat(client, url, bob, "bob")
     (s1, _, h1), (s2, _, h2), (s3, error, h3) = answers
     assert (s1, s2, s3) == (200, 200, 429)
-    assert (h1["x-ratelimit-limit-tokens"], h1["x-ratelimit-remaining-tokens"]) == ("10", "10")
-    assert h2["x-ratelimit-remaining-tokens"] == "3"
+    # What is left once the request's answer (up to 2 tokens) is reserved.
+    assert (h1["x-ratelimit-limit-tokens"], h1["x-ratelimit-remaining-tokens"]) == ("10", "8")
+    assert h2["x-ratelimit-remaining-tokens"] == "1"
     assert h2["x-ratelimit-reset-tokens"].endswith("s")  # when the first answer's tokens leave
     assert error["error"]["type"] == "tokens"
     assert error["error"]["code"] == "rate_limit_exceeded"
@@ -187,7 +225,8 @@ async def test_tokens_used_through_other_proxies_count(db_dsn: str, tmp_path: Pa
 async def test_streamed_answers_count_against_the_quota(db_dsn: str, tmp_path: Path) -> None:
     async with running_proxy(db_dsn, tmp_path) as proxy:  # FakeUpstream: 5 + 2 tokens, streamed
         alice = await proxy.user("alice")
-        await set_limits(db_dsn, "alice", tokens_per_minute=10)
+        # Each answer costs 5 + 2: a third request's prompt (5) and one token find 0 left.
+        await set_limits(db_dsn, "alice", tokens_per_minute=14)
         url = proxy.url("/v1/chat/completions")
         answers = []
         async with aiohttp.ClientSession() as client:
@@ -234,5 +273,6 @@ async def test_hanging_up_early_never_evades_the_quota(
     assert error["error"]["type"] == "tokens"
     assert "used 7 of your 6 tokens per day" in error["error"]["message"]
     assert headers["x-ratelimit-remaining-tokens"] == "0"
-    assert len(proxy.upstream.seen) == 1  # the refused request never reached the backend
+    assert len(proxy.upstream.seen) == 1  # the refused request never reached the model
+    assert len(proxy.upstream.measured) == 2  # its prompt was measured before its turn
     assert [row.status_code for row in rows] == [499, 429]

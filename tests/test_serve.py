@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from proxy.cli.main import cli
 from proxy.db.localpg import free_port
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import MODEL, FakeUpstream
 from tests.hammer import Hammer
 from tests.proxy_harness import (
     BACKEND_KEY,
@@ -107,7 +107,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish(db_dsn: str, tmp_path: Pat
     )
     try:
         await asyncio.to_thread(wait_for_health, f"http://127.0.0.1:{port}", process)
-        body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True}
         async with (
             aiohttp.ClientSession() as client,
             client.post(

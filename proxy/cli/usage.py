@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import click
@@ -58,7 +60,8 @@ def usage(
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     minute_start = now - timedelta(minutes=1)
 
-    async def work(con: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+    async def work(con: asyncpg.Connection) -> tuple[Sequence[Any], list[asyncpg.Record]]:
+        daily: Sequence[Any]
         if only_quotas:
             daily = []
         elif totals:
@@ -104,7 +107,8 @@ def usage(
 )
 @click.option("--yes", is_flag=True, help="Do not ask before deleting rows from today.")
 def prune_logs(older_than: timedelta, batch_size: int, yes: bool) -> None:
-    """Delete old audit rows in small batches (retention), and the batch ids that guarded them.
+    """Delete old audit rows in small batches (retention), the batch ids that guarded them, and
+    the per-minute counts of requests that had no valid key.
 
     A cutoff less than a day back (e.g. --older-than 0d, which empties the audit log) is
     asked about first; --yes skips the question.
@@ -117,17 +121,18 @@ def prune_logs(older_than: timedelta, batch_size: int, yes: bool) -> None:
     if older_than < ASK_BELOW and not yes:
         _confirm_recent_cutoff(cutoff, older_than)
 
-    async def work(con: asyncpg.Connection) -> tuple[int, int]:
+    async def work(con: asyncpg.Connection) -> tuple[int, int, int]:
         total = 0
         while deleted := await queries.prune_requests_batch(con, cutoff, batch_size):
             total += deleted
         # A batch id only guards replays of its rows: it goes with them.
-        return total, await queries.prune_audit_batches(con, cutoff)
+        batches = await queries.prune_audit_batches(con, cutoff)
+        return total, batches, await queries.prune_unauthenticated(con, cutoff)
 
-    total, batches = run_db(work)
+    total, batches, minutes = run_db(work)
     click.echo(
-        f"Deleted {total} llama_requests rows and {batches} audit batch ids from before "
-        f"{cutoff:%Y-%m-%d %H:%M} UTC."
+        f"Deleted {total} llama_requests rows, {batches} audit batch ids and {minutes} "
+        f"llama_unauthenticated rows from before {cutoff:%Y-%m-%d %H:%M} UTC."
     )
 
 

@@ -22,7 +22,7 @@ from aiohttp.typedefs import Handler
 
 from proxy.appkeys import DATABASE
 from proxy.dashboard.keys import PROXY, SESSION, SESSIONS
-from proxy.dashboard.render import error_page, redirect
+from proxy.dashboard.render import error_page, is_dashboard_path, redirect
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 
@@ -75,7 +75,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _refuse(request: web.Request) -> web.StreamResponse:
     if request.method == "GET" and request.path != "/live.json":
-        return redirect("/login?" + urlencode({"next": request.path_qs}))
+        back = request.path_qs
+        return redirect(
+            "/login?" + urlencode({"next": back}) if is_dashboard_path(back) else "/login"
+        )
     if request.method == "GET":
         return web.json_response({"error": "sign in first"}, status=401)
     return error_page(request, 403, "Sign in first: this action needs a signed-in admin.")

@@ -32,7 +32,7 @@ NO_USER = "(no key)"  # rows without a username: requests that failed authentica
 class Usage:
     days: list[date]
     per_user: list[asyncpg.Record]  # queries.usage_daily
-    totals: list[asyncpg.Record]  # queries.usage_daily_totals
+    totals: list[dict[str, Any]]  # queries.usage_daily_totals
 
 
 async def read_usage(con: Connection, today: date) -> Usage:

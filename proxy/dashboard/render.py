@@ -8,6 +8,7 @@ only the dashboard's own files, so an injected `<script>` would not run even if 
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from typing import Any
 
@@ -86,6 +87,17 @@ def render(
     return web.Response(
         text=page, status=status, content_type="text/html", headers={**NO_STORE, **(headers or {})}
     )
+
+
+# A path of this dashboard: one leading slash, then no backslash, whitespace or control
+# character anywhere (browsers drop tabs and newlines, and read "\\" as "/": "/\t/host" and
+# "/\\host" are other sites), and no "//" before its query.
+_LOCAL_PATH = re.compile(r"^/(?![/\\])[^\\\x00-\x20\x7f]*$")
+
+
+def is_dashboard_path(location: str) -> bool:
+    """Whether `location` can only lead to a page of this dashboard (no open redirect)."""
+    return bool(_LOCAL_PATH.match(location)) and "//" not in location.split("?", 1)[0]
 
 
 def redirect(location: str) -> web.Response:

@@ -20,7 +20,7 @@ from proxy.appkeys import DATABASE
 from proxy.auth.admintokens import parse_admin_token
 from proxy.dashboard.guard import SESSION_COOKIE
 from proxy.dashboard.keys import HASHER, PROXY, SESSIONS, SIGN_INS
-from proxy.dashboard.render import error_page, redirect, render
+from proxy.dashboard.render import error_page, is_dashboard_path, redirect, render
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 
@@ -33,10 +33,16 @@ _NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
 
 def _next(raw: object) -> str:
-    """Where to go after signing in: a path of this dashboard only (no open redirect)."""
-    if isinstance(raw, str) and raw.startswith("/") and not raw.startswith(("//", "/\\")):
+    """Where to go after signing in: a path of this dashboard only (no open redirect), or `/`
+    when none is given; anything else is a 400."""
+    if raw is None or raw == "":
+        return "/"
+    if isinstance(raw, str) and is_dashboard_path(raw):
         return raw
-    return "/"
+    raise web.HTTPBadRequest(
+        text="'next' must be a path of this dashboard, such as /users.",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def _cookie(response: web.StreamResponse, request: web.Request, name: str, value: str) -> None:

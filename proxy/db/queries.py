@@ -461,12 +461,12 @@ async def revoke_admin_token(con: Connection, token_id: str) -> bool | None:
 _USAGE_DAY = "((created_at AT TIME ZONE 'UTC')::date)"
 
 
-async def usage_daily_totals(con: Connection, since: date) -> list[asyncpg.Record]:
+async def usage_daily_totals(con: Connection, since: date) -> list[dict[str, Any]]:
     """Per UTC day, everyone together: requests, errors, tokens (prompt tokens served from the
     backend's cache among them), and the percentiles of latency and of time to the first byte
     of the answer (percentiles do not add up across users, so they are computed here rather than
     from llama_usage_daily)."""
-    return await con.fetch(
+    rows = await con.fetch(
         f"""SELECT {_USAGE_DAY} AS day,
                    count(*) AS requests,
                    count(*) FILTER (WHERE status_code >= 400) AS errors,
@@ -486,6 +486,29 @@ async def usage_daily_totals(con: Connection, since: date) -> list[asyncpg.Recor
             GROUP BY 1 ORDER BY 1 DESC""",
         since,
     )
+    # Requests without a valid key count as requests and errors, nothing else.
+    strangers = {
+        row["day"]: int(row["requests"])
+        for row in await con.fetch(
+            """SELECT ((minute AT TIME ZONE 'UTC')::date) AS day, sum(requests) AS requests
+               FROM llama_unauthenticated WHERE minute >= $1::date GROUP BY 1""",
+            since,
+        )
+    }
+    return _with_strangers(rows, strangers)
+
+
+def _with_strangers(
+    rows: list[asyncpg.Record], strangers: dict[date, int]
+) -> list[dict[str, Any]]:
+    empty = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "p50_ms": None,
+             "p95_ms": None, "ttfb_p50_ms": None, "ttfb_p95_ms": None}  # fmt: skip
+    days = {row["day"]: dict(row) for row in rows}
+    for day, requests in strangers.items():
+        into = days.setdefault(day, {"day": day, "requests": 0, "errors": 0, **empty})
+        into["requests"] += requests
+        into["errors"] += requests
+    return sorted(days.values(), key=lambda row: row["day"], reverse=True)
 
 
 async def usernames(con: Connection, user_ids: Sequence[int]) -> dict[int, str]:
@@ -578,3 +601,30 @@ async def request_log(
             ORDER BY created_at DESC, id DESC LIMIT ${len(args)}""",
         *args,
     )
+
+
+# -- requests without a valid key, counted per client address and minute -----------------------
+
+
+async def add_unauthenticated(
+    con: Connection,
+    counts: Sequence[tuple[datetime, str, int, int, str, str]],
+) -> None:
+    """Add counts (minute, client address, requests, bytes, statuses JSON, paths JSON) to
+    `llama_unauthenticated`, one row per address and minute however many proxies add to it."""
+    await con.executemany(
+        """INSERT INTO llama_unauthenticated AS t
+               (minute, client_addr, requests, request_bytes, statuses, paths)
+           VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb)
+           ON CONFLICT (minute, client_addr) DO UPDATE SET
+               requests = t.requests + excluded.requests,
+               request_bytes = t.request_bytes + excluded.request_bytes,
+               statuses = llama_gate_add_counts(t.statuses, excluded.statuses),
+               paths = llama_gate_add_counts(t.paths, excluded.paths)""",
+        counts,
+    )
+
+
+async def prune_unauthenticated(con: Connection, before: datetime) -> int:
+    result: Any = await con.execute("DELETE FROM llama_unauthenticated WHERE minute < $1", before)
+    return int(str(result).rsplit(" ", 1)[-1])

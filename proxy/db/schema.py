@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = MetaData(
     naming_convention={
@@ -134,9 +135,24 @@ llama_audit_batches = Table(
     Index("ix_llama_audit_batches_written_at", "written_at"),
 )
 
+# Requests without a valid key, counted per client address and minute (not a row each: a junk
+# flood grows this by a bounded number of rows a minute). `llama_gate_add_counts` (a SQL function
+# of migration 0012) adds the statuses and paths of the proxies' upserts.
+llama_unauthenticated = Table(
+    "llama_unauthenticated",
+    metadata,
+    Column("minute", DateTime(timezone=True), primary_key=True),
+    Column("client_addr", Text, primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("request_bytes", BigInteger, nullable=False, server_default=text("0")),
+    Column("statuses", JSONB, nullable=False),
+    Column("paths", JSONB, nullable=False),
+)
+
 # The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that
 # "per user per day, last 30 days" reads only the rows it reports on.
 USAGE_DAY = "((created_at AT TIME ZONE 'UTC')::date)"
+UNAUTHENTICATED_DAY = "((minute AT TIME ZONE 'UTC')::date)"
 
 llama_requests = Table(
     "llama_requests",
@@ -182,6 +198,8 @@ llama_requests = Table(
     ),
 )
 
+# Per UTC day and user; requests that had no valid key (`llama_unauthenticated`) are the rows
+# whose username is NULL (with no tokens or latency: they never reached a model).
 USAGE_DAILY_VIEW = f"""
 CREATE VIEW llama_usage_daily AS
 SELECT {USAGE_DAY} AS day,
@@ -196,4 +214,17 @@ SELECT {USAGE_DAY} AS day,
        round(percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)::numeric, 1) AS p95_ms
 FROM llama_requests
 GROUP BY 1, 2
+UNION ALL
+SELECT {UNAUTHENTICATED_DAY} AS day,
+       NULL::text AS username,
+       sum(requests) AS requests,
+       sum(requests) AS errors,
+       0 AS prompt_tokens,
+       0 AS completion_tokens,
+       sum(request_bytes) AS bytes_in,
+       0 AS bytes_out,
+       NULL::numeric AS p50_ms,
+       NULL::numeric AS p95_ms
+FROM llama_unauthenticated
+GROUP BY 1
 """

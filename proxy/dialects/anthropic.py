@@ -15,7 +15,6 @@ from proxy.dialects.anthropic_body import chat_body, generation_body
 from proxy.dialects.anthropic_errors import DIALECT, error_event
 from proxy.dialects.anthropic_replies import (
     PING_SECONDS,
-    CountReply,
     MessageReply,
     MessageStreamReply,
     Pinger,
@@ -23,12 +22,11 @@ from proxy.dialects.anthropic_replies import (
 )
 from proxy.dialects.anthropic_types import CountTokensRequest, MessagesRequest
 from proxy.dialects.openai_body import checked, parse_object
-from proxy.dialects.openai_replies import SSE_HEADERS
-from proxy.errors import ApiError
+from proxy.dialects.openai_replies import json_bytes
+from proxy.errors import ApiError, UpstreamError
+from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
 from proxy.upstream.forward import UpstreamCall
-
-PROMPT_TOKENS_PATH = "/llama-gate/prompt-tokens"  # llama-gate's backend counts prompts there
 
 
 class Messages:
@@ -47,10 +45,10 @@ class Messages:
         if thoughts is None:
             enabled = request.thinking is not None and request.thinking.type != "disabled"
             thoughts = Thoughts.BLOCKS if enabled else Thoughts.DROP
-        call = UpstreamCall(
-            "POST", "/v1/chat/completions", generation_body(request, limits.max_tokens)
-        )
+        body = generation_body(request, limits.max_tokens)
+        call = UpstreamCall("POST", "/v1/chat/completions", body)
         end_user = request.metadata.user_id if request.metadata is not None else None
+        strict = request.max_tokens <= limits.max_tokens  # asked for, not only allowed
         return Prepared(
             call,
             None,
@@ -58,6 +56,7 @@ class Messages:
             bool(request.stream),
             extra={"thoughts": thoughts},
             end_user=end_user,
+            ask=Ask(call, body["max_tokens"], strict, model=request.model),
         )
 
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
@@ -66,31 +65,38 @@ class Messages:
         if not prepared.stream:
             return await context.send(prepared.call, MessageReply(model, thoughts))
         delivery = context.delivery
-        response = await delivery.open(200, "text/event-stream; charset=utf-8", SSE_HEADERS)
+        # The stream opens when the model answers, or, while the request still waits for its
+        # turn, after the first ping interval: until then a refusal is a plain error answer.
         pinger = Pinger(delivery, self._ping_seconds)
         pinger.start()
         try:
             return await context.send(prepared.call, MessageStreamReply(model, thoughts, pinger))
         except ApiError as exc:  # before the model answered (queue timeout, no backend, ...)
             await pinger.stop()
+            if delivery.response is None:
+                raise
             await delivery.fail(exc.status, exc.reason, error_event(exc))
-            return response
+            return delivery.response
         finally:
             await pinger.stop()
 
 
 class CountTokens:
-    """POST /v1/messages/count_tokens: the prompt tokens the backend will see, counted by it."""
+    """POST /v1/messages/count_tokens: the prompt tokens the backend will see, as its measure
+    step counts them (off the model's lock: no fair turn, nothing charged)."""
 
     dialect = DIALECT
     reads_body = True
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         request = checked(CountTokensRequest, parse_object(raw))
-        call = UpstreamCall("POST", PROMPT_TOKENS_PATH, chat_body(request))
-        return Prepared(call, CountReply(), request.model, None)
+        call = UpstreamCall("POST", "/v1/chat/completions", chat_body(request))
+        ask = Ask(call, 0, charged=False, model=request.model)
+        return Prepared(None, None, request.model, None, ask=ask)
 
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
-        assert prepared.call is not None
-        assert prepared.reply is not None
-        return await context.send(prepared.call, prepared.reply)
+        tokens = context.prompt_tokens
+        if tokens is None:
+            raise UpstreamError(502, "The model server cannot count tokens (is it llama-gate's?).")
+        body = json_bytes({"input_tokens": tokens})
+        return context.delivery.whole(200, body, "application/json")

@@ -28,6 +28,7 @@ from aiohttp import web
 from proxy.dialects.anthropic_errors import error_event
 from proxy.dialects.openai_answer import Answer
 from proxy.dialects.openai_replies import (
+    SSE_HEADERS,
     Tokens,
     collect,
     event_json,
@@ -141,13 +142,22 @@ class MessageReply:
         return delivery.whole(200, body, "application/json")
 
 
+async def open_stream(delivery: Delivery) -> None:
+    """Begin a streamed message's answer (once)."""
+    if delivery.response is None:
+        await delivery.open(200, "text/event-stream; charset=utf-8", SSE_HEADERS)
+
+
 class Pinger:
-    """`ping` events on a stream that has begun while its request waits for a backend."""
+    """`ping` events while a streamed request waits for a backend: after `every` seconds of
+    waiting the stream begins, so that the client does not give up on a busy model. Until then
+    nothing is sent, and a refusal can still be a plain error answer."""
 
     def __init__(self, delivery: Delivery, every: float = PING_SECONDS) -> None:
         self._delivery = delivery
         self._every = every
         self._task: asyncio.Task[None] | None = None
+        self._opening: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._ping())
@@ -158,8 +168,15 @@ class Pinger:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self._opening is not None:  # never leave a stream half begun
+            with contextlib.suppress(Exception):
+                await self._opening
+            self._opening = None
 
     async def _ping(self) -> None:
+        await asyncio.sleep(self._every)
+        self._opening = asyncio.create_task(open_stream(self._delivery))
+        await asyncio.shield(self._opening)
         while True:
             await self._delivery.send(event("ping", {}))
             await asyncio.sleep(self._every)
@@ -220,7 +237,8 @@ class MessageStreamReply:
         self, response: aiohttp.ClientResponse, delivery: Delivery
     ) -> web.StreamResponse:
         await self._pinger.stop()
-        assert delivery.response is not None, "the stream is opened before the wait"
+        await open_stream(delivery)
+        assert delivery.response is not None
         try:
             await self._relay(response, delivery)
         except BackendBrokeOff as exc:
@@ -325,21 +343,3 @@ class MessageStreamReply:
         await delivery.send(event("message_delta", {"delta": stopped, "usage": usage}))
         await delivery.send(event("message_stop", {}))
         await delivery.finish()
-
-
-class CountReply:
-    """`{"input_tokens": n}` from llama-gate's backend's count of the prompt."""
-
-    async def relay(
-        self, response: aiohttp.ClientResponse, delivery: Delivery
-    ) -> web.StreamResponse:
-        raw = b""
-        async for chunk in backend_chunks(response):
-            raw += chunk
-            if len(raw) > 4096:
-                break
-        counted = event_json(raw)
-        tokens = counted.get("prompt_tokens") if counted else None
-        if type(tokens) is not int:
-            raise UpstreamError(502, "The model server cannot count tokens (is it llama-gate's?).")
-        return delivery.whole(200, json_bytes({"input_tokens": tokens}), "application/json")

@@ -14,7 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 Temperature = Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)]
 Probability = Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)]
 MaxTokens = Annotated[int, Field(strict=True, ge=1)]
-TopK = Annotated[int, Field(strict=True, ge=0)]
+TopK = Annotated[int, Field(strict=True, ge=0, le=1 << 20)]
+# Anthropic's rule for tool names; it also keeps them out of the way of grammars and prompts.
+ToolName = Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,128}$")]
+StopSequence = Annotated[StrictStr, Field(max_length=1000)]
 
 
 class _Checked(BaseModel):
@@ -75,7 +78,7 @@ class Message(_Checked):
 
 
 class Tool(_Checked):
-    name: StrictStr
+    name: ToolName
     description: StrictStr | None = None
     input_schema: dict[str, Any]
 
@@ -102,7 +105,7 @@ class MessagesRequest(_Checked):
     system: StrictStr | list[TextBlock] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    stop_sequences: list[StrictStr] | None = None
+    stop_sequences: Annotated[list[StopSequence], Field(max_length=16)] | None = None
     temperature: Temperature | None = None
     top_p: Probability | None = None
     top_k: TopK | None = None

@@ -34,7 +34,6 @@ from proxy.errors import (
     INVALID_REQUEST,
     AnswerTooLarge,
     ApiError,
-    BackendAnswered,
     InternalError,
     InvalidApiKey,
     InvalidJson,
@@ -48,6 +47,7 @@ from proxy.errors import (
     TooManyConcurrent,
     UpstreamError,
 )
+from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import AdmittedCall, BatchEndpoint, CallerLimits, Context, Prepared
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,6 @@ def _code(exc: ApiError, in_call: bool) -> int:
         return METHOD_NOT_FOUND
     if isinstance(exc, InvalidRequest):
         return INVALID_PARAMS if in_call else INVALID_RPC_REQUEST
-    if isinstance(exc, BackendAnswered):
-        if exc.code == "model_not_found":
-            return UNKNOWN_MODEL
-        return INVALID_PARAMS if exc.status < 500 else BACKEND_UNAVAILABLE
     for kind, code in SERVER_ERRORS:
         if isinstance(exc, kind):
             return code
@@ -267,7 +263,8 @@ def _check_create_message(context: Context, params: Any, limits: CallerLimits) -
         default_model=limits.default_model,
     )
     catalog.check_model(app, turn.model)
-    return Prepared(None, None, turn.model, False, {"turn": turn})
+    ask = Ask(turn.request(final=turn.last), turn.max_tokens, turn.strict, model=turn.model)
+    return Prepared(None, None, turn.model, False, {"turn": turn}, ask=ask)
 
 
 async def _create_message(call: AdmittedCall) -> Any:

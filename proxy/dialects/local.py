@@ -29,6 +29,7 @@ from proxy.dialects.conversation import Checked, WarmUp, chat_body
 from proxy.dialects.openai_body import checked, parse_object
 from proxy.dialects.openai_replies import json_bytes
 from proxy.errors import ApiError, ModelNotFound
+from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
 from proxy.upstream.forward import UpstreamCall
 
@@ -121,20 +122,19 @@ class RestoreCache:
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         warm = checked(WarmUp, parse_object(raw))
         model = warm.model or limits.default_model
+        tools = warm.tools if warm.tools is not None else limits.declared_tools
         # One token, greedy: the prompt is what matters. tool_choice "none" keeps any grammar
         # out of it; the prompt is the same whatever the choice.
         body = chat_body(
-            warm.messages, warm.tools or (), tool_choice="none", max_tokens=1, temperature=0,
-            model=model,
-        )  # fmt: skip
+            warm.messages, tools, tool_choice="none", max_tokens=1, temperature=0, model=model
+        )
         call = UpstreamCall("POST", "/v1/chat/completions", body)
-        return Prepared(call, None, model, None, {"declared": warm.tools is None})
+        return Prepared(call, None, model, None, ask=Ask(call, 1, model=model))
 
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
         assert prepared.call is not None
-        call = with_declared_tools(context, prepared.call, prepared.extra["declared"])
         answer = ChatAnswer()
-        await context.send(call, answer)
+        await context.send(prepared.call, answer)
         counted = context.delivery.outcome  # as its audit row has them
         result = {
             "cached_tokens": counted.prompt_tokens,  # the whole prefix is in the context now
@@ -142,12 +142,3 @@ class RestoreCache:
             "model": answer.document.get("model") or prepared.model,
         }
         return context.delivery.whole(200, json_bytes(result), "application/json")
-
-
-def with_declared_tools(context: Context, call: UpstreamCall, declared: bool) -> UpstreamCall:
-    """`call` with the deployment's tools added when the request gave none of its own."""
-    tools = catalog.declared_tools(context.delivery.request.app) if declared else ()
-    if not tools or call.json is None:
-        return call
-    body = {**call.json, "tools": [tool.openai() for tool in tools], "tool_choice": "none"}
-    return UpstreamCall(call.method, call.path, body, call.query, call.headers)

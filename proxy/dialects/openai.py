@@ -20,6 +20,7 @@ from proxy.dialects.openai_replies import (
 )
 from proxy.dialects.reasoning import Reasoning
 from proxy.errors import ApiError
+from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
 from proxy.upstream.forward import Reply, UpstreamCall
 
@@ -71,7 +72,10 @@ class Completions(_Forwarded):
             else AssembledReply(self._kind, self._reasoning)
         )
         call = UpstreamCall("POST", self._path, request.body)
-        return Prepared(call, reply, request.model, request.stream, end_user=request.end_user)
+        ask = Ask(call, request.body["max_tokens"], request.strict, model=request.model)
+        return Prepared(
+            call, reply, request.model, request.stream, end_user=request.end_user, ask=ask
+        )
 
 
 class Embeddings(_Forwarded):
@@ -81,7 +85,9 @@ class Embeddings(_Forwarded):
         body = openai_body.embeddings(_with_default_model(parse_object(raw), limits))
         call = UpstreamCall("POST", "/v1/embeddings", body)
         reply = BodyReply(counts_tokens=True)
-        return Prepared(call, reply, body.get("model"), None, end_user=body.get("user"))
+        model = body.get("model")
+        ask = Ask(call, 0, model=model)
+        return Prepared(call, reply, model, None, end_user=body.get("user"), ask=ask)
 
 
 class Models(_Forwarded):

@@ -19,12 +19,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from proxy.dialects.openai_types import ChatRequest, EmbeddingRequest, TextRequest
+from proxy.dialects.openai_types import (
+    REFUSED,
+    ChatRequest,
+    EmbeddingRequest,
+    ImagePart,
+    TextRequest,
+)
 from proxy.errors import InvalidJson, InvalidRequest
 
 # Asks llama-gate's backend for a usage event as soon as the prompt is known (before it is even
@@ -32,6 +39,9 @@ from proxy.errors import InvalidJson, InvalidRequest
 PROGRESS_OPTION = "llama_gate_progress"
 
 M = TypeVar("M", bound=BaseModel)
+# A JSON escape of a UTF-16 surrogate: the only way one gets into a body (UTF-8 cannot hold it).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class Inference:
     stream: bool  # what the client asked for: a stream, or one JSON answer
     usage_wanted: bool  # the client asked for the usage event at the end of its stream
     end_user: str | None  # OpenAI's `user`: whom the request is for
+    strict: bool  # the client asked for its max_tokens itself, within its cap
 
 
 def _no_constant(name: str) -> NoReturn:
@@ -59,11 +70,43 @@ def _finite(text: str) -> float:
 
 
 def parse_object(raw: bytes | None) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 saying what is wrong with it."""
+    """The body as a JSON object of text, or a 400 saying what is wrong with it."""
     payload = parse_json(raw)
     if not isinstance(payload, dict):
         raise InvalidJson("expected an object, got " + type(payload).__name__)
+    if raw is not None and may_hold_surrogates(raw):
+        refuse_lone_surrogates(payload)
     return payload
+
+
+def may_hold_surrogates(raw: bytes) -> bool:
+    """Whether a JSON body escapes a UTF-16 surrogate anywhere (a pair is text, a lone one not)."""
+    return _SURROGATE_ESCAPE.search(raw) is not None
+
+
+def refuse_lone_surrogates(payload: Any, prefix: str = "") -> None:
+    """A 400 naming the first string (or key) in `payload` that holds a lone surrogate: no
+    tokenizer, template or database takes one, and Python's codecs fail on it."""
+    pending: list[tuple[str, Any]] = [(prefix, payload)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                name = where or "body"
+                raise InvalidRequest(
+                    f"'{name}' holds a lone UTF-16 surrogate, which is not text; send valid "
+                    "Unicode.",
+                    name,
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                inner = f"{where}.{key}" if where else str(key)
+                if _LONE_SURROGATE.search(key):
+                    pending.append((where or "body", key))
+                else:
+                    pending.append((inner, item))
+        elif isinstance(value, list):
+            pending.extend((f"{where}.{i}" if where else str(i), v) for i, v in enumerate(value))
 
 
 def parse_json(raw: bytes | None) -> Any:
@@ -114,15 +157,35 @@ def _field_path(loc: tuple[int | str, ...]) -> list[str]:
     for part in loc:
         text = str(part)
         if isinstance(part, str) and (
-            text in {"str", "int", "float", "bool"} or text[:1].isupper() or "[" in text
+            text in {"str", "int", "float", "bool"}
+            or text[:1].isupper()
+            or "[" in text
+            or text.startswith("constrained-")  # a constrained str, int or float
         ):
             break
         path.append(text)
     return path
 
 
+def _refuse_unoffered(payload: dict[str, Any]) -> None:
+    for name, reason in REFUSED.items():
+        if payload.get(name) is not None:
+            raise InvalidRequest(reason, name)
+
+
 def chat(payload: dict[str, Any], max_tokens: int) -> Inference:
+    """A chat completion request as the backend is sent it; the messages are text only."""
+    _refuse_unoffered(payload)
     request = checked(ChatRequest, payload)
+    for number, message in enumerate(request.messages):
+        parts = message.content if isinstance(message.content, list) else ()
+        for index, part in enumerate(parts):
+            if isinstance(part, ImagePart):
+                raise InvalidRequest(
+                    "The models here read text only and cannot see images; send the request "
+                    "without image_url parts.",
+                    f"messages.{number}.content.{index}",
+                )
     body = request.model_dump(exclude_none=True, by_alias=True, exclude={"messages"})
     # Messages keep their nulls (an assistant's `content: null` beside its tool calls).
     messages = request.model_dump(by_alias=True, include={"messages"})["messages"]
@@ -133,13 +196,39 @@ def chat(payload: dict[str, Any], max_tokens: int) -> Inference:
 
 
 def text(payload: dict[str, Any], max_tokens: int) -> Inference:
+    _refuse_unoffered(payload)
     request = checked(TextRequest, payload)
+    prompt = request.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a batch of one
+    if not isinstance(prompt, str):
+        raise InvalidRequest(
+            "'prompt' must be one text: token ids and batches of prompts are not served; send "
+            "one request per prompt.",
+            "prompt",
+        )
+    if not prompt:
+        raise InvalidRequest("'prompt' is empty; send some text.", "prompt")
     body = request.model_dump(exclude_none=True, by_alias=True)
+    body["prompt"] = prompt
     return _inference(body, payload, request.stream, request.stream_options, max_tokens)
 
 
 def embeddings(payload: dict[str, Any]) -> dict[str, Any]:
-    return checked(EmbeddingRequest, payload).model_dump(exclude_none=True)
+    body = checked(EmbeddingRequest, payload).model_dump(exclude_none=True)
+    given = body["input"]
+    inputs = given if isinstance(given, list) else [given]
+    if not inputs:
+        raise InvalidRequest("'input' is empty; send a text or a list of texts.", "input")
+    for index, item in enumerate(inputs):
+        param = f"input.{index}" if isinstance(given, list) else "input"
+        if not isinstance(item, str):
+            raise InvalidRequest(
+                "'input' must be a text or a list of texts: token ids are not served.", param
+            )
+        if not item:
+            raise InvalidRequest(f"'{param}' is empty; send some text.", param)
+    return body
 
 
 def _inference(
@@ -150,10 +239,14 @@ def _inference(
     max_tokens: int,
 ) -> Inference:
     usage_wanted = bool(stream and options is not None and options.include_usage)
-    body["max_tokens"] = _capped(payload, max_tokens)
+    body["max_tokens"], strict = _capped(payload, max_tokens)
     body["stream"] = True
     body["stream_options"] = {"include_usage": True, PROGRESS_OPTION: True}
-    return Inference(body, body.get("model"), bool(stream), usage_wanted, body.get("user"))
+    if "seed" in body:
+        body["seed"] %= 1 << 32  # llama.cpp's seeds are 32 bits; OpenAI's are any integer
+    return Inference(
+        body, body.get("model"), bool(stream), usage_wanted, body.get("user"), strict
+    )
 
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:
@@ -179,16 +272,20 @@ def _response_format(request: ChatRequest) -> dict[str, Any]:
     return {"type": wanted.type}
 
 
-def _capped(payload: dict[str, Any], cap: int) -> int:
-    """The answer length to send: the one asked for, within the cap; the cap when none is.
-
-    llama_cpp.server reads <= 0 and null as "until the context is full": those get the cap too.
-    """
+def _capped(payload: dict[str, Any], cap: int) -> tuple[int, bool]:
+    """The answer length to send: the one asked for, within the cap; the cap when none is (or
+    null). True when the client asked for that number itself (within its cap)."""
     for name in ("max_tokens", "max_completion_tokens"):
         asked = payload.get(name)
         if asked is None:
             continue
         if type(asked) is not int:
             raise InvalidRequest(f"Invalid '{name}': expected a whole number.", name)
-        return asked if 0 < asked <= cap else cap
-    return cap
+        if asked < 1:
+            raise InvalidRequest(
+                f"Invalid '{name}': it must be at least 1 (got {asked}); leave it out for as "
+                "many as your cap allows.",
+                name,
+            )
+        return (asked, True) if asked <= cap else (cap, False)
+    return cap, False

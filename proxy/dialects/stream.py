@@ -17,10 +17,11 @@ import aiohttp
 from aiohttp import web
 
 from proxy.dialects.conversation import Message, StreamRequest, answer_length, chat_body
-from proxy.dialects.local import error_body, with_declared_tools
+from proxy.dialects.local import error_body
 from proxy.dialects.openai_body import checked, parse_object
 from proxy.dialects.openai_replies import SSE_HEADERS, Tokens, json_bytes
 from proxy.errors import ApiError, InvalidRequest
+from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
 from proxy.upstream.delivery import ClientGone, Delivery
 from proxy.upstream.forward import BackendBrokeOff, UpstreamCall, backend_chunks
@@ -61,22 +62,24 @@ class Stream:
         if not conversation:
             raise InvalidRequest("'message' is required (or a 'history' to answer).", "message")
         model = params.model or limits.default_model
+        answer = answer_length(params.max_new_tokens, limits.max_tokens)
         body = chat_body(
             conversation,
-            params.tools or (),
+            params.tools if params.tools is not None else limits.declared_tools,
             tool_choice="none",
-            max_tokens=answer_length(params.max_new_tokens, limits.max_tokens),
+            max_tokens=answer,
             temperature=params.temperature,
             model=model,
         )
         call = UpstreamCall("POST", "/v1/chat/completions", body)
-        return Prepared(call, DeltaStream(), model, True, {"declared": params.tools is None})
+        strict = params.max_new_tokens is not None and params.max_new_tokens <= limits.max_tokens
+        ask = Ask(call, answer, strict, model=model)
+        return Prepared(call, DeltaStream(), model, True, ask=ask)
 
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
         assert prepared.call is not None
         assert prepared.reply is not None
-        call = with_declared_tools(context, prepared.call, prepared.extra["declared"])
-        return await context.send(call, prepared.reply)
+        return await context.send(prepared.call, prepared.reply)
 
 
 class DeltaStream:

@@ -53,6 +53,7 @@ class Turn:
     max_tokens: int
     temperature: float | None
     model: str | None
+    strict: bool = False  # the client asked for max_new_tokens itself, within its cap
 
     @property
     def last(self) -> bool:
@@ -103,6 +104,7 @@ def begin(
         max_tokens=answer_length(params.max_new_tokens, max_tokens),
         temperature=params.temperature,
         model=params.model or default_model,
+        strict=params.max_new_tokens is not None and params.max_new_tokens <= max_tokens,
     )
 
 
@@ -201,9 +203,14 @@ async def create_message(context: Context, turn: Turn) -> dict[str, Any]:
     elif reading.unusable and calls_allowed:
         guard = "unusable_tool_call"
     if guard in ("repeated_tool_call", "unusable_tool_call"):
-        log.info("request %s: %s; asking for a final answer", context.request_id, guard)
-        reading = await _ask(context, turn.request(final=True))
-        readings.append(reading)
+        left = context.answer_left()
+        if left is not None and left < 1:
+            # The call's answer tokens (its cap covers every model turn) are spent: it ends.
+            reading = Reading("", [], "length", {}, False, reading.model)
+        else:
+            log.info("request %s: %s; asking for a final answer", context.request_id, guard)
+            reading = await _ask(context, turn.request(final=True))
+            readings.append(reading)
     calling = bool(reading.calls) and calls_allowed and guard is None
     asked = _fresh_ids(turn.conversation, reading.calls) if calling else []
     answer = Message(

@@ -2,8 +2,11 @@
 
 1. a concurrency place, taken atomically and first (`proxy.limits.places`);
 2. its body, read under the size cap and checked by the route (a 400 here spends nothing else);
-3. the user's token quota;
-4. the user's rate limit.
+3. its prompt, measured when that can matter (`proxy.limits.prompts`): one that does not fit
+   the model's context is a 400 here;
+4. the user's token quota, asked with what the request can cost (its prompt and its answer's
+   room), which stays reserved until the request ends;
+5. the user's rate limit.
 
 A request refused at one step spends nothing at the steps after it, and its place is given back
 on every way out, the client leaving included. An admitted request keeps its place until it ends.
@@ -21,6 +24,7 @@ from aiohttp import web
 from proxy.auth.cache import Principal
 from proxy.limits.body import read_body
 from proxy.limits.places import Places
+from proxy.limits.prompts import Ask, Prompts
 from proxy.limits.quotas import TokenQuotas
 from proxy.limits.ratelimit import RateLimiter
 from proxy.settings import Settings
@@ -33,11 +37,18 @@ T = TypeVar("T")
 class Admitted(Generic[T]):
     checked: T  # what the route's check made of the body
     headers: dict[str, str]  # x-ratelimit-* for the answer
+    prompt_tokens: int | None = None  # measured before the turn (None: not measured)
+    answer: int | None = None  # the tokens its answer may have in all (None: as the call asks)
 
 
 class Admission:
     def __init__(
-        self, settings: Settings, places: Places, quotas: TokenQuotas, rate_limiter: RateLimiter
+        self,
+        settings: Settings,
+        places: Places,
+        quotas: TokenQuotas,
+        rate_limiter: RateLimiter,
+        prompts: Prompts,
     ) -> None:
         self._max_body = settings.max_body_bytes
         self._body_timeout = float(settings.body_timeout_seconds)
@@ -46,6 +57,7 @@ class Admission:
         self.places = places
         self._quotas = quotas
         self._rate = rate_limiter
+        self.prompts = prompts
 
     def max_tokens(self, caller: Principal) -> int:
         """The caller's cap on one answer: their own, never above MAX_TOKENS_HARD_CAP."""
@@ -59,13 +71,16 @@ class Admission:
         outcome: Outcome,
         check: Callable[[bytes | None], T],
         *,
+        request_id: str,
+        asks: Callable[[T], Ask | None],
         read_body_first: bool,
         spend: bool = True,
     ) -> AsyncIterator[Admitted[T]]:
         """Hold the caller's place for as long as this is entered; raise `ApiError` to refuse.
 
-        Without `spend` the quota and the rate limit are not asked: a batch's envelope, whose
-        calls are each admitted (and so counted) alone.
+        `asks` says what the checked request will ask of the model (None: nothing). Without
+        `spend` nothing is measured and the quota and the rate limit are not asked: a batch's
+        envelope, whose calls are each admitted (and so counted) alone.
         """
         self.places.take(caller.user_id, caller.max_concurrent or self._max_concurrent)
         try:
@@ -75,11 +90,22 @@ class Admission:
                 else None
             )
             checked = check(raw)
-            headers: dict[str, str] = {}
-            if spend:
-                token_headers = await self._quotas.admit(caller)
-                rate_headers = await self._rate.admit(caller)
-                headers = {**rate_headers, **token_headers}
-            yield Admitted(checked, headers)
+            if not spend:
+                yield Admitted(checked, {})
+                return
+            ask = asks(checked)
+            prompt, answer = None, None
+            if ask is not None:
+                has_quota = self._quotas.applies(caller)
+                measured = await self.prompts.measure(ask, request_id, has_quota, outcome.bytes_in)
+                prompt, answer = measured.prompt_tokens, measured.answer
+            charged = ask is not None and ask.charged
+            reserved = await self._quotas.reserve(
+                caller, request_id, prompt if charged else None, (answer or 0) if charged else 0
+            )
+            if charged:
+                answer = reserved.answer
+            rate_headers = await self._rate.admit(caller)
+            yield Admitted(checked, {**rate_headers, **reserved.headers}, prompt, answer)
         finally:
             self.places.give_back(caller.user_id)

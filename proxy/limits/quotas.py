@@ -8,10 +8,14 @@ in the database yet (the audit writer batches them, so they arrive within about 
 this process's own use counts at once, and other processes' use within `cache_seconds` plus the
 audit delay. A request is refused only on figures re-read just before.
 
-A request is admitted while the user is under quota, and its tokens are known only when it ends,
-so a user can overshoot by what the requests already admitted then use: at most their concurrency
-cap times (prompt + max_tokens). While Postgres is unreachable the last figures plus this process's
-own use decide.
+A request is admitted only if what it can cost fits what is left: its prompt, measured before
+its turn (`proxy.limits.prompts`), plus its answer's room. That cost is reserved from admission
+until its row is counted, so requests running at once cannot together overshoot in this process;
+an answer's room is lowered to what the quota has left (and the backend is asked for no more), and
+a prompt that does not fit what is left is refused (429), or, when it is larger than the quota
+itself, refused for good (400: no wait would help). A request that could not be measured (a
+backend that cannot count) reserves its answer's room only. While Postgres is unreachable the
+last figures plus this process's own use decide.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
 from proxy.db.queries import TokenTotals
-from proxy.errors import TokenQuotaExceeded
+from proxy.errors import RequestTooLarge, TokenQuotaExceeded
 from proxy.limits.ratelimit import format_duration
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 CACHE_SECONDS = 2.0
 RECHECK_SECONDS = 0.25  # before refusing, figures older than this are read again
 MINUTE = timedelta(seconds=60)
+FORGOTTEN = timedelta(hours=1)  # a reservation whose row never came is dropped after this
 _NOTHING = TokenTotals(0, 0, None, frozenset())
 
 
@@ -56,6 +61,15 @@ class _Ledger:
     read_at: float | None = None  # monotonic
     read_day: date | None = None
     recent: list[_Use] = field(default_factory=list)
+    pending: dict[str, _Use] = field(default_factory=dict)  # admitted, not yet finished
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """What the quota let through: its headers, and the answer's room left to the request."""
+
+    headers: dict[str, str]
+    answer: int
 
 
 @dataclass(frozen=True)
@@ -97,27 +111,72 @@ class TokenQuotas:
         first one's row once it landed.
         """
         ledger = self._ledgers.get(row.user_id) if row.user_id is not None else None
+        if ledger is None or row.request_id is None:
+            return
+        ledger.pending.pop(row.request_id, None)
         tokens = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
-        if ledger is not None and tokens > 0 and row.request_id is not None:
+        if tokens > 0:
             ledger.recent.append(_Use(row.request_id, row.created_at, tokens))
 
-    async def admit(self, principal: Principal) -> dict[str, str]:
-        """The `x-ratelimit-*-tokens` headers, or `TokenQuotaExceeded` for a user over quota."""
-        if principal.tokens_per_day is None and principal.tokens_per_minute is None:
-            return {}
+    @staticmethod
+    def applies(principal: Principal) -> bool:
+        """Whether `principal` has a token quota at all."""
+        return principal.tokens_per_day is not None or principal.tokens_per_minute is not None
+
+    async def reserve(
+        self, principal: Principal, request_id: str, prompt: int | None, answer: int
+    ) -> Reserved:
+        """Reserve what request `request_id` can cost (`prompt` tokens, measured, plus up to
+        `answer`), lowering the answer's room to what is left; `TokenQuotaExceeded` when not
+        even the prompt and one answer token fit, `RequestTooLarge` when the quota never could.
+        """
+        if not self.applies(principal):
+            return Reserved({}, answer)
         ledger = self._ledgers.setdefault(principal.user_id, _Ledger())
+        need = (prompt or 0) + (1 if answer else 0)
         await self._refresh(principal.user_id, ledger, self._cache_seconds)
         verdicts = self._verdicts(principal, ledger)
-        if any(v.remaining == 0 for v in verdicts):
+        if any(v.remaining < max(need, 1) for v in verdicts):
             await self._refresh(principal.user_id, ledger, RECHECK_SECONDS)
             verdicts = self._verdicts(principal, ledger)
-        exhausted = [v for v in verdicts if v.remaining == 0]
-        if exhausted:
-            worst = max(exhausted, key=lambda v: v.reset_ms)
+        for verdict in verdicts:
+            if need > verdict.limit:
+                raise RequestTooLarge(
+                    f"This request needs {need} tokens (its prompt is {prompt or 0}), more than "
+                    f"your quota of {verdict.limit} tokens per {verdict.per} allows at all; "
+                    "send a shorter prompt, or ask your administrator for a larger quota.",
+                    "messages",
+                )
+        short = [v for v in verdicts if v.remaining < max(need, 1)]
+        if short:
+            worst = max(short, key=lambda v: v.reset_ms)
             raise TokenQuotaExceeded(
                 worst.per, worst.used, worst.limit, worst.reset_ms, _headers(worst)
             )
-        return _headers(min(verdicts, key=lambda v: v.remaining))
+        left = min(v.remaining for v in verdicts)
+        granted = min(answer, left - (prompt or 0))
+        cost = (prompt or 0) + granted
+        ledger.pending[request_id] = _Use(request_id, self._clock(), cost)
+        verdicts = self._verdicts(principal, ledger)
+        return Reserved(_headers(min(verdicts, key=lambda v: v.remaining)), granted)
+
+    def extend(self, principal: Principal, request_id: str, tokens: int) -> None:
+        """Reserve `tokens` more for a request that asks the model again (a tool loop's next
+        turn); `TokenQuotaExceeded` when they do not fit."""
+        ledger = self._ledgers.get(principal.user_id)
+        if ledger is None or not self.applies(principal):
+            return
+        verdicts = self._verdicts(principal, ledger)
+        short = [v for v in verdicts if v.remaining < tokens]
+        if short:
+            worst = max(short, key=lambda v: v.reset_ms)
+            raise TokenQuotaExceeded(
+                worst.per, worst.used, worst.limit, worst.reset_ms, _headers(worst)
+            )
+        held = ledger.pending.get(request_id)
+        started = held.started_at if held is not None else self._clock()
+        cost = (held.tokens if held is not None else 0) + tokens
+        ledger.pending[request_id] = _Use(request_id, started, cost)
 
     async def _refresh(self, user_id: int, ledger: _Ledger, max_age: float) -> None:
         async with ledger.lock:  # one read at a time, so an older answer never replaces a newer
@@ -159,18 +218,22 @@ class TokenQuotas:
 
     def _verdicts(self, principal: Principal, ledger: _Ledger) -> list[_Verdict]:
         now = self._clock()
+        for request_id, use in list(ledger.pending.items()):
+            if use.started_at < now - FORGOTTEN:
+                del ledger.pending[request_id]
+        reserved = sum(use.tokens for use in ledger.pending.values())
         verdicts = []
         if principal.tokens_per_day is not None:
             day_start = _day_start(now)
-            used = ledger.totals.day + sum(
+            used = reserved + ledger.totals.day + sum(
                 u.tokens for u in ledger.recent if u.started_at >= day_start
             )
             reset = day_start + timedelta(days=1) - now if used else timedelta(0)
             verdicts.append(_Verdict("day", principal.tokens_per_day, used, _ms(reset)))
         if principal.tokens_per_minute is not None:
             window = [u for u in ledger.recent if u.started_at > now - MINUTE]
-            used = ledger.totals.minute + sum(u.tokens for u in window)
-            starts = [u.started_at for u in window]
+            used = reserved + ledger.totals.minute + sum(u.tokens for u in window)
+            starts = [u.started_at for u in (*window, *ledger.pending.values())]
             if ledger.totals.minute_oldest is not None:
                 starts.append(ledger.totals.minute_oldest)
             reset = min(starts) + MINUTE - now if starts else timedelta(0)

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from proxy.auth.cache import Principal
 from proxy.errors import ApiError
+from proxy.limits.prompts import Ask
 from proxy.upstream.delivery import Delivery
 from proxy.upstream.forward import Reply, UpstreamCall
 
@@ -35,10 +36,11 @@ class Dialect(Protocol):
 
 @dataclass(frozen=True)
 class CallerLimits:
-    """What a route's check needs to know about the caller."""
+    """What a route's check needs to know about the caller (and the deployment's defaults)."""
 
     max_tokens: int  # the cap on one answer (the caller's own, never above the hard cap)
     default_model: str | None = None  # the caller's own default (POST /setModel), or none
+    declared_tools: tuple[Any, ...] = ()  # LLAMA_PROXY_TOOLS_FILE's, for requests naming none
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Prepared:
     stream: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # whatever the endpoint's serve needs
     end_user: str | None = None  # whom the client says the request is for, when it says
+    ask: Ask | None = None  # what it will ask of the model: measured and charged before its turn
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Context:
     request_id: str
     send: Callable[[UpstreamCall, Reply], Awaitable[web.StreamResponse]]
     calls: Calls | None = None  # a BatchEndpoint's: admits each call of the batch alone
+    prompt_tokens: int | None = None  # the prompt as measured before the turn, if it was
+    answer_left: Callable[[], int | None] = lambda: None  # answer tokens it may still generate
 
 
 @dataclass

@@ -41,6 +41,9 @@ class Exchange:
     delivery: Delivery | None = None  # the client's side of the answer
     recorded: bool = False  # its row went to the completion hooks (it goes once)
     calls: int = 0  # calls of a batch recorded on rows of their own (then this one has none)
+    prompt_tokens: int | None = None  # measured before its turn: charged if it reached a backend
+    answer_budget: int | None = None  # answer tokens it may generate in all (None: as asked)
+    sent: int = 0  # requests it sent to a backend
 
     @classmethod
     def begin(
@@ -91,6 +94,19 @@ class Exchange:
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.start) * 1000.0
 
+    def _prompt_tokens(self) -> int | None:
+        """The backend's count; else, for a request that reached one, the measured prompt (a
+        backend that failed before counting still had it to read)."""
+        if self.outcome.prompt_tokens is not None or self.outcome.backend is None:
+            return self.outcome.prompt_tokens
+        return self.prompt_tokens
+
+    def answer_left(self) -> int | None:
+        """The answer tokens this request may still have generated (None: no budget)."""
+        if self.answer_budget is None:
+            return None
+        return self.answer_budget - (self.outcome.completion_tokens or 0)
+
     def row(self) -> AuditRow:
         caller, outcome = self.caller, self.outcome
         return AuditRow(
@@ -109,7 +125,7 @@ class Exchange:
             queue_ms=outcome.queue_ms,
             request_bytes=outcome.bytes_in,
             response_bytes=outcome.bytes_out,
-            prompt_tokens=outcome.prompt_tokens,
+            prompt_tokens=self._prompt_tokens(),
             completion_tokens=outcome.completion_tokens,
             client_addr=storable(self.client_addr),
             error=storable(outcome.error, ERROR_TEXT_LIMIT),

@@ -29,6 +29,8 @@ from proxy.appkeys import (
     AUTHENTICATOR,
     BACKENDS,
     COMPLETION_HOOKS,
+    DECLARED_TOOLS,
+    QUOTAS,
     SETTINGS,
     UPSTREAM_SESSION,
 )
@@ -36,14 +38,17 @@ from proxy.auth.authenticator import presented_key
 from proxy.dialects.openai import DIALECT as DEFAULT_DIALECT
 from proxy.edge.paths import has_dot_segment
 from proxy.errors import (
+    AnswerBudgetSpent,
     ApiError,
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
+    ModelNotFound,
     NotFound,
     UpstreamUnreachable,
 )
 from proxy.limits.body import defer_continue
+from proxy.limits.prompts import INFERENCE_PATHS, Ask
 from proxy.pipeline.endpoint import (
     AdmittedCall,
     BatchEndpoint,
@@ -238,27 +243,54 @@ async def _admitted(
     caller, delivery = exchange.caller, exchange.delivery
     assert caller is not None
     assert delivery is not None
-    limits = CallerLimits(admission.max_tokens(caller), caller.default_model)
+    limits = CallerLimits(
+        admission.max_tokens(caller), caller.default_model, request.app[DECLARED_TOOLS]
+    )
+
+    def checked(raw: bytes | None) -> Prepared:
+        prepared = check(raw, limits)
+        exchange.model, exchange.stream = prepared.model, prepared.stream
+        exchange.end_user = prepared.end_user
+        if prepared.model is not None or prepared.ask is not None:
+            _check_model(request, prepared.model)  # a request for no model spends nothing
+        return prepared
+
     async with admission.admit(
         request,
         caller,
         exchange.outcome,
-        lambda raw: check(raw, limits),
+        checked,
+        request_id=exchange.request_id,
+        asks=lambda prepared: prepared.ask,
         read_body_first=read_body,
         spend=spend,
     ) as admitted:
-        prepared = admitted.checked
-        exchange.model, exchange.stream = prepared.model, prepared.stream
-        exchange.end_user = prepared.end_user
+        exchange.prompt_tokens = admitted.prompt_tokens
+        exchange.answer_budget = admitted.answer
         delivery.headers.update(admitted.headers)
-        yield prepared
+        yield admitted.checked
+
+
+def _check_model(request: web.Request, model: str | None) -> None:
+    """`ModelNotFound` (naming the models) when the backends say none of them serves `model`."""
+    known = request.app[BACKENDS].models()
+    if model is not None and known is not None and model not in known:
+        raise ModelNotFound(model, ", ".join(known) or "none", known)
 
 
 def _context(request: web.Request, exchange: Exchange, calls: _Calls | None = None) -> Context:
     assert exchange.caller is not None
     assert exchange.delivery is not None
     sender = _sender(request, exchange)
-    return Context(exchange.caller, exchange.delivery, exchange.request_id, sender, calls)
+    return Context(
+        exchange.caller,
+        exchange.delivery,
+        exchange.request_id,
+        sender,
+        calls,
+        exchange.prompt_tokens,
+        exchange.answer_left,
+    )
 
 
 class _Calls:
@@ -296,6 +328,19 @@ class _Calls:
             _finish(request, call)
 
 
+async def _reserve_again(app: web.Application, exchange: Exchange, call: UpstreamCall) -> None:
+    """A request asking the model once more: that prompt is measured and reserved too."""
+    caller = exchange.caller
+    assert caller is not None
+    admission, quotas = app[ADMISSION], app[QUOTAS]
+    if not quotas.applies(caller):
+        return
+    ask = Ask(call, 0, model=exchange.model)
+    size = len(call.data or b"")
+    measured = await admission.prompts.measure(ask, exchange.request_id, True, size)
+    quotas.extend(caller, exchange.request_id, measured.prompt_tokens or 0)
+
+
 def _sender(
     request: web.Request, exchange: Exchange
 ) -> Callable[[UpstreamCall, Reply], Awaitable[web.StreamResponse]]:
@@ -306,6 +351,14 @@ def _sender(
     user, delivery = exchange.caller.user_id, exchange.delivery
 
     async def send(call: UpstreamCall, reply: Reply) -> web.StreamResponse:
+        if exchange.sent and call.path in INFERENCE_PATHS:
+            await _reserve_again(app, exchange, call)  # a tool loop asking the model again
+        exchange.sent += 1
+        left = exchange.answer_left()
+        if left is not None and call.json is not None and "max_tokens" in call.json:
+            if left < 1:
+                raise AnswerBudgetSpent()
+            call = call.answer_at_most(left)
         backends = app[BACKENDS]  # looked up per call: tests and schedulers may replace it
         # Each call's own conversation (a tool loop's grows call by call), whatever the API;
         # with one backend there is nowhere else to go, so nothing to work out.

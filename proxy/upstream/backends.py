@@ -16,9 +16,13 @@ waiting for one answer to end; past it, it goes elsewhere and the conversation m
 
 Health comes from each backend's `/health` every `probe_interval` seconds (see
 `proxy.upstream.probes`), and from requests: a backend that refuses a connection is out until a
-probe finds it back. The queues and the per-user concurrency cap are this process's own; with
-several proxy processes each keeps its own (rate limits and token quotas are shared through
-Postgres).
+probe finds it back. A backend that goes out after serving is waited for, `restart_wait` seconds
+(its supervisor starts the model server again within seconds): requests only it can serve keep
+their place in the queue, within their queue timeout, and are served once it is back; past that
+wait, or for a backend never seen serving, they get a 503 at once.
+
+The queues and the per-user concurrency cap are this process's own; with several proxy processes
+each keeps its own (rate limits and token quotas are shared through Postgres).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from proxy.settings import Secret, Settings
 from proxy.upstream.affinity import Affinity
 from proxy.upstream.fairqueue import FairQueue
 from proxy.upstream.outcome import Outcome
-from proxy.upstream.probes import Health, probe_health
+from proxy.upstream.probes import Health, ModelLimits, probe_health
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,8 @@ class _Backend:
     slots: int
     in_flight: int = 0
     health: Health = field(default_factory=Health)  # up until a probe says otherwise
+    seen_up: bool = False  # a probe (or a request) found it serving once
+    down_since: float | None = None  # monotonic: when it went out, having served
 
 
 @dataclass(eq=False)
@@ -107,6 +113,7 @@ class Backends:
         queue_timeout: float = 300.0,
         probe_interval: float = PROBE_INTERVAL_SECONDS,
         probe_timeout: float = 5.0,
+        restart_wait: float = 60.0,
     ) -> None:
         if not upstreams:
             raise ValueError("at least one backend is needed")
@@ -116,6 +123,8 @@ class Backends:
         self._queue_timeout = queue_timeout
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
+        self._restart_wait = restart_wait
+        self._back_up = asyncio.Event()  # set (and replaced) whenever a backend comes back
         self._session: aiohttp.ClientSession | None = None
         self._held_seconds = 1.0  # mean time a request holds a slot, for Retry-After
         self._served: OrderedDict[bytes, str] = OrderedDict()  # conversation -> last backend
@@ -132,6 +141,7 @@ class Backends:
             slots=settings.backend_slots,
             queue_timeout=float(settings.queue_timeout_seconds),
             probe_timeout=float(settings.connect_timeout_seconds),
+            restart_wait=float(settings.backend_restart_wait_seconds),
         )
 
     @property
@@ -152,7 +162,7 @@ class Backends:
         if name is None:
             return len(self._queue)
         backend = self._backends[name]
-        return sum(1 for w in self._queue.waiting() if self._serves(backend, w.model, w.avoid))
+        return sum(1 for w in self._queue.waiting() if self._serves(backend, w.model))
 
     def is_up(self, name: str) -> bool:
         return self._backends[name].health.up
@@ -185,6 +195,30 @@ class Backends:
         """The model a request naming none gets (see `_serves`), when the backends say."""
         return self._default_model()
 
+    def limits(self, model: str | None) -> ModelLimits | None:
+        """What bounds the prompts of `model` (None: the default), as its backends say."""
+        name = model if model is not None else self._default_model()
+        for backend in self._backends.values():
+            if name is not None and name in backend.health.limits:
+                return backend.health.limits[name]
+        return None
+
+    async def any_serving(self, model: str | None, budget: float) -> Upstream:
+        """A backend that is up and serves `model`, the least busy, without taking a slot
+        (to measure a prompt on); one coming back is waited for within `budget` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        while True:
+            serving = [b for b in self._backends.values() if self._serves(b, model)]
+            if serving:
+                return min(serving, key=lambda b: b.in_flight / b.slots).upstream
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not any(self._awaits(b, model) for b in self._backends.values()):
+                raise self._unavailable(model)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._back_up.wait()
+
     # -- a turn at a backend -------------------------------------------------------------------
 
     @asynccontextmanager
@@ -199,8 +233,9 @@ class Backends:
         """Hold a slot of a backend for one request, after a fair wait for one.
 
         `user` is whose turn it is, `model` what the request asks for; the wait and the backend
-        chosen go to `outcome`. `avoid` names backends that already refused this request, which
-        then keeps its place at the front of the user's queue. `affinity` names the conversation
+        chosen go to `outcome`. `avoid` names backends that already refused this request (they
+        are out until a probe finds them back): it keeps its place at the front of the user's
+        queue. `affinity` names the conversation
         it continues, if any. The per-user concurrency cap is admission's
         (`proxy.limits.places`): a request reaching here already holds its place.
         """
@@ -248,7 +283,7 @@ class Backends:
             backend.in_flight += 1
             self._queue.served(user)
             return backend
-        if not any(self._serves(b, model, avoid) for b in self._backends.values()):
+        if not any(self._hopeful(b, model) for b in self._backends.values()):
             raise self._unavailable(model)
         self._queue.push(user, waiter, front=bool(avoid))
         if prefer is not None:
@@ -305,12 +340,12 @@ class Backends:
 
     def _eligible(self, backend: _Backend, waiter: _Waiter) -> bool:
         """Whether `waiter` may take a slot of `backend` (see the module docstring)."""
-        if not self._serves(backend, waiter.model, waiter.avoid):
+        if not self._serves(backend, waiter.model):
             return False
         prefer = self._backends.get(waiter.prefer) if waiter.prefer is not None else None
         if prefer is None or prefer is backend:
             return True
-        if not self._serves(prefer, waiter.model, waiter.avoid):
+        if not self._serves(prefer, waiter.model):
             return True  # its backend is out, or does not serve this model
         return self._load(prefer, waiter) - self._load(backend, waiter) >= AFFINITY_SLACK
 
@@ -331,10 +366,26 @@ class Backends:
 
     # -- which backend serves what -------------------------------------------------------------
 
-    def _serves(self, backend: _Backend, model: str | None, avoid: frozenset[str]) -> bool:
+    def _serves(self, backend: _Backend, model: str | None) -> bool:
+        """Whether `backend` is up and serves `model`."""
+        return backend.health.up and self._offers(backend, model)
+
+    def _awaits(self, backend: _Backend, model: str | None) -> bool:
+        """Whether `backend` is out but may come back soon, and would serve `model`."""
+        since = backend.down_since
+        return (
+            not backend.health.up
+            and since is not None
+            and time.monotonic() - since < self._restart_wait
+            and self._offers(backend, model)
+        )
+
+    def _hopeful(self, backend: _Backend, model: str | None) -> bool:
+        return self._serves(backend, model) or self._awaits(backend, model)
+
+    def _offers(self, backend: _Backend, model: str | None) -> bool:
+        """Whether `backend` serves `model`, as far as its probes said (up or not)."""
         health = backend.health
-        if not health.up or backend.upstream.name in avoid:
-            return False
         if health.models is None:
             return True  # it did not say what it serves: it gets anything
         if model is None:
@@ -369,15 +420,21 @@ class Backends:
         backend = self._backends[name]
         before = backend.health
         if not health.up:  # keep what it serves, for routing its models elsewhere meanwhile
-            health = Health(health.problem, before.models, before.default)
+            health = Health(health.problem, before.models, before.default, before.limits)
         backend.health = health
         if before.up and not health.up:
             log.warning("backend %s is out: %s", name, health.problem)
+            if backend.seen_up:  # one that never served is not waited for
+                backend.down_since = time.monotonic()
             self._fail_stranded()
             self._dispatch_all()  # those waiting for it in particular may go elsewhere now
         elif health.up and not before.up:
             log.warning("backend %s is back in", name)
+            backend.down_since = None
+            self._back_up.set()
+            self._back_up = asyncio.Event()
         if health.up:
+            backend.seen_up = True
             self._dispatch(backend)
 
     def refused(self, upstream: Upstream, reason: str) -> None:
@@ -385,11 +442,11 @@ class Backends:
         self.report(upstream.name, Health(f"refused a request ({reason})"))
 
     def _fail_stranded(self) -> None:
-        """Answer at once the waiters that no backend still up can serve."""
+        """Answer at once the waiters that no backend up, or coming back, can serve."""
         backends = self._backends.values()
         for waiter in list(self._queue.waiting()):
             if not waiter.future.done() and not any(
-                self._serves(b, waiter.model, waiter.avoid) for b in backends
+                self._hopeful(b, waiter.model) for b in backends
             ):
                 self._queue.remove(waiter.user, waiter)
                 waiter.future.set_exception(self._unavailable(waiter.model))
@@ -416,24 +473,35 @@ class Backends:
     async def _probe_forever(self) -> None:
         while True:
             await self.probe(self._probe_timeout)
+            self._fail_stranded()  # those whose backend stayed out past the restart wait
             await asyncio.sleep(self._probe_interval)
 
     async def probe(self, timeout: float) -> dict[str, str | None]:  # noqa: ASYNC109
-        """Probe every backend now: each one's name and None when up, else the reason."""
+        """Probe every backend now and take in what they say: each one's name and None when
+        up, else the reason."""
+        return await self._probe(timeout, report=True)
+
+    async def check(self, timeout: float) -> dict[str, str | None]:  # noqa: ASYNC109
+        """Probe every backend now, as `probe`, but only tell: nothing waiting is affected."""
+        return await self._probe(timeout, report=False)
+
+    async def _probe(self, timeout: float, report: bool) -> dict[str, str | None]:  # noqa: ASYNC109
         if self._session is None:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-                return await self._probe_with(s, timeout)
-        return await self._probe_with(self._session, timeout)
+                return await self._probe_with(s, timeout, report)
+        return await self._probe_with(self._session, timeout, report)
 
     async def _probe_with(
         self,
         session: aiohttp.ClientSession,
         timeout: float,  # noqa: ASYNC109
+        report: bool,
     ) -> dict[str, str | None]:
         upstreams = self._upstreams
         results = await asyncio.gather(
             *(probe_health(session, u.url("/health", ""), timeout) for u in upstreams)
         )
-        for upstream, health in zip(upstreams, results, strict=True):
-            self.report(upstream.name, health)
+        if report:
+            for upstream, health in zip(upstreams, results, strict=True):
+                self.report(upstream.name, health)
         return {u.name: health.problem for u, health in zip(upstreams, results, strict=True)}

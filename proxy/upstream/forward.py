@@ -12,17 +12,18 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.errors import ApiError, BackendAnswered, UpstreamError, UpstreamUnreachable
+from proxy.errors import ApiError, UpstreamError, UpstreamUnreachable
 from proxy.upstream.backends import Upstream
 from proxy.upstream.delivery import ClientGone, Delivery
-from proxy.upstream.errors import openai_error_body
+from proxy.upstream.errors import backend_refusal, openai_error_body
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,20 @@ class UpstreamCall:
     json: Mapping[str, Any] | None = None
     query: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def data(self) -> bytes | None:
+        """The body as sent, serialized once (measured, then forwarded)."""
+        # ASCII-escaped: a lone surrogate, should one get here, travels as a JSON escape.
+        return json.dumps(self.json).encode() if self.json is not None else None
+
+    def answer_at_most(self, tokens: int) -> UpstreamCall:
+        """This call with its answer's `max_tokens` lowered to `tokens` (if it was higher)."""
+        body = self.json
+        asked = body.get("max_tokens") if body is not None else None
+        if body is None or (type(asked) is int and asked <= tokens):
+            return self
+        return replace(self, json={**body, "max_tokens": tokens})
 
 
 class Reply(Protocol):
@@ -127,11 +142,9 @@ async def forward(
     request_id: str,
 ) -> web.StreamResponse:
     """Call `upstream` and relay its answer; `ApiError` when no answer could be relayed."""
-    body: bytes | None = None
+    body = call.data
     extra = dict(call.headers)
-    if call.json is not None:
-        # ASCII-escaped: a client's lone surrogate (legal as a JSON escape) travels as one.
-        body = json.dumps(call.json).encode()
+    if body is not None:
         extra["Content-Type"] = "application/json"
     try:
         response = await session.request(
@@ -215,8 +228,6 @@ async def _backend_error(response: aiohttp.ClientResponse, upstream: Upstream) -
         return UpstreamError(
             502, "The model server failed on this request; the error is logged. Try again."
         )
-    if status == 422:  # FastAPI's "unprocessable": to OpenAI clients, a request error
-        status = 400
-    return BackendAnswered(
-        status, str(error["message"]), str(error["type"]), error.get("param"), error.get("code")
-    )
+    # Its own words stay in the log (they may hold file paths); the client gets the proxy's.
+    log.info("backend %s refused a request (HTTP %d): %s", upstream.name, status, error)
+    return backend_refusal(status, error)

@@ -1,16 +1,19 @@
 """Backend health: one `GET /health` per probe, which never waits for the model lock.
 
 llama-gate's backend (`python -m backend serve`) answers `/health` at once, even during a long
-generation, with `{"status": "ok", "models": [aliases], "default": alias}`: that says both that it
-is up and which models it serves. A plain llama_cpp.server has no `/health` (every route of its
-own waits for the model lock); its 404 still proves it is up, and its models stay unknown, so it
-is sent any model.
+generation, with `{"status": "ok", "models": [aliases], "default": alias, "limits": {alias:
+{"n_ctx", "max_token_bytes", "overhead", ...}}}`: that says that it is up, which models it serves
+and how large a prompt each takes (what the proxy needs to know whether a request must be
+measured before its turn: `proxy.limits.prompts`). A plain llama_cpp.server has no `/health`
+(every route of its own waits for the model lock); its 404 still proves it is up, and its models
+and limits stay unknown, so it is sent any model.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -18,10 +21,20 @@ from yarl import URL
 
 
 @dataclass(frozen=True)
+class ModelLimits:
+    """What bounds one model's prompts, as its backend says."""
+
+    n_ctx: int  # the context: prompt and answer together
+    max_token_bytes: int  # no token is longer: n bytes of text are at least n / this tokens
+    overhead: int  # tokens a prompt has beyond its request's JSON bytes, at most
+
+
+@dataclass(frozen=True)
 class Health:
     problem: str | None = None  # None: up
     models: frozenset[str] | None = None  # None: unknown, so it may serve any model
     default: str | None = None  # the model it answers a request that names none with
+    limits: Mapping[str, ModelLimits] = field(default_factory=dict)  # by model, when told
 
     @property
     def up(self) -> bool:
@@ -66,4 +79,25 @@ def _parse(body: Any) -> Health:
         if isinstance(models, list) and models and all(isinstance(m, str) for m in models)
         else None
     )
-    return Health(None, known, default if isinstance(default, str) and known else None)
+    default = default if isinstance(default, str) and known else None
+    return Health(None, known, default, _limits(body.get("limits"), known or frozenset()))
+
+
+def _limits(given: Any, models: frozenset[str]) -> dict[str, ModelLimits]:
+    if not isinstance(given, dict):
+        return {}
+    limits = {}
+    for model, numbers in given.items():
+        if model not in models or not isinstance(numbers, dict):
+            continue
+        n_ctx, longest, overhead = (
+            numbers.get(k) for k in ("n_ctx", "max_token_bytes", "overhead")
+        )
+        if (
+            isinstance(n_ctx, int)
+            and isinstance(longest, int)
+            and isinstance(overhead, int)
+            and min(n_ctx, longest, overhead) > 0
+        ):
+            limits[model] = ModelLimits(n_ctx, longest, overhead)
+    return limits
