@@ -278,7 +278,8 @@ def report(
     added = _p(attacked, 0.99) - _p(alone, 0.99)
     print(f"\n{'figure':<44} {'measured':>10} {'target':>12}  met")
     rows = [
-        ("victim p99 added under attack / S", f"{added / service:.2f}", "<= 2", added <= 2 * service),
+        ("victim p99 added under attack / S", f"{added / service:.2f}", "<= 2",
+         added <= 2 * service),
         ("victim p50 under attack / alone", f"{_p(attacked, .5) / _p(alone, .5):.1f} x", "-", None),
         ("backend pid before / after", f"{pid} / {pid_after}", "same", pid == pid_after),
     ]  # fmt: skip

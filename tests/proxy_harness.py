@@ -131,7 +131,9 @@ class Harness:
         await self.app[STRANGERS].flush()
         con = await asyncpg.connect(self.dsn)
         try:
-            return await con.fetch("SELECT * FROM llama_unauthenticated ORDER BY minute, client_addr")
+            return await con.fetch(
+                "SELECT * FROM llama_unauthenticated ORDER BY minute, client_addr"
+            )
         finally:
             await con.close()
 

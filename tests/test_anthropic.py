@@ -459,7 +459,10 @@ async def test_errors_come_in_anthropics_shape(
     db_dsn: str, tmp_path: Path, status: int, error_type: str, exception: type[Exception]
 ) -> None:
     # A stopped backend is waited for 1 s (not the default 30 s) before the 529.
-    settings = {"LLAMA_PROXY_MAX_BODY_BYTES": "2000", "LLAMA_PROXY_BACKEND_RESTART_WAIT_SECONDS": "1"}
+    settings = {
+        "LLAMA_PROXY_MAX_BODY_BYTES": "2000",
+        "LLAMA_PROXY_BACKEND_RESTART_WAIT_SECONDS": "1",
+    }
     async with running_proxy(db_dsn, tmp_path, **settings) as proxy:
         key = await proxy.user("alice", rate_limit=1)
         body: dict[str, Any] = {"model": MODEL, "max_tokens": 10, "messages": HI}

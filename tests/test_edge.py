@@ -195,7 +195,10 @@ async def test_the_proxys_own_429_and_5xx_answers_carry_its_cors_and_never_the_b
     )
     allowed, other = "https://chat.example.com", "http://evil.example"
     # A stopped backend is waited for 1 s (not the default 30 s) before the 503.
-    settings = {"LLAMA_PROXY_CORS_ORIGINS": allowed, "LLAMA_PROXY_BACKEND_RESTART_WAIT_SECONDS": "1"}
+    settings = {
+        "LLAMA_PROXY_CORS_ORIGINS": allowed,
+        "LLAMA_PROXY_BACKEND_RESTART_WAIT_SECONDS": "1",
+    }
     async with running_proxy(db_dsn, tmp_path, upstream, **settings) as proxy:
         limited = await proxy.user("limited", rate_limit=1, rate_window_seconds=3600)
         alice = await proxy.user("alice")
