@@ -52,7 +52,10 @@ from proxy.settings import KNOWN_VARIABLES  # noqa: E402
 
 N_CTX = 2048
 ANSWER = 128
-WORDS = "river stone lamp orchard violet engine harbor quiet paper meadow copper signal".split()
+WORDS = (
+    "river", "stone", "lamp", "orchard", "violet", "engine", "harbor", "quiet", "paper",
+    "meadow", "copper", "signal",
+)  # fmt: skip
 
 
 def _words(count: int) -> str:
