@@ -62,6 +62,9 @@ class FakeUpstream:
     models: list[str] = field(default_factory=lambda: [MODEL])  # what /health and /v1/models say
     cached_tokens: int | None = None  # reported in usage.prompt_tokens_details when set
     embedding_size: int = 1  # each embedding is this many times [0.1, 0.2, 0.3]
+    # When set, /health tells the model's limits as llama-gate's backend does, and measuring
+    # counts `prompt_size` of each request (refusing one that does not fit, as it does).
+    n_ctx: int | None = None
     plain: bool = False  # no /health, as a plain llama_cpp.server: its models are not known
     # Added to every answer: e.g. the CORS headers llama_cpp.server's middleware sends.
     response_headers: dict[str, str] = field(default_factory=dict)
@@ -73,6 +76,7 @@ class FakeUpstream:
     client_left_at: float | None = None  # time.monotonic() of that
     health_checks: int = 0  # GET /health, answered at once and not counted in `seen`
     measured: list[bytes] = field(default_factory=list)  # prompts measured, not in `seen`
+    healthy: bool = True  # False: /health answers 503 (the API still works)
     usage: dict[str, Any] | None = None  # the usage a stream ends with (None: USAGE)
     # When set, every prompt_tokens reported (chat usage, /llama-gate/prompt-tokens) is
     # `prompt_size` of the request, as a real backend's counts depend on the prompt.
@@ -224,7 +228,8 @@ class FakeUpstream:
         return response
 
     def _prompt(self, payload: dict[str, Any]) -> dict[str, int]:
-        return {"prompt_tokens": prompt_size(payload)} if self.sized_prompts else {}
+        sized = self.sized_prompts or self.n_ctx is not None
+        return {"prompt_tokens": prompt_size(payload)} if sized else {}
 
     def _left(self) -> None:
         self.client_left_at = time.monotonic()
@@ -239,14 +244,35 @@ class FakeUpstream:
         return web.json_response({"object": "list", "data": data, "model": MODEL, "usage": usage})
 
     async def _count(self, request: web.Request) -> web.Response:
-        prompt = {"prompt_tokens": USAGE["prompt_tokens"], **self._prompt(_json(request))}
-        return web.json_response(prompt)
+        payload = _json(request)
+        if self.n_ctx is None:
+            return web.json_response(
+                {"prompt_tokens": USAGE["prompt_tokens"], **self._prompt(payload)}
+            )
+        inputs = payload.get("input")
+        if inputs is not None:  # embeddings: a token per character, as a stand-in
+            sizes = [len(i) for i in (inputs if isinstance(inputs, list) else [inputs])]
+            return web.json_response(
+                {"prompt_tokens": sum(sizes), "inputs": sizes, "n_ctx": self.n_ctx}
+            )
+        size = prompt_size(payload)
+        if size >= self.n_ctx:
+            error = {"message": "too long", "type": "invalid_request_error", "param": "messages",
+                     "code": "context_length_exceeded", "prompt_tokens": size, "n_ctx": self.n_ctx}
+            return web.json_response({"error": error}, status=400)  # fmt: skip
+        return web.json_response({"prompt_tokens": size, "n_ctx": self.n_ctx})
 
     async def _health(self, request: web.Request) -> web.Response:
         self.health_checks += 1
+        if not self.healthy:
+            return web.json_response({"status": "loading"}, status=503)
         if self.plain:
             return web.json_response({"detail": "Not Found"}, status=404)
-        return web.json_response({"status": "ok", "models": self.models, "default": self.models[0]})
+        health: dict[str, Any] = {"status": "ok", "models": self.models, "default": self.models[0]}
+        if self.n_ctx is not None:
+            limits = {"n_ctx": self.n_ctx, "max_token_bytes": 16, "overhead": 32}
+            health["limits"] = {model: limits for model in self.models}
+        return web.json_response(health)
 
     async def _models(self, request: web.Request) -> web.Response:
         data = [

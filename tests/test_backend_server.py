@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -87,7 +88,16 @@ async def test_health_needs_no_key_and_names_the_models(
         assert response.status == 200
         health = await response.json()
     cache = health.pop("prompt_cache")
+    pid, limits, evaluated = health.pop("pid"), health.pop("limits"), health.pop("evaluated_tokens")
     assert health == {"status": "ok", "models": [DEFAULT, OTHER], "default": DEFAULT}
+    assert isinstance(pid, int)  # the model server's, a child of `serve`
+    assert pid != os.getpid()
+    assert isinstance(evaluated, int)
+    assert set(limits) == {DEFAULT, OTHER}
+    assert limits[DEFAULT]["n_ctx"] == 1024
+    assert limits[DEFAULT]["n_vocab"] == 49152
+    assert 10 < limits[DEFAULT]["max_token_bytes"] <= 256
+    assert 0 < limits[DEFAULT]["overhead"] < 300
     assert cache["mode"] == "ram"  # the default, with the budget the machine allows
     assert cache["capacity_bytes"] >= 64 << 20
     assert set(cache) == {
@@ -315,6 +325,8 @@ async def test_the_prompts_usage_comes_first_when_the_proxy_asks_for_progress(
 async def test_the_prompt_is_counted_as_a_completion_counts_it_without_processing_it(
     backend: Backend, http: aiohttp.ClientSession
 ) -> None:
+    """What llama-gate's proxy asks (a stream; tools written into the prompt) is counted to the
+    token, for chats with and without tools, text completions and embeddings."""
     body: dict[str, Any] = {
         "messages": [
             {"role": "system", "content": "Be brief."},
@@ -322,23 +334,89 @@ async def test_the_prompt_is_counted_as_a_completion_counts_it_without_processin
         ],
         "max_tokens": 2,
     }
-    for extra in ({}, {"tools": [{"type": "function", "function": {
-            "name": "get", "parameters": {"type": "object", "properties": {}}}}]}):  # fmt: skip
-        request = {**body, **extra}
+    tools = [{"type": "function", "function": {
+        "name": "get", "parameters": {"type": "object", "properties": {}}}}]  # fmt: skip
+    for path, request in (
+        ("/v1/chat/completions", body),
+        ("/v1/chat/completions", {**body, "tools": tools}),
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2}),
+    ):
         async with http.post(
             f"{backend.url}/llama-gate/prompt-tokens", json=request, headers=backend.auth
         ) as response:
             assert response.status == 200
-            counted = (await response.json())["prompt_tokens"]
+            counted = await response.json()
+        streamed = {**request, "stream": True, "stream_options": {"include_usage": True}}
         async with http.post(
-            f"{backend.url}/v1/chat/completions", json=request, headers=backend.auth
+            f"{backend.url}{path}", json=streamed, headers=backend.auth
         ) as response:
-            assert counted == (await response.json())["usage"]["prompt_tokens"] > 10
+            events = [line for line in (await response.text()).splitlines() if "usage" in line]
+        usage = json.loads(events[-1].removeprefix("data: "))["usage"]
+        assert counted["prompt_tokens"] == usage["prompt_tokens"] > 3, request
+        assert counted["n_ctx"] == 1024
+    with_tools = {**body, "tools": tools}
+    async with http.post(
+        f"{backend.url}/llama-gate/prompt-tokens", json=with_tools, headers=backend.auth
+    ) as response:
+        assert (await response.json())["prompt_tokens"] > 100  # the tools' instructions
+    embeddings = {"input": ["hello there", "general kenobi"]}
+    async with http.post(
+        f"{backend.url}/llama-gate/prompt-tokens", json=embeddings, headers=backend.auth
+    ) as response:
+        counted = await response.json()
+    async with http.post(
+        f"{backend.url}/v1/embeddings", json=embeddings, headers=backend.auth
+    ) as response:
+        assert counted["prompt_tokens"] == (await response.json())["usage"]["prompt_tokens"]
+    assert sum(counted["inputs"]) == counted["prompt_tokens"]
     async with http.post(
         f"{backend.url}/llama-gate/prompt-tokens", json={"messages": "x"}, headers=backend.auth
     ) as response:
         assert response.status == 400
         assert (await response.json())["error"]["param"] == "messages"
+
+
+async def test_what_llama_cpp_cannot_serve_is_a_400_and_the_process_lives(
+    backend: Backend, http: aiohttp.ClientSession
+) -> None:
+    """Each of these once killed the model server or failed half-way through a stream."""
+    async with http.get(f"{backend.url}/health") as response:
+        pid = (await response.json())["pid"]
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    cases: list[tuple[str, dict[str, Any], str, str]] = [
+        ("/v1/chat/completions", {**chat, "grammar": "root ::= x"}, "grammar", "invalid_grammar"),
+        ("/v1/chat/completions", {**chat, "grammar": "root ::= x", "stream": True}, "grammar",
+         "invalid_grammar"),
+        ("/v1/completions", {"prompt": "Hi", "grammar": "root ::= [", "stream": True},
+         "grammar", "invalid_grammar"),
+        ("/v1/chat/completions", {**chat, "logit_bias": {"999999": 5}, "stream": True},
+         "logit_bias", "invalid_logit_bias"),
+        ("/v1/chat/completions", {**chat, "logit_bias": {"abc": 5}}, "logit_bias",
+         "invalid_logit_bias"),
+        ("/v1/completions", {"prompt": [1, 2, 3], "stream": True}, "prompt", "invalid_prompt"),
+        ("/v1/completions", {"prompt": "", "stream": True}, "prompt", "empty_prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x"}}]}], "stream": True},
+         "messages", "template_error"),
+        ("/v1/chat/completions", {**chat, "messages": [
+            {"role": "user", "content": "word " * 3000}], "stream": True},
+         "messages", "context_length_exceeded"),
+        ("/v1/embeddings", {"input": ["x " * 3000]}, "input", "context_length_exceeded"),
+        ("/v1/chat/completions", {**chat, "stream": True, "tools": [{"type": "function",
+            "function": {"name": "a", "parameters": {"type": "string", "minLength": 5000}}}]},
+         "tools[0].function.parameters", "invalid_tools"),
+    ]  # fmt: skip
+    for path, request, param, code in cases:
+        async with http.post(f"{backend.url}{path}", json=request, headers=backend.auth) as r:
+            answer = await r.json()
+            assert r.status == 400, (request, answer)
+        assert (answer["error"]["param"], answer["error"]["code"]) == (param, code), answer
+    async with http.post(
+        f"{backend.url}/v1/chat/completions", json=chat, headers=backend.auth
+    ) as response:
+        assert response.status == 200
+    async with http.get(f"{backend.url}/health") as response:
+        assert (await response.json())["pid"] == pid
 
 
 async def test_the_stop_sequence_that_ended_a_stream_is_named(

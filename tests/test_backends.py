@@ -32,13 +32,22 @@ def _upstream(port: int) -> Upstream:
 
 @asynccontextmanager
 async def _proxy(
-    dsn: str, home: Path, ports: list[int], probe_interval: float = 3600.0, **settings: str
+    dsn: str,
+    home: Path,
+    ports: list[int],
+    probe_interval: float = 3600.0,
+    restart_wait: float = 30.0,
+    **settings: str,
 ) -> AsyncIterator[tuple[str, Backends, list[AuditRow]]]:
     """The proxy in front of backends on `ports`, probing them at start and every
     `probe_interval` seconds; yields its chat URL, its Backends and the finished records."""
     urls = ",".join(f"http://127.0.0.1:{port}" for port in ports)
     app = create_app(proxy_settings(dsn, 9, home, LLAMA_SERVER_URLS=urls, **settings))
-    backends = Backends([_upstream(port) for port in ports], probe_interval=probe_interval)
+    backends = Backends(
+        [_upstream(port) for port in ports],
+        probe_interval=probe_interval,
+        restart_wait=restart_wait,
+    )
     app[BACKENDS] = backends
     records: list[AuditRow] = []
     app[COMPLETION_HOOKS].append(records.append)
@@ -189,3 +198,57 @@ async def test_with_every_backend_down_a_request_is_answered_503_at_once(
     assert headers["Retry-After"] == "5"
     assert ready[0] == 503
     assert ready[1]["status"] == f"not ready: backend {names[0]}, backend {names[1]}"
+
+
+async def test_a_backend_that_went_down_is_waited_for_and_the_queue_served_when_it_is_back(
+    db_dsn: str, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    """Its supervisor restarts a backend that dies: requests waiting for it (and those that
+    arrive meanwhile) are served once it is back, within their queue timeout, not failed."""
+    upstream = TimedUpstream(service_time=0.01, models=("smollm2-test",))
+    await upstream.start()
+    try:
+        async with _proxy(db_dsn, tmp_path, [upstream.port], probe_interval=0.2) as (
+            url, backends, records,
+        ):  # fmt: skip
+            name = f"127.0.0.1:{upstream.port}"
+            _, key = await make_user(db_dsn, "alice")
+            assert (await chat(client, url, key, "alice"))[0] == 200  # it served: seen up
+            await upstream.stop()
+            await until(lambda: not backends.is_up(name))
+            waiting = [asyncio.create_task(chat(client, url, key, "alice")) for _ in range(3)]
+            await asyncio.sleep(1.0)
+            assert not any(task.done() for task in waiting)
+            await upstream.start()  # back, on the same port
+            answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        assert [status for status, _, _ in answers] == [200, 200, 200]
+        assert [r.status_code for r in records] == [200, 200, 200, 200]
+    finally:
+        await upstream.stop()
+
+
+async def test_a_backend_down_past_the_restart_wait_is_a_503_at_once(
+    db_dsn: str, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    upstream = TimedUpstream(service_time=0.01, models=("smollm2-test",))
+    await upstream.start()
+    try:
+        async with _proxy(
+            db_dsn, tmp_path, [upstream.port], probe_interval=0.2, restart_wait=0.5
+        ) as (url, backends, _):
+            name = f"127.0.0.1:{upstream.port}"
+            _, key = await make_user(db_dsn, "alice")
+            assert (await chat(client, url, key, "alice"))[0] == 200
+            await upstream.stop()
+            await until(lambda: not backends.is_up(name))
+            waited = asyncio.create_task(chat(client, url, key, "alice"))
+            status, body, _ = await asyncio.wait_for(waited, 5)  # failed once the wait is over
+            assert status == 503
+            await asyncio.sleep(0.6)
+            started = asyncio.get_running_loop().time()
+            status, body, _ = await chat(client, url, key, "alice")  # now: at once
+            assert status == 503
+            assert asyncio.get_running_loop().time() - started < 0.5
+            assert "no backend is up right now" in body["error"]["message"]
+    finally:
+        await upstream.stop()

@@ -211,3 +211,45 @@ async def test_a_taken_dashboard_port_is_a_clear_error(db_dsn: str, tmp_path: Pa
         with pytest.raises(OSError, match=rf"cannot serve the dashboard on 127\.0\.0\.1:{port}"):
             async with running_proxy(db_dsn, tmp_path, LLAMA_PROXY_DASHBOARD_PORT=str(port)):
                 pass
+
+
+OFF_SITE = (
+    "//evil.example/x",
+    "/\\evil.example",
+    "/\t/evil.example/x",  # a tab: browsers drop it, and //evil.example is another site
+    "https://evil.example/",
+    "/a//b",
+    "javascript:alert(1)",
+)
+
+
+async def test_next_is_a_path_of_the_dashboard_or_a_400(db_dsn: str, tmp_path: Path) -> None:
+    _, token = await make_admin_token(db_dsn, "ops")
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        for bad in (*OFF_SITE, "/users\r\nSet-Cookie: x=1", "/users\nX: y"):
+            url = URL(dashboard.at("/login")).with_query(next=bad)
+            async with http.get(url, allow_redirects=False) as r:
+                assert r.status == 400, repr(bad)
+                assert "must be a path of this dashboard" in await r.text()
+        # As the report typed it: the tab escaped in the query.
+        raw = URL(dashboard.at("/login?next=/%09/evil.example:80/x"), encoded=True)
+        async with http.get(raw, allow_redirects=False) as r:
+            assert r.status == 400
+        await sign_in(http, dashboard, token)
+        # Signed in, /login sends the admin on: never off the dashboard, never a dropped
+        # connection for a CR or LF (which would break the Location header).
+        for bad in (*OFF_SITE, "/users\r\nSet-Cookie: x=1"):
+            url = URL(dashboard.at("/login")).with_query(next=bad)
+            async with http.get(url, allow_redirects=False) as r:
+                assert r.status == 400, repr(bad)
+                assert "Location" not in r.headers
+        async with http.get(
+            URL(dashboard.at("/login")).with_query(next="/requests?status=4xx"),
+            allow_redirects=False,
+        ) as r:
+            assert (r.status, r.headers["Location"]) == (303, "/requests?status=4xx")
+        # The sign-in form's own next field is checked the same way.
+        async with http.post(
+            dashboard.at("/login"), data={"csrf": "x", "token": token, "next": "//evil.example"}
+        ) as r:
+            assert r.status == 400

@@ -62,7 +62,14 @@ async def test_overview_and_request_log_queries_use_indexes(db_dsn: str) -> None
                        CASE WHEN n % 333 = 0 THEN 502 ELSE 200 END, n % 1000, n % 300, 20, 50,
                        now() - interval '365 days' * (1 - n::float8 / {ROWS})
                 FROM generate_series(1, {ROWS}) AS n;
-                ANALYZE llama_requests"""
+                ANALYZE llama_requests;
+                -- And a year of keyless requests, counted per address and minute.
+                INSERT INTO llama_unauthenticated
+                            (minute, client_addr, requests, statuses, paths)
+                SELECT date_trunc('minute', now()) - interval '1 minute' * (n * 3),
+                       '10.0.' || (n % 10) || '.1', 3, '{{"401": 3}}', '{{"/v1/models": 3}}'
+                FROM generate_series(1, 200000) AS n;
+                ANALYZE llama_unauthenticated"""
         )
         plans = []
         for query, args in captured:
@@ -73,6 +80,7 @@ async def test_overview_and_request_log_queries_use_indexes(db_dsn: str) -> None
         await con.close()
     for (query, _), plan in zip(captured, plans, strict=True):
         assert "Seq Scan on llama_requests" not in plan, f"{query}\n{plan}"
+        assert "Seq Scan on llama_unauthenticated" not in plan, f"{query}\n{plan}"
         assert "Index" in plan, f"{query}\n{plan}"
     assert len(totals) == 30
     assert all(isinstance(row["day"], date) for row in totals)

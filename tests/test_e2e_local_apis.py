@@ -280,7 +280,7 @@ def test_tools_the_backend_cannot_serve_are_a_clear_error_never_a_retry(stack: S
         deep = {"type": "object", "properties": {"a": deep}}
     for tools, says in (
         (many, "at most 128"),
-        ([{"name": "deep", "parameters": deep}], "nested deeper"),
+        ([{"name": "deep", "parameters": deep}], "nested at most 64 levels"),
         ([{"name": "long", "parameters": {"properties": {"t": {"minLength": 5000}}}}], "minLength"),
     ):
         request = {"jsonrpc": "2.0", "method": "create_message", "id": 7,

@@ -218,8 +218,8 @@ async def test_parallel_requests_take_places_atomically_and_refusals_spend_nothi
         assert await call(data=b"{not json") == 400
         assert await call(json={**CHAT, "stream": "yes"}) == 400
         assert await _admissions(proxy.dsn, "alice") == 2
-        # Refused at the quota: no admission spent either.
-        await set_limits(proxy.dsn, "alice", tokens_per_minute=1)
+        # Refused at the quota: no admission spent either (the two answers used 14 tokens).
+        await set_limits(proxy.dsn, "alice", tokens_per_minute=14)
         await asyncio.sleep(2.1)  # the quota figures are re-read at most every 2 s
         assert await call(json=CHAT) == 429
         # The quota's refusal, not the concurrency cap's (type "requests"): had the two 400s

@@ -440,3 +440,30 @@ def test_reading_an_answer_keeps_calls_as_objects() -> None:
     assert reading.calls[1].id.startswith("call_")
     assert (reading.text, reading.finish_reason, reading.unusable) == ("", "tool_calls", False)
     assert read({"choices": []}).text == ""
+
+
+async def test_the_callers_cap_bounds_the_whole_call_every_model_turn_included(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """A repeated call makes one create_message ask the model twice: both answers together
+    stay within the caller's cap on one answer (30 here), not 30 each."""
+    script = [calls({"city": "Paris"}), calls({"city": "Paris"}), {"content": "Sunny."}]
+    async with scripted(db_dsn, tmp_path, script, MAX_TOKENS_HARD_CAP="30") as (proxy, key):
+        first = await create_message(proxy, key, message="Weather?", tools=[WEATHER])
+        (asked,) = first["tool_calls"]
+        results = [{"tool_call_id": asked["id"], "content": "sunny"}]
+        proxy.upstream.usage = {"prompt_tokens": 5, "completion_tokens": 21}  # each answer
+        second = await create_message(
+            proxy, key, history=first["history"], tool_results=results, tools=[WEATHER]
+        )
+        # Had the first answer used all 30, there would be no second model turn at all.
+        proxy.upstream.script = [calls({"city": "Paris"})]
+        proxy.upstream.usage = {"prompt_tokens": 5, "completion_tokens": 30}
+        third = await create_message(
+            proxy, key, history=first["history"], tool_results=results, tools=[WEATHER]
+        )
+        sent = chats(proxy)
+    assert [body["max_tokens"] for body in sent] == [30, 30, 9, 30]
+    assert second["loop_guard"] == "repeated_tool_call"
+    assert (third["loop_guard"], third["finish_reason"]) == ("repeated_tool_call", "length")
+    assert third["content"] == ""

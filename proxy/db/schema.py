@@ -147,6 +147,7 @@ llama_unauthenticated = Table(
     Column("request_bytes", BigInteger, nullable=False, server_default=text("0")),
     Column("statuses", JSONB, nullable=False),
     Column("paths", JSONB, nullable=False),
+    Index("ix_llama_unauthenticated_day", text("((minute AT TIME ZONE 'UTC')::date)")),
 )
 
 # The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.dialects.openai_replies import json_bytes
-from proxy.errors import ApiError
+from proxy.errors import ApiError, ContextLengthExceeded
 
 OVERLOADED = 529  # Anthropic's status for "overloaded": a queue timeout, or no backend up
 _TYPES = {
@@ -38,6 +38,8 @@ def error_type(status: int) -> str:
 
 
 def message_of(exc: ApiError) -> str:
+    if isinstance(exc, ContextLengthExceeded):  # Anthropic's own words for it
+        return f"prompt is too long: {exc.prompt_tokens} tokens > {exc.maximum} maximum"
     return _KEY_HELP if exc.code == "invalid_api_key" else exc.message
 
 

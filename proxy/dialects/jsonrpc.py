@@ -28,7 +28,12 @@ from aiohttp import web
 
 from proxy.dialects import catalog, toolloop
 from proxy.dialects.conversation import CreateMessage
-from proxy.dialects.openai_body import checked, parse_json
+from proxy.dialects.openai_body import (
+    checked,
+    may_hold_surrogates,
+    parse_json,
+    refuse_lone_surrogates,
+)
 from proxy.dialects.openai_replies import json_bytes
 from proxy.errors import (
     INVALID_REQUEST,
@@ -157,12 +162,14 @@ class JsonRpc(BatchEndpoint):
         if batch and len(payload) > MAX_BATCH:
             raise InvalidRpcRequest(f"A batch may hold at most {MAX_BATCH} requests.")
         items = payload if batch else [payload]
-        return Prepared(None, None, extra={"batch": batch, "items": items})
+        # Where a lone surrogate might be, each call's params are looked through for one.
+        surrogates = raw is not None and may_hold_surrogates(raw)
+        return Prepared(None, None, extra={"batch": batch, "items": items, "text": surrogates})
 
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
         answers = []
         for item in prepared.extra["items"]:
-            answer = await self._one(context, item)
+            answer = await self._one(context, item, prepared.extra["text"])
             if answer is not None:
                 answers.append(answer)
         delivery = context.delivery
@@ -171,7 +178,7 @@ class JsonRpc(BatchEndpoint):
         document = answers if prepared.extra["batch"] else answers[0]
         return delivery.whole(200, json_bytes(document), "application/json")
 
-    async def _one(self, context: Context, item: Any) -> dict[str, Any] | None:
+    async def _one(self, context: Context, item: Any, text: bool) -> dict[str, Any] | None:
         """The response to one request object; None for a notification."""
         request_id = item.get("id") if isinstance(item, dict) else None
         if not _valid_id(request_id):
@@ -187,7 +194,7 @@ class JsonRpc(BatchEndpoint):
         assert calls is not None
         try:
             async with calls.admit(
-                method, size, lambda limits: _check(context, method, params, limits)
+                method, size, lambda limits: _check(context, method, params, limits, text)
             ) as call:
                 result = await METHODS[method].run(call)
                 answer = {"jsonrpc": "2.0", "result": result, "id": request_id}
@@ -231,8 +238,13 @@ def _error(exc: ApiError, request_id: Any, in_call: bool) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "error": error_object(exc, in_call), "id": request_id}
 
 
-def _check(context: Context, method: str, params: Any, limits: CallerLimits) -> Prepared:
-    """The call's check, at the admission step: a refusal here spends nothing."""
+def _check(
+    context: Context, method: str, params: Any, limits: CallerLimits, text: bool
+) -> Prepared:
+    """The call's check, at the admission step: a refusal here spends nothing. `text`: the
+    body may hold a lone surrogate somewhere."""
+    if text:
+        refuse_lone_surrogates(params, "params")
     known = METHODS.get(method)
     if known is None:
         shown = method if len(method) <= 64 else method[:61] + "..."

@@ -99,13 +99,15 @@ class Admission:
                 has_quota = self._quotas.applies(caller)
                 measured = await self.prompts.measure(ask, request_id, has_quota, outcome.bytes_in)
                 prompt, answer = measured.prompt_tokens, measured.answer
-            charged = ask is not None and ask.charged
-            reserved = await self._quotas.reserve(
-                caller, request_id, prompt if charged else None, (answer or 0) if charged else 0
-            )
-            if charged:
-                answer = reserved.answer
+            headers: dict[str, str] = {}
+            if ask is None or ask.charged:  # counting a prompt reads nothing: no quota
+                charged = ask is not None
+                reserved = await self._quotas.reserve(
+                    caller, request_id, prompt if charged else None, (answer or 0) if charged else 0
+                )
+                answer = reserved.answer if charged else answer
+                headers = reserved.headers
             rate_headers = await self._rate.admit(caller)
-            yield Admitted(checked, {**rate_headers, **reserved.headers}, prompt, answer)
+            yield Admitted(checked, {**rate_headers, **headers}, prompt, answer)
         finally:
             self.places.give_back(caller.user_id)

@@ -74,7 +74,10 @@ class Prompts:
         self._session = session
         self._max_inputs = settings.max_embedding_inputs
         self._max_embedding_tokens = settings.max_embedding_tokens
-        self._wait = float(min(settings.queue_timeout_seconds, settings.connect_timeout_seconds))
+        # A backend being restarted is waited for as a fair turn would wait for it.
+        self._wait = float(
+            min(settings.queue_timeout_seconds, settings.backend_restart_wait_seconds)
+        )
 
     async def measure(
         self, ask: Ask, request_id: str, has_quota: bool, received: int
@@ -93,7 +96,11 @@ class Prompts:
         if ask.charged and not has_quota and not self._may_overflow(ask, limits, embeddings):
             return unmeasured
         upstream = await backends.any_serving(ask.model, self._wait)
-        count = await measure(self._session(), upstream, ask.call, request_id)
+        try:
+            count = await measure(self._session(), upstream, ask.call, request_id)
+        except ContextLengthExceeded as exc:  # told in the words of what this request asked
+            answer = ask.answer if ask.strict else 0
+            raise ContextLengthExceeded(exc.prompt_tokens, exc.n_ctx, answer, _param(ask)) from None
         if count is None:
             return unmeasured  # it cannot measure: its own checks are all there is
         if embeddings:

@@ -113,7 +113,7 @@ class Backends:
         queue_timeout: float = 300.0,
         probe_interval: float = PROBE_INTERVAL_SECONDS,
         probe_timeout: float = 5.0,
-        restart_wait: float = 60.0,
+        restart_wait: float = 30.0,
     ) -> None:
         if not upstreams:
             raise ValueError("at least one backend is needed")

@@ -99,7 +99,8 @@ _REFUSALS = {
     "invalid_prompt": "'{param}' must be text (token-id prompts are not served here).",
     "invalid_tools": (
         "The tools cannot be served as sent: check '{param}' (at most 128 tools with unique "
-        "names, parameter schemas nested at most 64 levels, no remote $ref)."
+        "names, parameter schemas nested at most 64 levels, no remote $ref, no minLength or "
+        "minItems above 1000)."
     ),
     "logprobs_unavailable": (
         "logprobs are not available while the model server's prompt cache is on; ask without "

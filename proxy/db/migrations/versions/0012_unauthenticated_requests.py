@@ -39,6 +39,12 @@ def upgrade() -> None:
         sa.Column("paths", postgresql.JSONB, nullable=False),
         sa.PrimaryKeyConstraint("minute", "client_addr", name="pk_llama_unauthenticated"),
     )
+    # llama_usage_daily groups and filters it by UTC day, as it does llama_requests.
+    op.create_index(
+        "ix_llama_unauthenticated_day",
+        "llama_unauthenticated",
+        [sa.text("((minute AT TIME ZONE 'UTC')::date)")],
+    )
     op.execute(
         """
         CREATE FUNCTION llama_gate_add_counts(a jsonb, b jsonb) RETURNS jsonb
