@@ -37,9 +37,9 @@ class Embedder:
                     embedding=True,
                     pooling_type=LLAMA_POOLING_TYPE_MEAN,
                     n_ctx=self._n_ctx,
-                    # A whole input is one batch: any input the context holds can be embedded.
+                    # A whole input is one batch: any input the context holds is embedded whole
+                    # (llama_cpp cuts one longer than n_batch short, silently).
                     n_batch=self._n_ctx,
-                    n_ubatch=self._n_ctx,
                     n_threads=self._n_threads,
                     verbose=False,
                 )

@@ -177,7 +177,7 @@ class Supervisor:
             )
         finally:
             os.close(write_end)
-        ready = False
+        ready, listening = False, True
         try:
             while True:
                 status = self._child.poll()
@@ -186,10 +186,15 @@ class Supervisor:
                 if self._stopping:
                     self._terminate()
                     continue
-                readable, _, _ = select.select([read_end], [], [], 0.2)
-                if readable and os.read(read_end, 16):
-                    ready = True
-                    logger.info("the model server (pid %d) is serving", self._child.pid)
+                # The pipe, until the child says it is serving (or closes it); then only the
+                # child's end is waited for (a closed pipe is always readable: no busy loop).
+                readable, _, _ = select.select([read_end] if listening else [], [], [], 0.2)
+                if readable:
+                    said = os.read(read_end, 16)
+                    listening = bool(said) and not ready
+                    if said and not ready:
+                        ready = True
+                        logger.info("the model server (pid %d) is serving", self._child.pid)
         finally:
             os.close(read_end)
 

@@ -3,14 +3,14 @@ sends the largest requests the limits allow.
 
 The real stack: `python -m backend serve` with SmolLM2 (n_ctx 2048), `llama-gate serve` as its
 own process, Postgres. `MAX_TOKENS_HARD_CAP` is 128 here so that the largest request, and so the
-run, stays short; the embedding bounds are the defaults (128 inputs, 8192 tokens).
+run, stays short; the embedding bounds are the defaults (128 inputs, 4096 tokens).
 
 1. The service time S of the largest admitted request, alone: a chat whose prompt fills the
    context but for the answer's 128 tokens (`min_tokens` makes the model write all of them), and
    an embeddings request at both bounds. S is the longer.
 2. The victim alone: small chats, one after the other.
 3. The same while the attacker keeps its 4 concurrent places busy with the largest chats and
-   embeddings (each prompt new, so no cache helps), an 8 MiB chat body, a 7.5 MB count_tokens,
+   embeddings (each prompt new, so no cache helps), a 7.5 MB chat body, a 7.5 MB count_tokens,
    a huge chat it hangs up on, and a grammar that used to kill the model server.
 
 The fair queue lets one attacker request run at a time, so the victim waits at most for the one
@@ -77,7 +77,7 @@ def proxy_process(dsn: str, backend_url: str, key: str) -> Iterator[str]:
         log = Path(home) / "proxy.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve"], cwd=ROOT, env=env, stdout=out,
+                [sys.executable, "-m", "proxy"], cwd=ROOT, env=env, stdout=out,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -151,8 +151,8 @@ def fresh(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def largest_embeddings() -> dict[str, Any]:
-    # 128 inputs of ~60 tokens: 7,680 tokens, within the default 8,192.
-    return {"model": MODEL, "input": [_words(58) for _ in range(128)]}
+    # 128 inputs of ~30 tokens: ~3,800 tokens, within the default 4,096.
+    return {"model": MODEL, "input": [_words(22) for _ in range(128)]}
 
 
 async def timed(client: aiohttp.ClientSession, url: str, key: str, path: str,
@@ -179,14 +179,14 @@ async def attacker(
     client: aiohttp.ClientSession, url: str, key: str, stop: asyncio.Event,
     chat: dict[str, Any], statuses: Counter[str],
 ) -> None:  # fmt: skip
-    huge = {"model": MODEL, "messages": [{"role": "user", "content": "x " * (4 << 20)}]}
+    huge = {"model": MODEL, "messages": [{"role": "user", "content": "x " * 3_750_000}]}
     count_body = {"model": MODEL, "messages": [{"role": "user", "content": "y " * 3_750_000}]}
     grammar = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                "grammar": "root ::= x"}  # fmt: skip
     plan = [
         ("chat", "/v1/chat/completions", chat),
         ("embeddings", "/v1/embeddings", largest_embeddings()),
-        ("8 MiB chat", "/v1/chat/completions", huge),
+        ("7.5 MB chat", "/v1/chat/completions", huge),
         ("7.5 MB count_tokens", "/v1/messages/count_tokens", count_body),
         ("grammar", "/v1/chat/completions", grammar),
         ("hang-up", "/v1/chat/completions", chat),
@@ -216,7 +216,7 @@ def _p(values: list[float], q: float) -> float:
 
 async def run(seconds: float) -> None:
     with database() as dsn:
-        migrate.upgrade(dsn)
+        await asyncio.to_thread(migrate.upgrade, dsn)
         keys = await make_users(dsn)
         with (
             backend(N_CTX, MAX_TOKENS_HARD_CAP=str(ANSWER)) as server,

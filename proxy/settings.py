@@ -336,7 +336,7 @@ class Settings(BaseModel):
     # One embeddings request: at most this many inputs, and this many tokens in all (each input
     # within the model's context). Every one is measured and charged before its turn.
     max_embedding_inputs: EmbeddingInputs = setting("LLAMA_PROXY_MAX_EMBEDDING_INPUTS", "128")
-    max_embedding_tokens: TokenCap = setting("LLAMA_PROXY_MAX_EMBEDDING_TOKENS", "8192")
+    max_embedding_tokens: TokenCap = setting("LLAMA_PROXY_MAX_EMBEDDING_TOKENS", "4096")
     # The JSON-RPC tool loop (POST /rpc create_message): the most model turns a client may ask
     # for (`max_iterations`, 5 by default) before the server asks for a final answer.
     max_tool_iterations: IterationCap = setting("LLAMA_PROXY_MAX_TOOL_ITERATIONS", "10")
