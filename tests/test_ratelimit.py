@@ -56,6 +56,27 @@ async def test_the_window_slides_rather_than_resetting_in_buckets(
     assert count == 2  # the expired one was pruned, the new one added
 
 
+async def test_a_decision_commits_without_waiting_for_the_disk_and_only_its_own(
+    admin: asyncpg.Connection, db_dsn: str
+) -> None:
+    """It writes only UNLOGGED tables, which a crash empties anyway: its commit need not wait
+    for the WAL flush. The setting is its transaction's alone."""
+    user_id, _ = await make_user(db_dsn, "alice")
+    await admin.execute("SET synchronous_commit = on")  # as a default-durability server has it
+    async with admin.transaction():
+        await queries.admit_request(admin, user_id, 5, 60_000)
+        assert await admin.fetchval("SHOW synchronous_commit") == "off"
+    assert await admin.fetchval("SHOW synchronous_commit") == "on"
+    tables = await admin.fetch(
+        """SELECT relname, relpersistence FROM pg_class
+           WHERE relname IN ('rate_admissions', 'rate_windows') ORDER BY relname"""
+    )
+    assert [(t["relname"], t["relpersistence"]) for t in tables] == [
+        ("rate_admissions", "u"),
+        ("rate_windows", "u"),
+    ]
+
+
 async def test_a_lowered_limit_waits_for_enough_admissions_to_leave(
     admin: asyncpg.Connection, db_dsn: str
 ) -> None:
