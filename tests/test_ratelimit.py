@@ -68,7 +68,7 @@ async def test_a_decision_commits_without_waiting_for_the_disk_and_only_its_own(
         assert await admin.fetchval("SHOW synchronous_commit") == "off"
     assert await admin.fetchval("SHOW synchronous_commit") == "on"
     tables = await admin.fetch(
-        """SELECT relname, relpersistence FROM pg_class
+        """SELECT relname, relpersistence::text FROM pg_class
            WHERE relname IN ('rate_admissions', 'rate_windows') ORDER BY relname"""
     )
     assert [(t["relname"], t["relpersistence"]) for t in tables] == [
