@@ -39,6 +39,7 @@ from proxy.auth.listener import AuthListener
 from proxy.dashboard.app import dashboard_site
 from proxy.db.pool import Database
 from proxy.dialects.conversation import load_tools
+from proxy.dialects.openai import DIALECT as OPENAI
 from proxy.edge.cors import Cors
 from proxy.forwarded import TrustedProxies
 from proxy.limits.admission import Admission
@@ -91,7 +92,7 @@ def create_app(settings: Settings) -> web.Application:
         app.middlewares.append(TrustedProxies(settings.trusted_proxies).middleware)
     cors = Cors(settings.cors_origins)
     app.middlewares.extend(
-        [cors.preflight, metrics.middleware(health.PATHS), ledger(table, health.PATHS)]
+        [cors.preflight, metrics.middleware(health.PATHS), ledger(table, health.PATHS, OPENAI)]
     )
     app.on_response_prepare.append(cors.label)
     authenticator = Authenticator(settings, database)

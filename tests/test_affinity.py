@@ -19,7 +19,7 @@ from proxy.audit.row import AuditRow
 from proxy.settings import Secret
 from proxy.upstream.affinity import conversation
 from proxy.upstream.backends import AFFINITY_SLACK, Backends, Upstream
-from proxy.upstream.outcome import Outcome
+from proxy.pipeline.outcome import Outcome
 from tests.proxy_harness import BACKEND_KEY, bearer, make_user, proxy_settings
 from tests.timed_upstream import TimedUpstream
 

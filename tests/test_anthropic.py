@@ -175,7 +175,10 @@ async def test_a_streamed_message_follows_anthropics_event_sequence(proxy: Harne
     assert start["message"]["usage"]["input_tokens"] == 5  # known before the first token
     delta = json.loads(events[-2][1])
     assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
-    assert delta["usage"] == {"input_tokens": 5, "output_tokens": 2}
+    assert delta["usage"] == {
+        "input_tokens": 5, "output_tokens": 2,
+        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+    }  # fmt: skip
     rows = await proxy.wait_for_records(2)
     assert [(r.status_code, r.stream, r.prompt_tokens, r.completion_tokens) for r in rows] == [
         (200, True, 5, 2)
@@ -545,7 +548,10 @@ async def test_a_backends_odd_usage_does_not_fail_the_answer(proxy: Harness) -> 
     assert (answer.usage.input_tokens, answer.usage.output_tokens) == (0, 2)
     events = await _events(proxy, key)
     assert [name for name, _ in events[-2:]] == ["message_delta", "message_stop"]
-    assert events[-2][1]["usage"] == {"input_tokens": 0, "output_tokens": 2}
+    assert events[-2][1]["usage"] == {
+        "input_tokens": 0, "output_tokens": 2,
+        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+    }  # fmt: skip
     rows = await proxy.wait_for_records(2)
     assert [(r.status_code, r.error) for r in rows] == [(200, None)] * 2
 

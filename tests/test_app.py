@@ -18,7 +18,7 @@ from proxy.app import create_app
 from proxy.appkeys import BACKENDS, COMPLETION_HOOKS
 from proxy.audit.row import AuditRow
 from proxy.upstream.backends import Backends, Upstream
-from proxy.upstream.outcome import Outcome
+from proxy.pipeline.outcome import Outcome
 from tests.proxy_harness import Harness, bearer, proxy_settings, running_proxy
 
 CHAT = {"model": "smollm2-test", "messages": [{"role": "user", "content": "Hi"}]}

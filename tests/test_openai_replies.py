@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from proxy.dialects.openai_answer import Answer
-from proxy.dialects.openai_replies import usage_in_tail
+from proxy.upstream.events import usage_in_tail
 from tests.fake_upstream import USAGE
 from tests.proxy_harness import Harness, bearer, running_proxy
 

@@ -226,7 +226,7 @@ async def test_a_burst_is_decided_in_few_rounds_and_admits_exactly_the_limit(
         limiter = RateLimiter(settings, database)
         principal = Principal(user_id, "alice", "k", rate_limit=20, rate_window_seconds=60)
         outcomes = await asyncio.gather(
-            *(limiter.admit(principal) for _ in range(50)), return_exceptions=True
+            *(limiter.allow(principal) for _ in range(50)), return_exceptions=True
         )
     finally:
         await database.close()
@@ -248,10 +248,10 @@ async def test_a_user_deleted_while_cached_is_refused_not_taken_for_an_outage(
         limiter = RateLimiter(settings, database)
         ghost = Principal(987654, "ghost", "k", rate_limit=5, rate_window_seconds=60)
         with pytest.raises(InvalidApiKey):
-            await limiter.admit(ghost)
+            await limiter.allow(ghost)
         assert database.up  # one odd query does not make everyone skip Postgres
         alice, _ = await make_user(db_dsn, "alice")
-        headers = await limiter.admit(Principal(alice, "alice", "k", None, None))
+        headers = await limiter.allow(Principal(alice, "alice", "k", None, None))
         assert headers["x-ratelimit-remaining-requests"] == str(settings.rate_limit - 1)
     finally:
         await database.close()

@@ -22,7 +22,7 @@ from proxy.dialects.anthropic_replies import (
 )
 from proxy.dialects.anthropic_types import CountTokensRequest, MessagesRequest
 from proxy.dialects.openai_body import checked, parse_object
-from proxy.dialects.openai_replies import json_bytes
+from proxy.dialects.wire import json_bytes
 from proxy.errors import ApiError, UpstreamError
 from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
@@ -34,6 +34,7 @@ class Messages:
 
     dialect = DIALECT
     reads_body = True
+    prompt_param = "messages"
 
     def __init__(self, thoughts: Thoughts | None = None, ping_seconds: float = PING_SECONDS):
         self._thoughts = thoughts
@@ -87,6 +88,7 @@ class CountTokens:
 
     dialect = DIALECT
     reads_body = True
+    prompt_param = "messages"
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         request = checked(CountTokensRequest, parse_object(raw))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.dialects.openai_replies import json_bytes
+from proxy.dialects.wire import json_bytes
 from proxy.errors import ApiError, ContextLengthExceeded
 
 OVERLOADED = 529  # Anthropic's status for "overloaded": a queue timeout, or no backend up

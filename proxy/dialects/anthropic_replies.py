@@ -22,25 +22,16 @@ import uuid
 from enum import Enum
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from proxy.dialects.anthropic_errors import error_event
 from proxy.dialects.openai_answer import Answer
-from proxy.dialects.openai_replies import (
-    SSE_HEADERS,
-    Tokens,
-    collect,
-    event_json,
-    is_sse,
-    json_bytes,
-    usage_only,
-)
+from proxy.dialects.openai_replies import collect
 from proxy.dialects.reasoning import ThinkSplitter, split_text
+from proxy.dialects.wire import SSE_CONTENT_TYPE, SSE_HEADERS, json_bytes, sse
 from proxy.errors import UpstreamError
-from proxy.upstream.delivery import Delivery
-from proxy.upstream.forward import BackendBrokeOff, backend_chunks
-from proxy.upstream.sse import DONE, EventSplitter, data_of
+from proxy.pipeline.delivery import Delivery
+from proxy.upstream.events import BackendAnswer, BackendBrokeOff, Chunk, Delta, Done, Usage
 
 PING_SECONDS = 5.0
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
@@ -76,17 +67,25 @@ def tool_input(arguments: Any) -> dict[str, Any]:
 
 
 def event(name: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + json_bytes({"type": name, **data}) + b"\n\n"
+    return sse(json_bytes({"type": name, **data}), name)
 
 
 def _usage(answer_usage: Any) -> dict[str, int]:
     """Anthropic's usage from the backend's; a count it did not give as an integer is 0 (a
-    backend's odd usage must not fail an answer it has otherwise given)."""
+    backend's odd usage must not fail an answer it has otherwise given). The prompt tokens the
+    backend's prompt cache spared it are Anthropic's `cache_read_input_tokens`; `input_tokens`
+    are the rest, as Anthropic counts them."""
     usage = answer_usage if isinstance(answer_usage, dict) else {}
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    prompt = prompt if type(prompt) is int else 0
+    cached = min(cached, prompt) if type(cached) is int and cached > 0 else 0
     return {
-        "input_tokens": prompt if type(prompt) is int else 0,
+        "input_tokens": prompt - cached,
         "output_tokens": completion if type(completion) is int else 0,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
     }
 
 
@@ -132,20 +131,18 @@ class MessageReply:
         self._model = model
         self._thoughts = thoughts
 
-    async def relay(
-        self, response: aiohttp.ClientResponse, delivery: Delivery
-    ) -> web.StreamResponse:
-        if not is_sse(response):
+    async def relay(self, answer: BackendAnswer, delivery: Delivery) -> web.StreamResponse:
+        if not answer.streamed:
             raise UpstreamError(502, "The model server answered without streaming; try again.")
-        answer = await collect(response, delivery, "chat")
-        body = json_bytes(message(self._model, answer, self._thoughts))
+        assembled = await collect(answer, "chat")
+        body = json_bytes(message(self._model, assembled, self._thoughts))
         return delivery.whole(200, body, "application/json")
 
 
 async def open_stream(delivery: Delivery) -> None:
     """Begin a streamed message's answer (once)."""
     if delivery.response is None:
-        await delivery.open(200, "text/event-stream; charset=utf-8", SSE_HEADERS)
+        await delivery.open(200, SSE_CONTENT_TYPE, SSE_HEADERS)
 
 
 class Pinger:
@@ -233,58 +230,43 @@ class MessageStreamReply:
         self._thoughts = thoughts
         self._pinger = pinger
 
-    async def relay(
-        self, response: aiohttp.ClientResponse, delivery: Delivery
-    ) -> web.StreamResponse:
+    async def relay(self, answer: BackendAnswer, delivery: Delivery) -> web.StreamResponse:
         await self._pinger.stop()
         await open_stream(delivery)
         assert delivery.response is not None
         try:
-            await self._relay(response, delivery)
+            await self._relay(answer, delivery)
         except BackendBrokeOff as exc:
             delivery.outcome.broken = True
             failure = UpstreamError(502, f"{exc}; try again.")
             await delivery.fail(502, str(exc), error_event(failure))
         return delivery.response
 
-    async def _relay(self, response: aiohttp.ClientResponse, delivery: Delivery) -> None:
-        if not is_sse(response):
+    async def _relay(self, answer: BackendAnswer, delivery: Delivery) -> None:
+        if not answer.streamed:
             raise BackendBrokeOff("the model server answered without streaming")
-        tokens = Tokens(delivery.outcome)
         blocks = _Blocks(delivery)
         splitter = None if self._thoughts is Thoughts.INLINE else ThinkSplitter()
-        answer = Answer("chat")  # keeps the usage and the stop sequence
+        usage: Usage | None = None
         started, finish = False, "stop"
-        events = EventSplitter()
-        async for chunk in backend_chunks(response):
-            for raw in events.feed(chunk):
-                data = data_of(raw)
-                if data is None:
-                    continue
-                if data.strip() == DONE:
-                    if splitter is not None:
-                        await self._text(blocks, splitter.flush())
-                    await self._end(delivery, blocks, answer, finish, started, tokens)
-                    return
-                payload = event_json(data)
-                if payload is None:
-                    continue
-                if usage_only(payload):
-                    tokens.progress(payload["usage"])
-                    answer.usage = payload["usage"]
-                    answer.note_backend(payload.get("llama_gate"))
-                    started = started or await self._start(delivery, payload["usage"])
-                    continue
-                tokens.chunk(payload)
-                delivery.first_byte()
-                started = started or await self._start(delivery, answer.usage)
-                choices = payload.get("choices")
-                for choice in (choices if isinstance(choices, list) else [])[:1]:  # one asked for
-                    finish = choice.get("finish_reason") or finish
-                    await self._delta(blocks, splitter, choice.get("delta") or {})
-        raise BackendBrokeOff("the model server's stream ended before its end")
+        async for event in answer.events():
+            if isinstance(event, Usage):
+                usage = event
+                started = started or await self._start(delivery, event)
+            elif isinstance(event, Chunk):
+                started = started or await self._start(delivery, usage)
+                for delta in [d for d in event.deltas if d.index == 0][:1]:  # one asked for
+                    finish = delta.finish or finish
+                    await self._delta(blocks, splitter, delta)
+            elif isinstance(event, Done):
+                if splitter is not None:
+                    await self._text(blocks, splitter.flush())
+                if not started:
+                    await self._start(delivery, event.usage)
+                await self._end(delivery, blocks, event.usage, finish)
+                return
 
-    async def _start(self, delivery: Delivery, usage: Any) -> bool:
+    async def _start(self, delivery: Delivery, usage: Usage | None) -> bool:
         shell: dict[str, Any] = {
             "id": message_id(),
             "type": "message",
@@ -293,24 +275,19 @@ class MessageStreamReply:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": _usage(usage)["input_tokens"], "output_tokens": 0},
+            "usage": {**_usage(usage.openai() if usage else None), "output_tokens": 0},
         }
         await delivery.send(event("message_start", {"message": shell}))
         return True
 
-    async def _delta(
-        self, blocks: _Blocks, splitter: ThinkSplitter | None, delta: dict[str, Any]
-    ) -> None:
-        reasoning = delta.get("reasoning_content")
-        if isinstance(reasoning, str) and reasoning:
-            await self._text(blocks, [(True, reasoning)])
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            pieces = splitter.feed(content) if splitter is not None else [(False, content)]
+    async def _delta(self, blocks: _Blocks, splitter: ThinkSplitter | None, delta: Delta) -> None:
+        if delta.reasoning:
+            await self._text(blocks, [(True, delta.reasoning)])
+        if delta.text:
+            pieces = splitter.feed(delta.text) if splitter is not None else [(False, delta.text)]
             await self._text(blocks, pieces)
-        for call in delta.get("tool_calls") or ():
-            if isinstance(call, dict):
-                await blocks.tool(call)
+        for call in delta.tool_calls:
+            await blocks.tool(call)
 
     async def _text(self, blocks: _Blocks, pieces: list[tuple[bool, str]]) -> None:
         for is_reasoning, text in pieces:
@@ -322,24 +299,16 @@ class MessageStreamReply:
                 await blocks.write("thinking", delta, {"type": "thinking", "thinking": ""})
 
     async def _end(
-        self,
-        delivery: Delivery,
-        blocks: _Blocks,
-        answer: Answer,
-        finish: str,
-        started: bool,
-        tokens: Tokens,
+        self, delivery: Delivery, blocks: _Blocks, usage: Usage | None, finish: str
     ) -> None:
-        tokens.final(answer.usage)
-        if not started:
-            await self._start(delivery, answer.usage)
         await blocks.close()
         stop_reason = STOP_REASONS.get(finish, "end_turn")
-        if answer.stop_sequence is not None and stop_reason == "end_turn":
+        stop = usage.stop_sequence if usage is not None else None
+        if stop is not None and stop_reason == "end_turn":
             stop_reason = "stop_sequence"
-        stop_sequence = answer.stop_sequence if stop_reason == "stop_sequence" else None
+        stop_sequence = stop if stop_reason == "stop_sequence" else None
         stopped = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
-        usage = _usage(answer.usage)
-        await delivery.send(event("message_delta", {"delta": stopped, "usage": usage}))
+        counts = _usage(usage.openai() if usage else None)
+        await delivery.send(event("message_delta", {"delta": stopped, "usage": counts}))
         await delivery.send(event("message_stop", {}))
         await delivery.finish()

@@ -2,21 +2,19 @@
 
 The local-server APIs answer with documents of their own made from the backend's (a JSON-RPC
 result, a warm-up report, a model choice), so their endpoints read the backend's answer here,
-counted into the outcome like any other, and write their own. Nothing is sent from here: the
+from the same event stream every API reads, and write their own. Nothing is sent from here: the
 `web.Response` a reply must return is a placeholder the endpoint drops.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from proxy.dialects.openai_replies import Tokens, assemble, model_list
-from proxy.upstream.delivery import Delivery
-from proxy.upstream.forward import BackendBrokeOff, backend_chunks
+from proxy.dialects.openai_replies import collect, model_list
+from proxy.pipeline.delivery import Delivery
+from proxy.upstream.events import BackendAnswer, BackendBrokeOff
 
 
 class ChatAnswer:
@@ -25,14 +23,14 @@ class ChatAnswer:
     def __init__(self) -> None:
         self.document: dict[str, Any] = {}
 
-    async def relay(
-        self, response: aiohttp.ClientResponse, delivery: Delivery
-    ) -> web.StreamResponse:
-        if response.content_type == "text/event-stream":
-            self.document = await assemble(response, delivery, "chat")
-        else:  # a backend that answered in one piece after all
-            self.document = await _whole_json(response, delivery)
-            Tokens(delivery.outcome).final(self.document.get("usage"))
+    async def relay(self, answer: BackendAnswer, delivery: Delivery) -> web.StreamResponse:
+        if answer.streamed:
+            self.document = (await collect(answer, "chat")).document()
+            return web.Response()
+        document = await answer.document(counted=True)  # one piece after all
+        if not isinstance(document, dict):
+            raise BackendBrokeOff("the backend's answer is not a JSON object")
+        self.document = document
         return web.Response()
 
 
@@ -42,27 +40,10 @@ class ModelList:
     def __init__(self) -> None:
         self.entries: list[dict[str, Any]] = []
 
-    async def relay(
-        self, response: aiohttp.ClientResponse, delivery: Delivery
-    ) -> web.StreamResponse:
-        self.entries = await model_list(response, delivery)
+    async def relay(self, answer: BackendAnswer, delivery: Delivery) -> web.StreamResponse:
+        self.entries = await model_list(answer)
         return web.Response()
 
     @property
     def names(self) -> list[str]:
         return [str(entry.get("id")) for entry in self.entries if entry.get("id")]
-
-
-async def _whole_json(response: aiohttp.ClientResponse, delivery: Delivery) -> dict[str, Any]:
-    raw = b""
-    async for chunk in backend_chunks(response):
-        delivery.first_byte()
-        raw += chunk
-        delivery.check_size(len(raw))
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        raise BackendBrokeOff("the backend's answer is not JSON") from None
-    if not isinstance(document, dict):
-        raise BackendBrokeOff("the backend's answer is not a JSON object")
-    return document

@@ -34,7 +34,7 @@ from proxy.dialects.openai_body import (
     parse_json,
     refuse_lone_surrogates,
 )
-from proxy.dialects.openai_replies import json_bytes
+from proxy.dialects.wire import json_bytes
 from proxy.errors import (
     INVALID_REQUEST,
     AnswerTooLarge,
@@ -193,7 +193,7 @@ class JsonRpc(BatchEndpoint):
         calls = context.calls
         assert calls is not None
         try:
-            async with calls.admit(
+            async with calls.call(
                 method, size, lambda limits: _check(context, method, params, limits, text)
             ) as call:
                 result = await METHODS[method].run(call)

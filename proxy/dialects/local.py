@@ -27,7 +27,7 @@ from proxy.dialects import catalog
 from proxy.dialects.collect import ChatAnswer
 from proxy.dialects.conversation import Checked, WarmUp, chat_body
 from proxy.dialects.openai_body import checked, parse_object
-from proxy.dialects.openai_replies import json_bytes
+from proxy.dialects.wire import json_bytes
 from proxy.errors import ApiError, ModelNotFound
 from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
@@ -76,6 +76,7 @@ class SetModel:
 
     dialect = DIALECT
     reads_body = True
+    prompt_param = None
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         choice = checked(ModelChoice, parse_object(raw))
@@ -118,6 +119,7 @@ class RestoreCache:
 
     dialect = DIALECT
     reads_body = True
+    prompt_param = "messages"
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         warm = checked(WarmUp, parse_object(raw))

@@ -21,8 +21,8 @@ from proxy.dialects.openai_replies import (
 from proxy.dialects.reasoning import Reasoning
 from proxy.errors import ApiError
 from proxy.limits.prompts import Ask
-from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
-from proxy.upstream.forward import Reply, UpstreamCall
+from proxy.pipeline.endpoint import CallerLimits, Context, Prepared, Reply
+from proxy.upstream.forward import UpstreamCall
 
 
 class OpenAIDialect:
@@ -45,6 +45,7 @@ class _Forwarded:
 
     dialect = DIALECT
     reads_body = True
+    prompt_param: str | None = None
 
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
         assert prepared.call is not None
@@ -62,6 +63,7 @@ class Completions(_Forwarded):
         self._path = backend_path
         self._kind = kind
         self._reasoning = reasoning if kind == "chat" else Reasoning.KEEP
+        self.prompt_param = "messages" if kind == "chat" else "prompt"
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         normalize = openai_body.chat if self._kind == "chat" else openai_body.text
@@ -80,6 +82,8 @@ class Completions(_Forwarded):
 
 class Embeddings(_Forwarded):
     """POST /v1/embeddings: the body as checked; tokens from the answer's usage."""
+
+    prompt_param = "input"
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         body = openai_body.embeddings(_with_default_model(parse_object(raw), limits))

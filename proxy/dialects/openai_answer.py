@@ -20,14 +20,7 @@ class Answer:
         self._top: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self.usage: Any = None
-        self.stop_sequence: str | None = (
-            None  # the one that ended it, when llama-gate's backend says
-        )
-
-    def note_backend(self, extra: Any) -> None:
-        """What llama-gate's backend adds to its last usage event (the stop sequence matched)."""
-        if isinstance(extra, dict) and isinstance(extra.get("stop_sequence"), str):
-            self.stop_sequence = extra["stop_sequence"]
+        self.stop_sequence: str | None = None  # the one that ended it, when the backend says
 
     def add(self, chunk: dict[str, Any]) -> None:
         for key in ("id", "created", "model", "system_fingerprint"):

@@ -9,31 +9,28 @@ event with the HTTP status; one after it began is a `data: {"error": ...}` event
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from proxy.dialects.conversation import Message, StreamRequest, answer_length, chat_body
 from proxy.dialects.local import error_body
 from proxy.dialects.openai_body import checked, parse_object
-from proxy.dialects.openai_replies import SSE_HEADERS, Tokens, json_bytes
+from proxy.dialects.wire import SSE_CONTENT_TYPE, SSE_HEADERS, json_bytes, sse
 from proxy.errors import ApiError, InvalidRequest
 from proxy.limits.prompts import Ask
+from proxy.pipeline.delivery import ClientGone, Delivery
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
-from proxy.upstream.delivery import ClientGone, Delivery
-from proxy.upstream.forward import BackendBrokeOff, UpstreamCall, backend_chunks
-from proxy.upstream.sse import DONE, EventSplitter, data_of, event
+from proxy.upstream.events import BackendAnswer, BackendBrokeOff, Chunk, Done, Ping
+from proxy.upstream.forward import UpstreamCall
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/event-stream; charset=utf-8"
 
 
 def _event(payload: dict[str, Any]) -> bytes:
-    return event(json_bytes(payload))
+    return sse(json_bytes(payload))
 
 
 class StreamDialect:
@@ -53,6 +50,7 @@ class Stream:
 
     dialect = DIALECT
     reads_body = True
+    prompt_param = "message"
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         params = checked(StreamRequest, parse_object(raw))
@@ -85,65 +83,36 @@ class Stream:
 class DeltaStream:
     """The backend's OpenAI stream as `{"delta"}` events, ending with finish reason and usage."""
 
-    async def relay(
-        self, response: aiohttp.ClientResponse, delivery: Delivery
-    ) -> web.StreamResponse:
-        await delivery.open(200, CONTENT_TYPE, SSE_HEADERS)
+    async def relay(self, answer: BackendAnswer, delivery: Delivery) -> web.StreamResponse:
+        response = await delivery.open(200, SSE_CONTENT_TYPE, SSE_HEADERS)
         try:
-            return await self._relay(response, delivery)
+            await self._relay(answer, delivery)
         except (BackendBrokeOff, ApiError) as exc:
             await _say_error(delivery, exc)
             raise
+        return response
 
-    async def _relay(
-        self, response: aiohttp.ClientResponse, delivery: Delivery
-    ) -> web.StreamResponse:
-        tokens = Tokens(delivery.outcome)
-        splitter = EventSplitter()
-        usage: Any = None
+    async def _relay(self, answer: BackendAnswer, delivery: Delivery) -> None:
         finish, model = None, None
-        async for chunk in backend_chunks(response):
+        async for batch in answer.batches():
             out: list[bytes] = []
-            for piece in splitter.feed(chunk):
-                data = data_of(piece)
-                if data is None:
-                    out.append(piece)  # a keep-alive comment: on its way at once
-                    continue
-                if data.strip() == DONE:
-                    tokens.final(usage)
+            for event in batch:
+                if isinstance(event, Ping):
+                    out.append(event.raw)  # a keep-alive comment: on its way at once
+                elif isinstance(event, Chunk):
+                    named = event.payload.get("model")
+                    model = named if isinstance(named, str) else model
+                    for delta in event.deltas:
+                        if delta.text:
+                            out.append(_event({"delta": delta.text}))
+                        finish = delta.finish or finish
+                elif isinstance(event, Done):
+                    usage = event.usage.openai() if event.usage is not None else None
                     out.append(_event({"done": True, "finish_reason": finish, "usage": usage,
                                        "model": model}))  # fmt: skip
-                    await delivery.send(b"".join(out))
-                    await delivery.finish()
-                    assert delivery.response is not None
-                    return delivery.response
-                payload = _json(data)
-                if payload is None:
-                    continue
-                model = payload.get("model") or model
-                if payload.get("choices") == [] and "usage" in payload:
-                    usage = payload["usage"]
-                    tokens.progress(usage)
-                    continue
-                tokens.chunk(payload)
-                delivery.first_byte()
-                for choice in payload.get("choices") or ():
-                    delta = choice.get("delta") if isinstance(choice, dict) else None
-                    text = delta.get("content") if isinstance(delta, dict) else None
-                    if isinstance(text, str) and text:
-                        out.append(_event({"delta": text}))
-                    finish = choice.get("finish_reason") or finish
             if out:
                 await delivery.send(b"".join(out))
-        raise BackendBrokeOff("the backend's stream ended before its [DONE]")
-
-
-def _json(data: bytes) -> dict[str, Any] | None:
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        return None
-    return payload if isinstance(payload, dict) else None
+        await delivery.finish()
 
 
 async def _say_error(delivery: Delivery, exc: Exception) -> None:

@@ -1,7 +1,10 @@
 """The one admission step: what a request must pass, in order, before it may wait for a backend.
 
-1. a concurrency place, taken atomically and first (`proxy.limits.places`);
-2. its body, read under the size cap and checked by the route (a 400 here spends nothing else);
+1. a concurrency place, taken atomically and first (`proxy.limits.places`), and a look at
+   whether the user's rate limit is already known to be spent (then a 429 before the body is
+   even read);
+2. its body, read under the size cap (one far larger than any prompt a model here can read is
+   refused before it is parsed) and checked by the route (a 400 here spends nothing else);
 3. its prompt, measured when that can matter (`proxy.limits.prompts`): one that does not fit
    the model's context is a 400 here;
 4. the user's token quota, asked with what the request can cost (its prompt and its answer's
@@ -28,7 +31,6 @@ from proxy.limits.prompts import Ask, Prompts
 from proxy.limits.quotas import TokenQuotas
 from proxy.limits.ratelimit import RateLimiter
 from proxy.settings import Settings
-from proxy.upstream.outcome import Outcome
 
 T = TypeVar("T")
 
@@ -68,27 +70,33 @@ class Admission:
         self,
         request: web.Request,
         caller: Principal,
-        outcome: Outcome,
+        received: Callable[[int], None],
         check: Callable[[bytes | None], T],
         *,
         request_id: str,
         asks: Callable[[T], Ask | None],
         read_body_first: bool,
         spend: bool = True,
+        prompt_param: str | None = None,
     ) -> AsyncIterator[Admitted[T]]:
         """Hold the caller's place for as long as this is entered; raise `ApiError` to refuse.
 
         `asks` says what the checked request will ask of the model (None: nothing). Without
         `spend` nothing is measured and the quota and the rate limit are not asked: a batch's
-        envelope, whose calls are each admitted (and so counted) alone.
+        envelope, whose calls are each admitted (and so counted) alone. `prompt_param` names the
+        field a body's prompt is in, for a body too large for any prompt (None: not bounded).
         """
         self.places.take(caller.user_id, caller.max_concurrent or self._max_concurrent)
         try:
+            if spend:
+                self._rate.refuse_if_spent(caller)
             raw = (
-                await read_body(request, self._max_body, self._body_timeout, outcome)
+                await read_body(request, self._max_body, self._body_timeout, received)
                 if read_body_first
                 else None
             )
+            if raw is not None and prompt_param is not None:
+                self.prompts.refuse_oversized(len(raw), prompt_param)
             checked = check(raw)
             if not spend:
                 yield Admitted(checked, {})
@@ -97,7 +105,8 @@ class Admission:
             prompt, answer = None, None
             if ask is not None:
                 has_quota = self._quotas.applies(caller)
-                measured = await self.prompts.measure(ask, request_id, has_quota, outcome.bytes_in)
+                size = len(raw) if raw is not None else 0
+                measured = await self.prompts.measure(ask, request_id, has_quota, size)
                 prompt, answer = measured.prompt_tokens, measured.answer
             headers: dict[str, str] = {}
             if ask is None or ask.charged:  # counting a prompt reads nothing: no quota
@@ -107,7 +116,7 @@ class Admission:
                 )
                 answer = reserved.answer if charged else answer
                 headers = reserved.headers
-            rate_headers = await self._rate.admit(caller)
+            rate_headers = await self._rate.allow(caller)
             yield Admitted(checked, {**rate_headers, **headers}, prompt, answer)
         finally:
             self.places.give_back(caller.user_id)

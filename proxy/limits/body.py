@@ -10,12 +10,12 @@ only now, after its key was checked and its place taken.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.errors import BodyTooLarge, ExpectationFailed, InvalidRequest, RequestTimeout
-from proxy.upstream.outcome import Outcome
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -28,9 +28,10 @@ async def read_body(
     request: web.Request,
     limit: int,
     timeout: float,  # noqa: ASYNC109 - the body's own budget, answered with a 408 of its own
-    outcome: Outcome,
+    received: Callable[[int], None],
 ) -> bytes:
-    """The whole body, or `BodyTooLarge` / `RequestTimeout` / `InvalidRequest`."""
+    """The whole body, or `BodyTooLarge` / `RequestTimeout` / `InvalidRequest`; `received` is
+    told of each piece's size as it arrives (so a refused body's row says how much came)."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
     expect = request.headers.get(hdrs.EXPECT)
@@ -39,11 +40,13 @@ async def read_body(
             raise ExpectationFailed()
         await request.writer.write(CONTINUE)
     chunks: list[bytes] = []
+    size = 0
     try:
         async with asyncio.timeout(timeout):
             while chunk := await request.content.readany():
-                outcome.bytes_in += len(chunk)
-                if outcome.bytes_in > limit:
+                size += len(chunk)
+                received(len(chunk))
+                if size > limit:
                     raise BodyTooLarge(limit)
                 chunks.append(chunk)
     except TimeoutError:

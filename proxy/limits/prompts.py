@@ -37,6 +37,7 @@ from proxy.upstream.measure import measure
 from proxy.upstream.probes import ModelLimits
 
 EMBEDDINGS = "/v1/embeddings"
+SLACK = 1 << 20  # bytes of a body that may be no prompt (schemas, settings, JSON itself)
 # The backend routes whose requests hold a prompt.
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", EMBEDDINGS})
 
@@ -115,6 +116,21 @@ class Prompts:
         if n_ctx is None:
             return Measured(count.prompt_tokens, ask.answer)
         return Measured(count.prompt_tokens, _room(ask, count.prompt_tokens, n_ctx))
+
+    def refuse_oversized(self, size: int, param: str) -> None:
+        """Refuse, before it is parsed, a body so much larger than the text any model here can
+        read (its context times its longest token, twice over, plus `SLACK` bytes of anything
+        else) that its prompt cannot fit: parsing it would only stall everyone else."""
+        largest = self._backends().largest_text()
+        if largest is None or size <= 2 * largest + SLACK:
+            return
+        n_ctx, _ = self._backends().largest_context()
+        raise RequestTooLarge(
+            f"The request is {size:,} bytes: far more than any prompt the models here can read "
+            f"(their contexts hold at most {n_ctx:,} tokens, about {largest:,} bytes of text). "
+            "Send a shorter prompt.",
+            param,
+        )
 
     def _check_inputs(self, given: Any) -> None:
         if isinstance(given, list) and len(given) > self._max_inputs:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import asyncpg
 
@@ -38,6 +39,7 @@ def format_duration(ms: int) -> str:
 
 
 _Key = tuple[int, int, int]  # user id, limit, window seconds
+MAX_SPENT = 100_000  # users remembered as refused until a moment
 
 
 class RateLimiter:
@@ -49,6 +51,7 @@ class RateLimiter:
         self._degraded = False
         self._waiting: dict[_Key, list[asyncio.Future[Admission]]] = {}
         self._deciders: set[asyncio.Task[None]] = set()
+        self._spent: dict[_Key, float] = {}  # refused until (monotonic)
 
     def limits_for(self, principal: Principal) -> tuple[int, int]:
         return (
@@ -56,7 +59,22 @@ class RateLimiter:
             principal.rate_window_seconds or self._default_window,
         )
 
-    async def admit(self, principal: Principal) -> dict[str, str]:
+    def refuse_if_spent(self, principal: Principal) -> None:
+        """`RateLimited` at once when a decision already said no request of this user can be
+        admitted yet; nothing is spent either way."""
+        limit, window = self.limits_for(principal)
+        key = (principal.user_id, limit, window)
+        until = self._spent.get(key)
+        if until is None:
+            return
+        left_ms = int((until - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            del self._spent[key]
+            return
+        admission = Admission(False, 0, left_ms, left_ms)
+        raise RateLimited(limit, window, left_ms, _headers(limit, admission))
+
+    async def allow(self, principal: Principal) -> dict[str, str]:
         """Admit one request, returning its `x-ratelimit-*` headers, or raise `RateLimited`."""
         limit, window = self.limits_for(principal)
         key = (principal.user_id, limit, window)
@@ -72,6 +90,9 @@ class RateLimiter:
         admission = await decision
         headers = _headers(limit, admission)
         if not admission.admitted:
+            if len(self._spent) > MAX_SPENT:  # a bound, whatever the number of users
+                self._spent.clear()
+            self._spent[key] = time.monotonic() + admission.retry_after_ms / 1000
             raise RateLimited(limit, window, admission.retry_after_ms, headers)
         return headers
 

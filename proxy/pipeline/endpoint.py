@@ -24,8 +24,15 @@ from aiohttp import web
 from proxy.auth.cache import Principal
 from proxy.errors import ApiError
 from proxy.limits.prompts import Ask
-from proxy.upstream.delivery import Delivery
-from proxy.upstream.forward import Reply, UpstreamCall
+from proxy.pipeline.delivery import Delivery
+from proxy.upstream.events import BackendAnswer
+from proxy.upstream.forward import UpstreamCall
+
+
+class Reply(Protocol):
+    """Renders a backend's answer as the client's, in its API's shape, through `delivery`."""
+
+    async def relay(self, answer: BackendAnswer, delivery: Delivery) -> web.StreamResponse: ...
 
 
 class Dialect(Protocol):
@@ -84,7 +91,7 @@ class AdmittedCall:
 
 
 class Calls(Protocol):
-    def admit(
+    def call(
         self, method: str, size: int, check: Callable[[CallerLimits], Prepared]
     ) -> AbstractAsyncContextManager[AdmittedCall]:
         """Admit one call (`method`, `size` bytes of the request) as a request of its own:
@@ -104,6 +111,12 @@ class Endpoint(Protocol):
         """Whether the admission step reads the body (under its cap) for `check`."""
         ...
 
+    @property
+    def prompt_param(self) -> str | None:
+        """The field a request's prompt is in (None: it holds none); a body far larger than any
+        prompt a model here can read is refused, naming it, before it is parsed."""
+        ...
+
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         """Parse, validate and normalize the request; raise `ApiError` to refuse it."""
         ...
@@ -119,6 +132,7 @@ class BatchEndpoint(ABC):
     """
 
     reads_body = True
+    prompt_param: str | None = None  # a batch is bounded by its size and its number of calls
 
     @property
     @abstractmethod

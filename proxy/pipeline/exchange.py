@@ -17,8 +17,8 @@ from aiohttp import web
 
 from proxy.audit.row import ERROR_TEXT_LIMIT, AuditRow, storable
 from proxy.auth.cache import Principal
-from proxy.upstream.delivery import Delivery
-from proxy.upstream.outcome import Outcome
+from proxy.pipeline.delivery import Delivery
+from proxy.pipeline.outcome import Outcome
 
 # What a client may send as X-Request-Id to see it again in its answer and in the audit log.
 _CLIENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")

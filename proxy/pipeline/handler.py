@@ -1,13 +1,17 @@
-"""A request's straight walk: route -> authentication -> admission -> backend -> outcome -> row.
+"""A request's straight walk, step by step, in the order the steps run:
 
-`ledger` (a middleware) begins every API request's `Exchange` and, however the request ends,
-answers its error in the route's dialect and hands its one row to the completion hooks. The
-handler each route gets authenticates the caller, runs the admission step (place, body, quota,
-rate) and lets the route's endpoint serve the request with a fair turn at a backend.
+1. `ledger` (a middleware) begins the request's `Exchange`, and however it ends, answers its
+   error in the route's dialect and hands its one row to the completion hooks;
+2. `Walk.authenticate`: the caller, from the key (`proxy.auth`);
+3. `Walk.admit`: the admission step (`proxy.limits.admission`: place, body, prompt, quota, rate);
+4. the route's endpoint serves it (`proxy.dialects`), asking the model through `Walk.send`:
+   the answer's budget, a fair turn at a backend (`proxy.upstream.backends`), the call
+   (`proxy.upstream.forward`), and the answer rendered from its one event stream by the
+   endpoint's reply (`proxy.upstream.events`).
 
-A batch endpoint (JSON-RPC) runs the same steps once per call of its batch: `_Calls` admits each
-call alone and records it on a row of its own; the request itself then leaves no row, unless it
-held no call at all (a parse error, an empty batch, a refused key).
+A batch endpoint (JSON-RPC) runs steps 3 and 4 once per call of its batch (`Walk.call`): each
+call is admitted alone and recorded on a row of its own; the request itself then leaves no row,
+unless it held no call at all (a parse error, an empty batch, a refused key).
 
 Run the app with `handler_cancellation=True` (as `serve` and aiohttp's TestServer do): aiohttp
 then cancels a handler whose client disconnected, and that is what closes the backend request and
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 
 from aiohttp import web
@@ -35,20 +39,22 @@ from proxy.appkeys import (
     UPSTREAM_SESSION,
 )
 from proxy.auth.authenticator import presented_key
-from proxy.dialects.openai import DIALECT as DEFAULT_DIALECT
 from proxy.edge.paths import has_dot_segment
 from proxy.errors import (
     AnswerBudgetSpent,
+    AnswerTooLarge,
     ApiError,
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
+    UpstreamError,
     UpstreamUnreachable,
 )
 from proxy.limits.body import defer_continue
 from proxy.limits.prompts import INFERENCE_PATHS, Ask
+from proxy.pipeline.delivery import ClientGone, Delivery
 from proxy.pipeline.endpoint import (
     AdmittedCall,
     BatchEndpoint,
@@ -56,11 +62,13 @@ from proxy.pipeline.endpoint import (
     Context,
     Dialect,
     Prepared,
+    Reply,
     Route,
 )
 from proxy.pipeline.exchange import Exchange
 from proxy.upstream.affinity import of_call
-from proxy.upstream.forward import Reply, UpstreamCall, forward
+from proxy.upstream.events import AnswerTooLong, BackendAnswer, BackendBrokeOff
+from proxy.upstream.forward import NOT_REACHABLE, Sender, UpstreamCall, forward
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,7 @@ def add_routes(app: web.Application, routes: Sequence[Route]) -> dict[web.Abstra
     """Register every route of the table under its path and aliases; return resource -> route."""
     table: dict[web.AbstractResource, Route] = {}
     for route in routes:
-        handler = _handler_for(route)
+        handler = Walk(route).handle
         for path in (route.path, *route.aliases):
             # The 100 Continue a client may wait for is sent once its key is checked
             # (proxy.limits.body), not by aiohttp before anything is.
@@ -88,7 +96,7 @@ def add_fallback(app: web.Application, table: dict[web.AbstractResource, Route])
 
     Registered last, as a route of its own, so that even these requests get the proxy's
     `Expect` handling (aiohttp would otherwise answer an unknown Expect with 417 before any
-    middleware, leaving no row) and go through the ledger like any other.
+    middleware, leaving no record) and go through the ledger like any other.
     """
 
     async def unrouted(request: web.Request) -> web.StreamResponse:
@@ -104,8 +112,22 @@ def add_fallback(app: web.Application, table: dict[web.AbstractResource, Route])
     app.router.add_route("*", "/{tail:.*}", unrouted, expect_handler=defer_continue)
 
 
-def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]) -> Middleware:
-    """One `Exchange` per API request, one error answer in its dialect, one row to the hooks."""
+def ledger(
+    table: dict[web.AbstractResource, Route], skip_paths: Collection[str], default: Dialect
+) -> Middleware:
+    """One `Exchange` per API request, one error answer in its dialect, one row to the hooks;
+    `default` answers a path no route has (unless it lies under one: then that route's)."""
+    stems = sorted(
+        (
+            (known.split("{", 1)[0].rstrip("/") + "/", route.endpoint.dialect)
+            for route in table.values()
+            for known in (route.path, *route.aliases)
+        ),
+        key=lambda stem: -len(stem[0]),
+    )
+
+    def nearest(path: str) -> Dialect:
+        return next((dialect for stem, dialect in stems if path.startswith(stem)), default)
 
     @web.middleware
     async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -123,7 +145,7 @@ def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]
         assert exchange.delivery is not None
         # A streamed answer's row is made as it ends, before its last bytes go out.
         exchange.delivery.on_complete = lambda: _finish(request, exchange)
-        dialect = route.endpoint.dialect if route else _nearest_dialect(table, request.path)
+        dialect = route.endpoint.dialect if route else nearest(request.path)
         try:
             response = await _respond(request, handler, exchange, dialect)
             if not response.prepared:
@@ -144,18 +166,6 @@ def ledger(table: dict[web.AbstractResource, Route], skip_paths: Collection[str]
                 _finish(request, exchange)
 
     return record
-
-
-def _nearest_dialect(table: dict[web.AbstractResource, Route], path: str) -> Dialect:
-    """For a path no route has: the dialect of the route it lies under (so a mistyped path
-    under /v1/messages is answered as Anthropic's API answers), else OpenAI's."""
-    best: tuple[int, Dialect] = (0, DEFAULT_DIALECT)
-    for route in table.values():
-        for known in (route.path, *route.aliases):
-            stem = known.split("{", 1)[0].rstrip("/")
-            if len(stem) > best[0] and path.startswith(stem + "/"):
-                best = (len(stem), route.endpoint.dialect)
-    return best[1]
 
 
 async def _respond(
@@ -208,124 +218,146 @@ def _finish(request: web.Request, exchange: Exchange) -> None:
             log.exception("completion hook %r failed for request %s", hook, row.request_id)
 
 
-def _handler_for(route: Route) -> Handler:
-    endpoint = route.endpoint
-    batch = isinstance(endpoint, BatchEndpoint)
+class Walk:
+    """The steps of a request to one route, in order."""
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    def __init__(self, route: Route) -> None:
+        self._endpoint = route.endpoint
+        self._batch = isinstance(route.endpoint, BatchEndpoint)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         """Authenticate, admit, and let the route's endpoint serve the request."""
         exchange = request[EXCHANGE]
+        await self.authenticate(request, exchange)
+        endpoint = self._endpoint
+        if self._batch:
+            # Only the envelope here, under a place; each of its calls is admitted alone.
+            async with self.admit(request, exchange, endpoint.check, spend=False) as envelope:
+                pass
+            return await endpoint.serve(self.context(request, exchange, calls=True), envelope)
+        async with self.admit(request, exchange, endpoint.check) as prepared:
+            return await endpoint.serve(self.context(request, exchange), prepared)
+
+    async def authenticate(self, request: web.Request, exchange: Exchange) -> None:
         exchange.caller = await request.app[AUTHENTICATOR].authenticate(
             presented_key(request), exchange.client_addr
         )
-        if batch:
-            # Only the envelope here, under a place; each of its calls is admitted alone.
-            async with _admitted(request, exchange, endpoint.check, True, spend=False) as checked:
-                pass
-            calls = _Calls(request, exchange)
-            return await endpoint.serve(_context(request, exchange, calls), checked)
-        async with _admitted(request, exchange, endpoint.check, endpoint.reads_body) as prepared:
-            return await endpoint.serve(_context(request, exchange), prepared)
-
-    return handle
-
-
-@asynccontextmanager
-async def _admitted(
-    request: web.Request,
-    exchange: Exchange,
-    check: Callable[[bytes | None, CallerLimits], Prepared],
-    read_body: bool,
-    spend: bool = True,
-) -> AsyncIterator[Prepared]:
-    """The admission step for one request (or one call of a batch), held while entered."""
-    admission = request.app[ADMISSION]
-    caller, delivery = exchange.caller, exchange.delivery
-    assert caller is not None
-    assert delivery is not None
-    limits = CallerLimits(
-        admission.max_tokens(caller), caller.default_model, request.app[DECLARED_TOOLS]
-    )
-
-    def checked(raw: bytes | None) -> Prepared:
-        prepared = check(raw, limits)
-        exchange.model, exchange.stream = prepared.model, prepared.stream
-        exchange.end_user = prepared.end_user
-        if prepared.model is not None or prepared.ask is not None:
-            _check_model(request, prepared.model)  # a request for no model spends nothing
-        return prepared
-
-    async with admission.admit(
-        request,
-        caller,
-        exchange.outcome,
-        checked,
-        request_id=exchange.request_id,
-        asks=lambda prepared: prepared.ask,
-        read_body_first=read_body,
-        spend=spend,
-    ) as admitted:
-        exchange.prompt_tokens = admitted.prompt_tokens
-        exchange.answer_budget = admitted.answer
-        delivery.headers.update(admitted.headers)
-        yield admitted.checked
-
-
-def _check_model(request: web.Request, model: str | None) -> None:
-    """`ModelNotFound` (naming the models) when the backends say none of them serves `model`."""
-    known = request.app[BACKENDS].models()
-    if model is not None and known is not None and model not in known:
-        raise ModelNotFound(model, ", ".join(known) or "none", known)
-
-
-def _context(request: web.Request, exchange: Exchange, calls: _Calls | None = None) -> Context:
-    assert exchange.caller is not None
-    assert exchange.delivery is not None
-    sender = _sender(request, exchange)
-    return Context(
-        exchange.caller,
-        exchange.delivery,
-        exchange.request_id,
-        sender,
-        calls,
-        exchange.prompt_tokens,
-        exchange.answer_left,
-    )
-
-
-class _Calls:
-    """Admits, serves and records the calls of one batch request, each as a request of its own."""
-
-    def __init__(self, request: web.Request, batch: Exchange) -> None:
-        self._request = request
-        self._batch = batch
 
     @asynccontextmanager
     async def admit(
-        self, method: str, size: int, check: Callable[[CallerLimits], Prepared]
-    ) -> AsyncIterator[AdmittedCall]:
-        request, batch = self._request, self._batch
-        call = batch.call(method)
-        call.outcome.bytes_in = size
-        assert call.delivery is not None
-        assert batch.delivery is not None
-        try:
-            async with _admitted(request, call, lambda _, limits: check(limits), False) as prepared:
-                batch.delivery.headers.update(call.delivery.headers)  # the latest call's limits
-                yield AdmittedCall(prepared, _context(request, call))
-        except ApiError as exc:
-            call.outcome.note_error(exc.reason)
-            call.outcome.status = exc.status
-            raise
-        except asyncio.CancelledError:
-            call.outcome.left()
-            raise
-        except Exception:
-            call.outcome.note_error(InternalError().reason)  # as any other request's row says
-            call.outcome.status = 500
-            raise
-        finally:
-            _finish(request, call)
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        check: Callable[[bytes | None, CallerLimits], Prepared],
+        read_body: bool | None = None,
+        spend: bool = True,
+    ) -> AsyncIterator[Prepared]:
+        """The admission step for one request (or one call of a batch), held while entered."""
+        app = request.app
+        admission = app[ADMISSION]
+        caller, delivery, outcome = exchange.caller, exchange.delivery, exchange.outcome
+        assert caller is not None
+        assert delivery is not None
+        cap = admission.max_tokens(caller)
+        limits = CallerLimits(cap, caller.default_model, app[DECLARED_TOOLS])
+
+        def checked(raw: bytes | None) -> Prepared:
+            prepared = check(raw, limits)
+            exchange.model, exchange.stream = prepared.model, prepared.stream
+            exchange.end_user = prepared.end_user
+            if prepared.model is not None:
+                _known_model(request, prepared.model)  # a request for no model spends nothing
+            return prepared
+
+        def received(size: int) -> None:
+            outcome.bytes_in += size
+
+        endpoint = self._endpoint
+        async with admission.admit(
+            request,
+            caller,
+            received,
+            checked,
+            request_id=exchange.request_id,
+            asks=lambda prepared: prepared.ask,
+            read_body_first=endpoint.reads_body if read_body is None else read_body,
+            spend=spend,
+            prompt_param=endpoint.prompt_param if spend else None,
+        ) as admitted:
+            exchange.prompt_tokens = admitted.prompt_tokens
+            exchange.answer_budget = admitted.answer
+            delivery.headers.update(admitted.headers)
+            yield admitted.checked
+
+    def context(self, request: web.Request, exchange: Exchange, calls: bool = False) -> Context:
+        assert exchange.caller is not None
+        assert exchange.delivery is not None
+        return Context(
+            exchange.caller,
+            exchange.delivery,
+            exchange.request_id,
+            lambda call, reply: self.send(request, exchange, call, reply),
+            _Calls(self, request, exchange) if calls else None,
+            exchange.prompt_tokens,
+            exchange.answer_left,
+        )
+
+    async def send(
+        self, request: web.Request, exchange: Exchange, call: UpstreamCall, reply: Reply
+    ) -> web.StreamResponse:
+        """Ask a backend, after a fair turn at one, and render its answer with `reply`; a call
+        whose connection a backend refused is retried elsewhere (nothing of it reached one)."""
+        app = request.app
+        caller, delivery, outcome = exchange.caller, exchange.delivery, exchange.outcome
+        assert caller is not None
+        assert delivery is not None
+        if exchange.sent and call.path in INFERENCE_PATHS:
+            await _reserve_again(app, exchange, call)  # a tool loop asking the model again
+        exchange.sent += 1
+        left = exchange.answer_left()
+        if left is not None and call.json is not None and "max_tokens" in call.json:
+            if left < 1:
+                raise AnswerBudgetSpent()
+            call = call.answer_at_most(left)
+        backends = app[BACKENDS]  # looked up per call: tests and schedulers may replace it
+        # Each call's own conversation (a tool loop's grows call by call), whatever the API;
+        # with one backend there is nowhere else to go, so nothing to work out.
+        affinity = of_call(call.path, call.json) if len(backends.upstreams) > 1 else None
+        sender = Sender(exchange.request_id, exchange.client_addr)
+        session, limit = app[UPSTREAM_SESSION], delivery.max_answer_bytes
+        refused: list[str] = []
+        while True:
+            async with backends.acquire(
+                caller.user_id, exchange.model, outcome, refused, affinity
+            ) as upstream:
+                try:
+                    async with forward(
+                        session, upstream, call, sender, outcome, delivery.first_byte, limit
+                    ) as answer:
+                        return await _rendered(reply, answer, delivery, exchange.request_id)
+                except UpstreamUnreachable as exc:
+                    backends.refused(upstream, exc.message)
+                    refused.append(upstream.name)
+
+
+async def _rendered(
+    reply: Reply, answer: BackendAnswer, delivery: Delivery, request_id: str
+) -> web.StreamResponse:
+    """`reply`'s rendering of the answer; a backend that broke off is a 502, or a cut when
+    the client's answer had begun."""
+    try:
+        return await reply.relay(answer, delivery)
+    except BackendBrokeOff as exc:
+        log.warning("request %s: %s", request_id, exc)
+        if delivery.response is None:
+            raise UpstreamError(502, f"{NOT_REACHABLE}: {exc}. Try again.") from None
+        delivery.broke_off(str(exc))
+        return delivery.response
+    except AnswerTooLong:
+        raise AnswerTooLarge(delivery.max_answer_bytes) from None
+    except ClientGone:
+        assert delivery.response is not None
+        return delivery.response
 
 
 async def _reserve_again(app: web.Application, exchange: Exchange, call: UpstreamCall) -> None:
@@ -341,40 +373,46 @@ async def _reserve_again(app: web.Application, exchange: Exchange, call: Upstrea
     quotas.extend(caller, exchange.request_id, measured.prompt_tokens or 0)
 
 
-def _sender(
-    request: web.Request, exchange: Exchange
-) -> Callable[[UpstreamCall, Reply], Awaitable[web.StreamResponse]]:
-    """A fair turn at a backend for each call, retried elsewhere when a backend refuses it."""
-    app = request.app
-    assert exchange.caller is not None
-    assert exchange.delivery is not None
-    user, delivery = exchange.caller.user_id, exchange.delivery
+def _known_model(request: web.Request, model: str) -> None:
+    """`ModelNotFound` (naming the models) when the backends say none of them serves `model`."""
+    known = request.app[BACKENDS].models()
+    if known is not None and model not in known:
+        raise ModelNotFound(model, ", ".join(known) or "none", known)
 
-    async def send(call: UpstreamCall, reply: Reply) -> web.StreamResponse:
-        if exchange.sent and call.path in INFERENCE_PATHS:
-            await _reserve_again(app, exchange, call)  # a tool loop asking the model again
-        exchange.sent += 1
-        left = exchange.answer_left()
-        if left is not None and call.json is not None and "max_tokens" in call.json:
-            if left < 1:
-                raise AnswerBudgetSpent()
-            call = call.answer_at_most(left)
-        backends = app[BACKENDS]  # looked up per call: tests and schedulers may replace it
-        # Each call's own conversation (a tool loop's grows call by call), whatever the API;
-        # with one backend there is nowhere else to go, so nothing to work out.
-        affinity = of_call(call.path, call.json) if len(backends.upstreams) > 1 else None
-        refused: list[str] = []
-        while True:
-            async with backends.acquire(
-                user, exchange.model, exchange.outcome, refused, affinity
-            ) as upstream:
-                try:
-                    return await forward(
-                        app[UPSTREAM_SESSION], upstream, call, reply, delivery, exchange.request_id
-                    )
-                except UpstreamUnreachable as exc:
-                    # Nothing reached that backend, so another may take the request as it is.
-                    backends.refused(upstream, exc.message)
-                    refused.append(upstream.name)
 
-    return send
+class _Calls:
+    """Admits, serves and records the calls of one batch request, each as a request of its own."""
+
+    def __init__(self, walk: Walk, request: web.Request, batch: Exchange) -> None:
+        self._walk = walk
+        self._request = request
+        self._batch = batch
+
+    @asynccontextmanager
+    async def call(
+        self, method: str, size: int, check: Callable[[CallerLimits], Prepared]
+    ) -> AsyncIterator[AdmittedCall]:
+        request, batch, walk = self._request, self._batch, self._walk
+        call = batch.call(method)
+        call.outcome.bytes_in = size
+        assert call.delivery is not None
+        assert batch.delivery is not None
+        try:
+            async with walk.admit(
+                request, call, lambda _, limits: check(limits), read_body=False
+            ) as prepared:
+                batch.delivery.headers.update(call.delivery.headers)  # the latest call's limits
+                yield AdmittedCall(prepared, walk.context(request, call))
+        except ApiError as exc:
+            call.outcome.note_error(exc.reason)
+            call.outcome.status = exc.status
+            raise
+        except asyncio.CancelledError:
+            call.outcome.left()
+            raise
+        except Exception:
+            call.outcome.note_error(InternalError().reason)  # as any other request's row says
+            call.outcome.status = 500
+            raise
+        finally:
+            _finish(request, call)

@@ -2,7 +2,7 @@
 
 `Backends.acquire` is held for the whole exchange, stream included. Each backend serves at most
 `slots` requests at once (llama_cpp.server generates for one at a time); the others wait in
-per-user queues served round-robin (`proxy.upstream.fairqueue`), and their wait is the outcome's
+per-user queues served round-robin (`proxy.upstream.fairqueue`), and their wait is the request's
 `queue_ms`. There is one queue for all backends, so a free slot anywhere goes to the next eligible
 request: nobody waits behind a busy backend while another idles. A request goes to a backend that
 is up and serves its model; among free ones, the least loaded.
@@ -36,6 +36,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -45,7 +46,6 @@ from proxy.errors import QueueTimeout, UpstreamError
 from proxy.settings import Secret, Settings
 from proxy.upstream.affinity import Affinity
 from proxy.upstream.fairqueue import FairQueue
-from proxy.upstream.outcome import Outcome
 from proxy.upstream.probes import Health, ModelLimits, probe_health
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,13 @@ PROBE_INTERVAL_SECONDS = 2.0
 AFFINITY_SLACK = 2  # requests per slot: "much busier" (see the module docstring)
 AFFINITY_MEMORY = 100_000  # conversations whose last backend is remembered (16-byte digests)
 _SERVICE_SMOOTHING = 0.2  # weight of the newest request in the mean time a slot is held
+
+
+class Waits(Protocol):
+    """Where a request's wait for its turn, and the backend it got, are noted (its outcome)."""
+
+    queue_ms: float | None
+    backend: str | None
 
 
 @dataclass(frozen=True)
@@ -203,6 +210,19 @@ class Backends:
                 return backend.health.limits[name]
         return None
 
+    def largest_text(self) -> int | None:
+        """The most bytes of text any model here could read (context times longest token);
+        None when a backend does not say."""
+        known = [limits for b in self._backends.values() for limits in b.health.limits.values()]
+        if not known or any(b.health.models is None for b in self._backends.values()):
+            return None
+        return max(limits.n_ctx * limits.max_token_bytes for limits in known)
+
+    def largest_context(self) -> tuple[int, int]:
+        """The largest context (tokens) and the longest token (bytes) of the models here."""
+        known = [limits for b in self._backends.values() for limits in b.health.limits.values()]
+        return max(m.n_ctx for m in known), max(m.max_token_bytes for m in known)
+
     async def any_serving(self, model: str | None, budget: float) -> Upstream:
         """A backend that is up and serves `model`, the least busy, without taking a slot
         (to measure a prompt on); one coming back is waited for within `budget` seconds."""
@@ -226,7 +246,7 @@ class Backends:
         self,
         user: Hashable,
         model: str | None,
-        outcome: Outcome,
+        outcome: Waits,
         avoid: Collection[str] = (),
         affinity: Affinity | None = None,
     ) -> AsyncIterator[Upstream]:
@@ -265,7 +285,7 @@ class Backends:
         self,
         user: Hashable,
         model: str | None,
-        outcome: Outcome,
+        outcome: Waits,
         avoid: frozenset[str],
         prefer: str | None = None,
     ) -> _Backend:

@@ -1,61 +1,32 @@
-"""One call to a backend: the request sent, the answer handed to a `Reply` as it arrives.
+"""One call to a backend: the request sent, its answer handed over to be read once.
 
-The reply (chosen by the route's dialect) turns the backend's answer into the client's and
-records what happened in the outcome; this module only connects, sends, translates the backend's
-own errors and failures, and gives the connection back: to the keep-alive pool when the answer
-was read to its end, otherwise closed, so a backend whose client left stops generating at once.
+`forward` connects, sends the proxy's own checked body with the backend's key (none of the
+client's headers travel on: the backend needs none of them, and none of them should reach it),
+translates the backend's own errors and failures into the proxy's, and gives the connection back
+when the answer is done with: to the keep-alive pool when it was read to its end, otherwise
+closed, so a backend whose client left stops generating at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
+import orjson
 
 from proxy.errors import ApiError, UpstreamError, UpstreamUnreachable
 from proxy.upstream.backends import Upstream
-from proxy.upstream.delivery import ClientGone, Delivery
 from proxy.upstream.errors import backend_refusal, openai_error_body
+from proxy.upstream.events import BackendAnswer, Counts
 
 log = logging.getLogger(__name__)
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# The client's credentials never travel on; aiohttp sets the length and framing itself.
-# Accept-Encoding is dropped because compression on loopback only delays SSE events; the
-# client's X-Request-Id is replaced by ours, which llama_cpp.server accepts (it wants a UUID).
-REQUEST_DROP = HOP_BY_HOP | {
-    "host",
-    "authorization",
-    "x-api-key",
-    "content-length",
-    "content-type",
-    "expect",
-    "accept-encoding",
-    "x-forwarded-for",
-    "x-request-id",
-    "origin",
-    "cookie",
-}
 ERROR_BODY_LIMIT = 64 * 1024
 # After the answer's last event, how long the backend may take to end its response before the
 # connection is closed rather than kept for the next request.
@@ -77,8 +48,7 @@ class UpstreamCall:
     @cached_property
     def data(self) -> bytes | None:
         """The body as sent, serialized once (measured, then forwarded)."""
-        # ASCII-escaped: a lone surrogate, should one get here, travels as a JSON escape.
-        return json.dumps(self.json).encode() if self.json is not None else None
+        return orjson.dumps(self.json) if self.json is not None else None
 
     def answer_at_most(self, tokens: int) -> UpstreamCall:
         """This call with its answer's `max_tokens` lowered to `tokens` (if it was higher)."""
@@ -89,68 +59,39 @@ class UpstreamCall:
         return replace(self, json={**body, "max_tokens": tokens})
 
 
-class Reply(Protocol):
-    """Turns a backend's successful answer into the client's, through `delivery`."""
+@dataclass(frozen=True)
+class Sender:
+    """Who a call is made for: the proxy's request id and the client's address."""
 
-    async def relay(
-        self, response: aiohttp.ClientResponse, delivery: Delivery
-    ) -> web.StreamResponse: ...
-
-
-class BackendBrokeOff(Exception):
-    """The backend's answer ended before it was complete."""
+    request_id: str
+    client_addr: str | None
 
 
-async def backend_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The answer's bytes as they arrive (never held back for a fuller chunk)."""
-    content = response.content
-    while True:
-        try:
-            chunk = await content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BackendBrokeOff(f"the backend's answer broke off: {type(exc).__name__}") from None
-        if not chunk:
-            return
-        yield chunk
-
-
-def _named_in_connection(headers: Mapping[str, str]) -> set[str]:
-    return {name.strip().lower() for name in headers.get("Connection", "").split(",")}
-
-
-def upstream_headers(
-    request: web.Request, upstream: Upstream, request_id: str, extra: Mapping[str, str]
-) -> CIMultiDict[str]:
-    drop = REQUEST_DROP | _named_in_connection(request.headers)
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
-    peer = request.remote or "unknown"
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Request-Id"] = request_id
-    headers.update(extra)
-    if upstream.api_key:
-        headers["Authorization"] = f"Bearer {upstream.api_key.reveal()}"
-    return headers
-
-
+@asynccontextmanager
 async def forward(
     session: aiohttp.ClientSession,
     upstream: Upstream,
     call: UpstreamCall,
-    reply: Reply,
-    delivery: Delivery,
-    request_id: str,
-) -> web.StreamResponse:
-    """Call `upstream` and relay its answer; `ApiError` when no answer could be relayed."""
+    sender: Sender,
+    counts: Counts,
+    first_byte: Callable[[], None],
+    limit: int,
+) -> AsyncIterator[BackendAnswer]:
+    """Call `upstream`; its successful answer, to be read once while this is held; an
+    `ApiError` when it refused the call or could not be reached."""
+    headers = {"X-Request-Id": sender.request_id, **call.headers}
+    if sender.client_addr:
+        headers["X-Forwarded-For"] = sender.client_addr
     body = call.data
-    extra = dict(call.headers)
     if body is not None:
-        extra["Content-Type"] = "application/json"
+        headers["Content-Type"] = "application/json"
+    if upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key.reveal()}"
     try:
         response = await session.request(
             call.method,
             upstream.url(call.path, call.query),
-            headers=upstream_headers(delivery.request, upstream, request_id, extra),
+            headers=headers,
             data=body,
             allow_redirects=False,
         )
@@ -159,20 +100,10 @@ async def forward(
     try:
         if response.status >= 400:
             raise await _backend_error(response, upstream)
-        try:
-            answered = await reply.relay(response, delivery)
-        except BackendBrokeOff as exc:
-            log.warning("request %s: %s", request_id, exc)
-            if delivery.response is None:  # nothing sent yet: the client gets a plain 502
-                raise UpstreamError(502, f"{NOT_REACHABLE}: {exc}. Try again.") from None
-            delivery.broke_off(str(exc))
-            return delivery.response
-        except ClientGone:
-            assert delivery.response is not None
-            return delivery.response
-        if delivery.outcome.complete and not response.content.is_eof():
+        answer = BackendAnswer(response, counts, first_byte, limit)
+        yield answer
+        if answer.complete and not response.content.is_eof():
             await _drain(response)
-        return answered
     finally:
         if response.content.is_eof():
             response.release()  # back to the keep-alive pool
@@ -204,7 +135,7 @@ def _failure(exc: aiohttp.ClientError | TimeoutError, upstream: Upstream) -> Ups
 
 
 async def _backend_error(response: aiohttp.ClientResponse, upstream: Upstream) -> ApiError:
-    """The backend's own error answer, in OpenAI's vocabulary, safe to show the client."""
+    """The backend's own error answer, as the proxy's own error, safe to show the client."""
     status = response.status
     raw = b""
     try:

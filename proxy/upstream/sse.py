@@ -37,8 +37,3 @@ def data_of(event: bytes) -> bytes | None:
     if not lines:
         return None
     return b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
-
-
-def event(data: bytes) -> bytes:
-    """One SSE event carrying `data` (a single line: JSON never needs more)."""
-    return b"data: " + data + b"\n\n"

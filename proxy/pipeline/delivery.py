@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.errors import AnswerTooLarge
-from proxy.upstream.outcome import Outcome
+from proxy.pipeline.outcome import Outcome
 
 
 class ClientGone(Exception):
