@@ -38,7 +38,6 @@ from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
 from proxy.dashboard.app import dashboard_site
 from proxy.db.pool import Database
-from proxy.dialects.conversation import load_tools
 from proxy.dialects.openai import DIALECT as OPENAI
 from proxy.edge.cors import Cors
 from proxy.forwarded import TrustedProxies
@@ -51,6 +50,7 @@ from proxy.metrics import Metrics, metrics_app
 from proxy.pipeline.handler import add_fallback, add_routes, ledger
 from proxy.routes import build_routes
 from proxy.settings import Settings
+from proxy.tools import load_tools
 from proxy.upstream.backends import Backends
 
 # llama_cpp.server (uvicorn) closes idle keep-alive connections after 5 s; reusing one just as it

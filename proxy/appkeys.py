@@ -15,12 +15,12 @@ from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
 from proxy.db.pool import Database
-from proxy.dialects.conversation import Tool
 from proxy.limits.admission import Admission
 from proxy.limits.quotas import TokenQuotas
 from proxy.limits.ratelimit import RateLimiter
 from proxy.metrics import Metrics
 from proxy.settings import Settings
+from proxy.tools import Tool
 from proxy.upstream.backends import Backends
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -16,10 +16,10 @@ from aiohttp.test_utils import TestServer
 from proxy.app import create_app
 from proxy.appkeys import AUTH_LISTENER, BACKENDS, COMPLETION_HOOKS
 from proxy.audit.row import AuditRow
+from proxy.pipeline.outcome import Outcome
 from proxy.settings import Secret
 from proxy.upstream.affinity import conversation
 from proxy.upstream.backends import AFFINITY_SLACK, Backends, Upstream
-from proxy.pipeline.outcome import Outcome
 from tests.proxy_harness import BACKEND_KEY, bearer, make_user, proxy_settings
 from tests.timed_upstream import TimedUpstream
 

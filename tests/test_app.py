@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestServer
 from proxy.app import create_app
 from proxy.appkeys import BACKENDS, COMPLETION_HOOKS
 from proxy.audit.row import AuditRow
-from proxy.upstream.backends import Backends, Upstream
 from proxy.pipeline.outcome import Outcome
+from proxy.upstream.backends import Backends, Upstream
 from tests.proxy_harness import Harness, bearer, proxy_settings, running_proxy
 
 CHAT = {"model": "smollm2-test", "messages": [{"role": "user", "content": "Hi"}]}

@@ -17,7 +17,7 @@ from proxy.db import queries
 from proxy.db.pool import Database
 from proxy.errors import InvalidApiKey, RateLimited
 from proxy.limits.ratelimit import RateLimiter, format_duration
-from proxy.limits.window import SlidingWindows
+from proxy.window import SlidingWindows
 from tests.proxy_harness import Harness, bearer, make_user, proxy_settings, running_proxy
 
 

@@ -46,8 +46,8 @@ from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
 from proxy.errors import InvalidApiKey, KeyStoreUnavailable, TooManyAuthFailures
-from proxy.limits.window import SlidingWindows
 from proxy.settings import Secret, Settings
+from proxy.window import SlidingWindows
 
 KNOWN_CHECKS = 4  # re-checks of cached keys at once (each one query)
 LOOKUPS = 4  # lookups of unknown keys at once, of the pool's connections

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxy.limits.window import SlidingWindows
+from proxy.window import SlidingWindows
 
 IDLE_SECONDS = 2 * 3600.0
 LIFETIME_SECONDS = 12 * 3600.0

@@ -10,6 +10,8 @@ from typing import Any
 
 import asyncpg
 
+from proxy.window import Admission
+
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
@@ -45,17 +47,6 @@ class Grant:
     remaining: int  # after the granted ones
     reset_ms: int
     retry_after_ms: int  # 0 when all were granted
-
-
-@dataclass(frozen=True)
-class Admission:
-    """One sliding-window decision: `reset_ms` is when the oldest admission in the window leaves
-    it (so `remaining` grows again); `retry_after_ms` is 0 when admitted."""
-
-    admitted: bool
-    remaining: int
-    reset_ms: int
-    retry_after_ms: int
 
 
 @dataclass(frozen=True)
@@ -498,9 +489,7 @@ async def usage_daily_totals(con: Connection, since: date) -> list[dict[str, Any
     return _with_strangers(rows, strangers)
 
 
-def _with_strangers(
-    rows: list[asyncpg.Record], strangers: dict[date, int]
-) -> list[dict[str, Any]]:
+def _with_strangers(rows: list[asyncpg.Record], strangers: dict[date, int]) -> list[dict[str, Any]]:
     empty = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "p50_ms": None,
              "p95_ms": None, "ttfb_p50_ms": None, "ttfb_p95_ms": None}  # fmt: skip
     days = {row["day"]: dict(row) for row in rows}

@@ -11,9 +11,9 @@ from aiohttp import web
 
 from proxy.appkeys import BACKENDS, DECLARED_TOOLS, SETTINGS
 from proxy.dialects.collect import ModelList
-from proxy.dialects.conversation import Tool
 from proxy.errors import ModelNotFound
 from proxy.pipeline.endpoint import Context
+from proxy.tools import Tool
 from proxy.upstream.forward import UpstreamCall
 
 GGUF = ".gguf"

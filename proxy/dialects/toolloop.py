@@ -26,7 +26,6 @@ from proxy.dialects.collect import ChatAnswer
 from proxy.dialects.conversation import (
     CreateMessage,
     Message,
-    Tool,
     ToolCall,
     ToolResult,
     answer_length,
@@ -34,6 +33,7 @@ from proxy.dialects.conversation import (
 )
 from proxy.errors import InvalidRequest
 from proxy.pipeline.endpoint import Context
+from proxy.tools import Tool
 from proxy.upstream.forward import UpstreamCall
 
 log = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ from proxy.auth.cache import Principal
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
-from proxy.db.queries import Admission, Grant
+from proxy.db.queries import Grant
 from proxy.errors import ApiError, InvalidApiKey, RateLimited
-from proxy.limits.window import SlidingWindows
 from proxy.settings import Settings
+from proxy.window import Admission, SlidingWindows
 
 log = logging.getLogger(__name__)
 

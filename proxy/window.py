@@ -12,11 +12,21 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from proxy.db.queries import Admission
-
 K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One sliding-window decision: `reset_ms` is when the oldest admission in the window leaves
+    it (so `remaining` grows again); `retry_after_ms` is 0 when admitted."""
+
+    admitted: bool
+    remaining: int
+    reset_ms: int
+    retry_after_ms: int
 
 
 class SlidingWindows(Generic[K]):
