@@ -311,6 +311,19 @@ class ContextLengthExceeded(InvalidRequest):
         return self.n_ctx - max(self.answer, 1)
 
 
+class PromptFarTooLong(ContextLengthExceeded):
+    """A body so much larger than any model's context that it is refused before it is parsed;
+    its prompt's tokens are estimated from its bytes (each token is at most the longest's)."""
+
+    def __init__(self, size: int, n_ctx: int, max_token_bytes: int, param: str) -> None:
+        super().__init__(max(size // max(max_token_bytes, 1), n_ctx + 1), n_ctx, 0, param, True)
+        self.message = (
+            f"The request is {size:,} bytes: far more than any prompt the models here can read "
+            f"(their contexts hold at most {n_ctx:,} tokens, about {n_ctx * max_token_bytes:,} "
+            "bytes of text). Send a shorter prompt."
+        )
+
+
 class RequestTooLarge(InvalidRequest):
     """A request that no quota or bound could ever let through (never worth retrying)."""
 

@@ -199,8 +199,13 @@ async def test_anthropic_messages_with_the_real_model_count_as_the_openai_route_
     assert plain.content[0].type == "text"
     assert plain.content[0].text
     assert streamed.content[0].type == "text"
-    # count_tokens is the exact prompt the backend then saw, the chat template included
-    assert counted.input_tokens == plain.usage.input_tokens == streamed.usage.input_tokens
+    # count_tokens is the exact prompt the backend then saw, the chat template included. Anthropic's
+    # input_tokens leaves out what was read from the prompt cache: the whole prompt is their sum.
+    def whole(usage: anthropic.types.Usage) -> int:
+        return (usage.input_tokens + (usage.cache_read_input_tokens or 0)
+                + (usage.cache_creation_input_tokens or 0))  # fmt: skip
+
+    assert counted.input_tokens == whole(plain.usage) == whole(streamed.usage)
     openai_answer = stack.client("alice").chat.completions.create(
         model=DEFAULT, max_tokens=12,
         messages=[{"role": "system", "content": "Be brief."}, *prompt],  # type: ignore[list-item]
@@ -209,8 +214,8 @@ async def test_anthropic_messages_with_the_real_model_count_as_the_openai_route_
     assert openai_answer.usage is not None
     rows = {rid: await _audit_row(stack.dsn, rid)
             for rid in ("anthropic-plain", "anthropic-stream", "openai-same-prompt")}  # fmt: skip
-    assert {row["prompt_tokens"] for row in rows.values()} == {plain.usage.input_tokens}
-    assert openai_answer.usage.prompt_tokens == plain.usage.input_tokens
+    assert {row["prompt_tokens"] for row in rows.values()} == {counted.input_tokens}
+    assert openai_answer.usage.prompt_tokens == counted.input_tokens
     assert rows["anthropic-plain"]["completion_tokens"] == plain.usage.output_tokens
     assert rows["anthropic-stream"]["completion_tokens"] == streamed.usage.output_tokens
     assert {rows[r]["path"] for r in ("anthropic-plain", "anthropic-stream")} == {"/v1/messages"}

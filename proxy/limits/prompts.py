@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.errors import ContextLengthExceeded, RequestTooLarge
+from proxy.errors import ContextLengthExceeded, PromptFarTooLong, RequestTooLarge
 from proxy.settings import Settings
 from proxy.upstream.backends import Backends
 from proxy.upstream.forward import UpstreamCall
@@ -124,13 +124,8 @@ class Prompts:
         largest = self._backends().largest_text()
         if largest is None or size <= 2 * largest + SLACK:
             return
-        n_ctx, _ = self._backends().largest_context()
-        raise RequestTooLarge(
-            f"The request is {size:,} bytes: far more than any prompt the models here can read "
-            f"(their contexts hold at most {n_ctx:,} tokens, about {largest:,} bytes of text). "
-            "Send a shorter prompt.",
-            param,
-        )
+        n_ctx, max_token_bytes = self._backends().largest_context()
+        raise PromptFarTooLong(size, n_ctx, max_token_bytes, param)
 
     def _check_inputs(self, given: Any) -> None:
         if isinstance(given, list) and len(given) > self._max_inputs:
