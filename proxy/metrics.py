@@ -10,6 +10,8 @@ token counters stop adding users past `MAX_USER_LABELS`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -66,6 +68,17 @@ class _AuditCollector(Collector):
         )
 
 
+@dataclass(frozen=True)
+class _Route:
+    """One route's metric children, bound once."""
+
+    name: str
+    statuses: dict[int, Any]  # status -> its requests counter, bound at first use
+    duration: Any
+    upstream: Any
+    ttfb: Any
+
+
 class Metrics:
     def __init__(self, routes: Iterable[str]) -> None:
         self._routes = frozenset(routes)
@@ -110,39 +123,61 @@ class Metrics:
             "Prompt tokens by source: served from the backend's prompt cache, or processed.",
             ["source"], registry=r,
         )  # fmt: skip
-        self._users: set[str] = set()
+        # Label children are bound once (a labels() lookup takes a lock and a dict per call).
+        self._per_route = {
+            name: _Route(
+                name,
+                {},
+                self.duration.labels(name),
+                self.upstream.labels(name),
+                self.ttfb.labels(name),
+            )
+            for name in (*self._routes, "other")
+        }
+        self._users: dict[str, tuple[Any, Any]] = {}
+        self._from_cache = self.prompt_tokens.labels("cache")
+        self._processed = self.prompt_tokens.labels("processed")
 
     def watch_audit(self, writer: AuditWriter) -> None:
         self.registry.register(_AuditCollector(writer))
 
     def observe(self, row: AuditRow) -> None:
         """The completion hook: count one finished request."""
-        route = row.path if row.path in self._routes else "other"
-        self.requests.labels(route, str(row.status_code)).inc()
-        self.duration.labels(route).observe(row.duration_ms / 1000)
+        route = self._per_route.get(row.path) or self._per_route["other"]
+        counter = route.statuses.get(row.status_code)
+        if counter is None:
+            counter = self.requests.labels(route.name, str(row.status_code))
+            route.statuses[row.status_code] = counter
+        counter.inc()
+        route.duration.observe(row.duration_ms / 1000)
         if row.queue_ms is not None:
             self.queue.observe(row.queue_ms / 1000)
-            self.upstream.labels(route).observe(max(0.0, row.duration_ms - row.queue_ms) / 1000)
+            route.upstream.observe(max(0.0, row.duration_ms - row.queue_ms) / 1000)
         if row.ttfb_ms is not None:
-            self.ttfb.labels(route).observe(row.ttfb_ms / 1000)
+            route.ttfb.observe(row.ttfb_ms / 1000)
         if row.status_code == 429:
             self.rate_limited.inc()
         elif row.status_code == 401:
             self.auth_failures.inc()
         if row.username and (row.prompt_tokens or row.completion_tokens):
-            user = self._user_label(row.username)
-            self.tokens.labels(user, "prompt").inc(row.prompt_tokens or 0)
-            self.tokens.labels(user, "completion").inc(row.completion_tokens or 0)
+            prompt, completion = self._user_counters(row.username)
+            prompt.inc(row.prompt_tokens or 0)
+            completion.inc(row.completion_tokens or 0)
         if row.prompt_tokens:
             cached = min(row.cached_tokens or 0, row.prompt_tokens)
-            self.prompt_tokens.labels("cache").inc(cached)
-            self.prompt_tokens.labels("processed").inc(row.prompt_tokens - cached)
+            self._from_cache.inc(cached)
+            self._processed.inc(row.prompt_tokens - cached)
 
-    def _user_label(self, username: str) -> str:
-        if username in self._users or len(self._users) < MAX_USER_LABELS:
-            self._users.add(username)
-            return username
-        return "other"
+    def _user_counters(self, username: str) -> tuple[Any, Any]:
+        """The user's token counters (`other`'s past MAX_USER_LABELS users), bound once."""
+        counters = self._users.get(username)
+        if counters is None:
+            name = username if len(self._users) < MAX_USER_LABELS else "other"
+            counters = (self.tokens.labels(name, "prompt"), self.tokens.labels(name, "completion"))
+            if name != "other":
+                self._users[username] = counters
+        return counters
+
 
     def middleware(self, skip_paths: frozenset[str]) -> Middleware:
         @web.middleware

@@ -4,7 +4,7 @@ Allowed origins come from LLAMA_PROXY_CORS_ORIGINS (`*` by default, see `proxy.s
 labels go on every response the proxy sends, its own 401/429/5xx included (a browser hides an
 unlabelled error from the page, which then cannot say why), through `on_response_prepare`, which
 runs for streams too. Nothing the backend says about CORS ever reaches a client: replies copy no
-backend headers but the content type. Credentials are never allowed: keys travel in headers.
+backend header but the content type. Credentials are never allowed: keys travel in headers.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Cors:
     def __init__(self, origins: tuple[str, ...]) -> None:
         self._any = "*" in origins
         self._origins = frozenset(origins) - {"*"}
+        self._labels = {hdrs.ACCESS_CONTROL_EXPOSE_HEADERS: EXPOSED}  # decided once
 
     def allow(self, origin: str) -> str | None:
         """The Access-Control-Allow-Origin for `origin`, or None when it is not allowed."""
@@ -66,18 +67,15 @@ class Cors:
         return web.Response(status=204, headers=headers)
 
     async def label(self, request: web.Request, response: web.StreamResponse) -> None:
-        """on_response_prepare: this proxy's CORS headers, and no one else's."""
-        if _is_preflight(request):
-            return  # answered by `preflight`, labels and all
-        for name in [n for n in response.headers if n.lower().startswith("access-control-")]:
-            del response.headers[name]
+        """on_response_prepare: this proxy's CORS headers on an answer to a browser (the
+        replies copy no backend header, so no other CORS header can be there)."""
         origin = request.headers.get(hdrs.ORIGIN)
-        if origin is None:
-            return
+        if origin is None or _is_preflight(request):
+            return  # not a browser's; a preflight is answered by `preflight`, labels and all
         allowed = self.allow(origin)
         if allowed is not None:
+            response.headers.update(self._labels)
             response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = allowed
-            response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED
             response.headers.add(hdrs.VARY, "Origin")
 
 

@@ -5,15 +5,22 @@ is cheapest on the backend that served the last one. A request names its convers
 of its message list's prefixes: `key` covers all of its messages, `prefixes` every shorter run of
 them, longest first. The next turn's messages start with this turn's, so one of its `prefixes`
 is this turn's `key`. Digests, not text: the routing table never holds what anybody wrote.
+
+What is digested is bounded, whatever the request's size: a long text counts by its length and
+its first and last `EDGE` characters, a long list by its length and its first and last items. Two
+conversations that differ only deep inside a long text share a digest: they are routed alike,
+which costs one of them a warm cache at worst, never a wrong answer (affinity only chooses
+among backends that all serve the request).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 MAX_PREFIXES = 256  # a conversation longer than this many messages is matched on its latest ones
 CHAT_PATH = "/v1/chat/completions"  # the backend call that continues a conversation
@@ -25,10 +32,24 @@ class Affinity:
     prefixes: tuple[bytes, ...]  # the conversations it may continue, longest first
 
 
+EDGE = 128  # characters of a long text digested at each end
+ITEMS = 16  # items of a long list digested at each end
+
+
+def _shape(value: Any) -> Any:
+    """`value` with every long text and list cut to its length and its ends."""
+    if isinstance(value, str):
+        return value if len(value) <= 2 * EDGE else [len(value), value[:EDGE], value[-EDGE:]]
+    if isinstance(value, Mapping):
+        return {str(key): _shape(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        items = list(value) if len(value) <= 2 * ITEMS else [*value[:ITEMS], *value[-ITEMS:]]
+        return [len(value), *(_shape(item) for item in items)]
+    return value
+
+
 def _canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8", "surrogatepass"
-    )
+    return orjson.dumps(_shape(value), option=orjson.OPT_SORT_KEYS)
 
 
 def of_call(path: str, body: Mapping[str, Any] | None) -> Affinity | None:
