@@ -182,3 +182,43 @@ async def test_answers_past_the_size_bound_are_cut_and_recorded(
     assert [row.status_code for row in rows] == [502, 502]
     assert all("answer_too_large" in str(row.error) for row in rows)
     assert rows[1].response_bytes <= 200_000
+
+
+# -- parsing: the fast reader, and the careful one for whatever it refuses ------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected", "unsure"),
+    [
+        (b'{"a": [1, 2.5, "x\\u00e9", null, true]}', {"a": [1, 2.5, "xé", None, True]}, False),
+        (b'{"a": 1, "a": 2}', {"a": 2}, False),  # the last of a repeated key, as json.loads does
+        (b'{"a": "\\ud83d\\ude00"}', {"a": "😀"}, False),  # a surrogate pair is one character
+        (b'{"a": "\\ud800"}', {"a": "\ud800"}, True),  # lone: read, then named by the checks
+        (b'\xef\xbb\xbf{"a": 1}', {"a": 1}, False),  # a BOM: read past, as json.loads does
+    ],
+)
+def test_parse_json_reads_fast_and_leaves_lone_surrogates_to_be_named(
+    raw: bytes, expected: Any, unsure: bool
+) -> None:
+    from proxy.dialects.openai_body import parse_json
+
+    assert parse_json(raw) == (expected, unsure)
+
+
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b"", "the body is empty"),
+        (b'{"a": NaN}', "NaN is not a JSON number"),
+        (b'{"a": 1e400}', "1e400 is not a JSON number this server can hold"),
+        (b'{"a": ', "Expecting value"),
+        (b'{"a": "\xff"}', "UTF-8"),
+    ],
+)
+def test_parse_json_says_what_is_wrong_as_the_standard_library_would(raw: bytes, said: str) -> None:
+    from proxy.dialects.openai_body import parse_json
+    from proxy.errors import InvalidJson
+
+    with pytest.raises(InvalidJson) as refused:
+        parse_json(raw)
+    assert said in refused.value.message

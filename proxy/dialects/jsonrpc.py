@@ -30,7 +30,6 @@ from proxy.dialects import catalog, toolloop
 from proxy.dialects.conversation import CreateMessage
 from proxy.dialects.openai_body import (
     checked,
-    may_hold_surrogates,
     parse_json,
     refuse_lone_surrogates,
 )
@@ -155,7 +154,7 @@ class JsonRpc(BatchEndpoint):
     dialect = DIALECT
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
-        payload = parse_json(raw)
+        payload, surrogates = parse_json(raw)
         batch = isinstance(payload, list)
         if batch and not payload:
             raise InvalidRpcRequest("The batch is empty: send at least one request object.")
@@ -163,7 +162,6 @@ class JsonRpc(BatchEndpoint):
             raise InvalidRpcRequest(f"A batch may hold at most {MAX_BATCH} requests.")
         items = payload if batch else [payload]
         # Where a lone surrogate might be, each call's params are looked through for one.
-        surrogates = raw is not None and may_hold_surrogates(raw)
         return Prepared(None, None, extra={"batch": batch, "items": items, "text": surrogates})
 
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:

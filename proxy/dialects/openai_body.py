@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from proxy.dialects.openai_types import (
@@ -71,10 +72,10 @@ def _finite(text: str) -> float:
 
 def parse_object(raw: bytes | None) -> dict[str, Any]:
     """The body as a JSON object of text, or a 400 saying what is wrong with it."""
-    payload = parse_json(raw)
+    payload, unsure = parse_json(raw)
     if not isinstance(payload, dict):
         raise InvalidJson("expected an object, got " + type(payload).__name__)
-    if raw is not None and may_hold_surrogates(raw):
+    if unsure:
         refuse_lone_surrogates(payload)
     return payload
 
@@ -109,10 +110,20 @@ def refuse_lone_surrogates(payload: Any, prefix: str = "") -> None:
             pending.extend((f"{where}.{i}" if where else str(i), v) for i, v in enumerate(value))
 
 
-def parse_json(raw: bytes | None) -> Any:
-    """The body as JSON of any kind, or `InvalidJson` saying what is wrong with it."""
+def parse_json(raw: bytes | None) -> tuple[Any, bool]:
+    """The body as JSON of any kind, or `InvalidJson` saying what is wrong with it; and whether
+    a string in it may still hold a lone UTF-16 surrogate (see `refuse_lone_surrogates`).
+
+    orjson reads what is plainly well-formed UTF-8 JSON of finite numbers, several times faster
+    than the standard library on many values, and refuses lone surrogates itself. Whatever it
+    refuses is read again by the standard library, whose errors say where and what is wrong,
+    and which reads lone surrogates so that the field holding one can be named."""
     if not raw:
         raise InvalidJson("the body is empty")
+    try:
+        return orjson.loads(raw), False
+    except orjson.JSONDecodeError:
+        pass
     try:
         payload: Any = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except UnicodeDecodeError:
@@ -125,7 +136,7 @@ def parse_json(raw: bytes | None) -> Any:
         raise InvalidJson(
             str(exc) if "JSON number" in str(exc) else "a number in it is too long"
         ) from None
-    return payload
+    return payload, may_hold_surrogates(raw)
 
 
 def checked(kind: type[M], payload: dict[str, Any]) -> M:
