@@ -4,7 +4,8 @@
    whether the user's rate limit is already known to be spent (then a 429 before the body is
    even read);
 2. its body, read under the size cap (one far larger than any prompt a model here can read is
-   refused before it is parsed) and checked by the route (a 400 here spends nothing else);
+   refused before it is parsed) and checked by the route (a 400 here spends nothing else); a
+   large body is parsed at its turn (`proxy.lane`), so that it stalls nobody's stream;
 3. its prompt, measured when that can matter (`proxy.limits.prompts`): one that does not fit
    the model's context is a 400 here;
 4. the user's token quota, asked with what the request can cost (its prompt and its answer's
@@ -25,6 +26,7 @@ from typing import Generic, TypeVar
 from aiohttp import web
 
 from proxy.auth.cache import Principal
+from proxy.lane import Lane
 from proxy.limits.body import read_body
 from proxy.limits.places import Places
 from proxy.limits.prompts import Ask, Prompts
@@ -60,13 +62,14 @@ class Admission:
         self._quotas = quotas
         self._rate = rate_limiter
         self.prompts = prompts
+        self.lane = Lane()
 
     def max_tokens(self, caller: Principal) -> int:
         """The caller's cap on one answer: their own, never above MAX_TOKENS_HARD_CAP."""
         return min(caller.max_tokens or self._hard_cap, self._hard_cap)
 
     @asynccontextmanager
-    async def admit(
+    async def hold(
         self,
         request: web.Request,
         caller: Principal,
@@ -97,7 +100,8 @@ class Admission:
             )
             if raw is not None and prompt_param is not None:
                 self.prompts.refuse_oversized(len(raw), prompt_param)
-            checked = check(raw)
+            size = len(raw) if raw is not None else 0
+            checked = await self.lane.step(size, lambda: check(raw))
             if not spend:
                 yield Admitted(checked, {})
                 return
@@ -105,7 +109,8 @@ class Admission:
             prompt, answer = None, None
             if ask is not None:
                 has_quota = self._quotas.applies(caller)
-                size = len(raw) if raw is not None else 0
+                call = ask.call
+                await self.lane.step(size, lambda: call.data)  # once: measured, then forwarded
                 measured = await self.prompts.measure(ask, request_id, has_quota, size)
                 prompt, answer = measured.prompt_tokens, measured.answer
             headers: dict[str, str] = {}

@@ -49,7 +49,7 @@ from proxy.errors import (
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
-    UpstreamError,
+    UpstreamBrokeOff,
     UpstreamUnreachable,
 )
 from proxy.limits.body import defer_continue
@@ -68,7 +68,7 @@ from proxy.pipeline.endpoint import (
 from proxy.pipeline.exchange import Exchange
 from proxy.upstream.affinity import of_call
 from proxy.upstream.events import AnswerTooLong, BackendAnswer, BackendBrokeOff
-from proxy.upstream.forward import NOT_REACHABLE, Sender, UpstreamCall, forward
+from proxy.upstream.forward import Sender, UpstreamCall, forward
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Walk:
             outcome.bytes_in += size
 
         endpoint = self._endpoint
-        async with admission.admit(
+        async with admission.hold(
             request,
             caller,
             received,
@@ -323,6 +323,8 @@ class Walk:
         # Each call's own conversation (a tool loop's grows call by call), whatever the API;
         # with one backend there is nowhere else to go, so nothing to work out.
         affinity = of_call(call.path, call.json) if len(backends.upstreams) > 1 else None
+        # a large body's serialization, at its turn (kept for each attempt)
+        await app[ADMISSION].lane.step(outcome.bytes_in, lambda: call.data)
         sender = Sender(exchange.request_id, exchange.client_addr)
         session, limit = app[UPSTREAM_SESSION], delivery.max_answer_bytes
         refused: list[str] = []
@@ -350,7 +352,7 @@ async def _rendered(
     except BackendBrokeOff as exc:
         log.warning("request %s: %s", request_id, exc)
         if delivery.response is None:
-            raise UpstreamError(502, f"{NOT_REACHABLE}: {exc}. Try again.") from None
+            raise UpstreamBrokeOff(str(exc)) from None
         delivery.broke_off(str(exc))
         return delivery.response
     except AnswerTooLong:

@@ -1,0 +1,43 @@
+"""Turns at the event loop for the work a large body costs, so that it never stalls a stream.
+
+Parsing and checking an 8 MiB body, or serializing it for a backend, holds the one event loop
+for ~10 ms at a time (CPython's JSON readers and pydantic hold the GIL throughout, so a thread
+would not help). Several such bodies arriving together would run back to back, and every other
+user's stream would wait for all of them. Instead each such step takes its turn here: one at a
+time, each after a pass of the loop, so between two of them everything else that is ready runs.
+A stream then waits for at most one step, however many large bodies arrive. Small bodies, whose
+steps take microseconds, never wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
+
+LARGE_BODY_BYTES = 256 * 1024  # parsed in well under a millisecond: no turn needed
+
+
+class Lane:
+    def __init__(self, large: int = LARGE_BODY_BYTES) -> None:
+        self._large = large
+        self._turn = asyncio.Lock()
+
+    @asynccontextmanager
+    async def turn(self, size: int) -> AsyncIterator[None]:
+        """Held while one heavy step for a body of `size` bytes runs (at once for a small one)."""
+        if size < self._large:
+            yield
+            return
+        async with self._turn:
+            # A pass of the loop first: what became ready while the last step ran goes first.
+            await asyncio.sleep(0)
+            yield
+
+    async def step(self, size: int, work: Callable[[], T]) -> T:
+        """`work()` (one heavy step for a body of `size` bytes), run at its turn."""
+        async with self.turn(size):
+            return work()
