@@ -177,6 +177,19 @@ class UpstreamError(ApiError):
         self.status = status
 
 
+class UpstreamBrokeOff(UpstreamError):
+    """The backend's answer broke off before any of it reached the client."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(502, f"The model server broke its answer off ({why}). Try again.")
+        self.why = why
+
+    @property
+    def reason(self) -> str:
+        """What a stream broken off after it began records too: the same row either way."""
+        return self.why
+
+
 class UpstreamUnreachable(UpstreamError):
     """The connection to the backend failed: nothing of the request reached it."""
 

@@ -81,6 +81,9 @@ class FakeUpstream:
     # When set, every prompt_tokens reported (chat usage, /llama-gate/prompt-tokens) is
     # `prompt_size` of the request, as a real backend's counts depend on the prompt.
     sized_prompts: bool = False
+    # When set, every chat request is answered with exactly these bytes, as a stream (a
+    # recorded backend stream, replayed as it was sent, whatever the request asked)
+    recorded: list[bytes] | None = None
     port: int = field(default_factory=free_port)
     _runner: web.AppRunner | None = None
 
@@ -148,6 +151,8 @@ class FakeUpstream:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         payload = _json(request)
+        if self.recorded is not None:
+            return await self._replay(request, self.recorded)
         answer = self._scripted(payload)
         if not payload.get("stream"):
             message = {"role": "assistant", "content": "".join(self.pieces)}
@@ -227,6 +232,17 @@ class FakeUpstream:
         await response.write_eof()
         return response
 
+    async def _replay(self, request: web.Request, recorded: list[bytes]) -> web.StreamResponse:
+        """The recorded pieces, each written as it was received; the response ends after the
+        last (a recording without `[DONE]` is a stream cut short)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in recorded:
+            await response.write(piece)
+            await asyncio.sleep(self.event_delay)
+        await response.write_eof()
+        return response
+
     def _prompt(self, payload: dict[str, Any]) -> dict[str, int]:
         sized = self.sized_prompts or self.n_ctx is not None
         return {"prompt_tokens": prompt_size(payload)} if sized else {}
@@ -257,8 +273,14 @@ class FakeUpstream:
             )
         size = prompt_size(payload)
         if size >= self.n_ctx:
-            error = {"message": "too long", "type": "invalid_request_error", "param": "messages",
-                     "code": "context_length_exceeded", "prompt_tokens": size, "n_ctx": self.n_ctx}
+            error = {
+                "message": "too long",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+                "prompt_tokens": size,
+                "n_ctx": self.n_ctx,
+            }
             return web.json_response({"error": error}, status=400)  # fmt: skip
         return web.json_response({"prompt_tokens": size, "n_ctx": self.n_ctx})
 
