@@ -1,4 +1,6 @@
-"""The benchmarks' database: BENCH_DATABASE_URL when given, else a throwaway local server."""
+"""The benchmarks' database: BENCH_DATABASE_URL when given, else a throwaway local server with
+default durability (fsync and synchronous_commit on), as every real deployment runs Postgres;
+`durable=False` gives the tests' kind, without fsync, for comparison."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ from proxy.db.localpg import throwaway_server
 
 
 @contextmanager
-def database() -> Iterator[str]:
+def database(durable: bool = True) -> Iterator[str]:
     if configured := os.environ.get("BENCH_DATABASE_URL"):
         yield configured
         return
-    with throwaway_server("llama-gate-bench-") as server:
+    with throwaway_server("llama-gate-bench-", durable=durable) as server:
         yield server.dsn

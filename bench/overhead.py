@@ -1,12 +1,16 @@
 """What llama-gate costs: the same load straight to a backend, through a bare pass-through, and
 through llama-gate (real key, rate limits on, audit rows written to Postgres), in one run; and
-llama-gate once more without its audit journal, to show what the journal costs.
+llama-gate once more without its audit journal (d), and once with a Postgres that does not fsync
+(e: what the tests run, and how earlier runs of this benchmark were measured).
 
     runtime/.venv/bin/python bench/overhead.py [--seconds 5]
 
-Starts its own fake backend, baseline and proxy processes (and a throwaway Postgres unless
-BENCH_DATABASE_URL names one), then prints one table. Everything runs on this machine, so the
-load generator shares the cores with what it measures; compare rows, not absolute numbers.
+Starts its own fake backend, baseline and proxy processes and two throwaway Postgres servers:
+one with default durability (fsync and synchronous_commit on, as every real deployment runs it)
+for c and d, and one without for e (BENCH_DATABASE_URL names one to use for all instead). Then
+one more load: another user's stream while a user sends 8 MiB bodies at their concurrency cap.
+Everything runs on this machine, so the load generator shares the cores with what it measures;
+compare rows, not absolute numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -27,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -43,7 +49,13 @@ from proxy.db import migrate, queries  # noqa: E402
 from proxy.db.localpg import free_port  # noqa: E402
 
 BACKEND_KEY = "bench-backend-key"
+GATE = "c: llama-gate"
 NO_JOURNAL = "d: llama-gate, no journal"
+NO_FSYNC = "e: llama-gate, Postgres no fsync"
+# Just under the 8 MiB a body may have: one message of 8 MiB of text.
+FLOOD_BODY = json.dumps(
+    {"messages": [{"role": "user", "content": "x " * ((4 << 20) - 64)}], "max_tokens": 16}
+).encode()
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}
 STREAM = {**CHAT, "messages": [{"role": "user", "content": "stream slowly"}], "stream": True}
 
@@ -165,18 +177,62 @@ def process(
             proc.kill()
 
 
-async def _prepare(dsn: str) -> str:
+async def _prepare(dsn: str) -> tuple[str, str]:
+    """A key of the benchmark's user, and one of a user who floods at the default cap (4)."""
     con = await asyncpg.connect(dsn)
+    keys = []
     try:
         await con.execute("TRUNCATE llama_requests, api_keys, users CASCADE")
-        user = await queries.create_user(con, "bench", 1_000_000, 60)
-        key = generate_key()
-        await queries.insert_key(
-            con, user["id"], key.key_id, KeyHasher().hash(key.secret), None, None
-        )
+        for name in ("bench", "flooder"):
+            user = await queries.create_user(con, name, 1_000_000, 60)
+            key = generate_key()
+            await queries.insert_key(
+                con, user["id"], key.key_id, KeyHasher().hash(key.secret), None, None
+            )
+            keys.append(key.full.reveal())
+        await queries.set_user_limits(con, "flooder", {"max_concurrent": 4})
     finally:
         await con.close()
-    return key.full.reveal()
+    return keys[0], keys[1]
+
+
+def _flood(url: str, headers: dict[str, str], stop: Any, sent: Any) -> None:
+    """Another process (so that sending them stalls only the proxy, not the measuring client):
+    4 bodies of 8 MiB in flight at all times until `stop` is set; `sent` counts them."""
+
+    async def flooder() -> None:
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as client:
+            while not stop.is_set():
+                try:
+                    async with client.post(url, data=FLOOD_BODY, headers=headers) as response:
+                        await response.read()
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                with sent.get_lock():
+                    sent.value += 1
+
+    async def flood() -> None:
+        await asyncio.gather(*(flooder() for _ in range(4)))
+
+    asyncio.run(flood())
+
+
+def flood_load(
+    url: str, headers: dict[str, str], flood_headers: dict[str, str], seconds: float
+) -> tuple[Result, int]:
+    """A stream (sse c=1) while another user keeps 4 requests of 8 MiB in flight: the stream's
+    result, and how many of the large bodies were sent."""
+    stop, sent = multiprocessing.Event(), multiprocessing.Value("i", 0)
+    flooder = multiprocessing.Process(target=_flood, args=(url, flood_headers, stop, sent))
+    flooder.start()
+    try:
+        time.sleep(1.0)  # the flood is on
+        result = asyncio.run(load(url, headers, 1, seconds, True))
+    finally:
+        stop.set()
+        flooder.join(150)
+    return result, int(sent.value)
 
 
 async def _rows(dsn: str) -> int:
@@ -200,15 +256,20 @@ def main() -> None:
     )
     args = parser.parse_args()
     python = sys.executable
-    up_port, base_port, gate_port, unjournaled_port = (free_port() for _ in range(4))
+    up_port, base_port, gate_port, unjournaled_port, loose_port = (free_port() for _ in range(5))
     upstream_url = f"http://127.0.0.1:{up_port}"
     with (
         database() as dsn,
+        database(durable=False) as loose_dsn,
         tempfile.TemporaryDirectory() as home,
         tempfile.TemporaryDirectory() as other_home,
+        tempfile.TemporaryDirectory() as loose_home,
     ):
-        migrate.upgrade(dsn)
-        key = asyncio.run(_prepare(dsn))
+        for each in (dsn, loose_dsn):
+            migrate.upgrade(each)
+        key, flood_key = asyncio.run(_prepare(dsn))
+        if loose_dsn != dsn:
+            asyncio.run(_copy_users(dsn, loose_dsn))
         gate_env = {
             "POSTGRES_AUTH_DSN": dsn, "LLAMA_GATE_HOME": home,
             "LLAMA_SERVER_HOST": "127.0.0.1", "LLAMA_SERVER_PORT": str(up_port),
@@ -221,34 +282,34 @@ def main() -> None:
             "LLAMA_GATE_HOME": other_home,
             "LLAMA_PROXY_AUDIT_JOURNAL": "0",
         }
+        loose_env = {**gate_env, "LLAMA_GATE_HOME": loose_home, "POSTGRES_AUTH_DSN": loose_dsn}
+
+        def proxy(port: int, env: dict[str, str]) -> list[str]:
+            return [python, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
+
         with (
             process([python, "bench/upstream.py", str(up_port)]) as up,
             process([python, "bench/passthrough.py", str(base_port), upstream_url]) as base,
-            process(
-                [python, "-m", "proxy", "--host", "127.0.0.1", "--port", str(gate_port)], gate_env
-            ) as gate,
-            process(
-                [python, "-m", "proxy", "--host", "127.0.0.1", "--port", str(unjournaled_port)],
-                unjournaled_env,
-            ) as unjournaled,
+            process(proxy(gate_port, gate_env), gate_env) as gate,
+            process(proxy(unjournaled_port, unjournaled_env), unjournaled_env) as unjournaled,
+            process(proxy(loose_port, loose_env), loose_env) as loose,
         ):
             _wait_http(upstream_url, up, "/")
             _wait_http(f"http://127.0.0.1:{base_port}", base, "/")
-            _wait_http(f"http://127.0.0.1:{gate_port}", gate, "/health")
-            _wait_http(f"http://127.0.0.1:{unjournaled_port}", unjournaled, "/health")
+            for port, proc in ((gate_port, gate), (unjournaled_port, unjournaled),
+                               (loose_port, loose)):  # fmt: skip
+                _wait_http(f"http://127.0.0.1:{port}", proc, "/health")
+            bearer = {"Authorization": f"Bearer {key}"}
             targets = {
                 "a: direct": (f"{upstream_url}/v1/chat/completions", {}),
                 "b: bare pass-through": (f"http://127.0.0.1:{base_port}/v1/chat/completions", {}),
-                "c: llama-gate": (
-                    f"http://127.0.0.1:{gate_port}/v1/chat/completions",
-                    {"Authorization": f"Bearer {key}"},
-                ),
-                NO_JOURNAL: (
-                    f"http://127.0.0.1:{unjournaled_port}/v1/chat/completions",
-                    {"Authorization": f"Bearer {key}"},
-                ),
+                GATE: (f"http://127.0.0.1:{gate_port}/v1/chat/completions", bearer),
+                NO_JOURNAL: (f"http://127.0.0.1:{unjournaled_port}/v1/chat/completions", bearer),
+                NO_FSYNC: (f"http://127.0.0.1:{loose_port}/v1/chat/completions", bearer),
             }
+            pids = {GATE: gate.pid, NO_JOURNAL: unjournaled.pid, NO_FSYNC: loose.pid}
             results: dict[tuple[str, str], Result] = {}
+            cpu_us: dict[tuple[str, str], float] = {}
             journal = JournalCost()
             sent_through_gate = 0
             for load_name, concurrency, streamed in (
@@ -258,17 +319,25 @@ def main() -> None:
                 for target, (url, headers) in targets.items():
                     if args.journal_only:
                         break
+                    before = _cpu_seconds(pids[target]) if target in pids else 0.0
                     result = asyncio.run(load(url, headers, concurrency, args.seconds, streamed))
+                    if target in pids:
+                        cpu = _cpu_seconds(pids[target]) - before
+                        cpu_us[(load_name, target)] = cpu / (result.count + concurrency) * 1e6
                     results[(load_name, target)] = result
-                    if target.startswith(("c", "d")):
+                    if target in (GATE, NO_JOURNAL):
                         sent_through_gate += result.count + result.errors + concurrency  # + warm-up
+            flood = None
+            if not args.journal_only:
+                url, headers = targets[GATE]
+                flood = flood_load(url, headers, {"Authorization": f"Bearer {flood_key}"}, 10.0)
+                sent_through_gate += flood[0].count + flood[0].errors + 1 + flood[1]
             # The journal's cost is a few percent: less than the run-to-run noise of a load on
             # cores shared with other work. So c and d take turns, several times, and besides
             # their throughput each proxy's own CPU time per request is counted, which other
             # work on the machine does not change.
-            pids = {"c: llama-gate": gate.pid, NO_JOURNAL: unjournaled.pid}
             for _ in range(args.journal_rounds):
-                for target in pids:
+                for target in (GATE, NO_JOURNAL):
                     url, headers = targets[target]
                     before = _cpu_seconds(pids[target])
                     result = asyncio.run(load(url, headers, 32, args.seconds / 2, False))
@@ -281,7 +350,22 @@ def main() -> None:
     if args.journal_only:
         _report_journal(journal)
         return
-    _report(results, journal, sent_through_gate, rows)
+    assert flood is not None
+    _report(results, cpu_us, flood, journal, sent_through_gate, rows)
+
+
+async def _copy_users(source: str, target: str) -> None:
+    """The benchmark's users and keys, the same in the other database."""
+    src, dst = await asyncpg.connect(source), await asyncpg.connect(target)
+    try:
+        await dst.execute("TRUNCATE llama_requests, api_keys, users CASCADE")
+        for table in ("users", "api_keys"):
+            rows = await src.fetch(f"SELECT * FROM {table}")
+            columns = list(rows[0].keys())
+            await dst.copy_records_to_table(table, records=rows, columns=columns)
+    finally:
+        await src.close()
+        await dst.close()
 
 
 @dataclass
@@ -328,22 +412,32 @@ def _cpu_seconds(pid: int | None) -> float:
 
 
 def _report(
-    results: dict[tuple[str, str], Result], journal: JournalCost, sent: int, rows: int
+    results: dict[tuple[str, str], Result],
+    cpu_us: dict[tuple[str, str], float],
+    flood: tuple[Result, int],
+    journal: JournalCost,
+    sent: int,
+    rows: int,
 ) -> None:
-    head = ("load", "path", "req/s", "p50 ms", "p99 ms", "ttfb p50", "gap err p99/max ms", "errors")
-    print("{:<10} {:<22} {:>8} {:>8} {:>8} {:>9} {:>19} {:>6}".format(*head))
-    for (load_name, target), r in results.items():
+    head = ("load", "path", "req/s", "p50 ms", "p99 ms", "ttfb p50", "gap err p99/max ms",
+            "errors", "CPU us/req")  # fmt: skip
+    print("{:<10} {:<31} {:>7} {:>8} {:>8} {:>9} {:>19} {:>6} {:>10}".format(*head))
+    flooded, bodies = flood
+    rows_shown = [*results.items(), (("sse c=1, 8 MiB flood", GATE), flooded)]
+    for (load_name, target), r in rows_shown:
         ttfb = f"{r.pct(r.ttfb, 0.5):.2f}" if r.ttfb else "-"
         gap = "-"
         if r.spacing_error:
             gap = f"{r.pct(r.spacing_error, 0.99):.2f} / {max(r.spacing_error) * 1000:.2f}"
         p50, p99 = r.pct(r.latencies, 0.5), r.pct(r.latencies, 0.99)
+        cpu = cpu_us.get((load_name, target))
+        shown = f"{cpu:.0f}" if cpu is not None else "-"
         print(
-            f"{load_name:<10} {target:<22} {r.rps:>8.0f} {p50:>8.2f} {p99:>8.2f} {ttfb:>9} "
-            f"{gap:>19} {r.errors:>6}"
+            f"{load_name:<10} {target:<31} {r.rps:>7.0f} {p50:>8.2f} {p99:>8.2f} {ttfb:>9} "
+            f"{gap:>19} {r.errors:>6} {shown:>10}"
         )
-    print()
-    gate, direct, base = "c: llama-gate", "a: direct", "b: bare pass-through"
+    print(f"(8 MiB flood: {bodies} bodies of 8 MiB sent by another user, 4 at a time)\n")
+    direct, base = "a: direct", "b: bare pass-through"
 
     def p50(load_name: str, target: str, ttfb: bool = False) -> float:
         r = results[(load_name, target)]
@@ -352,20 +446,30 @@ def _report(
     def gap(load_name: str, target: str) -> float:
         return max(results[(load_name, target)].spacing_error) * 1000
 
-    added_p50 = p50("json c=1", gate) - p50("json c=1", direct)
-    ratio = results[("json c=32", gate)].rps / results[("json c=32", base)].rps
-    added_ttfb = p50("sse c=1", gate, ttfb=True) - p50("sse c=1", direct, ttfb=True)
-    spacing = gap("sse c=1", gate) - gap("sse c=1", direct)
-    spacing_c32 = gap("sse c=32", gate) - gap("sse c=32", direct)
-    checks = [
-        ("c=1 added p50 latency (c - a)", f"{added_p50:.3f} ms", "<= 0.35 ms", added_p50 <= 0.35),
-        ("c=32 throughput vs baseline (c / b)", f"{ratio:.2f} x", ">= 0.60 x", ratio >= 0.6),
-        ("c=1 added TTFB, streamed (c - a)", f"{added_ttfb:.3f} ms", "<= 1 ms", added_ttfb <= 1),
-        ("c=1 max added SSE gap error (c - a)", f"{spacing:.3f} ms", "<= 1 ms", spacing <= 1),
-        ("c=32 max added SSE gap error (c - a)", f"{spacing_c32:.3f} ms", "(no target)", None),
+    def ratio(target: str) -> float:
+        return results[("json c=32", target)].rps / results[("json c=32", base)].rps
+
+    added_p50 = p50("json c=1", GATE) - p50("json c=1", direct)
+    bare_p50 = p50("json c=1", base) - p50("json c=1", direct)
+    added_ttfb = p50("sse c=1", GATE, ttfb=True) - p50("sse c=1", direct, ttfb=True)
+    spacing_c32 = gap("sse c=32", GATE) - gap("sse c=32", direct)
+    alone = results[("sse c=1", GATE)]
+    flood_gap = flooded.pct(flooded.spacing_error, 0.99) - alone.pct(alone.spacing_error, 0.99)
+    checks: list[Check] = [
+        ("c=1 added p50 (c - a), bare's (b - a)", f"{added_p50:.2f} / {bare_p50:.2f} ms",
+         "<= 2 x bare", added_p50 <= 2 * bare_p50),
+        ("c=32 json throughput (c / b)", f"{ratio(GATE):.2f} x", ">= 0.70 x", ratio(GATE) >= 0.7),
+        ("  with Postgres not fsyncing (e / b)", f"{ratio(NO_FSYNC):.2f} x", "-", None),
+        ("c=1 added TTFB, streamed (c - a)", f"{added_ttfb:.2f} ms", "<= 1.5 ms",
+         added_ttfb <= 1.5),
+        ("c=32 max added SSE gap (c - a)", f"{spacing_c32:.2f} ms", "<= 2 ms", spacing_c32 <= 2),
+        ("c=32 json proxy CPU per request (c)", f"{cpu_us[('json c=32', GATE)]:.0f} us", "-",
+         None),
+        ("gap p99 added by an 8 MiB flood (c)", f"{flood_gap:.2f} ms", "<= 10 ms",
+         flood_gap <= 10),
         *_journal_checks(journal),
         ("audit rows written / requests sent", f"{rows} / {sent}", "equal", rows == sent),
-    ]
+    ]  # fmt: skip
     _print_checks(checks)
     _print_journal_runs(journal)
 
@@ -390,10 +494,10 @@ def _journal_checks(journal: JournalCost) -> list[Check]:
 
 
 def _print_checks(checks: list[Check]) -> None:
-    print(f"{'figure':<42} {'measured':>14} {'target':>12}  met")
+    print(f"{'figure':<42} {'measured':>16} {'target':>12}  met")
     for name, measured, target, met in checks:
         verdict = "-" if met is None else "yes" if met else "NO"
-        print(f"{name:<42} {measured:>14} {target:>12}  {verdict}")
+        print(f"{name:<42} {measured:>16} {target:>12}  {verdict}")
 
 
 def _print_journal_runs(journal: JournalCost) -> None:

@@ -132,7 +132,7 @@ class LocalPostgres:
             raise PostgresError(f"initdb {self.datadir} failed: {result.stderr.strip()[-500:]}")
         return True
 
-    def start(self, throwaway: bool = False) -> None:
+    def start(self, throwaway: bool = False, durable: bool = False) -> None:
         if self.running():
             return
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ class LocalPostgres:
         self._own(self.logfile)
         # TCP on loopback only; no Unix socket, so no socket-directory permissions to get wrong.
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
-        if throwaway:  # durability is pointless for a test database that is deleted afterwards
+        if throwaway and not durable:  # pointless for a test database deleted afterwards
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         result = self._run(
             "pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-o", options,
@@ -165,8 +165,11 @@ class LocalPostgres:
 
 
 @contextmanager
-def throwaway_server(prefix: str = "llama-gate-pg-") -> Iterator[LocalPostgres]:
-    """A fresh server in a temporary folder, stopped and removed afterwards (tests, benchmarks).
+def throwaway_server(
+    prefix: str = "llama-gate-pg-", durable: bool = False
+) -> Iterator[LocalPostgres]:
+    """A fresh server in a temporary folder, stopped and removed afterwards (tests, benchmarks);
+    without fsync unless `durable` (as a real deployment runs it: what benchmarks measure).
 
     Not under pytest's tmp_path: its parents are private to root, and the server may run as the
     postgres user.
@@ -176,7 +179,7 @@ def throwaway_server(prefix: str = "llama-gate-pg-") -> Iterator[LocalPostgres]:
     server = LocalPostgres(root / "data", free_port(), root / "postgres.log", find_bindir())
     try:
         server.init(throwaway=True)
-        server.start(throwaway=True)
+        server.start(throwaway=True, durable=durable)
         yield server
     finally:
         server.stop()
