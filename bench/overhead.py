@@ -133,8 +133,8 @@ async def load(
                         result.latencies.append(await _stream(client, url, headers, result))
                     else:
                         result.latencies.append(await _plain(client, url, headers))
-                except (aiohttp.ClientError, RuntimeError):
-                    result.errors += 1
+                except (aiohttp.ClientError, RuntimeError, TimeoutError):
+                    result.errors += 1  # a stream that stalled past the client's timeout too
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
