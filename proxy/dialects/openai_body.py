@@ -61,6 +61,15 @@ def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _bounded(text: str) -> int:
+    """A JSON integer within 64 bits: what orjson, which serializes every forwarded body, can
+    write (it reads larger ones as floats; this reader sees only what orjson refused)."""
+    value = int(text)
+    if not -(1 << 63) <= value < (1 << 64):
+        raise ValueError(f"{text[:40]} is not a JSON number this server can hold")
+    return value
+
+
 def _finite(text: str) -> float:
     """A JSON number as a float; one too large for a float (1e400) would be echoed back as
     `Infinity`, which is not JSON, so it is refused like NaN and Infinity are."""
@@ -125,7 +134,9 @@ def parse_json(raw: bytes | None) -> tuple[Any, bool]:
     except orjson.JSONDecodeError:
         pass
     try:
-        payload: Any = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+        payload: Any = json.loads(
+            raw, parse_constant=_no_constant, parse_float=_finite, parse_int=_bounded
+        )
     except UnicodeDecodeError:
         raise InvalidJson("it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
