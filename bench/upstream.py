@@ -20,6 +20,8 @@ from aiohttp import web
 EVENTS = 50
 SPACING_SECONDS = 0.020
 SLOW = "stream slowly"
+# Larger bodies are not parsed: this fake must not take the cores the proxy is measured on.
+LARGE = 1 << 20
 ANSWER = json.dumps(
     {
         "id": "cmpl-bench",
@@ -44,7 +46,10 @@ QUICK_STREAM = (
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    payload = await request.json()
+    raw = await request.read()
+    if len(raw) > LARGE:  # a flood's body: answered at once, unread, as a fast backend would
+        return web.Response(body=QUICK_STREAM, content_type="text/event-stream")
+    payload = json.loads(raw)
     if not payload.get("stream"):
         return web.Response(body=ANSWER, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -65,7 +70,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 def main() -> None:
-    app = web.Application()
+    app = web.Application(client_max_size=16 << 20)  # the 8 MiB bodies of a flood too
     app.router.add_post("/v1/chat/completions", chat)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 

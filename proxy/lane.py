@@ -33,7 +33,9 @@ class Lane:
             yield
             return
         async with self._turn:
-            # A pass of the loop first: what became ready while the last step ran goes first.
+            # Two passes of the loop first: what arrived while the last step ran is read in
+            # the first and handed on by the task waiting for it in the second.
+            await asyncio.sleep(0)
             await asyncio.sleep(0)
             yield
 
