@@ -57,6 +57,13 @@ REPEAT_MAX = 1000
 MAX_TOOLS = 128  # as OpenAI's API allows
 MAX_SCHEMA_DEPTH = 64  # a tool's parameters nest no deeper (rendering them recurses)
 RESULT_OPEN, RESULT_CLOSE = "<tool_response>", "</tool_response>"
+# The keywords by which a schema says what it allows (to the grammar converter); and the types
+# of any JSON value, for a schema that says none of them.
+_SAYS_WHAT = frozenset(
+    {"type", "$ref", "oneOf", "anyOf", "allOf", "const", "enum", "properties",
+     "additionalProperties", "items", "prefixItems", "pattern", "format"}
+)  # fmt: skip
+ANY_VALUE = ("string", "number", "boolean", "object", "array", "null")
 # A text answer: anything that does not begin a call.
 _TEXT_RULE = "[^<] .*"
 
@@ -214,7 +221,9 @@ def grammar(functions: Sequence[dict[str, Any]], mode: str) -> str:
     for index, function in enumerate(functions):
         try:
             # Each tool's own `#/...` references resolve within its own schema.
-            arguments = converter.resolve_refs(bounded(function["parameters"]), f"tool-{index}")
+            arguments = converter.resolve_refs(
+                bounded(generable(function["parameters"], root=True)), f"tool-{index}"
+            )
         except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise _unusable(index, exc) from None
         alternatives.append(
@@ -233,6 +242,28 @@ def grammar(functions: Sequence[dict[str, Any]], mode: str) -> str:
     root = call if mode == "required" else f"{call} | {_TEXT_RULE}"
     rules = converter.format_grammar()  # type: ignore[no-untyped-call]
     return f"{rules}\nroot ::= {root}"
+
+
+def generable(schema: Any, root: bool = False) -> Any:
+    """A copy of `schema` in which each subschema that says nothing of what it allows (what
+    pydantic writes for `Any`, `{"title": "Args"}`, or `{}`) allows any JSON value, as JSON
+    Schema means: the grammar converter refuses the first and reads `{}` as "an object". The
+    arguments themselves (`root`) are always an object."""
+    if not isinstance(schema, dict):
+        return schema
+    copy = dict(schema)
+    for key in ("properties", "patternProperties", "$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            copy[key] = {name: generable(value) for name, value in schema[key].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            copy[key] = generable(schema[key])
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems", "items"):
+        if isinstance(schema.get(key), list):
+            copy[key] = [generable(value) for value in schema[key]]
+    if not _SAYS_WHAT & set(schema):
+        copy["type"] = "object" if root else list(ANY_VALUE)
+    return copy
 
 
 def bounded(schema: Any) -> Any:

@@ -597,3 +597,75 @@ async def test_a_streamed_message_pings_while_it_waits_and_says_why_it_failed(
     bobs = next(r for r in rows if r.username == "bob")
     assert bobs.status_code == 503
     assert str(bobs.error).startswith("queue_timeout")
+
+
+# Claude Code's first request, in small: what `claude -p` 2.1 sends besides the conversation.
+CLAUDE_CODE_HEADERS = {
+    "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,"
+    "mid-conversation-system-2026-04-07,effort-2025-11-24",
+}
+
+
+async def test_claude_codes_requests_are_accepted_as_anthropic_accepts_them(
+    proxy: Harness,
+) -> None:
+    """A system turn inside `messages` (kept at its place), adaptive thinking, `output_config`,
+    `context_management`, `cache_control` on blocks and tools, a tool parameter without a type,
+    unknown fields at the top and inside blocks, `?beta=true` (the SDK's beta client): accepted,
+    and nothing the backend cannot use reaches it."""
+    key = await proxy.user("alice")
+    cached = {"type": "ephemeral"}
+    tools: list[Any] = [{
+        "name": "Bash", "description": "Run a shell command.", "cache_control": cached,
+        "input_schema": {"type": "object", "properties": {
+            "command": {"type": "string"}, "args": {"title": "Args"}}, "required": ["command"]},
+    }]  # fmt: skip
+    messages: list[Any] = [
+        {"role": "user", "content": [
+            {"type": "text", "text": "Hi", "cache_control": cached, "citations": None}]},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "system", "content": [{"type": "text", "text": "Be brief from now on."}]},
+        {"role": "user", "content": "What is here?"},
+    ]  # fmt: skip
+    async with _async_client(proxy, key) as client:
+        answer = await client.beta.messages.create(
+            model=MODEL,
+            max_tokens=32000,
+            system=[{"type": "text", "text": "You are Claude Code.", "cache_control": cached}],
+            messages=messages,
+            tools=tools,
+            thinking={"type": "adaptive"},
+            extra_headers=CLAUDE_CODE_HEADERS,
+            extra_body={
+                "output_config": {"effort": "high"},
+                "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
+                "a_field_from_next_year": {"anything": True},
+            },
+        )
+        streamed = await client.beta.messages.create(
+            model=MODEL, max_tokens=100, messages=messages, tools=tools, stream=True,
+            thinking={"type": "adaptive"}, extra_headers=CLAUDE_CODE_HEADERS,
+        )  # fmt: skip
+        kinds = [event.type async for event in streamed]
+    assert answer.content[0].type == "text"
+    assert kinds[0] == "message_start"
+    assert kinds[-1] == "message_stop"
+    sent = _sent(proxy)
+    assert [(m["role"], m["content"]) for m in sent["messages"]] == [
+        ("user", "Hi"),
+        ("assistant", "Hello."),
+        ("system", "Be brief from now on."),
+        ("user", "What is here?"),
+    ]
+    first = json.loads(proxy.upstream.seen[-2].body)
+    assert first["messages"][0] == {"role": "system", "content": "You are Claude Code."}
+    parameters = first["tools"][0]["function"]["parameters"]
+    assert parameters["properties"]["args"] == {"title": "Args"}  # passed on; the backend serves it
+    for body in (first, sent):
+        text = json.dumps(body)
+        for ignored in ("cache_control", "citations", "output_config", "context_management",
+                        "a_field_from_next_year", "thinking"):  # fmt: skip
+            assert ignored not in text
+    rows = await proxy.wait_for_records(2)
+    assert [(r.path, r.status_code) for r in rows] == [("/v1/messages", 200)] * 2
+    assert all(r.prompt_tokens and r.completion_tokens for r in rows)

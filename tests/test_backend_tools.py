@@ -413,3 +413,55 @@ def test_the_filter_looks_at_the_whole_vocabulary_rarely_and_frees_text(llama: L
                                         logits_processor=[lazy])  # fmt: skip
     assert not text["choices"][0]["text"].startswith("<")
     assert lazy._free  # a text answer: the rest ran unconstrained
+
+
+# What Claude Code sends for a parameter of pydantic's `Any`: a schema without a type.
+UNTYPED = _function(
+    "run",
+    {
+        "type": "object",
+        "properties": {
+            "command": {"type": "string", "maxLength": 40},
+            "args": {"title": "Args"},
+            "extra": {},
+        },
+        "required": ["command", "args"],
+    },
+)
+
+
+def test_a_parameter_without_a_type_is_served_as_any_json_value() -> None:
+    """`{"title": "Args"}` was a 400 ("a JSON schema this server cannot constrain generation
+    to"), and `{}` was read as "an object": both mean any JSON value."""
+    served = plan(chat(tools=[UNTYPED], tool_choice="required"), None)
+    assert served is not None
+    assert served.grammar is not None
+    for name in ("args", "extra"):  # each may be any of JSON's values, a string among them
+        rule = next(line for line in served.grammar.splitlines() if f"-{name} ::=" in line)
+        assert "string" in rule
+        assert "null" in rule
+    # The prompt shows the client's schema as sent; only generation reads it as any value.
+    assert '"title": "Args"' in served.body["messages"][0]["content"]
+    whole = plan(chat(tools=[_function("f", {"title": "Args"})], tool_choice="required"), None)
+    assert whole is not None
+    assert whole.grammar is not None  # the arguments themselves are still an object
+
+
+@pytest.mark.slow
+def test_a_call_with_an_untyped_parameter_is_generated_whole(llama: Llama) -> None:
+    question = [{"role": "user", "content": "List the files with ls -la"}]
+    request = chat(
+        messages=question, tools=[UNTYPED], tool_choice="required", max_tokens=300, temperature=0
+    )
+    served = plan(request, None)
+    assert served is not None
+    assert served.grammar is not None
+    GrammarFilter(llama, served.grammar)  # llama.cpp takes the grammar
+    body = {k: v for k, v in served.body.items() if k not in {"stream", "model"}}
+    *chunks, _ = list(served.llama_call(usage=True)(llama, stream=True, **body))
+    _, calls, finish = _read("none", iter(chunks))
+    assert finish == "tool_calls"
+    (call,) = calls
+    arguments = json.loads(call["function"]["arguments"])
+    assert isinstance(arguments["command"], str)
+    assert "args" in arguments

@@ -1,6 +1,7 @@
 """Anthropic Messages requests translated into the OpenAI chat requests the backend serves.
 
-- `system` (a string or text blocks) becomes the first message;
+- `system` (a string or text blocks) becomes the first message; a `system` turn inside
+  `messages` (Claude Code sends them) stays a system message at its place;
 - a user turn's `tool_result` blocks become OpenAI `tool` messages (answering the assistant's
   calls, which they follow), its text a user message; an error result says so in its text;
 - an assistant turn's `tool_use` blocks become `tool_calls` (the input as JSON arguments); earlier
@@ -84,6 +85,8 @@ def _tool_choice(kind: str, name: str | None) -> Any:
 def _translated(number: int, message: Message) -> list[dict[str, Any]]:
     if isinstance(message.content, str):
         return [{"role": message.role, "content": message.content}]
+    if message.role == "system":
+        return [{"role": "system", "content": _system_text(number, message.content)}]
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -113,6 +116,18 @@ def _translated(number: int, message: Message) -> list[dict[str, Any]]:
         return [turn]
     user = [{"role": "user", "content": "\n\n".join(texts)}] if texts else []
     return results + user
+
+
+def _system_text(number: int, blocks: list[Any]) -> str:
+    """A system turn's text: its text blocks (it may hold nothing else)."""
+    texts = []
+    for index, block in enumerate(blocks):
+        if not isinstance(block, TextBlock):
+            raise InvalidRequest(
+                "A system message may hold text blocks only.", f"messages.{number}.content.{index}"
+            )
+        texts.append(block.text)
+    return "\n\n".join(texts)
 
 
 def _result_text(block: ToolResultBlock, where: str) -> str:

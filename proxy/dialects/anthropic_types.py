@@ -1,8 +1,10 @@
 """Anthropic's Messages request as types: what `/v1/messages` accepts.
 
 Fields the Messages API has and a local model cannot use (`cache_control`, `citations`,
-`container`, `service_tier`, ...) and unknown fields are accepted and ignored, as unknown
-`anthropic-beta` flags are: clients built for Claude send them all the time.
+`container`, `service_tier`, `output_config`, `context_management`, ...) and unknown fields are
+accepted and ignored, as unknown `anthropic-beta` flags are: clients built for Claude (Claude Code
+first) send them all the time. Nothing ignored reaches the backend: it is sent only what the
+translation (`proxy.dialects.anthropic_body`) builds from the fields below.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ Block = Annotated[
 
 
 class Message(_Checked):
-    role: Literal["user", "assistant"]
+    # `system` inside `messages`: Claude Code sends one mid-conversation (Anthropic's
+    # mid-conversation-system beta); it stays at its place, as a system turn.
+    role: Literal["user", "assistant", "system"]
     content: StrictStr | list[Block]
 
 
