@@ -6,7 +6,7 @@ all come from here; a path that is not in the table is a 404 that never reaches 
 
 from __future__ import annotations
 
-from proxy.dialects import anthropic, jsonrpc, local, openai, stream
+from proxy.dialects import anthropic, jsonrpc, local, openai, responses, stream
 from proxy.dialects.anthropic_replies import Thoughts
 from proxy.dialects.reasoning import Reasoning
 from proxy.pipeline.endpoint import Route
@@ -38,6 +38,14 @@ def build_routes(settings: Settings) -> tuple[Route, ...]:
         Route("/v1/embeddings", "POST", openai.Embeddings(), aliases=("/embeddings",)),
         Route("/v1/models", "GET", openai.Models(), aliases=("/models",)),
         Route("/v1/models/{model}", "GET", openai.ModelRetrieve(), aliases=("/models/{model}",)),
+        # OpenAI's Responses API (Codex speaks only this).
+        Route("/v1/responses", "POST", responses.Create(), aliases=("/responses",)),
+        Route(
+            "/v1/responses/input_tokens",
+            "POST",
+            responses.InputTokens(),
+            aliases=("/responses/input_tokens",),
+        ),
         # Anthropic's Messages API. Its SDK adds /v1/messages to the base URL, and clients are
         # configured with and without /v1 at its end: both spellings reach the same route.
         *(

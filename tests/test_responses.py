@@ -1,0 +1,246 @@
+"""OpenAI's Responses API through the gateway, driven by the real `openai` SDK against a fake
+backend: plain and streamed responses (the event sequence, sequence numbers, usage with cached
+tokens), a function tool round trip, reasoning items, text.format, input_tokens, refusals in
+OpenAI's shape, and one audit row per request with path /v1/responses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from pydantic import BaseModel
+
+from tests.fake_upstream import prompt_size
+from tests.proxy_harness import Harness, running_proxy
+
+MODEL = "smollm2-test"
+
+
+@pytest.fixture
+async def proxy(db_dsn: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running_proxy(db_dsn, tmp_path) as harness:
+        harness.upstream.event_delay = harness.upstream.tail_delay = 0.0
+        yield harness
+
+
+def _client(proxy: Harness, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.url("/v1"), api_key=key, max_retries=0, timeout=10)
+
+
+def _sent(proxy: Harness, back: int = 1) -> dict[str, Any]:
+    return dict(json.loads(proxy.upstream.seen[-back].body))
+
+
+async def test_a_response_plain_and_streamed_gives_the_same_text_and_usage(
+    proxy: Harness,
+) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.cached_tokens = 3
+    async with _client(proxy, key) as client:
+        plain = await client.responses.create(
+            model=MODEL, input="Hi", instructions="Be brief.", max_output_tokens=50,
+            temperature=0.5, metadata={"ticket": "7"}, user="end-user-7",
+        )  # fmt: skip
+        sent = _sent(proxy)
+        stream = await client.responses.create(model=MODEL, input="Hi", stream=True)
+        events = [event async for event in stream]
+    assert plain.object == "response"
+    assert plain.id.startswith("resp_")
+    assert plain.status == "completed"
+    assert plain.output_text == "Hello world"
+    assert plain.model == MODEL
+    assert plain.metadata == {"ticket": "7"}
+    assert (plain.usage.input_tokens, plain.usage.output_tokens) == (5, 2)
+    assert plain.usage.input_tokens_details.cached_tokens == 3
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+    assert (sent["max_tokens"], sent["temperature"], sent["user"]) == (50, 0.5, "end-user-7")
+    kinds = [event.type for event in events]
+    assert kinds == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed",
+    ]  # fmt: skip
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    completed = events[-1].response  # type: ignore[union-attr]
+    assert completed.output_text == "Hello world"
+    assert completed.usage is not None
+    assert completed.usage.input_tokens_details.cached_tokens == 3
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]  # type: ignore[union-attr]
+    assert "".join(deltas) == "Hello world"
+    rows = await proxy.wait_for_records(2)
+    assert [(r.path, r.status_code, r.prompt_tokens, r.completion_tokens) for r in rows] == [
+        ("/v1/responses", 200, 5, 2)
+    ] * 2
+    assert [r.stream for r in rows] == [False, True]
+    assert rows[0].end_user == "end-user-7"
+
+
+async def test_a_function_tool_round_trip(proxy: Harness) -> None:
+    key = await proxy.user("alice")
+    tools: list[Any] = [{
+        "type": "function", "name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }]  # fmt: skip
+    proxy.upstream.script = [
+        {"tool_calls": [{"id": "call_7", "name": "get_weather", "arguments": {"city": "Paris"}}]},
+        {"content": "It is sunny in Paris."},
+    ]
+    async with _client(proxy, key) as client:
+        first = await client.responses.create(
+            model=MODEL, input="Weather in Paris?", tools=tools, tool_choice="auto"
+        )
+        (call,) = first.output
+        assert call.type == "function_call"
+        assert (call.name, json.loads(call.arguments), call.call_id) == (
+            "get_weather", {"city": "Paris"}, "call_7",
+        )  # fmt: skip
+        assert _sent(proxy)["tools"] == [{"type": "function", "function": {
+            "name": "get_weather", "description": "The weather in a city.",
+            "parameters": tools[0]["parameters"]}}]  # fmt: skip
+        second = await client.responses.create(
+            model=MODEL,
+            tools=tools,
+            input=[
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "type": "function_call",
+                    "call_id": "call_7",
+                    "name": "get_weather",
+                    "arguments": call.arguments,
+                },
+                {"type": "function_call_output", "call_id": "call_7", "output": "sunny"},
+            ],
+        )
+    assert second.output_text == "It is sunny in Paris."
+    assert _sent(proxy)["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_7", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_7", "content": "sunny"},
+    ]  # fmt: skip
+
+
+async def test_a_streamed_function_call_comes_as_argument_deltas(proxy: Harness) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.pieces = []
+    proxy.upstream.tool_calls = [{"id": "call_1", "name": "add", "arguments": {"a": 1, "b": 2}}]
+    tools: list[Any] = [{"type": "function", "name": "add", "parameters": {"type": "object"}}]
+    async with _client(proxy, key) as client:
+        stream = await client.responses.create(model=MODEL, input="1+2", tools=tools, stream=True)
+        events = [event async for event in stream]
+    kinds = [event.type for event in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-3:] == [
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed",
+    ]  # fmt: skip
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]  # type: ignore[union-attr]
+    assert json.loads("".join(deltas)) == {"a": 1, "b": 2}
+    done = events[-2].item  # type: ignore[union-attr]
+    assert (done.type, done.name, done.call_id, done.status) == (
+        "function_call", "add", "call_1", "completed",
+    )  # fmt: skip
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+async def test_reasoning_becomes_a_reasoning_item_before_the_message(proxy: Harness) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.pieces = ["<think>\nIs it 6", " or 7?\n</thi", "nk>\n\nIt", " is 6."]
+    async with _client(proxy, key) as client:
+        effort: Any = {"effort": "low"}
+        plain = await client.responses.create(model=MODEL, input="2*3?", reasoning=effort)
+        stream = await client.responses.create(model=MODEL, input="2*3?", stream=True)
+        events = [event async for event in stream]
+    assert [item.type for item in plain.output] == ["reasoning", "message"]
+    reasoning = plain.output[0]
+    assert reasoning.content is not None
+    assert reasoning.content[0].text == "Is it 6 or 7?\n"  # type: ignore[union-attr]
+    assert plain.output_text == "It is 6."
+    streamed = events[-1].response  # type: ignore[union-attr]
+    assert [item.type for item in streamed.output] == ["reasoning", "message"]
+    assert streamed.output_text == "It is 6."
+    thought = [e.delta for e in events if e.type == "response.reasoning_text.delta"]  # type: ignore[union-attr]
+    assert "".join(thought) == "Is it 6 or 7?\n"
+
+
+async def test_text_format_json_schema_with_responses_parse(proxy: Harness) -> None:
+    class City(BaseModel):
+        name: str
+        population: int
+
+    key = await proxy.user("alice")
+    proxy.upstream.pieces = ['{"name": "Paris", ', '"population": 2100000}']
+    async with _client(proxy, key) as client:
+        parsed = await client.responses.parse(model=MODEL, input="Paris?", text_format=City)
+    assert parsed.output_parsed == City(name="Paris", population=2100000)
+    wanted = _sent(proxy)["response_format"]
+    assert wanted["type"] == "json_object"
+    population = wanted["schema"]["properties"]["population"]
+    assert population == {"title": "Population", "type": "integer"}
+
+
+async def test_an_answer_cut_by_max_output_tokens_is_incomplete(proxy: Harness) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.finish_reason = "length"
+    async with _client(proxy, key) as client:
+        plain = await client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+        stream = await client.responses.create(model=MODEL, input="Hi", stream=True)
+        events = [event async for event in stream]
+    assert plain.status == "incomplete"
+    assert plain.incomplete_details is not None
+    assert plain.incomplete_details.reason == "max_output_tokens"
+    assert events[-1].type == "response.incomplete"
+
+
+async def test_input_tokens_counts_what_the_response_then_reports(proxy: Harness) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.sized_prompts = True
+    tools: list[Any] = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    request: dict[str, Any] = {"model": MODEL, "input": "Hi", "instructions": "Be brief.",
+                               "tools": tools}  # fmt: skip
+    async with _client(proxy, key) as client:
+        counted = await client.responses.input_tokens.count(**request)
+        bare = await client.responses.input_tokens.count(model=MODEL, input="Hi")
+        answer = await client.responses.create(**request)
+    assert counted.input_tokens == answer.usage.input_tokens == prompt_size(_sent(proxy))  # type: ignore[union-attr]
+    assert bare.input_tokens < counted.input_tokens
+    rows = await proxy.wait_for_records(3)
+    assert [(r.path, r.prompt_tokens) for r in rows] == [
+        ("/v1/responses/input_tokens", None),
+        ("/v1/responses/input_tokens", None),
+        ("/v1/responses", counted.input_tokens),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"input": [{"type": "input_image_thing"}]}, "input.0.type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+         "input.0.content.0"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.0.call_id"),
+        ({"input": "Hi", "temperature": "hot"}, "temperature"),
+        ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x"}}},
+         "text.format.schema"),
+    ],
+)  # fmt: skip
+async def test_what_cannot_be_served_is_a_400_in_openais_shape_naming_the_field(
+    proxy: Harness, body: dict[str, Any], param: str
+) -> None:
+    key = await proxy.user("alice")
+    async with _client(proxy, key) as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(model=MODEL, **body)
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert not proxy.upstream.seen  # nothing reached the backend
