@@ -266,4 +266,35 @@ if [ "$DEV" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# --- 10. The coding agents, for tests/test_coding_agents.py (--dev only) -------------------------
+# Codex and Claude Code from npm, pinned, in runtime/agents (node and npm from Debian's packages
+# when missing); the tests run them headless against the proxy, and are skipped, saying why,
+# without them.
+AGENTS="$RUNTIME/agents"
+AGENT_PACKAGES=("@openai/codex@0.171.0" "@anthropic-ai/claude-code@2.1.197")
+if [ "$DEV" = 1 ] && ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1; then
+  step "Installing node and npm (Debian's packages) for the coding agents' tests"
+  if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+         --no-install-recommends nodejs npm; } >/dev/null 2>&1; then
+    done_step
+  else
+    echo "    apt-get could not install npm: tests/test_coding_agents.py will be skipped"
+  fi
+fi
+if [ "$DEV" = 1 ] && command -v npm >/dev/null 2>&1 \
+   && [ "$(cat "$AGENTS/.installed" 2>/dev/null)" != "${AGENT_PACKAGES[*]}" ]; then
+  step "Installing the coding agents (${AGENT_PACKAGES[*]}) in runtime/agents"
+  mkdir -p "$AGENTS"
+  if (cd "$AGENTS" && npm install --no-audit --no-fund --loglevel=error --prefix "$AGENTS" \
+        "${AGENT_PACKAGES[@]}" >"$RUNTIME/logs/agents-install.log" 2>&1); then
+    echo "${AGENT_PACKAGES[*]}" > "$AGENTS/.installed"
+    done_step
+  else
+    echo "    npm could not install them (runtime/logs/agents-install.log): tests/test_coding_agents.py will be skipped"
+  fi
+elif [ "$DEV" = 1 ] && ! command -v npm >/dev/null 2>&1; then
+  echo "==> npm is missing: tests/test_coding_agents.py will be skipped"
+fi
+
 [ -n "${LLAMA_GATE_INSTALL_QUIET:-}" ] || echo "llama-gate is installed. Start it with: bin/console.sh start"

@@ -4,12 +4,15 @@ users made with the real admin script, audit rows read back from Postgres."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -18,6 +21,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from tests.agent_helpers import CLAUDE, CODEX, claude, codex, needs
 from tests.backend_harness import DEFAULT, REPO, Backend, running_backend
 from tests.cli_helpers import KEY_RE
 from tests.proxy_harness import proxy_process
@@ -199,6 +203,7 @@ async def test_anthropic_messages_with_the_real_model_count_as_the_openai_route_
     assert plain.content[0].type == "text"
     assert plain.content[0].text
     assert streamed.content[0].type == "text"
+
     # count_tokens is the exact prompt the backend then saw, the chat template included. Anthropic's
     # input_tokens leaves out what was read from the prompt cache: the whole prompt is their sum.
     def whole(usage: anthropic.types.Usage) -> int:
@@ -329,3 +334,97 @@ async def test_a_client_that_leaves_an_unstreamed_request_stops_its_generation(
     assert row["status_code"] == 499
     assert row["queue_ms"] is not None
     assert row["completion_tokens"] > 0
+
+
+async def test_the_responses_api_with_the_real_model(stack: Stack) -> None:
+    """`responses.create` plain and streamed, a function tool round trip and `responses.parse`
+    with a json_schema, against SmolLM2; the rows carry the usage the SDK was given."""
+    tools: list[Any] = [{
+        "type": "function", "name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]},
+    }]  # fmt: skip
+    async with stack.async_client("alice") as client:
+        plain = await client.responses.create(
+            model=DEFAULT, input="Name three colours.", max_output_tokens=12,
+            extra_headers={"X-Request-Id": "responses-plain"},
+        )  # fmt: skip
+        stream = await client.responses.create(
+            model=DEFAULT, input="Name three colours.", max_output_tokens=12, stream=True,
+            extra_headers={"X-Request-Id": "responses-stream"},
+        )  # fmt: skip
+        events = [event async for event in stream]
+        called = await client.responses.create(
+            model=DEFAULT, input="What is the weather in Paris?", tools=tools,
+            tool_choice="required", max_output_tokens=60,
+        )  # fmt: skip
+        (call,) = [item for item in called.output if item.type == "function_call"]
+        answered = await client.responses.create(
+            model=DEFAULT, tools=tools, tool_choice="none", max_output_tokens=20,
+            input=[{"role": "user", "content": "What is the weather in Paris?"},
+                   {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                    "arguments": call.arguments},
+                   {"type": "function_call_output", "call_id": call.call_id,
+                    "output": "Sunny, 21 C"}],
+        )  # fmt: skip
+        parsed = await client.responses.parse(
+            model=DEFAULT, input="Give one colour with its RGB values.", text_format=Colour,
+            max_output_tokens=60,
+        )  # fmt: skip
+    assert plain.output_text
+    assert plain.usage is not None
+    completed = events[-1]
+    assert completed.type in ("response.completed", "response.incomplete")
+    assert completed.response.usage is not None  # type: ignore[union-attr]
+    assert call.name == "get_weather"
+    assert isinstance(json.loads(call.arguments)["city"], str)
+    assert answered.output_text
+    assert isinstance(parsed.output_parsed, Colour)
+    rows = {
+        rid: await _audit_row(stack.dsn, rid) for rid in ("responses-plain", "responses-stream")
+    }
+    assert rows["responses-plain"]["path"] == "/v1/responses"
+    assert rows["responses-plain"]["prompt_tokens"] == plain.usage.input_tokens
+    assert rows["responses-plain"]["completion_tokens"] == plain.usage.output_tokens
+    streamed_usage = completed.response.usage  # type: ignore[union-attr]
+    assert rows["responses-stream"]["completion_tokens"] == streamed_usage.output_tokens
+
+
+async def _rows_of(dsn: str, user: str) -> list[asyncpg.Record]:
+    """The user's rows once they are written (the audit writer writes about once a second),
+    and none arrives for two seconds more."""
+    con = await asyncpg.connect(dsn)
+    query = "SELECT path, status_code, error FROM llama_requests WHERE username = $1 ORDER BY id"
+    try:
+        deadline = time.monotonic() + 10
+        rows = await con.fetch(query, user)
+        while not rows and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            rows = await con.fetch(query, user)
+        await asyncio.sleep(2)
+        return await con.fetch(query, user)
+    finally:
+        await con.close()
+
+
+@pytest.mark.parametrize("agent", ["codex", "claude"])
+async def test_a_coding_agent_shows_the_over_context_error_once(
+    stack: Stack, agent: str, tmp_path: Path
+) -> None:
+    """Their prompts are far past SmolLM2's context: each agent shows the user the error in one
+    line and retries nothing (one request, one row)."""
+    binary = CODEX if agent == "codex" else CLAUDE
+    needs(binary)
+    user = f"agent-{agent}"
+    key = _create_user(stack.dsn, user)
+    if agent == "codex":
+        code, out, err = await codex(f"{stack.url}/v1", key, tmp_path, DEFAULT, "say hi")
+    else:
+        code, out, err = await claude(stack.url, key, tmp_path, DEFAULT, "say hi")
+    assert code != 0
+    said = [line for line in (out + err).splitlines() if "context" in line or "too long" in line]
+    assert said, out + err
+    print(agent, "said:", *said, sep="\n  ")
+    rows = await _rows_of(stack.dsn, user)
+    assert len(rows) == 1, rows
+    assert rows[0]["status_code"] == 400
