@@ -218,6 +218,19 @@ class NotFound(ApiError):
         super().__init__(f"Invalid URL ({method} {shown}): see the API paths this server serves.")
 
 
+class ResponseNotFound(ApiError):
+    """A stored response that is not there for this caller (never made, another user's, deleted
+    or past its retention): all the same to the caller, as OpenAI's API answers."""
+
+    status = 404
+    type = INVALID_REQUEST
+    code = "not_found"
+
+    def __init__(self, response_id: str, param: str | None = None) -> None:
+        shown = response_id if len(response_id) <= 80 else response_id[:77] + "..."
+        super().__init__(f"Response with id '{shown}' not found.", param=param)
+
+
 class MethodNotAllowed(ApiError):
     status = 405
     type = INVALID_REQUEST

@@ -46,6 +46,14 @@ def build_routes(settings: Settings) -> tuple[Route, ...]:
             responses.InputTokens(),
             aliases=("/responses/input_tokens",),
         ),
+        Route("/v1/responses/{id}", "GET", responses.Retrieve(), aliases=("/responses/{id}",)),
+        Route("/v1/responses/{id}", "DELETE", responses.Delete(), aliases=("/responses/{id}",)),
+        Route(
+            "/v1/responses/{id}/input_items",
+            "GET",
+            responses.InputItems(),
+            aliases=("/responses/{id}/input_items",),
+        ),
         # Anthropic's Messages API. Its SDK adds /v1/messages to the base URL, and clients are
         # configured with and without /v1 at its end: both spellings reach the same route.
         *(

@@ -246,6 +246,7 @@ SlotCount = Annotated[int, _parsed(_whole(1, 1024))]
 RowCount = Annotated[int, _parsed(_whole(1, 10_000_000))]
 UpToAMonth = Annotated[int, _parsed(_whole(1, 30 * 86_400))]
 UpToFiveMinutes = Annotated[int, _parsed(_whole(1, 300))]
+RetentionDays = Annotated[int, _parsed(_whole(0, 3650))]
 UpToADay = Annotated[int, _parsed(_whole(1, 86_400))]
 UpToAnHour = Annotated[int, _parsed(_whole(1, 3600))]
 EmbeddingInputs = Annotated[int, _parsed(_whole(1, 2048))]
@@ -290,6 +291,9 @@ class Settings(BaseModel):
     max_body_bytes: BodyBytes = setting("LLAMA_PROXY_MAX_BODY_BYTES", str(8 << 20))
     # No answer grows past this (top_logprobs on a long answer can make megabytes per token).
     max_answer_bytes: BodyBytes = setting("LLAMA_PROXY_MAX_ANSWER_BYTES", str(16 << 20))
+    # Days a stored Responses API answer (`store`, OpenAI's default) is kept, for
+    # previous_response_id and GET /v1/responses/{id}; 0 stores none (`store` is then ignored).
+    responses_retention_days: RetentionDays = setting("LLAMA_PROXY_RESPONSES_RETENTION", "30")
     # A connection must send a whole request head within this many seconds of opening (or of
     # its previous answer); a slow sender is cut off, an idle keep-alive connection closed.
     header_timeout_seconds: UpToFiveMinutes = setting("LLAMA_PROXY_HEADER_TIMEOUT_SECONDS", "10")

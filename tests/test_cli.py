@@ -269,6 +269,23 @@ def test_prune_logs_in_batches(cli_env: dict[str, str], db_dsn: str) -> None:
     assert invoke(cli_env, "prune-logs", "--older-than", "ninety").exit_code == 2
 
 
+def test_prune_logs_deletes_stored_responses_past_their_retention(
+    cli_env: dict[str, str], db_dsn: str
+) -> None:
+    ok(cli_env, "create-user", "--username", "alice")
+    _fetch(
+        db_dsn,
+        """INSERT INTO llama_responses (id, user_id, expires_at, input_items, messages, response)
+           SELECT r.id, u.id, now() + r.ttl, '[]', '[]', '{}' FROM users u,
+                  (VALUES ('resp_old', interval '-1 minute'), ('resp_new', interval '1 day'))
+                  AS r(id, ttl) RETURNING 1""",
+    )
+    output = ok(cli_env, "prune-logs", "--older-than", "90d")
+    assert "and 1 stored responses past LLAMA_PROXY_RESPONSES_RETENTION" in output
+    kept = _fetch(db_dsn, "SELECT id FROM llama_responses")
+    assert [row["id"] for row in kept] == ["resp_new"]
+
+
 def test_every_command_has_help_with_an_example(cli_env: dict[str, str]) -> None:
     for name in cli.commands:
         text = ok(cli_env, name, "--help")

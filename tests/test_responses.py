@@ -244,3 +244,80 @@ async def test_what_cannot_be_served_is_a_400_in_openais_shape_naming_the_field(
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
     assert not proxy.upstream.seen  # nothing reached the backend
+
+
+async def test_stored_responses_continue_across_proxies_and_are_their_makers_alone(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """`previous_response_id` made at one proxy continues at another (they share only
+    Postgres); retrieve, input_items and delete work for the maker; another user's id, a
+    deleted one and `store: false` are 404, in OpenAI's shape."""
+    async with (
+        running_proxy(db_dsn, tmp_path / "one") as one,
+        running_proxy(db_dsn, tmp_path / "two") as two,
+    ):
+        for each in (one, two):
+            each.upstream.event_delay = each.upstream.tail_delay = 0.0
+        key, other = await one.user("alice"), await one.user("bob")
+        one.upstream.pieces = ["Paris."]
+        two.upstream.pieces = ["About 2 million."]
+        async with _client(one, key) as first, _client(two, key) as second:
+            asked = await first.responses.create(
+                model=MODEL, instructions="Be brief.", input="Capital of France?"
+            )
+            assert asked.store is True
+            followed = await second.responses.create(
+                model=MODEL, input="How many live there?", previous_response_id=asked.id,
+                stream=True,
+            )  # fmt: skip
+            events = [event async for event in followed]
+            continued = events[-1].response  # type: ignore[union-attr]
+            assert continued.previous_response_id == asked.id
+            sent = json.loads(two.upstream.seen[-1].body)["messages"]
+            assert sent == [
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": "How many live there?"},
+            ]  # instructions are not carried over, as OpenAI's API does
+            third = await first.responses.create(
+                model=MODEL, input="And Lyon?", previous_response_id=continued.id
+            )
+            assert len(json.loads(one.upstream.seen[-1].body)["messages"]) == 5
+            fetched = await second.responses.retrieve(asked.id)
+            assert fetched.output_text == "Paris."
+            assert fetched.usage == asked.usage
+            items = await second.responses.input_items.list(third.id, order="asc")
+            assert [item.type for item in items.data] == ["message"]
+            assert items.data[0].content[0].text == "And Lyon?"  # type: ignore[union-attr]
+            unstored = await first.responses.create(model=MODEL, input="Hi", store=False)
+            assert unstored.store is False
+            await first.responses.delete(third.id)
+            for gone in (third.id, unstored.id, "resp_never_made"):
+                with pytest.raises(openai.NotFoundError):
+                    await second.responses.retrieve(gone)
+            with pytest.raises(openai.NotFoundError) as missing:
+                await first.responses.create(model=MODEL, input="Hi", previous_response_id=third.id)
+            assert missing.value.body["param"] == "previous_response_id"  # type: ignore[index]
+        async with _client(two, other) as stranger:
+            for action in (stranger.responses.retrieve, stranger.responses.delete):
+                with pytest.raises(openai.NotFoundError):
+                    await action(asked.id)
+            with pytest.raises(openai.NotFoundError):
+                await stranger.responses.create(
+                    model=MODEL, input="Hi", previous_response_id=asked.id
+                )
+        async with _client(one, key) as first:
+            assert (await first.responses.retrieve(asked.id)).id == asked.id  # still there
+        rows = await one.wait_for_records(len(one.upstream.seen))
+        assert {r.path for r in rows} >= {"/v1/responses", "/v1/responses/{id}"}
+
+
+async def test_with_retention_zero_nothing_is_stored(db_dsn: str, tmp_path: Path) -> None:
+    async with running_proxy(db_dsn, tmp_path, LLAMA_PROXY_RESPONSES_RETENTION="0") as proxy:
+        proxy.upstream.event_delay = proxy.upstream.tail_delay = 0.0
+        key = await proxy.user("alice")
+        async with _client(proxy, key) as client:
+            made = await client.responses.create(model=MODEL, input="Hi", store=True)
+            assert made.store is False
+            with pytest.raises(openai.NotFoundError):
+                await client.responses.retrieve(made.id)

@@ -107,8 +107,9 @@ def usage(
 )
 @click.option("--yes", is_flag=True, help="Do not ask before deleting rows from today.")
 def prune_logs(older_than: timedelta, batch_size: int, yes: bool) -> None:
-    """Delete old audit rows in small batches (retention), the batch ids that guarded them, and
-    the per-minute counts of requests that had no valid key.
+    """Delete old audit rows in small batches (retention), the batch ids that guarded them, the
+    per-minute counts of requests that had no valid key, and the stored Responses API answers
+    whose retention (LLAMA_PROXY_RESPONSES_RETENTION days) is over.
 
     A cutoff less than a day back (e.g. --older-than 0d, which empties the audit log) is
     asked about first; --yes skips the question.
@@ -121,18 +122,21 @@ def prune_logs(older_than: timedelta, batch_size: int, yes: bool) -> None:
     if older_than < ASK_BELOW and not yes:
         _confirm_recent_cutoff(cutoff, older_than)
 
-    async def work(con: asyncpg.Connection) -> tuple[int, int, int]:
+    async def work(con: asyncpg.Connection) -> tuple[int, int, int, int]:
         total = 0
         while deleted := await queries.prune_requests_batch(con, cutoff, batch_size):
             total += deleted
         # A batch id only guards replays of its rows: it goes with them.
         batches = await queries.prune_audit_batches(con, cutoff)
-        return total, batches, await queries.prune_unauthenticated(con, cutoff)
+        minutes = await queries.prune_unauthenticated(con, cutoff)
+        # Stored responses go when their own retention is over, whatever --older-than says.
+        return total, batches, minutes, await queries.prune_responses(con, datetime.now(UTC))
 
-    total, batches, minutes = run_db(work)
+    total, batches, minutes, responses = run_db(work)
     click.echo(
         f"Deleted {total} llama_requests rows, {batches} audit batch ids and {minutes} "
-        f"llama_unauthenticated rows from before {cutoff:%Y-%m-%d %H:%M} UTC."
+        f"llama_unauthenticated rows from before {cutoff:%Y-%m-%d %H:%M} UTC, and {responses} "
+        "stored responses past LLAMA_PROXY_RESPONSES_RETENTION."
     )
 
 

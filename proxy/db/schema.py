@@ -150,6 +150,28 @@ llama_unauthenticated = Table(
     Index("ix_llama_unauthenticated_day", text("((minute AT TIME ZONE 'UTC')::date)")),
 )
 
+# Stored Responses API answers (`store`, LLAMA_PROXY_RESPONSES_RETENTION days): each keeps its own
+# turn of the conversation as chat messages (what its input and output add), and the response it
+# continued; `previous_response_id` walks that chain. Readable only by the user who made it.
+llama_responses = Table(
+    "llama_responses",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column(
+        "user_id",
+        BigInteger,
+        ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("previous_id", Text, nullable=True),
+    Column("input_items", JSONB, nullable=False),
+    Column("messages", JSONB, nullable=False),
+    Column("response", JSONB, nullable=False),
+)
+
 # The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that
 # "per user per day, last 30 days" reads only the rows it reports on.
 USAGE_DAY = "((created_at AT TIME ZONE 'UTC')::date)"

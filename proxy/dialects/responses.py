@@ -1,11 +1,16 @@
-"""OpenAI's Responses API on the pipeline: `POST /v1/responses` and `/v1/responses/input_tokens`.
+"""OpenAI's Responses API on the pipeline: `POST /v1/responses`, `/v1/responses/input_tokens`,
+and the stored responses (`GET` and `DELETE /v1/responses/{id}`, `GET .../input_items`).
 
-What Codex speaks, and the `openai` SDK's `responses.create`. A request is translated into a chat
+What Codex speaks, and the `openai` SDK's `responses.*`. A request is translated into a chat
 request (`proxy.dialects.responses_body`) and checked as one, so keys, limits, quotas, the fair
 turn, the max_tokens cap and the audit row (path `/v1/responses`) are the pipeline's, as for every
 route; the answer is rendered from the backend's one event stream
 (`proxy.dialects.responses_replies`). Errors are OpenAI's JSON before a stream begins and a
-`response.failed` event after.
+`response.failed` event after. Responses are stored as `proxy.dialects.responses_store` says.
+
+A request continuing a stored response (`previous_response_id`) is measured and charged at the
+admission step on its own input; the conversation it continues is added when its turn comes
+(the backend still refuses a prompt that does not fit, and the row has the exact tokens).
 """
 
 from __future__ import annotations
@@ -17,11 +22,18 @@ from aiohttp import web
 from proxy.dialects import openai_body
 from proxy.dialects.openai import DIALECT
 from proxy.dialects.openai_body import checked, parse_object
-from proxy.dialects.responses_body import chat_payload
-from proxy.dialects.responses_replies import ResponseReply, ResponseStreamReply, shell
+from proxy.dialects.responses_body import chat_payload, input_messages
+from proxy.dialects.responses_replies import (
+    Finished,
+    ResponseReply,
+    ResponseStreamReply,
+    new_id,
+    shell,
+)
+from proxy.dialects.responses_store import ResponseStore
 from proxy.dialects.responses_types import InputTokensRequest, ResponsesRequest
 from proxy.dialects.wire import json_bytes
-from proxy.errors import UpstreamError
+from proxy.errors import InvalidRequest, UpstreamError
 from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared, Reply
 from proxy.upstream.forward import UpstreamCall
@@ -35,6 +47,23 @@ def _model(payload: dict[str, Any], limits: CallerLimits) -> dict[str, Any]:
     return payload
 
 
+def _call(
+    request: ResponsesRequest | InputTokensRequest,
+    limits: CallerLimits,
+    history: list[dict[str, Any]] | None = None,
+) -> tuple[UpstreamCall, openai_body.Inference]:
+    inference = openai_body.chat(_model(chat_payload(request, history), limits), limits.max_tokens)
+    return UpstreamCall("POST", CHAT, inference.body), inference
+
+
+def input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's input as the items `input_items` lists (each with an id)."""
+    if isinstance(given, str):
+        given = [{"type": "message", "role": "user",
+                  "content": [{"type": "input_text", "text": given}]}]  # fmt: skip
+    return [{"id": new_id("msg"), **item} if "id" not in item else item for item in given]
+
+
 class Create:
     """POST /v1/responses."""
 
@@ -44,27 +73,40 @@ class Create:
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         request = checked(ResponsesRequest, parse_object(raw))
-        inference = openai_body.chat(_model(chat_payload(request), limits), limits.max_tokens)
-        call = UpstreamCall("POST", CHAT, inference.body)
-        tools = [tool.model_dump(exclude_none=True) for tool in request.tools or ()]
-        answer = inference.body["max_tokens"]
-        made = shell(request, inference.model or "", tools, request.max_output_tokens)
-        reply: Reply = (
-            ResponseStreamReply(made, _kept) if request.stream else ResponseReply(made, _kept)
-        )
-        ask = Ask(call, answer, inference.strict, model=inference.model)
-        return Prepared(
-            call, reply, inference.model, bool(request.stream), end_user=request.user, ask=ask
-        )
+        call, inference = _call(request, limits)
+        ask = Ask(call, inference.body["max_tokens"], inference.strict, model=inference.model)
+        extra = {"request": request, "limits": limits, "model": inference.model or ""}
+        return Prepared(call, None, inference.model, bool(request.stream), extra, request.user, ask)
 
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
         assert prepared.call is not None
-        assert prepared.reply is not None
-        return await context.send(prepared.call, prepared.reply)
+        request: ResponsesRequest = prepared.extra["request"]
+        store = ResponseStore.of(context.delivery.request.app)
+        call = prepared.call
+        user = context.caller.user_id
+        history: list[dict[str, Any]] = []
+        if request.previous_response_id is not None:
+            history = await store.conversation(user, request.previous_response_id)
+            call, _ = _call(request, prepared.extra["limits"], history)
+        kept = store.enabled and request.store is not False
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools or ()]
+        made = {**shell(request, prepared.extra["model"], tools, request.max_output_tokens),
+                "store": kept}  # fmt: skip
+
+        async def finished(response: dict[str, Any]) -> None:
+            if not kept:
+                return
+            messages = input_messages(request.input) + input_messages(response["output"])
+            await store.keep(user, response, input_items(request.input), messages)
+
+        reply: Reply = _reply(request, made, finished)
+        return await context.send(call, reply)
 
 
-def _kept(response: dict[str, Any]) -> None:
-    """Responses are not stored yet: `store` is accepted and nothing is kept."""
+def _reply(request: ResponsesRequest, made: dict[str, Any], finished: Finished) -> Reply:
+    if request.stream:
+        return ResponseStreamReply(made, finished)
+    return ResponseReply(made, finished)
 
 
 class InputTokens:
@@ -77,8 +119,7 @@ class InputTokens:
 
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         request = checked(InputTokensRequest, parse_object(raw))
-        inference = openai_body.chat(_model(chat_payload(request), limits), limits.max_tokens)
-        call = UpstreamCall("POST", CHAT, inference.body)
+        call, inference = _call(request, limits)
         ask = Ask(call, 0, charged=False, model=inference.model)
         return Prepared(None, None, inference.model, None, ask=ask)
 
@@ -88,3 +129,62 @@ class InputTokens:
             raise UpstreamError(502, "The model server cannot count tokens (is it llama-gate's?).")
         body = json_bytes({"object": "response.input_tokens", "input_tokens": tokens})
         return context.delivery.whole(200, body, "application/json")
+
+
+class _Stored:
+    """A route on one stored response: `GET`, `DELETE /v1/responses/{id}`, `.../input_items`."""
+
+    dialect = DIALECT
+    reads_body = False
+    prompt_param: str | None = None
+
+    def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
+        return Prepared(None, None)
+
+    async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
+        request = context.delivery.request
+        store = ResponseStore.of(request.app)
+        answer = await self.answer(store, context.caller.user_id, request.match_info["id"], request)
+        return context.delivery.whole(200, json_bytes(answer), "application/json")
+
+    async def answer(
+        self, store: ResponseStore, user: int, response_id: str, request: web.Request
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Retrieve(_Stored):
+    async def answer(
+        self, store: ResponseStore, user: int, response_id: str, request: web.Request
+    ) -> dict[str, Any]:
+        response, _ = await store.read(user, response_id)
+        return response
+
+
+class Delete(_Stored):
+    async def answer(
+        self, store: ResponseStore, user: int, response_id: str, request: web.Request
+    ) -> dict[str, Any]:
+        await store.delete(user, response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+
+class InputItems(_Stored):
+    """Newest first unless `?order=asc`, as OpenAI's API lists them (all in one page)."""
+
+    async def answer(
+        self, store: ResponseStore, user: int, response_id: str, request: web.Request
+    ) -> dict[str, Any]:
+        _, items = await store.read(user, response_id)
+        order = request.query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("'order' must be 'asc' or 'desc'.", "order")
+        if order == "desc":
+            items.reverse()
+        return {
+            "object": "list",
+            "data": items,
+            "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None,
+            "has_more": False,
+        }

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -227,7 +227,7 @@ def _shown(item: dict[str, Any]) -> dict[str, Any]:
     return dict(item)
 
 
-Finished = Callable[[dict[str, Any]], None]  # told the whole response (to store it)
+Finished = Callable[[dict[str, Any]], Awaitable[None]]  # given the whole response (to store)
 
 
 async def build(
@@ -267,7 +267,7 @@ class ResponseReply:
             await build(answer, output)
         except BackendBrokeOff as exc:
             raise UpstreamError(502, f"{exc}; try again.") from None
-        self._finished(output.response)
+        await self._finished(output.response)
         return delivery.whole(200, json_bytes(output.response), "application/json")
 
 
@@ -294,7 +294,7 @@ class ResponseStreamReply:
             delivery.outcome.broken = True
             await delivery.fail(502, str(exc), output.fail(f"{exc}; try again."))
             return response
-        self._finished(output.response)
+        await self._finished(output.response)  # stored before the client is told it is complete
         await send()
         await delivery.finish()
         return response

@@ -1,0 +1,109 @@
+"""Stored Responses API answers, in Postgres (`llama_responses`), readable by their maker only.
+
+`store` (true unless the request says false, as OpenAI's API) keeps a response for
+LLAMA_PROXY_RESPONSES_RETENTION days (0: nothing is stored, `store` is accepted and ignored).
+Each stored response keeps its own turn of the conversation as the chat messages it added (its
+input's and its output's), so `previous_response_id` continues a conversation from any proxy
+process by walking the chain back. Another user's id, a deleted or an expired one are all the
+same: not found. `llama-gate prune-logs` deletes the expired.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.appkeys import DATABASE, SETTINGS
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable
+from proxy.db.pool import Database
+from proxy.errors import ApiError, ResponseNotFound
+
+log = logging.getLogger(__name__)
+
+
+class StoreUnavailable(ApiError):
+    status = 503
+    code = "responses_store_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Stored responses cannot be read right now (the database is unreachable); try again "
+            "shortly, or send the whole conversation as input instead of previous_response_id.",
+            {"Retry-After": "5"},
+        )
+
+
+class ResponseStore:
+    def __init__(self, database: Database, retention_days: int) -> None:
+        self._database = database
+        self._retention = timedelta(days=retention_days)
+
+    @classmethod
+    def of(cls, app: web.Application) -> ResponseStore:
+        return cls(app[DATABASE], app[SETTINGS].responses_retention_days)
+
+    @property
+    def enabled(self) -> bool:
+        return self._retention > timedelta(0)
+
+    async def keep(
+        self,
+        user_id: int,
+        response: dict[str, Any],
+        input_items: list[Any],
+        messages: list[dict[str, Any]],
+    ) -> None:
+        """Store `response`; a database that cannot take it is logged, not the client's failure
+        (the answer itself was made and is sent)."""
+        now = datetime.now(UTC)
+        texts = [orjson.dumps(value).decode() for value in (input_items, messages, response)]
+        try:
+            await self._database.run(
+                lambda con: queries.store_response(
+                    con, response["id"], user_id, now + self._retention,
+                    response.get("previous_response_id"), *texts,
+                )
+            )  # fmt: skip
+        except DatabaseUnavailable as exc:
+            log.warning("response %s was answered but not stored: %s", response["id"], exc)
+
+    async def conversation(self, user_id: int, response_id: str) -> list[dict[str, Any]]:
+        """The chat messages of the conversation up to and including `response_id`."""
+        now = datetime.now(UTC)
+        try:
+            turns = await self._database.run(
+                lambda con: queries.response_conversation(con, response_id, user_id, now)
+            )
+        except DatabaseUnavailable:
+            raise StoreUnavailable() from None
+        if turns is None:
+            raise ResponseNotFound(response_id, "previous_response_id")
+        return [message for turn in turns for message in orjson.loads(turn)]
+
+    async def read(self, user_id: int, response_id: str) -> tuple[dict[str, Any], list[Any]]:
+        """The stored response and its input items."""
+        now = datetime.now(UTC)
+        try:
+            row = await self._database.run(
+                lambda con: queries.stored_response(con, response_id, user_id, now)
+            )
+        except DatabaseUnavailable:
+            raise StoreUnavailable() from None
+        if row is None:
+            raise ResponseNotFound(response_id)
+        return orjson.loads(row["response"]), orjson.loads(row["input_items"])
+
+    async def delete(self, user_id: int, response_id: str) -> None:
+        try:
+            deleted = await self._database.run(
+                lambda con: queries.delete_response(con, response_id, user_id)
+            )
+        except DatabaseUnavailable:
+            raise StoreUnavailable() from None
+        if not deleted:
+            raise ResponseNotFound(response_id)
