@@ -37,6 +37,7 @@ class Stack:
     dsn: str
     backend: Backend
     keys: dict[str, str]
+    environ: dict[str, str] = field(default_factory=dict)  # the proxy's (for a second one)
     clients: dict[str, openai.OpenAI] = field(default_factory=dict)  # closed with the stack
 
     def client(self, user: str) -> openai.OpenAI:
@@ -76,7 +77,7 @@ def stack(module_db_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "LLAMA_PROXY_DASHBOARD_PORT": "0",
         }
         with proxy_process(environ) as url:
-            stack = Stack(url, module_db_dsn, backend, keys)
+            stack = Stack(url, module_db_dsn, backend, keys, environ)
             yield stack
             for client in stack.clients.values():
                 client.close()
@@ -428,3 +429,39 @@ async def test_a_coding_agent_shows_the_over_context_error_once(
     rows = await _rows_of(stack.dsn, user)
     assert len(rows) == 1, rows
     assert rows[0]["status_code"] == 400
+
+
+async def test_a_stored_response_continues_at_another_proxy_process(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`previous_response_id` across two proxy processes sharing Postgres, with the real model;
+    retrieve and delete at the other; another user's id is a 404."""
+    environ = {**stack.environ, "LLAMA_GATE_HOME": str(tmp_path)}
+    with proxy_process(environ) as other_url:
+        async with (
+            stack.async_client("alice") as here,
+            openai.AsyncOpenAI(
+                base_url=f"{other_url}/v1", api_key=stack.keys["alice"], max_retries=0
+            ) as there,
+            openai.AsyncOpenAI(
+                base_url=f"{other_url}/v1", api_key=stack.keys["bob"], max_retries=0
+            ) as bob,
+        ):
+            first = await here.responses.create(
+                model=DEFAULT, input="My name is Ada.", max_output_tokens=12
+            )
+            second = await there.responses.create(
+                model=DEFAULT, input="What is my name?", previous_response_id=first.id,
+                max_output_tokens=12,
+            )  # fmt: skip
+            assert second.previous_response_id == first.id
+            assert second.usage is not None
+            assert first.usage is not None
+            # The whole conversation was the prompt: more than this turn's words alone.
+            assert second.usage.input_tokens > first.usage.input_tokens
+            assert (await there.responses.retrieve(first.id)).output_text == first.output_text
+            with pytest.raises(openai.NotFoundError):
+                await bob.responses.retrieve(first.id)
+            await there.responses.delete(second.id)
+            with pytest.raises(openai.NotFoundError):
+                await here.responses.retrieve(second.id)

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -384,3 +385,38 @@ async def test_slow_headers_are_cut_off_and_malformed_http_is_one_quiet_line(
     malformed = [line for line in output.splitlines() if "malformed HTTP" in line]
     assert len(malformed) == 3, output
     assert all("<script>" not in line for line in malformed)
+
+
+async def test_no_answer_of_any_kind_carries_the_backends_cors_headers(proxy: Harness) -> None:
+    """llama_cpp.server's CORS middleware labels every answer for any origin, with credentials:
+    no reply kind copies a backend header, so none reaches a client: each carries the proxy's
+    own label only."""
+    key = await proxy.user("alice")
+    proxy.upstream.event_delay = proxy.upstream.tail_delay = 0.0
+    hi = [{"role": "user", "content": "Hi"}]
+    asks: list[tuple[str, str, Any]] = [
+        ("POST", "/v1/chat/completions", CHAT),
+        ("POST", "/v1/chat/completions", {**CHAT, "stream": True}),
+        ("POST", "/v1/completions", {"model": "smollm2-test", "prompt": "Hi"}),
+        ("POST", "/v1/embeddings", {"model": "smollm2-test", "input": "Hi"}),
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/models/smollm2-test", None),
+        ("POST", "/v1/messages", {"model": "smollm2-test", "max_tokens": 5, "messages": hi}),
+        ("POST", "/v1/messages", {"model": "smollm2-test", "max_tokens": 5, "messages": hi,
+                                  "stream": True}),
+        ("POST", "/v1/responses", {"model": "smollm2-test", "input": "Hi"}),
+        ("POST", "/v1/responses", {"model": "smollm2-test", "input": "Hi", "stream": True}),
+        ("POST", "/rpc", {"jsonrpc": "2.0", "id": 1, "method": "create_message",
+                          "params": {"messages": hi}}),
+        ("POST", "/stream", {"message": "Hi"}),
+    ]  # fmt: skip
+    async with aiohttp.ClientSession() as client:
+        for method, path, body in asks:
+            headers = {"Origin": "http://evil.example", **bearer(key)}
+            async with client.request(method, proxy.url(path), json=body, headers=headers) as r:
+                await r.read()
+                assert r.status == 200, (path, r.status, await r.text())
+                # The proxy's own label (LLAMA_PROXY_CORS_ORIGINS, `*` by default), alone.
+                shown = r.headers.getall("Access-Control-Allow-Origin", [])
+                assert shown == ["*"], (method, path, shown)
+                assert "Access-Control-Allow-Credentials" not in r.headers, (method, path)

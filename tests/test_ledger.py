@@ -401,3 +401,31 @@ async def test_spill_files_from_before_a_schema_change_replay_and_unreadable_one
     assert writer.unreadable_files == 1
     assert "cannot be read" in caplog.text
     assert set(COLUMNS) >= set(by_name)
+
+
+async def test_a_row_names_the_model_that_served_or_would_have_when_the_client_names_none(
+    proxy: Harness,
+) -> None:
+    """README's own curl example names no model: its row names the backend's model; a request
+    refused before its body was read names it too (there is only one it could have been)."""
+    key = await proxy.user("alice")
+    unnamed = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+    async with aiohttp.ClientSession() as http:
+        for path in ("/v1/chat/completions", "/v1/messages"):
+            body = {**unnamed, "model": "smollm2-test"} if path == "/v1/messages" else unnamed
+            async with http.post(proxy.url(path), json=body, headers=bearer(key)) as r:
+                assert r.status == 200
+        async with http.post(proxy.url("/v1/responses"), json={"input": "Hi"},
+                             headers=bearer(key)) as r:  # fmt: skip
+            assert r.status == 200
+        # Refused before any model could be read from its body.
+        async with http.post(proxy.url("/v1/chat/completions"), data=b"{",
+                             headers=bearer(key)) as r:  # fmt: skip
+            assert r.status == 400
+    rows = await proxy.wait_for_records(4)
+    assert [(r.path, r.model) for r in rows] == [
+        ("/v1/chat/completions", "smollm2-test"),
+        ("/v1/messages", "smollm2-test"),
+        ("/v1/responses", "smollm2-test"),
+        ("/v1/chat/completions", "smollm2-test"),
+    ]

@@ -113,6 +113,10 @@ CALLS: dict[str, tuple[str, dict[str, Any]]] = {
     "jsonrpc": ("/rpc", {"jsonrpc": "2.0", "method": "create_message", "id": 1,
                 "params": {"message": ASK[0]["content"], "tools": [TOOL]}}),
     "/stream": ("/stream", {"message": ASK[0]["content"]}),
+    "responses json": ("/v1/responses", {"model": MODEL, "input": ASK[0]["content"],
+                       "tools": [{"type": "function", **TOOL}]}),
+    "responses stream": ("/v1/responses", {"model": MODEL, "input": ASK[0]["content"],
+                         "tools": [{"type": "function", **TOOL}], "stream": True}),
 }  # fmt: skip
 
 
@@ -180,6 +184,21 @@ def _read(api: str, status: int, raw: bytes) -> Rendered:
             result = answer["result"]
             said.reasoning, said.text = split_text(result["content"])
             said.calls = [(c["id"], c["name"], c["arguments"]) for c in result["tool_calls"]]
+    elif api in ("responses json", "responses stream"):
+        output: list[dict[str, Any]] = []
+        if api == "responses json" and status == 200:
+            output = json.loads(raw)["output"]
+        for _, event in _sse(raw) if api == "responses stream" else ():
+            if event["type"] in ("response.completed", "response.incomplete"):
+                output = event["response"]["output"]
+            said.failed = said.failed or event["type"] == "response.failed"
+        for item in output:
+            if item["type"] == "message":
+                said.text += "".join(part["text"] for part in item["content"])
+            elif item["type"] == "reasoning":
+                said.reasoning += "".join(part["text"] for part in item["content"])
+            else:
+                said.calls.append((item["call_id"], item["name"], json.loads(item["arguments"])))
     elif api == "/stream":
         for _, event in _sse(raw):
             said.text += event.get("delta", "")

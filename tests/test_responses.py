@@ -321,3 +321,27 @@ async def test_with_retention_zero_nothing_is_stored(db_dsn: str, tmp_path: Path
             assert made.store is False
             with pytest.raises(openai.NotFoundError):
                 await client.responses.retrieve(made.id)
+
+
+@pytest.mark.parametrize("mode", ["close-mid-stream", "end-mid-stream"])
+async def test_a_backend_failing_mid_stream_ends_it_with_response_failed(
+    proxy: Harness, mode: str
+) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.mode = mode
+    async with _client(proxy, key) as client:
+        stream = await client.responses.create(model=MODEL, input="Hi", stream=True)
+        events = [event async for event in stream]
+        with pytest.raises(openai.APIStatusError) as failed:  # before it began: OpenAI's JSON
+            await client.responses.create(model=MODEL, input="Hi")
+    assert events[0].type == "response.created"
+    assert events[-1].type == "response.failed"
+    response = events[-1].response  # type: ignore[union-attr]
+    assert response.status == "failed"
+    assert response.error is not None
+    assert response.error.message.endswith("; try again.")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert failed.value.status_code == 502
+    rows = await proxy.wait_for_records(2)
+    assert [(r.stream, r.status_code) for r in rows] == [(True, 502), (False, 502)]
+    assert all(r.error for r in rows)

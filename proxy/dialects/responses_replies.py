@@ -26,7 +26,6 @@ from aiohttp import web
 
 from proxy.dialects.reasoning import ThinkSplitter
 from proxy.dialects.wire import SSE_CONTENT_TYPE, SSE_HEADERS, json_bytes, sse
-from proxy.errors import UpstreamError
 from proxy.pipeline.delivery import Delivery
 from proxy.upstream.events import BackendAnswer, BackendBrokeOff, Chunk, Delta, Done, Usage
 
@@ -60,6 +59,7 @@ class Output:
         self._sequence = 0
         self._open: dict[str, Any] | None = None  # the message or reasoning item being written
         self._calls: dict[int, dict[str, Any]] = {}  # the backend's tool call index -> item
+        self._indexes: dict[str, int] = {}  # an item's id -> its place in the output
         self._splitter = ThinkSplitter()
 
     def _event(self, kind: str, data: dict[str, Any]) -> None:
@@ -69,7 +69,7 @@ class Output:
         self._sequence += 1
 
     def _where(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {"item_id": item["id"], "output_index": self.items.index(item)}
+        return {"item_id": item["id"], "output_index": self._indexes[item["id"]]}
 
     def start(self) -> None:
         self._event("response.created", {"response": self.response})
@@ -152,6 +152,7 @@ class Output:
 
     def _add(self, item: dict[str, Any]) -> dict[str, Any]:
         self._close()
+        self._indexes[item["id"]] = len(self.items)
         self.items.append(item)
         self._event(
             "response.output_item.added",
@@ -220,11 +221,7 @@ class Output:
 
 def _shown(item: dict[str, Any]) -> dict[str, Any]:
     """An item as `output_item.added` shows it: as it begins, nothing of its content yet."""
-    if item["type"] == "message":
-        return {**item, "content": []}
-    if item["type"] == "reasoning":
-        return {**item, "content": []}
-    return dict(item)
+    return {**item, "content": []} if "content" in item else dict(item)
 
 
 Finished = Callable[[dict[str, Any]], Awaitable[None]]  # given the whole response (to store)
@@ -263,10 +260,7 @@ class ResponseReply:
 
     async def relay(self, answer: BackendAnswer, delivery: Delivery) -> web.StreamResponse:
         output = Output(self._shell, streamed=False)
-        try:
-            await build(answer, output)
-        except BackendBrokeOff as exc:
-            raise UpstreamError(502, f"{exc}; try again.") from None
+        await build(answer, output)  # a broken answer is the pipeline's UpstreamBrokeOff
         await self._finished(output.response)
         return delivery.whole(200, json_bytes(output.response), "application/json")
 

@@ -57,7 +57,7 @@ class Cors:
             )  # fmt: skip
         headers = {
             hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: allowed,
-            hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, OPTIONS",
+            hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, DELETE, OPTIONS",
             hdrs.ACCESS_CONTROL_MAX_AGE: str(MAX_AGE_SECONDS),
             hdrs.VARY: "Origin",
         }

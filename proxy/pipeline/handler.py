@@ -142,6 +142,11 @@ def ledger(
             max_answer_bytes=settings.max_answer_bytes,
         )
         request[EXCHANGE] = exchange
+        if route is not None and route.endpoint.prompt_param is not None:
+            # Refused before its body is read: the model that would have served it, when there
+            # is only one (the body, once checked, says which).
+            only = request.app[BACKENDS].models()
+            exchange.model = only[0] if only is not None and len(only) == 1 else None
         assert exchange.delivery is not None
         # A streamed answer's row is made as it ends, before its last bytes go out.
         exchange.delivery.on_complete = lambda: _finish(request, exchange)
@@ -264,6 +269,8 @@ class Walk:
         def checked(raw: bytes | None) -> Prepared:
             prepared = check(raw, limits)
             exchange.model, exchange.stream = prepared.model, prepared.stream
+            if prepared.model is None and prepared.ask is not None:
+                exchange.model = app[BACKENDS].default_model()  # what serves it: on its row too
             exchange.end_user = prepared.end_user
             if prepared.model is not None:
                 _known_model(request, prepared.model)  # a request for no model spends nothing
