@@ -345,3 +345,25 @@ async def test_a_backend_failing_mid_stream_ends_it_with_response_failed(
     rows = await proxy.wait_for_records(2)
     assert [(r.stream, r.status_code) for r in rows] == [(True, 502), (False, 502)]
     assert all(r.error for r in rows)
+
+
+async def test_input_tokens_counts_the_conversation_a_previous_response_id_continues(
+    proxy: Harness,
+) -> None:
+    key = await proxy.user("alice")
+    proxy.upstream.sized_prompts = True
+    async with _client(proxy, key) as client:
+        first = await client.responses.create(model=MODEL, input="My name is Ada.")
+        alone = await client.responses.input_tokens.count(model=MODEL, input="And mine?")
+        counted = await client.responses.input_tokens.count(
+            model=MODEL, input="And mine?", previous_response_id=first.id
+        )
+        answer = await client.responses.create(
+            model=MODEL, input="And mine?", previous_response_id=first.id
+        )
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.input_tokens.count(
+                model=MODEL, input="Hi", previous_response_id="resp_never_made"
+            )
+    assert answer.usage is not None
+    assert counted.input_tokens == answer.usage.input_tokens > alone.input_tokens

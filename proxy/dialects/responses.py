@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.appkeys import ADMISSION
 from proxy.dialects import openai_body
 from proxy.dialects.openai import DIALECT
 from proxy.dialects.openai_body import checked, parse_object
@@ -121,10 +122,21 @@ class InputTokens:
         request = checked(InputTokensRequest, parse_object(raw))
         call, inference = _call(request, limits)
         ask = Ask(call, 0, charged=False, model=inference.model)
-        return Prepared(None, None, inference.model, None, ask=ask)
+        extra = {"request": request, "limits": limits}
+        return Prepared(None, None, inference.model, None, extra, ask=ask)
 
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
         tokens = context.prompt_tokens
+        request: InputTokensRequest = prepared.extra["request"]
+        if request.previous_response_id is not None:  # counted with the conversation it continues
+            app = context.delivery.request.app
+            user = context.caller.user_id
+            history = await ResponseStore.of(app).conversation(user, request.previous_response_id)
+            call, inference = _call(request, prepared.extra["limits"], history)
+            ask = Ask(call, 0, charged=False, model=inference.model)
+            size = len(call.data or b"")
+            measured = await app[ADMISSION].prompts.measure(ask, context.request_id, True, size)
+            tokens = measured.prompt_tokens
         if tokens is None:
             raise UpstreamError(502, "The model server cannot count tokens (is it llama-gate's?).")
         body = json_bytes({"object": "response.input_tokens", "input_tokens": tokens})
