@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from pydantic import BaseModel
 
 from tests.fake_upstream import prompt_size
-from tests.proxy_harness import Harness, running_proxy
+from tests.proxy_harness import Harness, bearer, running_proxy
 
 MODEL = "smollm2-test"
 
@@ -367,3 +368,45 @@ async def test_input_tokens_counts_the_conversation_a_previous_response_id_conti
             )
     assert answer.usage is not None
     assert counted.input_tokens == answer.usage.input_tokens > alone.input_tokens
+
+
+HOSTILE: list[Any] = [
+    {"input": ["just a string"]}, {"input": []}, {"input": [None]}, {"input": 5}, {}, [],
+    {"input": [{"type": "message"}]},
+    {"input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+    {"input": [{"role": "user", "content": [{"text": "x"}]}]},
+    {"input": [{"type": "function_call", "call_id": 1, "name": "x", "arguments": "{}"}]},
+    {"input": "Hi", "tools": [{"type": "function"}]},
+    {"input": "Hi", "tools": [{"type": "function", "name": "a b"}]},
+    {"input": "Hi", "tool_choice": {"type": "file_search"}},
+    {"input": "Hi", "text": {"format": {"type": "json_schema", "schema": "x"}}},
+    {"input": "Hi", "metadata": {"a": 1}}, {"input": "Hi", "max_output_tokens": 0},
+    {"input": "Hi", "reasoning": "high"}, {"input": "Hi", "store": "yes"},
+    {"input": "Hi", "instructions": 7},
+    {"input": "Hi", "previous_response_id": "x" * 5000},
+    {"input": "Hi", "previous_response_id": "resp_\u0000"},
+]  # fmt: skip
+
+
+async def test_hostile_requests_get_a_4xx_naming_the_field_never_a_500(proxy: Harness) -> None:
+    """Odd bodies and ids (a NUL, which Postgres cannot hold; 3000 characters) are refused in
+    OpenAI's shape, and reach neither the backend nor, for ids, Postgres."""
+    key = await proxy.user("alice")
+    async with aiohttp.ClientSession() as http:
+        for body in HOSTILE:
+            for stream in (False, True):
+                sent = body
+                if isinstance(body, dict):
+                    sent = {**body, "model": MODEL, "stream": stream}
+                async with http.post(
+                    proxy.url("/v1/responses"), json=sent, headers=bearer(key)
+                ) as r:
+                    error = (await r.json())["error"]
+                    assert r.status in (400, 404), (body, r.status, error)
+                    assert error["type"] == "invalid_request_error"
+        for path in ("/v1/responses/%00", "/v1/responses/resp_%00x/input_items",
+                     "/v1/responses/" + "a" * 3000):  # fmt: skip
+            for method in ("GET", "DELETE"):
+                async with http.request(method, proxy.url(path), headers=bearer(key)) as r:
+                    assert r.status in (404, 405), (method, path, r.status)
+    assert not proxy.upstream.seen

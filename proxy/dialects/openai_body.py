@@ -160,19 +160,19 @@ def checked(kind: type[M], payload: dict[str, Any]) -> M:
 
 def _refusal(exc: ValidationError) -> InvalidRequest:
     errors = exc.errors(include_url=False)
-    path = _field_path(errors[0]["loc"])
+    path = field_path(errors[0]["loc"])
     param = ".".join(path) or None
     if errors[0]["type"] == "missing":
         return InvalidRequest(f"'{param}' is required.", param)
     # A field with several accepted forms fails once per form: say what each wanted.
-    reasons = list(dict.fromkeys(e["msg"] for e in errors if _field_path(e["loc"]) == path))
+    reasons = list(dict.fromkeys(e["msg"] for e in errors if field_path(e["loc"]) == path))
     got = errors[0].get("input")
     shown = json.dumps(got)[:80] if isinstance(got, str | int | float | bool) else None
     detail = f" (got {shown})" if shown is not None else ""
     return InvalidRequest(f"Invalid '{param}': {'; or '.join(reasons[:3])}{detail}.", param)
 
 
-def _field_path(loc: tuple[int | str, ...]) -> list[str]:
+def field_path(loc: tuple[int | str, ...]) -> list[str]:
     """The field a validation error is about: its location up to the first union member's tag
     (pydantic names the form it tried, e.g. `str` or `list[str]`, as if it were a field)."""
     path: list[str] = []

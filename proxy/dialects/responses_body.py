@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from proxy.dialects.openai_body import field_path
 from proxy.dialects.responses_types import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -82,6 +83,8 @@ def input_messages(given: str | list[dict[str, Any]] | None) -> list[dict[str, A
         return []
     if isinstance(given, str):
         return [{"role": "user", "content": given}]
+    if not given:
+        raise InvalidRequest("'input' holds no items; send at least one message.", "input")
     messages: list[dict[str, Any]] = []
     for number, item in enumerate(given):
         where = f"input.{number}"
@@ -122,7 +125,7 @@ def _checked(kind: type[M], item: Any, where: str) -> M:
         return kind.model_validate(item)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
-        field = ".".join([where, *(str(p) for p in error["loc"] if not str(p)[:1].isupper())])
+        field = ".".join([where, *field_path(error["loc"])])
         if error["type"] == "missing":
             raise InvalidRequest(f"'{field}' is required.", field) from None
         raise InvalidRequest(f"Invalid '{field}': {error['msg']}.", field) from None
@@ -133,7 +136,10 @@ def _text(content: str | list[TextPart], where: str) -> str:
         return content
     texts = []
     for index, part in enumerate(content):
-        if part.type in TEXT_PARTS and part.text is not None:
+        if part.type in TEXT_PARTS:
+            if part.text is None:
+                field = f"{where}.{index}.text"
+                raise InvalidRequest(f"'{field}' is required.", field)
             texts.append(part.text)
         elif part.type == "refusal" and part.refusal is not None:
             texts.append(part.refusal)

@@ -11,6 +11,7 @@ same: not found. `llama-gate prune-logs` deletes the expired.
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,9 @@ from proxy.db.pool import Database
 from proxy.errors import ApiError, ResponseNotFound
 
 log = logging.getLogger(__name__)
+# What an id can be (the proxy's own are resp_ and 32 hex digits): anything else is no response,
+# and never reaches Postgres (which cannot even hold some of it, a NUL).
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class StoreUnavailable(ApiError):
@@ -74,6 +78,7 @@ class ResponseStore:
 
     async def conversation(self, user_id: int, response_id: str) -> list[dict[str, Any]]:
         """The chat messages of the conversation up to and including `response_id`."""
+        _known_shape(response_id, "previous_response_id")
         now = datetime.now(UTC)
         try:
             turns = await self._database.run(
@@ -87,6 +92,7 @@ class ResponseStore:
 
     async def read(self, user_id: int, response_id: str) -> tuple[dict[str, Any], list[Any]]:
         """The stored response and its input items."""
+        _known_shape(response_id)
         now = datetime.now(UTC)
         try:
             row = await self._database.run(
@@ -99,6 +105,7 @@ class ResponseStore:
         return orjson.loads(row["response"]), orjson.loads(row["input_items"])
 
     async def delete(self, user_id: int, response_id: str) -> None:
+        _known_shape(response_id)
         try:
             deleted = await self._database.run(
                 lambda con: queries.delete_response(con, response_id, user_id)
@@ -107,3 +114,8 @@ class ResponseStore:
             raise StoreUnavailable() from None
         if not deleted:
             raise ResponseNotFound(response_id)
+
+
+def _known_shape(response_id: str, param: str | None = None) -> None:
+    if not _ID.fullmatch(response_id):
+        raise ResponseNotFound(response_id, param)
