@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from tests.fake_upstream import prompt_size
 from tests.proxy_harness import Harness, bearer, running_proxy
+from tests.sharing_helpers import set_limits
 
 MODEL = "smollm2-test"
 
@@ -410,3 +411,67 @@ async def test_hostile_requests_get_a_4xx_naming_the_field_never_a_500(proxy: Ha
                 async with http.request(method, proxy.url(path), headers=bearer(key)) as r:
                     assert r.status in (404, 405), (method, path, r.status)
     assert not proxy.upstream.seen
+
+
+async def test_what_the_review_found_stays_fixed(proxy: Harness) -> None:
+    """A NUL in the input is stored (as U+FFFD), not a 500 after generation; an empty answer
+    is stored too; a conversation whose first response was deleted is not continued half; an
+    image in a tool's output is a note, not a refusal of the whole conversation; an answer cut by
+    max_output_tokens says its items are incomplete."""
+    key = await proxy.user("alice")
+    async with _client(proxy, key) as client:
+        nul = await client.responses.create(model=MODEL, input="a\u0000b")
+        stored = await client.responses.retrieve(nul.id)
+        assert stored.id == nul.id
+        items = await client.responses.input_items.list(nul.id)
+        assert items.data[0].content[0].text == "a\ufffdb"  # type: ignore[union-attr]
+        proxy.upstream.pieces = []
+        empty = await client.responses.create(model=MODEL, input="Say nothing.")
+        assert empty.output == []
+        assert (await client.responses.retrieve(empty.id)).id == empty.id
+        proxy.upstream.pieces = ["Hello", " world"]
+        first = await client.responses.create(model=MODEL, input="One")
+        second = await client.responses.create(
+            model=MODEL, input="Two", previous_response_id=first.id
+        )
+        await client.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError) as gone:
+            await client.responses.create(
+                model=MODEL, input="Three", previous_response_id=second.id
+            )
+        assert first.id in gone.value.message
+        image = [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]
+        await client.responses.create(
+            model=MODEL,
+            input=[
+                {"type": "function_call", "call_id": "c1", "name": "view_image",
+                 "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": image},
+            ],  # type: ignore[list-item]
+        )  # fmt: skip
+        assert "reads text only" in _sent(proxy)["messages"][-1]["content"]
+        proxy.upstream.finish_reason = "length"
+        cut = await client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+    assert cut.status == "incomplete"
+    assert [item.status for item in cut.output] == ["incomplete"]  # type: ignore[union-attr]
+
+
+async def test_a_continued_conversation_is_charged_whole_against_the_quota(
+    proxy: Harness,
+) -> None:
+    """The new input alone would fit the day's budget; with the conversation it continues it
+    does not: a 429, and the model is not asked (it was a way past the quota)."""
+    key = await proxy.user("alice")
+    await set_limits(proxy.dsn, "alice", tokens_per_day=1000)
+    proxy.upstream.sized_prompts = True
+    async with _client(proxy, key) as client:
+        first = await client.responses.create(model=MODEL, input="x " * 300, max_output_tokens=10)
+        assert first.usage is not None
+        assert 600 < first.usage.input_tokens < 800
+        with pytest.raises(openai.RateLimitError):
+            await client.responses.create(
+                model=MODEL, input="Hi", previous_response_id=first.id, max_output_tokens=10
+            )
+        alone = await client.responses.create(model=MODEL, input="Hi", max_output_tokens=10)
+    assert alone.status == "completed"
+    assert len(proxy.upstream.seen) == 2  # the refused continuation reached no model

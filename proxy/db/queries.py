@@ -642,9 +642,11 @@ async def store_response(
 
 async def response_conversation(
     con: Connection, response_id: str, user_id: int, now: datetime
-) -> list[str] | None:
+) -> tuple[str | None, list[str]] | None:
     """The chat messages (JSON text, one list per turn, oldest first) of the user's unexpired
-    response `response_id` and the ones it continued; None if it is not theirs or is gone."""
+    response `response_id` and the ones it continued, with the id of the response the oldest
+    of them continued (None: the chain is whole; else that one is gone); None if
+    `response_id` is not theirs or is gone."""
     rows = await con.fetch(
         """
         WITH RECURSIVE chain AS (
@@ -655,11 +657,13 @@ async def response_conversation(
               JOIN chain ON r.id = chain.previous_id
              WHERE r.user_id = $2 AND r.expires_at > $3 AND chain.depth < 10000
         )
-        SELECT messages::text AS messages FROM chain ORDER BY depth DESC
+        SELECT previous_id, messages::text AS messages FROM chain ORDER BY depth DESC
         """,
         response_id, user_id, now,
     )  # fmt: skip
-    return [row["messages"] for row in rows] if rows else None
+    if not rows:
+        return None
+    return rows[0]["previous_id"], [row["messages"] for row in rows]
 
 
 async def stored_response(
@@ -673,10 +677,11 @@ async def stored_response(
     )  # fmt: skip
 
 
-async def delete_response(con: Connection, response_id: str, user_id: int) -> bool:
+async def delete_response(con: Connection, response_id: str, user_id: int, now: datetime) -> bool:
     result: Any = await con.execute(
-        "DELETE FROM llama_responses WHERE id = $1 AND user_id = $2", response_id, user_id
-    )
+        "DELETE FROM llama_responses WHERE id = $1 AND user_id = $2 AND expires_at > $3",
+        response_id, user_id, now,
+    )  # fmt: skip
     return str(result).endswith(" 1")
 
 

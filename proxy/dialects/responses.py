@@ -8,9 +8,9 @@ route; the answer is rendered from the backend's one event stream
 (`proxy.dialects.responses_replies`). Errors are OpenAI's JSON before a stream begins and a
 `response.failed` event after. Responses are stored as `proxy.dialects.responses_store` says.
 
-A request continuing a stored response (`previous_response_id`) is measured and charged at the
-admission step on its own input; the conversation it continues is added when its turn comes
-(the backend still refuses a prompt that does not fit, and the row has the exact tokens).
+A request continuing a stored response (`previous_response_id`) passes the admission step on its
+own input; the conversation it continues is then measured and its tokens reserved too, before
+its turn (a 400 when it no longer fits the context, a 429 when it does not fit the quota).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.appkeys import ADMISSION
+from proxy.appkeys import ADMISSION, QUOTAS
 from proxy.dialects import openai_body
 from proxy.dialects.openai import DIALECT
 from proxy.dialects.openai_body import checked, parse_object
@@ -89,6 +89,7 @@ class Create:
         if request.previous_response_id is not None:
             history = await store.conversation(user, request.previous_response_id)
             call, _ = _call(request, prepared.extra["limits"], history)
+            await _charge_conversation(context, call, prepared.model)
         kept = store.enabled and request.store is not False
         tools = [tool.model_dump(exclude_none=True) for tool in request.tools or ()]
         made = {**shell(request, prepared.extra["model"], tools, request.max_output_tokens),
@@ -102,6 +103,19 @@ class Create:
 
         reply: Reply = _reply(request, made, finished)
         return await context.send(call, reply)
+
+
+async def _charge_conversation(context: Context, call: UpstreamCall, model: str | None) -> None:
+    """The continued conversation, measured (a 400 if it no longer fits the context) and its
+    tokens reserved on top of what the admission step reserved for the new input alone (a 429
+    if they do not fit the user's quota), before the request's turn."""
+    app = context.delivery.request.app
+    ask = Ask(call, 0, model=model)
+    size = len(call.data or b"")
+    measured = await app[ADMISSION].prompts.measure(ask, context.request_id, True, size)
+    more = (measured.prompt_tokens or 0) - (context.prompt_tokens or 0)
+    if more > 0:
+        app[QUOTAS].extend(context.caller, context.request_id, more)
 
 
 def _reply(request: ResponsesRequest, made: dict[str, Any], finished: Finished) -> Reply:

@@ -34,6 +34,7 @@ from proxy.dialects.responses_types import (
 from proxy.errors import InvalidRequest
 
 TEXT_PARTS = {"input_text", "output_text", "text"}
+MEDIA_PARTS = {"input_image", "input_file", "input_audio"}
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -46,6 +47,8 @@ def chat_payload(
     if request.instructions:
         messages.append({"role": "system", "content": request.instructions})
     messages.extend(history or ())
+    if request.input == []:
+        raise InvalidRequest("'input' holds no items; send at least one message.", "input")
     messages.extend(input_messages(request.input))
     payload: dict[str, Any] = {"messages": messages}
     if request.model is not None:
@@ -83,8 +86,6 @@ def input_messages(given: str | list[dict[str, Any]] | None) -> list[dict[str, A
         return []
     if isinstance(given, str):
         return [{"role": "user", "content": given}]
-    if not given:
-        raise InvalidRequest("'input' holds no items; send at least one message.", "input")
     messages: list[dict[str, Any]] = []
     for number, item in enumerate(given):
         where = f"input.{number}"
@@ -107,7 +108,7 @@ def input_messages(given: str | list[dict[str, Any]] | None) -> list[dict[str, A
                 messages.append({"role": "assistant", "content": None, "tool_calls": [piece]})
         elif kind == "function_call_output":
             output = _checked(FunctionCallOutputItem, item, where)
-            text = _text(output.output, f"{where}.output")
+            text = _text(output.output, f"{where}.output", tool_output=True)
             messages.append({"role": "tool", "tool_call_id": output.call_id, "content": text})
         elif kind == "reasoning":
             _checked(ReasoningItem, item, where)
@@ -131,7 +132,10 @@ def _checked(kind: type[M], item: Any, where: str) -> M:
         raise InvalidRequest(f"Invalid '{field}': {error['msg']}.", field) from None
 
 
-def _text(content: str | list[TextPart], where: str) -> str:
+def _text(content: str | list[TextPart], where: str, tool_output: bool = False) -> str:
+    """The parts' text, one part after another. A tool's output may hold an image (Codex's
+    view_image): it is replaced by a note, since a conversation holding one is sent again and
+    again, and a refusal would end it."""
     if isinstance(content, str):
         return content
     texts = []
@@ -141,9 +145,11 @@ def _text(content: str | list[TextPart], where: str) -> str:
                 field = f"{where}.{index}.text"
                 raise InvalidRequest(f"'{field}' is required.", field)
             texts.append(part.text)
-        elif part.type == "refusal" and part.refusal is not None:
-            texts.append(part.refusal)
-        elif part.type in ("input_image", "input_file", "input_audio"):
+        elif part.type == "refusal":
+            texts.append(part.refusal or "")
+        elif part.type in MEDIA_PARTS and tool_output:
+            texts.append(f"[{part.type[len('input_') :]} left out: the model here reads text only]")
+        elif part.type in MEDIA_PARTS:
             raise InvalidRequest(
                 "The models here read text only; send the request without image, file or "
                 "audio parts.",
@@ -154,7 +160,7 @@ def _text(content: str | list[TextPart], where: str) -> str:
                 f"Content parts of type {part.type!r} are not served here; send input_text.",
                 f"{where}.{index}.type",
             )
-    return "".join(texts)
+    return "\n\n".join(texts)
 
 
 def _tool(index: int, tool: Any) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def usage_of(usage: Usage | None) -> dict[str, Any]:
     cached = min(usage.cached or 0, prompt) if usage is not None else 0
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached},
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + completion,
@@ -144,6 +144,9 @@ class Output:
             )
             self._calls[index] = item
             self._open = None  # a call is never continued by text: the next text is a new item
+        elif item["status"] != "in_progress":  # a late piece of a call already said whole
+            item["arguments"] += arguments
+            return
         if arguments:
             item["arguments"] += arguments
             self._event(
@@ -152,6 +155,7 @@ class Output:
 
     def _add(self, item: dict[str, Any]) -> dict[str, Any]:
         self._close()
+        self._close_calls()  # each item is done before the next begins, as OpenAI's stream
         self._indexes[item["id"]] = len(self.items)
         self.items.append(item)
         self._event(
@@ -162,7 +166,22 @@ class Output:
             self._open = item
         return item
 
-    def _close(self) -> None:
+    def _close_calls(self, cut: bool = False) -> None:
+        """Say each function call whole (its arguments arrive in pieces, perhaps interleaved)."""
+        for item in self._calls.values():
+            if item["status"] != "in_progress":
+                continue
+            item["status"] = "incomplete" if cut else "completed"
+            where = self._where(item)
+            self._event(
+                "response.function_call_arguments.done",
+                {**where, "name": item["name"], "arguments": item["arguments"]},
+            )
+            self._event(
+                "response.output_item.done", {"output_index": where["output_index"], "item": item}
+            )
+
+    def _close(self, cut: bool = False) -> None:
         item, self._open = self._open, None
         if item is None:
             return
@@ -174,7 +193,7 @@ class Output:
                 {**where, "content_index": 0, "text": part["text"], "logprobs": []},
             )
             self._event("response.content_part.done", {**where, "content_index": 0, "part": part})
-            item["status"] = "completed"
+            item["status"] = "incomplete" if cut else "completed"
         else:
             text = item["content"][0]["text"]
             self._event("response.reasoning_text.done", {**where, "content_index": 0, "text": text})
@@ -186,17 +205,8 @@ class Output:
         """The answer is whole: close what is open and say how it ended."""
         for is_reasoning, text in self._splitter.flush():
             self._reasoning(text) if is_reasoning else self._text(text)
-        self._close()
-        for item in self._calls.values():
-            item["status"] = "completed"
-            where = self._where(item)
-            self._event(
-                "response.function_call_arguments.done",
-                {**where, "name": item["name"], "arguments": item["arguments"]},
-            )
-            self._event(
-                "response.output_item.done", {"output_index": where["output_index"], "item": item}
-            )
+        self._close(cut=finish == "length")
+        self._close_calls(cut=finish == "length")
         self.response["usage"] = usage_of(usage)
         if finish == "length":
             self.response["status"] = "incomplete"

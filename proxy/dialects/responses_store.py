@@ -15,6 +15,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 
@@ -65,7 +66,11 @@ class ResponseStore:
         """Store `response`; a database that cannot take it is logged, not the client's failure
         (the answer itself was made and is sent)."""
         now = datetime.now(UTC)
-        texts = [orjson.dumps(value).decode() for value in (input_items, messages, response)]
+        # Postgres' jsonb cannot hold a NUL, not even escaped: stored as U+FFFD, as audit rows are
+        texts = [
+            orjson.dumps(_without_nul(value)).decode()
+            for value in (input_items, messages, response)
+        ]
         try:
             await self._database.run(
                 lambda con: queries.store_response(
@@ -73,7 +78,7 @@ class ResponseStore:
                     response.get("previous_response_id"), *texts,
                 )
             )  # fmt: skip
-        except DatabaseUnavailable as exc:
+        except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
             log.warning("response %s was answered but not stored: %s", response["id"], exc)
 
     async def conversation(self, user_id: int, response_id: str) -> list[dict[str, Any]]:
@@ -88,7 +93,10 @@ class ResponseStore:
             raise StoreUnavailable() from None
         if turns is None:
             raise ResponseNotFound(response_id, "previous_response_id")
-        return [message for turn in turns for message in orjson.loads(turn)]
+        first, messages = turns
+        if first is not None:  # an earlier turn is gone (deleted, or past its retention)
+            raise ResponseNotFound(first, "previous_response_id")
+        return [message for turn in messages for message in orjson.loads(turn)]
 
     async def read(self, user_id: int, response_id: str) -> tuple[dict[str, Any], list[Any]]:
         """The stored response and its input items."""
@@ -108,7 +116,7 @@ class ResponseStore:
         _known_shape(response_id)
         try:
             deleted = await self._database.run(
-                lambda con: queries.delete_response(con, response_id, user_id)
+                lambda con: queries.delete_response(con, response_id, user_id, datetime.now(UTC))
             )
         except DatabaseUnavailable:
             raise StoreUnavailable() from None
@@ -119,3 +127,14 @@ class ResponseStore:
 def _known_shape(response_id: str, param: str | None = None) -> None:
     if not _ID.fullmatch(response_id):
         raise ResponseNotFound(response_id, param)
+
+
+def _without_nul(value: Any) -> Any:
+    """`value` with each NUL in its texts (keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
