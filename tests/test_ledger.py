@@ -418,6 +418,7 @@ async def test_a_row_names_the_model_that_served_or_would_have_when_the_client_n
         async with http.post(proxy.url("/v1/responses"), json={"input": "Hi"},
                              headers=bearer(key)) as r:  # fmt: skip
             assert r.status == 200
+            assert (await r.json())["model"] == "smollm2-test"  # the answer says so too
         # Refused before any model could be read from its body.
         async with http.post(proxy.url("/v1/chat/completions"), data=b"{",
                              headers=bearer(key)) as r:  # fmt: skip

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.appkeys import ADMISSION, QUOTAS
+from proxy.appkeys import ADMISSION, BACKENDS, QUOTAS
 from proxy.dialects import openai_body
 from proxy.dialects.openai import DIALECT
 from proxy.dialects.openai_body import checked, parse_object
@@ -92,7 +92,9 @@ class Create:
             await _charge_conversation(context, call, prepared.model)
         kept = store.enabled and request.store is not False
         tools = [tool.model_dump(exclude_none=True) for tool in request.tools or ()]
-        made = {**shell(request, prepared.extra["model"], tools, request.max_output_tokens),
+        # The model that serves it: the backends' default when the request names none.
+        model = prepared.extra["model"] or context.delivery.request.app[BACKENDS].default_model()
+        made = {**shell(request, model or "", tools, request.max_output_tokens),
                 "store": kept}  # fmt: skip
 
         async def finished(response: dict[str, Any]) -> None:
