@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from backend.tools import plan
 from tests.agent_helpers import CLAUDE, CODEX, claude, codex, needs
 from tests.proxy_harness import Harness, running_proxy
 
@@ -44,6 +45,7 @@ async def test_codex_prints_the_models_answer(proxy: Harness, tmp_path: Path) ->
     assert all(r.prompt_tokens and r.completion_tokens for r in rows)
     sent = json.loads(proxy.upstream.seen[0].body)
     assert sent["tools"]  # its own tools reached the backend as chat tools
+    _generable(sent)
 
 
 async def test_codex_runs_the_shell_command_the_model_calls(proxy: Harness, tmp_path: Path) -> None:
@@ -79,7 +81,9 @@ async def test_claude_code_prints_the_models_answer(proxy: Harness, tmp_path: Pa
     assert rows
     assert {(r.path, r.status_code) for r in rows} == {("/v1/messages", 200)}
     assert all(r.prompt_tokens and r.completion_tokens for r in rows)
-    assert "Bash" in _tools_named(json.loads(proxy.upstream.seen[-1].body))
+    sent = json.loads(proxy.upstream.seen[-1].body)
+    assert "Bash" in _tools_named(sent)
+    _generable(sent)
 
 
 async def test_claude_code_runs_the_shell_command_the_model_calls(
@@ -101,3 +105,11 @@ async def test_claude_code_runs_the_shell_command_the_model_calls(
     results = [m for body in bodies for m in body["messages"] if m["role"] == "tool"]
     assert results
     assert "made-by-claude" in results[-1]["content"]
+
+
+def _generable(body: dict[str, Any]) -> None:
+    """Every tool the agent sent can be turned into the grammar llama-gate's backend constrains
+    a call with (one schema it could not take was a 400 on the agent's first request)."""
+    served = plan(body, None)
+    assert served is not None
+    assert served.grammar is not None
