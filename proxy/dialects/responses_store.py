@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -23,9 +24,11 @@ from proxy.appkeys import DATABASE, SETTINGS
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
+from proxy.db.queries import Connection
 from proxy.errors import ApiError, ResponseNotFound
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # What an id can be (the proxy's own are resp_ and 32 hex digits): anything else is no response,
 # and never reaches Postgres (which cannot even hold some of it, a NUL).
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -85,12 +88,9 @@ class ResponseStore:
         """The chat messages of the conversation up to and including `response_id`."""
         _known_shape(response_id, "previous_response_id")
         now = datetime.now(UTC)
-        try:
-            turns = await self._database.run(
-                lambda con: queries.response_conversation(con, response_id, user_id, now)
-            )
-        except DatabaseUnavailable:
-            raise StoreUnavailable() from None
+        turns = await self._query(
+            lambda con: queries.response_conversation(con, response_id, user_id, now)
+        )
         if turns is None:
             raise ResponseNotFound(response_id, "previous_response_id")
         first, messages = turns
@@ -102,26 +102,25 @@ class ResponseStore:
         """The stored response and its input items."""
         _known_shape(response_id)
         now = datetime.now(UTC)
-        try:
-            row = await self._database.run(
-                lambda con: queries.stored_response(con, response_id, user_id, now)
-            )
-        except DatabaseUnavailable:
-            raise StoreUnavailable() from None
+        row = await self._query(lambda con: queries.stored_response(con, response_id, user_id, now))
         if row is None:
             raise ResponseNotFound(response_id)
         return orjson.loads(row["response"]), orjson.loads(row["input_items"])
 
     async def delete(self, user_id: int, response_id: str) -> None:
         _known_shape(response_id)
+        now = datetime.now(UTC)
+        if not await self._query(
+            lambda con: queries.delete_response(con, response_id, user_id, now)
+        ):
+            raise ResponseNotFound(response_id)
+
+    async def _query(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """`work`'s answer from Postgres; `StoreUnavailable` (a 503) when it cannot be had."""
         try:
-            deleted = await self._database.run(
-                lambda con: queries.delete_response(con, response_id, user_id, datetime.now(UTC))
-            )
+            return await self._database.run(work)
         except DatabaseUnavailable:
             raise StoreUnavailable() from None
-        if not deleted:
-            raise ResponseNotFound(response_id)
 
 
 def _known_shape(response_id: str, param: str | None = None) -> None:

@@ -35,6 +35,7 @@ class Exchange:
     start: float = field(default_factory=time.monotonic, repr=False)
     caller: Principal | None = None
     model: str | None = None
+    asks_model: bool = False  # its route asks a model (its row names one when it can)
     stream: bool | None = None
     end_user: str | None = None  # whom the client says the request is for
     outcome: Outcome = field(default_factory=Outcome)

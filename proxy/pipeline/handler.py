@@ -142,11 +142,7 @@ def ledger(
             max_answer_bytes=settings.max_answer_bytes,
         )
         request[EXCHANGE] = exchange
-        if route is not None and route.endpoint.prompt_param is not None:
-            # Refused before its body is read: the model that would have served it, when there
-            # is only one (the body, once checked, says which).
-            only = request.app[BACKENDS].models()
-            exchange.model = only[0] if only is not None and len(only) == 1 else None
+        exchange.asks_model = route is not None and route.endpoint.prompt_param is not None
         assert exchange.delivery is not None
         # A streamed answer's row is made as it ends, before its last bytes go out.
         exchange.delivery.on_complete = lambda: _finish(request, exchange)
@@ -215,6 +211,11 @@ def _finish(request: web.Request, exchange: Exchange) -> None:
     if exchange.recorded:
         return
     exchange.recorded = True
+    if exchange.model is None and exchange.asks_model:
+        # Refused before its body said which model: the one that would have served it, when
+        # there is only one (looked up here, for such refusals only, not on every request).
+        only = request.app[BACKENDS].models()
+        exchange.model = only[0] if only is not None and len(only) == 1 else None
     row = exchange.row()
     for hook in request.app[COMPLETION_HOOKS]:
         try:
