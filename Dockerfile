@@ -6,6 +6,8 @@
 # the build host's CPU instructions into an image meant to run elsewhere. The image holds no secret,
 # no settings file and no model: those come from the environment and mounts at run time.
 
+# The base image: the official one by default; docker-compose.yml passes LLAMA_GATE_PYTHON_IMAGE
+# here, so a machine without an image registry can build on a stand-in (tests/compose/standins.sh).
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
 # --- build: compilers and cmake for llama-cpp-python; thrown away afterwards -----------------------
@@ -19,7 +21,24 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY proxy/ proxy/
 COPY backend/ backend/
 COPY runtime/install.sh runtime/install.sh
-RUN runtime/install.sh --image
+# Three mounts, none of which stays in the image:
+# - a BuildKit cache for the llama-cpp-python wheel, so a second build does not compile it again;
+# - runtime/ of the build context, for a wheel `runtime/install.sh` already built on this machine
+#   (it keeps a copy in runtime/wheels/; used when it fits this image's Python and platform);
+# - the secret `ca_bundle` (compose: LLAMA_GATE_CA_BUNDLE): a PEM file of extra certificate
+#   authorities that pip must trust, for company networks whose proxy intercepts TLS. Empty: none.
+RUN --mount=type=cache,id=llama-gate-wheels,target=/root/.cache/llama-gate/wheels \
+    --mount=type=bind,source=runtime,target=/tmp/context-runtime \
+    --mount=type=secret,id=ca_bundle,target=/run/secrets/ca_bundle \
+    set -e; \
+    cp /tmp/context-runtime/wheels/*.whl /root/.cache/llama-gate/wheels/ 2>/dev/null || true; \
+    if grep -qs 'BEGIN CERTIFICATE' /run/secrets/ca_bundle; then \
+      cat /etc/ssl/certs/ca-certificates.crt /run/secrets/ca_bundle > /tmp/trusted.pem 2>/dev/null \
+        || cp /run/secrets/ca_bundle /tmp/trusted.pem; \
+      export PIP_CERT=/tmp/trusted.pem SSL_CERT_FILE=/tmp/trusted.pem; \
+    fi; \
+    runtime/install.sh --image; \
+    rm -f /tmp/trusted.pem
 
 # --- run: the venv and the source, as an unprivileged user ------------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -143,8 +143,26 @@ if [ "${have_hash:-}" != "$want_hash" ] || [ "${have_python:-}" != "$PY_VERSION"
 fi
 
 # --- 3. llama-cpp-python, built portable -----------------------------------------------------
+# cached_wheel: the cached llama-cpp-python wheel this venv's Python and platform can install, if
+# any (the cache may also hold wheels for other Pythons, e.g. copied into an image build).
+cached_wheel() {
+  "$VENV/bin/python" - "$WHEEL_CACHE" "$LLAMA_CPP_VERSION" <<'PY'
+import sys
+from pathlib import Path
+
+from pip._vendor.packaging.tags import sys_tags
+from pip._vendor.packaging.utils import parse_wheel_filename
+
+cache, version = Path(sys.argv[1]), sys.argv[2]
+supported = set(sys_tags())
+for path in sorted(cache.glob(f"llama_cpp_python-{version}-*.whl")):
+    if supported & set(parse_wheel_filename(path.name)[3]):
+        print(path)
+        break
+PY
+}
 if ! "$VENV/bin/python" -c "import llama_cpp.server, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
-  wheel=$(ls "$WHEEL_CACHE"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+  wheel=$(cached_wheel)
   if [ -z "$wheel" ]; then
     step "Building llama-cpp-python $LLAMA_CPP_VERSION (portable CPU build; this may take 5-10 minutes, once)"
     mkdir -p "$WHEEL_CACHE"
@@ -159,12 +177,24 @@ if ! "$VENV/bin/python" -c "import llama_cpp.server, sys; sys.exit(llama_cpp.__v
       --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_VERSION" \
       -w "$WHEEL_CACHE" \
       || die "building llama-cpp-python failed (its log: runtime/logs/llama-cpp-build.log, ending above); it needs a C/C++ compiler and cmake (apt-get install build-essential cmake)"
-    wheel=$(ls "$WHEEL_CACHE"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -n 1)
+    wheel=$(cached_wheel)
+    [ -n "$wheel" ] || die "the llama-cpp-python build left no wheel this Python can install in $WHEEL_CACHE"
     done_step "cached in $WHEEL_CACHE"
   fi
   step "Installing llama-cpp-python[server] from $wheel"
   "${PIP[@]}" install --quiet "${wheel}[server]" "huggingface-hub>=0.24"
   done_step
+fi
+# A copy in runtime/wheels/, the one part of runtime/ the image build sees (.dockerignore): the
+# Dockerfile reuses it instead of compiling again when it fits the image's Python and platform.
+if [ "$IMAGE" = 0 ]; then
+  for wheel in "$WHEEL_CACHE"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl; do
+    [ -f "$wheel" ] || continue
+    if ! cmp -s "$wheel" "$RUNTIME/wheels/$(basename "$wheel")"; then
+      mkdir -p "$RUNTIME/wheels"
+      cp -p "$wheel" "$RUNTIME/wheels/"
+    fi
+  done
 fi
 
 if [ "$IMAGE" = 1 ]; then
@@ -232,21 +262,52 @@ if grep -q '^LLAMA_GATE_LOCAL_POSTGRES=1' "$CONFIG" && [ ! -f "$RUNTIME/pgdata/P
   done_step
 fi
 
-# --- 8. docker-compose, so the tests can validate docker-compose.yml (--dev only) -------------
-# No Docker engine is needed: `docker-compose config` only parses and checks the file.
-if [ "$DEV" = 1 ] && ! command -v docker-compose >/dev/null 2>&1; then
+# --- 8. Docker, for tests/test_compose.py and tests/test_compose_up.py (--dev only) ----------
+# The engine and debootstrap from Debian's packages (the compose test builds its base images from
+# them where no image registry is reachable); `docker compose` (v2) and `docker buildx` as CLI
+# plugins in runtime/docker/cli-plugins when the machine's docker lacks them: Debian's own builds
+# from trixie (bookworm has only compose v1), pinned and checked by sha256. The tests point
+# DOCKER_CONFIG there when they need to. Without root and apt-get, what is missing is skipped.
+DOCKER_PLUGINS="$RUNTIME/docker/cli-plugins"
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# name|pool path|sha256
+DOCKER_PLUGIN_DEBS=(
+  "docker-compose|pool/main/d/docker-compose/docker-compose_2.26.1-4_amd64.deb|47681197cb2b1ab88206b42a1a92fc75f50d9530a6322d03494a473eed0408ea"
+  "docker-buildx|pool/main/d/docker-buildx/docker-buildx_0.13.1+ds1-3_amd64.deb|fcf8c48204d1603c8f209451d7827eb91bf30759578baf7704e9e1a87e5f1d7f"
+)
+if [ "$DEV" = 1 ] && ! command -v dockerd >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    step "Installing docker-compose (Debian's package) to validate docker-compose.yml in the tests"
-    # --no-install-recommends: it recommends docker.io, a whole engine the tests do not use.
+    step "Installing Docker's engine and debootstrap (Debian's packages) for the compose test"
     if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-           --no-install-recommends docker-compose; } >/dev/null 2>&1; then
+           --no-install-recommends docker.io debootstrap; } >/dev/null 2>&1; then
       done_step
     else
-      echo "    apt-get could not install docker-compose: tests/test_compose.py will be skipped"
+      echo "    apt-get could not install docker.io: tests/test_compose_up.py will be skipped"
     fi
   else
-    echo "==> docker-compose is missing and only root with apt-get installs it here: tests/test_compose.py will be skipped"
+    echo "==> no Docker engine, and only root with apt-get installs one here: tests/test_compose_up.py will be skipped"
   fi
+fi
+if [ "$DEV" = 1 ] && [ "$(uname -m)" = x86_64 ]; then
+  for entry in "${DOCKER_PLUGIN_DEBS[@]}"; do
+    IFS='|' read -r plugin pool_path sha <<< "$entry"
+    subcommand=${plugin#docker-}
+    if docker "$subcommand" version >/dev/null 2>&1 || [ -x "$DOCKER_PLUGINS/$plugin" ]; then
+      continue
+    fi
+    step "Fetching $plugin (Debian's build, $(basename "$pool_path")) into runtime/docker/cli-plugins"
+    work=$(mktemp -d)
+    if curl -fsSL --retry 2 -o "$work/p.deb" "$DEBIAN_MIRROR/$pool_path" \
+       && echo "$sha  $work/p.deb" | sha256sum -c --status \
+       && dpkg-deb -x "$work/p.deb" "$work/x"; then
+      mkdir -p "$DOCKER_PLUGINS"
+      install -m 0755 "$work/x/usr/libexec/docker/cli-plugins/$plugin" "$DOCKER_PLUGINS/$plugin"
+      done_step
+    else
+      echo "    could not fetch or check $DEBIAN_MIRROR/$pool_path: the compose tests will be skipped"
+    fi
+    rm -rf "$work"
+  done
 fi
 
 # --- 9. Chromium, for the dashboard's browser tests (--dev only) --------------------------------

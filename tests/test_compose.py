@@ -1,15 +1,13 @@
-"""docker-compose.yml, the Dockerfile and .env.example, checked without a Docker engine.
+"""docker-compose.yml, the Dockerfile and .env.example, checked without running them.
 
-`docker-compose config` (Debian's docker-compose 1.29, which `runtime/install.sh --dev` installs)
-validates the file and interpolates .env.example into it as `docker compose up` would; the tests
-read what it resolved. Building the image and running the stack need an engine this machine lacks.
+`docker compose config` (compose v2; `runtime/install.sh --dev` fetches Debian's build where the
+machine lacks it) validates the file and interpolates .env.example into it as `docker compose up`
+would; the tests read what it resolved. tests/test_compose_up.py builds and runs the stack.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -21,6 +19,7 @@ from backend.models import models_dir
 from proxy.app import AUDIT_FLUSH_SECONDS
 from proxy.cli import serve as cli_serve
 from proxy.settings import DEFAULTS, KNOWN_VARIABLES, SECRET_VARIABLES
+from tests.docker_helpers import compose_argv, docker_env, why_compose_is_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -29,6 +28,13 @@ DOCKERFILE = ROOT / "Dockerfile"
 INSTALL = ROOT / "runtime" / "install.sh"
 SCRIPTS = (ROOT / "bin" / "console.sh", INSTALL)
 
+# Compose's own variables, for building and choosing images: no container is given them.
+BUILD_VARIABLES = {
+    "LLAMA_GATE_PYTHON_IMAGE": "python:3.12-slim-bookworm",
+    "LLAMA_GATE_POSTGRES_IMAGE": "postgres:17",
+    "LLAMA_GATE_IMAGE": "llama-gate:local",
+    "LLAMA_GATE_CA_BUNDLE": "./deploy/no-extra-ca.pem",
+}
 OUR_SERVICES = ("models", "migrate", "backend", "proxy")  # the ones that run llama-gate's code
 POSTGRES_IMAGE_VARIABLES = frozenset({"POSTGRES_PASSWORD", "POSTGRES_USER", "POSTGRES_DB"})
 COMPOSE_SECRETS = ("POSTGRES_AUTH_PASSWORD", "LLAMA_SERVER_API_KEY")
@@ -52,30 +58,22 @@ SERVICE_ROLES = {
 }
 
 
-def _why_compose_is_missing() -> str:
-    if os.geteuid() != 0:
-        why = "not running as root"
-    elif shutil.which("apt-get") is None:
-        why = "no apt-get on this machine"
-    else:
-        why = "apt-get failed to install it; run runtime/install.sh --dev to see"
-    return f"docker-compose is not installed and runtime/install.sh --dev could not add it: {why}"
-
-
 def _compose(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run docker-compose on the file with .env.example, isolated from the caller's settings."""
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.skip(_why_compose_is_missing())
+    """Run compose on the file with .env.example, isolated from the caller's settings."""
+    docker = docker_env()
+    argv = compose_argv(docker)
+    if argv is None:
+        pytest.skip(why_compose_is_missing())
     clean = {
         key: value
-        for key, value in os.environ.items()
+        for key, value in docker.items()
         if key not in KNOWN_VARIABLES
         and key not in POSTGRES_IMAGE_VARIABLES
-        and not key.startswith(("COMPOSE_", "DOCKER_"))
+        and key not in BUILD_VARIABLES
+        and (key == "DOCKER_CONFIG" or not key.startswith(("COMPOSE_", "DOCKER_")))
     }
     return subprocess.run(
-        [exe, "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), *args],
+        [*argv, "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), *args],
         cwd=ROOT,
         env={**clean, **env},
         capture_output=True,
@@ -228,6 +226,26 @@ def test_start_order(services: dict[str, dict[str, Any]]) -> None:
         assert services[one_shot]["restart"] == "no"
 
 
+def test_the_image_is_built_once_with_the_ca_secret_and_never_pulled(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    assert {services[name]["image"] for name in OUR_SERVICES} == {
+        BUILD_VARIABLES["LLAMA_GATE_IMAGE"]
+    }
+    builders = [name for name in OUR_SERVICES if "build" in services[name]]
+    assert builders == ["migrate"]  # once per service would build it four times at once
+    assert services["migrate"]["pull_policy"] == "build"
+    assert all(services[n]["pull_policy"] == "never" for n in OUR_SERVICES if n != "migrate")
+    build = services["migrate"]["build"]
+    assert build["args"] == {"PYTHON_IMAGE": BUILD_VARIABLES["LLAMA_GATE_PYTHON_IMAGE"]}
+    assert [secret["source"] for secret in build["secrets"]] == ["ca_bundle"]
+    bundle = Path(_resolved()["secrets"]["ca_bundle"]["file"])
+    assert bundle == ROOT / "deploy" / "no-extra-ca.pem"
+    assert "BEGIN CERTIFICATE" not in bundle.read_text(encoding="utf-8")
+    given = _resolved(LLAMA_GATE_CA_BUNDLE="/etc/ssl/certs/ca-certificates.crt")["secrets"]
+    assert given["ca_bundle"]["file"] == "/etc/ssl/certs/ca-certificates.crt"
+
+
 def test_models_are_read_only_for_the_backend_and_written_only_by_the_init_service(
     services: dict[str, dict[str, Any]],
 ) -> None:
@@ -288,8 +306,9 @@ def test_compose_defaults_are_the_settings_defaults() -> None:
     defaults = re.findall(r"\$\{([A-Z][A-Z0-9_]*):-([^}]*)\}", text)
     assert defaults
     for name, default in defaults:
-        assert name in DEFAULTS, name
-        assert default == DEFAULTS[name], f"{name}: compose says {default!r}"
+        expected = BUILD_VARIABLES[name] if name in BUILD_VARIABLES else DEFAULTS[name]
+        assert default == expected, f"{name}: compose says {default!r}"
+    assert set(BUILD_VARIABLES) <= {name for name, _ in defaults}
 
 
 def test_no_secret_has_a_value_in_the_compose_file(services: dict[str, dict[str, Any]]) -> None:
@@ -318,7 +337,12 @@ def test_each_service_runs_the_command_the_scripts_run(
 
 def test_the_image_is_built_by_install_sh_portable_and_runs_the_proxy_by_default() -> None:
     instructions = _dockerfile_instructions()
-    assert ("RUN", "runtime/install.sh --image") in instructions
+    builds = [args for word, args in instructions if word == "RUN" and "install.sh --image" in args]
+    assert len(builds) == 1
+    # The wheel cache survives builds; the CA bundle is a secret, mounted for this step alone.
+    assert "--mount=type=cache," in builds[0]
+    assert "--mount=type=secret,id=ca_bundle," in builds[0]
+    assert "runtime/install.sh --image;" in builds[0]
     install = INSTALL.read_text(encoding="utf-8")
     assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF"' in install
     # --image stops before config.env (which holds the backend key), the model and Postgres.
@@ -353,11 +377,13 @@ def test_the_image_never_receives_a_secret() -> None:
 
 def test_env_example_documents_every_setting_with_its_default() -> None:
     documented = _env_example()
-    assert set(documented) == KNOWN_VARIABLES, "documented vs known"
+    assert set(documented) == KNOWN_VARIABLES | set(BUILD_VARIABLES), "documented vs known"
     for name, (value, _, explanation) in documented.items():
         assert re.fullmatch(r"# [A-Z0-9].{10,}", explanation), f"{name} has no explanation above it"
         if name in DEFAULTS:
             assert value == DEFAULTS[name], f"{name}={value!r} but Settings uses {DEFAULTS[name]!r}"
+        if name in BUILD_VARIABLES:
+            assert value == BUILD_VARIABLES[name], f"{name}={value!r} but compose uses another"
 
 
 def test_env_example_sets_only_the_empty_secrets() -> None:

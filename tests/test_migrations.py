@@ -49,8 +49,12 @@ async def _tables(dsn: str) -> set[str]:
 
 
 def test_migrated_database_matches_metadata(empty_dsn: str) -> None:
-    migrate.upgrade(empty_dsn)
+    applied = migrate.upgrade(empty_dsn)
     assert _diff(empty_dsn) == []
+    # Each revision once, oldest first; a second run has nothing left to apply.
+    versions = sorted(p.name[:4] for p in (migrate.MIGRATIONS_DIR / "versions").glob("0*.py"))
+    assert applied == versions
+    assert migrate.upgrade(empty_dsn) == []
 
 
 def test_downgrade_to_base_then_upgrade_round_trips(empty_dsn: str) -> None:
@@ -132,6 +136,8 @@ def test_init_db_works_from_an_installed_wheel(
     assert result.returncode == 0, result.stderr
     assert str(installed) in result.stderr  # the wheel's copy ran, not the source tree's
     assert "is at the newest schema" in result.stdout
+    count = len(list((migrate.MIGRATIONS_DIR / "versions").glob("0*.py")))
+    assert f"Applied {count} migration(s): 0001, " in result.stdout
     assert _diff(empty_dsn) == []
 
 

@@ -53,11 +53,13 @@ def init_db() -> None:
     if created:
         click.echo(f"Created database {settings.database_label}.")
     try:
-        migrate.upgrade(settings.database_dsn.reveal())
+        applied = migrate.upgrade(settings.database_dsn.reveal())
     except Exception as exc:  # alembic surfaces driver errors as many types; none may leak a DSN
         raise click.ClickException(
             f"migrating {settings.database_label} failed: {type(exc).__name__}: {exc}"
         ) from None
+    if applied:
+        click.echo(f"Applied {len(applied)} migration(s): {', '.join(applied)}.")
     click.echo(f"Database {settings.database_label} is at the newest schema.")
 
 

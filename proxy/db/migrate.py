@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext, MigrationInfo
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -25,8 +28,22 @@ def alembic_config(dsn: str) -> Config:
     return config
 
 
-def upgrade(dsn: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(dsn), revision)
+def upgrade(dsn: str, revision: str = "head") -> list[str]:
+    """Migrate to `revision`; returns the revisions applied, oldest first (none when up to date)."""
+    applied: list[str] = []
+    config = alembic_config(dsn)
+
+    def note(
+        ctx: MigrationContext,
+        step: MigrationInfo,
+        heads: Collection[Any],
+        run_args: Mapping[str, Any],
+    ) -> None:
+        applied.extend(step.up_revision_ids)
+
+    config.attributes["on_version_apply"] = note
+    command.upgrade(config, revision)
+    return applied
 
 
 def downgrade(dsn: str, revision: str = "base") -> None:

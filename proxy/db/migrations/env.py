@@ -27,7 +27,14 @@ def _dsn() -> str:
 
 
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=metadata, compare_type=True)
+    # `proxy.db.migrate.upgrade` passes a callback told of each migration applied.
+    applied = config.attributes.get("on_version_apply")
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        compare_type=True,
+        on_version_apply=applied,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
