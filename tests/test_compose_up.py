@@ -220,6 +220,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             yield stack
         finally:
             stack.compose("down", "-v", "--remove-orphans", check=False)
+            # The image goes too (BuildKit's cache rebuilds it in seconds); the stand-ins stay.
+            subprocess.run(
+                ["docker", "image", "rm", IMAGE], env=env, capture_output=True, check=False
+            )
 
 
 @pytest.fixture(scope="module")
