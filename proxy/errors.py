@@ -59,6 +59,21 @@ class InvalidApiKey(ApiError):
         )
 
 
+class KeyOutOfScope(ApiError):
+    """A key used for a model or an API its scope leaves out (`create-key --models/--apis`)."""
+
+    status = 403
+    type = "permission_error"
+    code = "key_out_of_scope"
+
+    def __init__(self, what: str, allowed: Sequence[str], param: str | None = None) -> None:
+        super().__init__(
+            f"This API key may not use {what}; it may use {', '.join(allowed)}. Use another key, "
+            "or ask your administrator for one that covers it.",
+            param=param,
+        )
+
+
 class KeyStoreUnavailable(ApiError):
     status = 503
     code = "key_store_unavailable"

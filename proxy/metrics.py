@@ -178,7 +178,6 @@ class Metrics:
                 self._users[username] = counters
         return counters
 
-
     def middleware(self, skip_paths: frozenset[str]) -> Middleware:
         @web.middleware
         async def count_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -6,14 +6,47 @@ all come from here; a path that is not in the table is a 404 that never reaches 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from proxy.dialects import anthropic, jsonrpc, local, openai, responses, stream
 from proxy.dialects.anthropic_replies import Thoughts
 from proxy.dialects.reasoning import Reasoning
 from proxy.pipeline.endpoint import Route
 from proxy.settings import Settings
 
+# The APIs a key can be scoped to (`llama-gate create-key --apis`), and what each one covers.
+APIS = {
+    "chat": "POST /v1/chat/completions (OpenAI chat)",
+    "completions": "POST /v1/completions (OpenAI text completions)",
+    "embeddings": "POST /v1/embeddings",
+    "models": "GET /v1/models and /v1/models/{model}",
+    "responses": "/v1/responses and its stored responses (OpenAI's Responses API)",
+    "messages": "POST /v1/messages and count_tokens (Anthropic's Messages API)",
+    "rpc": "POST /rpc (JSON-RPC 2.0)",
+    "local": "POST /stream, /setModel and /restore_cache",
+}
+
+
+def _api(path: str) -> str:
+    for prefix, api in (
+        ("/v1/chat/", "chat"),
+        ("/v1/completions", "completions"),
+        ("/v1/embeddings", "embeddings"),
+        ("/v1/models", "models"),
+        ("/v1/responses", "responses"),
+        ("/v1/messages", "messages"),
+        ("/rpc", "rpc"),
+    ):
+        if path.startswith(prefix):
+            return api
+    return "local"
+
 
 def build_routes(settings: Settings) -> tuple[Route, ...]:
+    return tuple(replace(route, api=_api(route.path)) for route in _routes(settings))
+
+
+def _routes(settings: Settings) -> tuple[Route, ...]:
     reasoning = Reasoning(settings.reasoning)
     return (
         Route(

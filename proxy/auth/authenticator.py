@@ -348,6 +348,8 @@ def _principal(record: queries.KeyRecord) -> Principal:
         record.user_id, record.username, record.key_id, record.rate_limit,
         record.rate_window_seconds, record.max_concurrent, record.max_tokens,
         record.tokens_per_day, record.tokens_per_minute, record.default_model,
+        tuple(record.models) if record.models is not None else None,
+        frozenset(record.apis) if record.apis is not None else None,
     )  # fmt: skip
 
 

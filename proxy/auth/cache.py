@@ -29,6 +29,8 @@ class Principal:
     tokens_per_day: int | None = None  # token quotas; None means none
     tokens_per_minute: int | None = None
     default_model: str | None = None  # for requests naming none (POST /setModel); None: server's
+    models: tuple[str, ...] | None = None  # the key's scope: model names or globs; None: all
+    apis: frozenset[str] | None = None  # the APIs the key may use (`proxy.routes.APIS`); None: all
 
 
 @dataclass

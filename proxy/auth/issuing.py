@@ -7,6 +7,7 @@ the `api_keys` triggers' NOTIFY (migration 0002).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from proxy.auth.apikeys import KeyHasher, NewKey, generate_key
@@ -23,13 +24,19 @@ class KeyAlreadyRevoked(Exception):
 
 
 async def issue_key(
-    con: Connection, user_id: int, label: str | None, expires_in: timedelta | None
+    con: Connection,
+    user_id: int,
+    label: str | None,
+    expires_in: timedelta | None,
+    models: Sequence[str] | None = None,
+    apis: Sequence[str] | None = None,
 ) -> NewKey:
-    """Make a key for the user and store only its id and argon2id hash."""
+    """Make a key for the user and store only its id and argon2id hash, and its scope (the
+    models and APIs it may use; None: all)."""
     key = generate_key()
     expires_at = datetime.now(UTC) + expires_in if expires_in else None
     secret_hash = KeyHasher().hash(key.secret)
-    await queries.insert_key(con, user_id, key.key_id, secret_hash, label, expires_at)
+    await queries.insert_key(con, user_id, key.key_id, secret_hash, label, expires_at, models, apis)
     return key
 
 
@@ -46,6 +53,9 @@ async def rotate_key(
             raise KeyNotFound(key_id)
         if old["revoked_at"] is not None and old["revoked_at"] <= datetime.now(UTC):
             raise KeyAlreadyRevoked(key_id)
-        new = await issue_key(con, old["user_id"], old["label"], expires_in)
+        # The new key may do what the old one could: the same scope.
+        new = await issue_key(
+            con, old["user_id"], old["label"], expires_in, old["models"], old["apis"]
+        )
         await queries.revoke_key(con, key_id, after=grace)
         return old["username"], new

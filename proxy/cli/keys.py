@@ -12,6 +12,7 @@ from proxy.auth.apikeys import KEY_ID_RE, KEY_PREFIX, NewKey
 from proxy.auth.issuing import KeyAlreadyRevoked, KeyNotFound, issue_key
 from proxy.cli.support import Duration, print_json, print_table, run_db, state, username_arg
 from proxy.db import queries
+from proxy.routes import APIS
 from proxy.settings import Settings
 
 
@@ -37,29 +38,90 @@ def key_id_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     return key_id
 
 
-@click.command("create-key")
+def _listed(values: tuple[str, ...]) -> list[str] | None:
+    """Repeated and comma-separated option values as one list (None when none was given)."""
+    items = [item.strip() for value in values for item in value.split(",") if item.strip()]
+    return items or None
+
+
+def models_arg(
+    _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> list[str] | None:
+    models = _listed(value)
+    for model in models or ():
+        if len(model) > 200 or any(ch.isspace() or not ch.isprintable() for ch in model):
+            raise click.BadParameter(f"{model[:40]!r} is not a model name or glob")
+    return models
+
+
+def apis_arg(
+    _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> list[str] | None:
+    apis = _listed(value)
+    unknown = sorted(set(apis or ()) - set(APIS))
+    if unknown:
+        raise click.BadParameter(
+            f"{', '.join(unknown)}: not an API here; choose from {', '.join(APIS)}"
+        )
+    return sorted(set(apis)) if apis else None
+
+
+SCOPE_HELP = "APIs: " + "; ".join(f"{name}: {what}" for name, what in APIS.items()) + "."
+
+
+@click.command("create-key", epilog=SCOPE_HELP)
 @click.option("--username", required=True, callback=username_arg, help="Owner of the new key.")
 @click.option("--label", help="A note to tell keys apart, e.g. the laptop it lives on.")
 @click.option(
     "--expires-in", type=Duration(positive=True), help="Expire the key after this long (e.g. 90d)."
 )
-def create_key(username: str, label: str | None, expires_in: timedelta | None) -> None:
-    """Give a user another API key (users may hold several).
+@click.option(
+    "--models",
+    multiple=True,
+    callback=models_arg,
+    help="Only these models: names or globs, comma-separated or repeated (e.g. 'qwen*,smollm2'). "
+    "Default: every model.",
+)
+@click.option(
+    "--apis",
+    multiple=True,
+    callback=apis_arg,
+    help="Only these APIs, comma-separated or repeated (listed below). Default: every API.",
+)
+def create_key(
+    username: str,
+    label: str | None,
+    expires_in: timedelta | None,
+    models: list[str] | None,
+    apis: list[str] | None,
+) -> None:
+    """Give a user another API key (users may hold several), optionally scoped.
 
-    The full key is printed once; only its hash is stored.
+    The full key is printed once; only its hash is stored. A key used outside its scope
+    (another model, another API) is refused with 403 and spends nothing of the user's limits.
+    Rotating a key keeps its scope.
 
     Example:
 
         llama-gate create-key --username alice --label laptop --expires-in 90d
+
+        llama-gate create-key --username ci --apis embeddings --models 'nomic*'
+
+        llama-gate create-key --username dash --apis models   # read-only: GET /v1/models
     """
 
     async def work(con: asyncpg.Connection) -> NewKey:
         user = await queries.get_user(con, username)
         if user is None:
             raise click.ClickException(f"no user named {username!r} (see list-users)")
-        return await issue_key(con, user["id"], label, expires_in)
+        return await issue_key(con, user["id"], label, expires_in, models, apis)
 
     announce_key(state().settings(), username, run_db(work))
+    if models is not None or apis is not None:
+        click.echo(
+            f"Scope: models {', '.join(models) if models else 'all'}; "
+            f"APIs {', '.join(apis) if apis else 'all'}."
+        )
 
 
 @click.command("list-keys")
@@ -77,7 +139,17 @@ def list_keys(username: str | None, as_json: bool) -> None:
         print_json(rows)
     else:
         columns = ["key_id", "username", "label", "state", "created_at", "last_used_at"]
-        print_table(rows, [*columns, "expires_at", "revoked_at"])
+        print_table(
+            [_with_scope(row) for row in rows], [*columns, "expires_at", "revoked_at", "scope"]
+        )
+
+
+def _with_scope(row: asyncpg.Record) -> dict[str, object]:
+    """A key's row with its scope in one column: `all`, or what it is limited to."""
+    parts = [
+        f"{name}={','.join(row[name])}" for name in ("models", "apis") if row[name] is not None
+    ]
+    return {**dict(row), "scope": " ".join(parts) or "all"}
 
 
 @click.command("revoke-key")

@@ -37,6 +37,8 @@ class KeyRecord:
     tokens_per_day: int | None
     tokens_per_minute: int | None
     default_model: str | None
+    models: list[str] | None  # the key's scope; None: every model, every API
+    apis: list[str] | None
 
 
 @dataclass(frozen=True)
@@ -157,16 +159,20 @@ async def insert_key(
     secret_hash: str,
     label: str | None,
     expires_at: datetime | None,
+    models: Sequence[str] | None = None,
+    apis: Sequence[str] | None = None,
 ) -> asyncpg.Record:
     row = await con.fetchrow(
-        """INSERT INTO api_keys (user_id, key_id, secret_hash, label, expires_at)
-           VALUES ($1, $2, $3, $4, $5)
+        """INSERT INTO api_keys (user_id, key_id, secret_hash, label, expires_at, models, apis)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)
            RETURNING key_id, label, created_at, expires_at""",
         user_id,
         key_id,
         secret_hash,
         label,
         expires_at,
+        list(models) if models is not None else None,
+        list(apis) if apis is not None else None,
     )
     assert row is not None
     return row
@@ -175,7 +181,7 @@ async def insert_key(
 async def list_keys(con: Connection, username: str | None) -> list[asyncpg.Record]:
     return await con.fetch(
         """SELECT k.key_id, u.username, k.label, k.created_at, k.last_used_at, k.expires_at,
-                  k.revoked_at,
+                  k.revoked_at, k.models, k.apis,
                   CASE WHEN k.revoked_at IS NOT NULL AND k.revoked_at <= now() THEN 'revoked'
                        WHEN k.expires_at IS NOT NULL AND k.expires_at <= now() THEN 'expired'
                        WHEN k.revoked_at IS NOT NULL THEN 'retiring'
@@ -189,7 +195,7 @@ async def list_keys(con: Connection, username: str | None) -> list[asyncpg.Recor
 
 async def get_key_owner(con: Connection, key_id: str) -> asyncpg.Record | None:
     return await con.fetchrow(
-        """SELECT k.key_id, k.user_id, k.label, k.revoked_at, u.username
+        """SELECT k.key_id, k.user_id, k.label, k.revoked_at, k.models, k.apis, u.username
            FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_id = $1""",
         key_id,
     )
@@ -211,7 +217,7 @@ _KEY_RECORDS = """
     SELECT k.key_id, k.secret_hash, k.expires_at, k.revoked_at,
            u.id AS user_id, u.username, u.enabled AS user_enabled,
            u.rate_limit, u.rate_window_seconds, u.max_concurrent, u.max_tokens,
-           u.tokens_per_day, u.tokens_per_minute, u.default_model
+           u.tokens_per_day, u.tokens_per_minute, u.default_model, k.models, k.apis
     FROM api_keys k JOIN users u ON u.id = k.user_id"""
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 metadata = MetaData(
     naming_convention={
@@ -87,6 +87,9 @@ api_keys = Table(
     Column("last_used_at", DateTime(timezone=True), nullable=True),
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    # A key's scope: the models (names or globs) and APIs it may use; NULL means all.
+    Column("models", ARRAY(Text), nullable=True),
+    Column("apis", ARRAY(Text), nullable=True),
 )
 
 # Tokens that sign admins in to the dashboard (`llama-gate create-admin-token`): like api_keys, a

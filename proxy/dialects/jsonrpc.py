@@ -42,6 +42,7 @@ from proxy.errors import (
     InvalidApiKey,
     InvalidJson,
     InvalidRequest,
+    KeyOutOfScope,
     KeyStoreUnavailable,
     ModelNotFound,
     QueueTimeout,
@@ -70,6 +71,7 @@ UNKNOWN_MODEL = -32004  # data.models
 UNAUTHORIZED = -32005  # missing or bad key (HTTP 401)
 KEY_STORE_UNAVAILABLE = -32006  # the key cannot be checked now: data.retry_after
 ANSWER_TOO_LARGE = -32007
+FORBIDDEN = -32008  # the key's scope leaves out this API or model (HTTP 403)
 SERVER_ERRORS: tuple[tuple[type[ApiError], int], ...] = (
     (RateLimited, RATE_LIMITED),
     (TooManyConcurrent, RATE_LIMITED),
@@ -78,6 +80,7 @@ SERVER_ERRORS: tuple[tuple[type[ApiError], int], ...] = (
     (QueueTimeout, QUEUE_TIMEOUT),
     (ModelNotFound, UNKNOWN_MODEL),
     (InvalidApiKey, UNAUTHORIZED),
+    (KeyOutOfScope, FORBIDDEN),
     (KeyStoreUnavailable, KEY_STORE_UNAVAILABLE),
     (AnswerTooLarge, ANSWER_TOO_LARGE),
     (UpstreamError, BACKEND_UNAVAILABLE),

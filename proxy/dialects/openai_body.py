@@ -266,9 +266,7 @@ def _inference(
     body["stream_options"] = {"include_usage": True, PROGRESS_OPTION: True}
     if "seed" in body:
         body["seed"] %= 1 << 32  # llama.cpp's seeds are 32 bits; OpenAI's are any integer
-    return Inference(
-        body, body.get("model"), bool(stream), usage_wanted, body.get("user"), strict
-    )
+    return Inference(body, body.get("model"), bool(stream), usage_wanted, body.get("user"), strict)
 
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,6 @@ from proxy.upstream.forward import UpstreamCall
 log = logging.getLogger(__name__)
 
 
-
 def _event(payload: dict[str, Any]) -> bytes:
     return sse(json_bytes(payload))
 

@@ -80,9 +80,7 @@ class Prompts:
             min(settings.queue_timeout_seconds, settings.backend_restart_wait_seconds)
         )
 
-    async def measure(
-        self, ask: Ask, request_id: str, has_quota: bool, received: int
-    ) -> Measured:
+    async def measure(self, ask: Ask, request_id: str, has_quota: bool, received: int) -> Measured:
         """Measure `ask`'s prompt when it can matter; raise the request's refusal. `received`
         is the size of the client's body (at least the bytes of its text)."""
         body = ask.call.json or {}

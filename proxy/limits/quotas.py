@@ -225,8 +225,10 @@ class TokenQuotas:
         verdicts = []
         if principal.tokens_per_day is not None:
             day_start = _day_start(now)
-            used = reserved + ledger.totals.day + sum(
-                u.tokens for u in ledger.recent if u.started_at >= day_start
+            used = (
+                reserved
+                + ledger.totals.day
+                + sum(u.tokens for u in ledger.recent if u.started_at >= day_start)
             )
             reset = day_start + timedelta(days=1) - now if used else timedelta(0)
             verdicts.append(_Verdict("day", principal.tokens_per_day, used, _ms(reset)))

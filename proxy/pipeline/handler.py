@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
+from fnmatch import fnmatchcase
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -46,6 +47,7 @@ from proxy.errors import (
     ApiError,
     InternalError,
     InvalidRequest,
+    KeyOutOfScope,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
@@ -230,6 +232,7 @@ class Walk:
     def __init__(self, route: Route) -> None:
         self._endpoint = route.endpoint
         self._batch = isinstance(route.endpoint, BatchEndpoint)
+        self._api = route.api
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Authenticate, admit, and let the route's endpoint serve the request."""
@@ -245,9 +248,13 @@ class Walk:
             return await endpoint.serve(self.context(request, exchange), prepared)
 
     async def authenticate(self, request: web.Request, exchange: Exchange) -> None:
-        exchange.caller = await request.app[AUTHENTICATOR].authenticate(
+        """Who is asking, and may their key use this API at all (a 403 spends nothing)."""
+        caller = await request.app[AUTHENTICATOR].authenticate(
             presented_key(request), exchange.client_addr
         )
+        exchange.caller = caller
+        if caller.apis is not None and self._api not in caller.apis:
+            raise KeyOutOfScope(f"the {self._api} API", sorted(caller.apis))
 
     @asynccontextmanager
     async def admit(
@@ -275,6 +282,8 @@ class Walk:
             exchange.end_user = prepared.end_user
             if prepared.model is not None:
                 _known_model(request, prepared.model)  # a request for no model spends nothing
+            if caller.models is not None and exchange.model is not None:
+                _model_in_scope(caller.models, exchange.model)
             return prepared
 
         def received(size: int) -> None:
@@ -381,6 +390,13 @@ async def _reserve_again(app: web.Application, exchange: Exchange, call: Upstrea
     size = len(call.data or b"")
     measured = await admission.prompts.measure(ask, exchange.request_id, True, size)
     quotas.extend(caller, exchange.request_id, measured.prompt_tokens or 0)
+
+
+def _model_in_scope(scope: tuple[str, ...], model: str) -> None:
+    """A key scoped to models may use those its names or globs match, and no other."""
+    if not any(fnmatchcase(model, pattern) for pattern in scope):
+        shown = model if len(model) <= 80 else model[:77] + "..."
+        raise KeyOutOfScope(f"the model {shown!r}", scope, param="model")
 
 
 def _known_model(request: web.Request, model: str) -> None:

@@ -59,7 +59,6 @@ def upgrade() -> None:
         """
     )
 
-
     op.execute("DROP VIEW llama_usage_daily")
     op.execute(USAGE_DAILY_VIEW)
 

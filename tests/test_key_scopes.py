@@ -1,0 +1,222 @@
+"""Scoped keys: a key limited to some models (names or globs) and some APIs is refused with 403
+in each API's own shape outside its scope, spending nothing; other keys keep full access.
+
+Driven by the real `openai` and `anthropic` SDKs and plain HTTP against a fake backend; the admin
+CLI makes and lists scoped keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import asyncpg
+import openai
+import pytest
+
+from proxy.auth.issuing import issue_key, rotate_key
+from proxy.db import queries
+from proxy.routes import APIS
+from tests.cli_helpers import KEY_RE, failure, ok
+from tests.fake_upstream import MODEL
+from tests.proxy_harness import Harness, bearer, running_proxy
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture
+async def proxy(db_dsn: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running_proxy(db_dsn, tmp_path) as harness:
+        harness.upstream.event_delay = harness.upstream.tail_delay = 0.0
+        yield harness
+
+
+async def scoped_key(
+    proxy: Harness,
+    username: str,
+    models: list[str] | None = None,
+    apis: list[str] | None = None,
+    rate_limit: int | None = None,
+) -> str:
+    con = await asyncpg.connect(proxy.dsn)
+    try:
+        user = await queries.get_user(con, username)
+        if user is None:
+            user = await queries.create_user(
+                con, username, rate_limit, 3600 if rate_limit else None
+            )
+        key = await issue_key(con, user["id"], None, None, models, apis)
+    finally:
+        await con.close()
+    return key.full.reveal()
+
+
+def _openai(proxy: Harness, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.url("/v1"), api_key=key, max_retries=0, timeout=10)
+
+
+async def post(proxy: Harness, path: str, key: str, body: Any) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(proxy.url(path), json=body, headers=bearer(key)) as r,
+    ):
+        raw = await r.read()
+        return r.status, json.loads(raw) if raw.startswith(b"{") else raw
+
+
+def _refused_openai(body: dict[str, Any], param: str | None) -> None:
+    assert body["error"]["type"] == "permission_error"
+    assert body["error"]["code"] == "key_out_of_scope"
+    assert body["error"]["param"] == param
+
+
+async def test_a_key_scoped_to_other_models_is_refused_on_every_api(proxy: Harness) -> None:
+    key = await scoped_key(proxy, "alice", models=["qwen*", "llama-3-8b"])
+    async with _openai(proxy, key) as client:
+        with pytest.raises(openai.PermissionDeniedError) as chat:
+            await client.chat.completions.create(model=MODEL, messages=HI)  # type: ignore[arg-type]
+        with pytest.raises(openai.PermissionDeniedError) as answer:
+            await client.responses.create(model=MODEL, input="Hi")
+    _refused_openai(chat.value.response.json(), "model")
+    assert "qwen*, llama-3-8b" in chat.value.message
+    _refused_openai(answer.value.response.json(), "model")
+
+    for path, body in (
+        ("/v1/completions", {"model": MODEL, "prompt": "Hi"}),
+        ("/v1/embeddings", {"model": MODEL, "input": "Hi"}),
+        ("/v1/chat/completions", {"messages": HI}),  # no model named: the default is asked
+    ):
+        status, refused = await post(proxy, path, key, body)
+        assert status == 403, (path, refused)
+        _refused_openai(refused, "model")
+
+    async with anthropic.AsyncAnthropic(base_url=proxy.url("/"), api_key=key, max_retries=0) as c:
+        with pytest.raises(anthropic.PermissionDeniedError) as message:
+            await c.messages.create(model=MODEL, max_tokens=20, messages=HI)  # type: ignore[arg-type]
+    assert message.value.body["error"]["type"] == "permission_error"  # type: ignore[index]
+
+    status, rpc = await post(
+        proxy,
+        "/rpc",
+        key,
+        {"jsonrpc": "2.0", "method": "create_message", "params": {"message": "Hi"}, "id": 1},
+    )
+    assert status == 200  # a call's error is an answer like any other
+    assert rpc["error"]["code"] == -32008
+    assert rpc["error"]["data"] == {"status": 403, "code": "key_out_of_scope", "param": "model"}
+
+    status, raw = await post(proxy, "/stream", key, {"message": "Hi"})
+    assert status == 403  # and one `data: {"error": ...}` event, as /stream's errors are
+    assert json.loads(raw.removeprefix(b"data: "))["code"] == "key_out_of_scope"
+
+    # None of it reached the backend; each refusal is a row of its own.
+    assert not [s for s in proxy.upstream.seen if s.path != "/v1/models"]
+    rows = await proxy.wait_for_records(8)  # the 8 requests above
+    assert len(rows) == 8
+    assert {(r.status_code, r.error) for r in rows} == {(403, "key_out_of_scope")}
+
+
+async def test_a_key_scoped_to_matching_models_is_served(proxy: Harness) -> None:
+    key = await scoped_key(proxy, "alice", models=["smollm2-*"])
+    async with _openai(proxy, key) as client:
+        answer = await client.chat.completions.create(model=MODEL, messages=HI)  # type: ignore[arg-type]
+        assert answer.choices[0].message.content
+        status, _ = await post(proxy, "/v1/chat/completions", key, {"messages": HI})
+        assert status == 200  # the default model is smollm2-test, which the glob matches
+
+
+async def test_a_key_scoped_to_an_api_is_refused_every_other_api(proxy: Harness) -> None:
+    key = await scoped_key(proxy, "ci", apis=["embeddings"])
+    status, embedded = await post(proxy, "/v1/embeddings", key, {"model": MODEL, "input": "Hi"})
+    assert status == 200, embedded
+
+    refused = {
+        "/v1/chat/completions": {"model": MODEL, "messages": HI},
+        "/v1/completions": {"model": MODEL, "prompt": "Hi"},
+        "/v1/responses": {"model": MODEL, "input": "Hi"},
+        "/stream": {"message": "Hi"},
+        "/setModel": {"model": MODEL},
+    }
+    for path, body in refused.items():
+        status, answer = await post(proxy, path, key, body)
+        assert status == 403, (path, answer)
+        assert "the embeddings" not in str(answer)
+        assert "may use embeddings" in str(answer)
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(proxy.url("/v1/models"), headers=bearer(key)) as models,
+    ):
+        assert models.status == 403
+        _refused_openai(await models.json(), None)
+
+    status, message = await post(
+        proxy, "/v1/messages", key, {"model": MODEL, "max_tokens": 5, "messages": HI}
+    )
+    assert status == 403
+    assert message["type"] == "error"
+    assert message["error"] == {"type": "permission_error", "message": message["error"]["message"]}
+    assert "may use embeddings" in message["error"]["message"]
+    status, rpc = await post(proxy, "/rpc", key, {"jsonrpc": "2.0", "method": "tool_list", "id": 1})
+    assert status == 403
+    assert rpc["error"]["code"] == -32008
+    assert rpc["id"] is None
+
+
+async def test_a_read_only_key_lists_models_and_nothing_more(proxy: Harness) -> None:
+    key = await scoped_key(proxy, "dash", apis=["models"])
+    async with _openai(proxy, key) as client:
+        assert [m.id for m in (await client.models.list()).data] == [MODEL]
+        assert (await client.models.retrieve(MODEL)).id == MODEL
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.chat.completions.create(model=MODEL, messages=HI)  # type: ignore[arg-type]
+
+
+async def test_a_refusal_spends_nothing_of_the_users_limits(proxy: Harness) -> None:
+    # One request an hour: the refused ones before it must not use it up.
+    scoped = await scoped_key(proxy, "bob", models=["qwen*"], rate_limit=1)
+    for _ in range(3):
+        status, _ = await post(proxy, "/v1/chat/completions", scoped, {"messages": HI})
+        assert status == 403
+    full = await scoped_key(proxy, "bob")  # another key of bob's, unscoped: all of it
+    status, answer = await post(proxy, "/v1/chat/completions", full, {"messages": HI})
+    assert status == 200, answer
+    status, answer = await post(proxy, "/v1/chat/completions", full, {"messages": HI})
+    assert status == 429, answer
+
+
+async def test_rotating_a_key_keeps_its_scope(proxy: Harness) -> None:
+    key = await scoped_key(proxy, "carol", models=["qwen*"], apis=["chat"])
+    con = await asyncpg.connect(proxy.dsn)
+    try:
+        _, new = await rotate_key(con, key.split("_")[1], timedelta(0), None)
+    finally:
+        await con.close()
+    status, answer = await post(proxy, "/v1/embeddings", new.full.reveal(), {"input": "Hi"})
+    assert status == 403
+    assert "may use chat" in answer["error"]["message"]
+
+
+def test_cli_creates_and_lists_scoped_keys(cli_env: dict[str, str]) -> None:
+    ok(cli_env, "create-user", "--username", "erin")
+    out = ok(
+        cli_env, "create-key", "--username", "erin", "--models", "qwen*,smollm2",
+        "--models", "phi3", "--apis", "chat", "--apis", "embeddings,models",
+    )  # fmt: skip
+    assert KEY_RE.search(out)
+    assert "Scope: models qwen*, smollm2, phi3; APIs chat, embeddings, models." in out
+    listed = ok(cli_env, "list-keys", "--username", "erin")
+    assert "models=qwen*,smollm2,phi3 apis=chat,embeddings,models" in listed
+    assert "  all" in listed  # the first key, made with the user, has no scope
+    as_json = json.loads(ok(cli_env, "list-keys", "--username", "erin", "--json"))
+    assert [k["apis"] for k in as_json] == [None, ["chat", "embeddings", "models"]]
+
+    error = failure(cli_env, "create-key", "--username", "erin", "--apis", "chat,bogus")
+    assert "bogus: not an API here; choose from " + ", ".join(APIS) in error
+    helped = ok(cli_env, "create-key", "--help")
+    assert all(name in helped for name in APIS)
