@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from proxy.dialects import anthropic, jsonrpc, local, openai, responses, stream
+from proxy.dialects import anthropic, jsonrpc, local, me, openai, responses, stream
 from proxy.dialects.anthropic_replies import Thoughts
 from proxy.dialects.reasoning import Reasoning
 from proxy.pipeline.endpoint import Route
@@ -28,6 +28,10 @@ APIS = {
 
 
 def _api(path: str) -> str:
+    """The API a route belongs to; "" for /v1/me, which every key may ask (it shows only its own
+    user)."""
+    if path == "/v1/me":
+        return ""
     for prefix, api in (
         ("/v1/chat/", "chat"),
         ("/v1/completions", "completions"),
@@ -71,6 +75,8 @@ def _routes(settings: Settings) -> tuple[Route, ...]:
         Route("/v1/embeddings", "POST", openai.Embeddings(), aliases=("/embeddings",)),
         Route("/v1/models", "GET", openai.Models(), aliases=("/models",)),
         Route("/v1/models/{model}", "GET", openai.ModelRetrieve(), aliases=("/models/{model}",)),
+        # A key's holder sees their own limits, quotas and usage.
+        Route("/v1/me", "GET", me.Me(), aliases=("/me",)),
         # OpenAI's Responses API (Codex speaks only this).
         Route("/v1/responses", "POST", responses.Create(), aliases=("/responses",)),
         Route(

@@ -7,7 +7,9 @@ CLI makes and lists scoped keys.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ from proxy.routes import APIS
 from tests.cli_helpers import KEY_RE, failure, ok
 from tests.fake_upstream import MODEL
 from tests.proxy_harness import Harness, bearer, running_proxy
+from tests.sharing_helpers import set_limits
 
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -220,3 +223,69 @@ def test_cli_creates_and_lists_scoped_keys(cli_env: dict[str, str]) -> None:
     assert "bogus: not an API here; choose from " + ", ".join(APIS) in error
     helped = ok(cli_env, "create-key", "--help")
     assert all(name in helped for name in APIS)
+
+
+# -- GET /v1/me ----------------------------------------------------------------------------------
+
+
+async def _me(proxy: Harness, key: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(proxy.url("/v1/me"), headers=bearer(key)) as r,
+    ):
+        return r.status, await r.json(), dict(r.headers)
+
+
+async def test_me_shows_a_users_own_limits_quotas_and_usage_as_the_cli_does(
+    proxy: Harness, cli_env: dict[str, str]
+) -> None:
+    alice = await scoped_key(proxy, "alice")
+    await set_limits(proxy.dsn, "alice", tokens_per_day=5000, max_concurrent=2)
+    bob = await scoped_key(proxy, "bob")
+    for key in (alice, alice, bob):
+        status, _ = await post(proxy, "/v1/chat/completions", key, {"messages": HI})
+        assert status == 200
+    deadline = time.monotonic() + 10
+    while True:  # the rows reach Postgres about a second after their requests end
+        status, me, _ = await _me(proxy, alice)
+        assert status == 200
+        if (me["usage"] and me["usage"][0]["requests"] >= 2) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    # Each /v1/me is a request too: let the last one's row land, then ask the CLI, then /v1/me.
+    await asyncio.sleep(2.5)
+    cli_usage = json.loads(
+        await asyncio.to_thread(ok, cli_env, "usage", "--user", "alice", "--json")
+    )
+    cli_quotas = json.loads(
+        await asyncio.to_thread(ok, cli_env, "usage", "--user", "alice", "--quotas", "--json")
+    )
+    status, me, headers = await _me(proxy, alice)
+    assert status == 200
+
+    assert me["username"] == "alice"
+    assert me["limits"] == {
+        "requests_per_window": 60, "window_seconds": 60, "max_concurrent": 2,
+        "max_tokens": 1024, "tokens_per_day": 5000, "tokens_per_minute": None,
+    }  # fmt: skip
+    assert "x-ratelimit-remaining-requests" in {h.lower() for h in headers}
+    # The same as the admin's `llama-gate usage --user alice`, and nothing of bob's.
+    assert me["usage"] == cli_usage
+    assert [row["username"] for row in me["usage"]] == ["alice"]
+    assert me["usage"][0]["requests"] >= 3  # two chats and the /v1/me calls before this one
+    resets = me["quotas"].pop("day_resets_at")
+    assert [{"username": "alice", **me["quotas"]}] == cli_quotas
+    assert me["quotas"]["tokens_today"] > 0
+    assert resets.endswith("T00:00:00+00:00")
+    assert me["key"] == {"id": alice.split("_")[1], "models": None, "apis": None}
+
+
+async def test_me_answers_any_key_whatever_its_scope(proxy: Harness) -> None:
+    key = await scoped_key(proxy, "ci", models=["nomic*"], apis=["embeddings"])
+    status, me, _ = await _me(proxy, key)
+    assert status == 200
+    assert me["key"]["models"] == ["nomic*"]
+    assert me["key"]["apis"] == ["embeddings"]
+    assert me["usage"] == []
+    async with aiohttp.ClientSession() as http, http.get(proxy.url("/v1/me")) as r:
+        assert r.status == 401

@@ -68,6 +68,18 @@ class Admission:
         """The caller's cap on one answer: their own, never above MAX_TOKENS_HARD_CAP."""
         return min(caller.max_tokens or self._hard_cap, self._hard_cap)
 
+    def limits_of(self, caller: Principal) -> dict[str, int | None]:
+        """The limits that apply to the caller, theirs or the defaults (what `GET /v1/me` shows)."""
+        requests, window = self._rate.limits_for(caller)
+        return {
+            "requests_per_window": requests,
+            "window_seconds": window,
+            "max_concurrent": caller.max_concurrent or self._max_concurrent,
+            "max_tokens": self.max_tokens(caller),
+            "tokens_per_day": caller.tokens_per_day,
+            "tokens_per_minute": caller.tokens_per_minute,
+        }
+
     @asynccontextmanager
     async def hold(
         self,

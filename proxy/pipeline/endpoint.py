@@ -153,4 +153,4 @@ class Route:
     method: str
     endpoint: Endpoint
     aliases: tuple[str, ...] = ()  # the same route under other paths (e.g. without /v1)
-    api: str = ""  # what a key's scope calls it (`proxy.routes.APIS`)
+    api: str = ""  # what a key's scope calls it (`proxy.routes.APIS`); "": no scope applies

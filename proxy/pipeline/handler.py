@@ -253,7 +253,7 @@ class Walk:
             presented_key(request), exchange.client_addr
         )
         exchange.caller = caller
-        if caller.apis is not None and self._api not in caller.apis:
+        if self._api and caller.apis is not None and self._api not in caller.apis:
             raise KeyOutOfScope(f"the {self._api} API", sorted(caller.apis))
 
     @asynccontextmanager

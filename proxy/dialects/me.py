@@ -1,0 +1,94 @@
+"""GET /v1/me: a key's holder sees their own limits, token quotas and usage, without an admin.
+
+What it shows agrees with the admin's `llama-gate usage --user NAME` (the same queries): `usage` is
+`usage --user NAME --json` (the last 30 days of the llama_usage_daily view), `quotas` the user's row
+of `usage --quotas`, with when the daily quota resets (UTC midnight; the per-minute one is a
+sliding minute). `limits` are those that apply (the user's own or the defaults), `key` the key
+used and its scope. Any key may ask, whatever its scope: it only ever shows its own user.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from proxy.appkeys import ADMISSION, DATABASE
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable
+from proxy.db.queries import Connection
+from proxy.dialects.openai import DIALECT
+from proxy.dialects.wire import json_bytes
+from proxy.errors import ApiError
+from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
+
+USAGE_DAYS = 30  # as `llama-gate usage` shows by default
+
+
+class UsageUnavailable(ApiError):
+    status = 503
+    code = "usage_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Your usage cannot be read right now (the database is unreachable); try again shortly.",
+            {"Retry-After": "5"},
+        )
+
+
+class Me:
+    dialect = DIALECT
+    reads_body = False
+    prompt_param: str | None = None
+
+    def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
+        return Prepared(None, None)
+
+    async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
+        app = context.delivery.request.app
+        caller = context.caller
+        now = datetime.now(UTC)
+        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        since = (now - timedelta(days=USAGE_DAYS)).date()
+
+        async def read(con: Connection) -> tuple[list[Any], list[Any]]:
+            daily = await queries.usage_daily(con, since, caller.username)
+            quotas = await queries.quota_usage(
+                con, day_start, now - timedelta(minutes=1), caller.username
+            )
+            return daily, quotas
+
+        try:
+            daily, quotas = await app[DATABASE].run(read)
+        except DatabaseUnavailable:
+            raise UsageUnavailable() from None
+        quota = dict(quotas[0]) if quotas else {}
+        quota.pop("username", None)
+        quota["day_resets_at"] = day_start + timedelta(days=1)
+        answer = {
+            "object": "user",
+            "username": caller.username,
+            "key": {
+                "id": caller.key_id,
+                "models": list(caller.models) if caller.models is not None else None,
+                "apis": sorted(caller.apis) if caller.apis is not None else None,
+            },
+            "limits": app[ADMISSION].limits_of(caller),
+            "quotas": _plain(quota),
+            "usage": [_plain(dict(row)) for row in daily],
+        }
+        return context.delivery.whole(200, json_bytes(answer), "application/json")
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as JSON has it: dates in ISO form, the view's rounded percentiles as numbers."""
+    plain: dict[str, Any] = {}
+    for name, value in row.items():
+        if isinstance(value, datetime | date):
+            value = value.isoformat()
+        elif isinstance(value, Decimal):
+            value = float(value)
+        plain[name] = value
+    return plain
