@@ -73,6 +73,11 @@ class KeyOutOfScope(ApiError):
             param=param,
         )
 
+    @classmethod
+    def model(cls, model: str, scope: Sequence[str]) -> KeyOutOfScope:
+        shown = model if len(model) <= 80 else model[:77] + "..."
+        return cls(f"the model {shown!r}", scope, param="model")
+
 
 class KeyStoreUnavailable(ApiError):
     status = 503

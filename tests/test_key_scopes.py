@@ -25,8 +25,8 @@ from proxy.auth.issuing import issue_key, rotate_key
 from proxy.db import queries
 from proxy.routes import APIS
 from tests.cli_helpers import KEY_RE, failure, ok
-from tests.fake_upstream import MODEL
-from tests.proxy_harness import Harness, bearer, running_proxy
+from tests.fake_upstream import MODEL, FakeUpstream
+from tests.proxy_harness import BACKEND_KEY, Harness, bearer, running_proxy
 from tests.sharing_helpers import set_limits
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -289,3 +289,20 @@ async def test_me_answers_any_key_whatever_its_scope(proxy: Harness) -> None:
     assert me["usage"] == []
     async with aiohttp.ClientSession() as http, http.get(proxy.url("/v1/me")) as r:
         assert r.status == 401
+
+
+async def test_a_key_scoped_to_models_lists_and_retrieves_only_those(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    upstream = FakeUpstream(expected_key=BACKEND_KEY, models=[MODEL, "qwen-7b", "qwen-14b"])
+    async with running_proxy(db_dsn, tmp_path, upstream) as proxy:
+        key = await scoped_key(proxy, "alice", models=["qwen-7*"])
+        full = await scoped_key(proxy, "alice")
+        async with _openai(proxy, key) as client, _openai(proxy, full) as unscoped:
+            assert [m.id for m in (await client.models.list()).data] == ["qwen-7b"]
+            assert (await client.models.retrieve("qwen-7b")).id == "qwen-7b"
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                await client.models.retrieve(MODEL)
+            listed = [m.id for m in (await unscoped.models.list()).data]
+        _refused_openai(refused.value.response.json(), "model")
+        assert listed == [MODEL, "qwen-7b", "qwen-14b"]

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class Principal:
     default_model: str | None = None  # for requests naming none (POST /setModel); None: server's
     models: tuple[str, ...] | None = None  # the key's scope: model names or globs; None: all
     apis: frozenset[str] | None = None  # the APIs the key may use (`proxy.routes.APIS`); None: all
+
+    def may_use(self, model: str) -> bool:
+        """Whether the key's scope covers `model`: a name or glob of it matches (case-sensitive)."""
+        return self.models is None or any(fnmatchcase(model, glob) for glob in self.models)
 
 
 @dataclass

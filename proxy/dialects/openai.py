@@ -16,10 +16,11 @@ from proxy.dialects.openai_replies import (
     AssembledReply,
     BodyReply,
     OneModelReply,
+    ScopedModelsReply,
     StreamReply,
 )
 from proxy.dialects.reasoning import Reasoning
-from proxy.errors import ApiError
+from proxy.errors import ApiError, KeyOutOfScope
 from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared, Reply
 from proxy.upstream.forward import UpstreamCall
@@ -102,6 +103,12 @@ class Models(_Forwarded):
     def check(self, raw: bytes | None, limits: CallerLimits) -> Prepared:
         return Prepared(UpstreamCall("GET", "/v1/models"), BodyReply(counts_tokens=False))
 
+    async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
+        assert prepared.call is not None
+        if context.caller.models is not None:  # a key scoped to models lists only those
+            return await context.send(prepared.call, ScopedModelsReply(context.caller))
+        return await super().serve(context, prepared)
+
 
 class ModelRetrieve(_Forwarded):
     """GET /v1/models/{model} (the OpenAI SDK's `models.retrieve`): one entry of the list.
@@ -118,4 +125,6 @@ class ModelRetrieve(_Forwarded):
     async def serve(self, context: Context, prepared: Prepared) -> web.StreamResponse:
         assert prepared.call is not None
         wanted = context.delivery.request.match_info["model"]
+        if not context.caller.may_use(wanted):
+            raise KeyOutOfScope.model(wanted, context.caller.models or ())
         return await context.send(prepared.call, OneModelReply(wanted))

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.auth.cache import Principal
 from proxy.dialects.openai_answer import Answer
 from proxy.dialects.reasoning import Reasoning, ThinkSplitter
 from proxy.dialects.wire import SSE_CONTENT_TYPE, SSE_HEADERS, json_bytes, sse
@@ -160,6 +161,19 @@ async def model_list(answer: BackendAnswer) -> list[dict[str, Any]]:
     document = await answer.document()
     listed = document.get("data") if isinstance(document, dict) else None
     return [m for m in listed or () if isinstance(m, dict)]
+
+
+class ScopedModelsReply:
+    """The backend's model list, of only the models a key's scope covers."""
+
+    def __init__(self, caller: Principal) -> None:
+        self._caller = caller
+
+    async def relay(self, answer: BackendAnswer, delivery: Delivery) -> web.StreamResponse:
+        entries = [e for e in await model_list(answer) if self._caller.may_use(str(e.get("id")))]
+        return delivery.whole(
+            200, json_bytes({"object": "list", "data": entries}), "application/json"
+        )
 
 
 class OneModelReply:

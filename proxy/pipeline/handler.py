@@ -24,7 +24,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
-from fnmatch import fnmatchcase
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -282,8 +281,8 @@ class Walk:
             exchange.end_user = prepared.end_user
             if prepared.model is not None:
                 _known_model(request, prepared.model)  # a request for no model spends nothing
-            if caller.models is not None and exchange.model is not None:
-                _model_in_scope(caller.models, exchange.model)
+            if exchange.model is not None and not caller.may_use(exchange.model):
+                raise KeyOutOfScope.model(exchange.model, caller.models or ())
             return prepared
 
         def received(size: int) -> None:
@@ -390,13 +389,6 @@ async def _reserve_again(app: web.Application, exchange: Exchange, call: Upstrea
     size = len(call.data or b"")
     measured = await admission.prompts.measure(ask, exchange.request_id, True, size)
     quotas.extend(caller, exchange.request_id, measured.prompt_tokens or 0)
-
-
-def _model_in_scope(scope: tuple[str, ...], model: str) -> None:
-    """A key scoped to models may use those its names or globs match, and no other."""
-    if not any(fnmatchcase(model, pattern) for pattern in scope):
-        shown = model if len(model) <= 80 else model[:77] + "..."
-        raise KeyOutOfScope(f"the model {shown!r}", scope, param="model")
 
 
 def _known_model(request: web.Request, model: str) -> None:
