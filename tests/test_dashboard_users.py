@@ -13,6 +13,7 @@ import asyncpg
 
 from proxy.appkeys import AUTHENTICATOR
 from proxy.auth.apikeys import parse_key
+from proxy.auth.issuing import issue_key
 from proxy.db import queries
 from tests.dashboard_helpers import (
     Dashboard,
@@ -67,6 +68,17 @@ def _key_cells(section: str, key_id: str) -> dict[str, str]:
     assert match, (key_id, section)
     cells = re.findall(r"<td>(.*?)</td>", match.group(1), re.S)  # the actions cell has a class
     return dict(zip(["label", "state", "created", "last use", "expires"], cells, strict=True))
+
+
+def _scope_cell(section: str, key_id: str) -> str:
+    """What a key's row says of its scope: `all`, or the models and APIs it may use."""
+    row = re.search(
+        rf"<tr class=\"key-\w+\"><td><code>{key_id}</code></td>(.*?)</tr>", section, re.S
+    )
+    assert row, (key_id, section)
+    cell = re.search(r'<td class="scope">(.*?)</td>', row.group(1), re.S)
+    assert cell, row.group(1)
+    return cell.group(1).strip()
 
 
 def _shown_time(text: str) -> datetime:
@@ -229,6 +241,7 @@ async def test_users_show_todays_use_and_each_keys_last_use(db_dsn: str, tmp_pat
     con = await asyncpg.connect(db_dsn)
     try:
         spare = await add_key(con, alice_id)  # never used
+        scoped = await issue_key(con, alice_id, "ci", None, ["qwen*", "phi3"], ["embeddings"])
         await con.execute(
             "UPDATE users SET tokens_per_day = 5000, tokens_per_minute = 1000 WHERE id = $1",
             alice_id,
@@ -269,6 +282,9 @@ async def test_users_show_todays_use_and_each_keys_last_use(db_dsn: str, tmp_pat
     assert before <= _shown_time(used["last use"]) <= after, used
     assert _fact(alice_part, "last use") == used["last use"]  # the user's: their latest key's
     assert _key_cells(alice_part, spare.split("_")[1])["last use"] == "never"
+    assert _scope_cell(alice_part, spare.split("_")[1]) == "all"
+    shown = _scope_cell(alice_part, scoped.key_id)
+    assert shown == "models <code>qwen*, phi3</code> APIs <code>embeddings</code>"
     bobs = _key_cells(bob_part, bob.split("_")[1])
     assert before <= _shown_time(bobs["last use"]) <= after, bobs
 
