@@ -306,3 +306,21 @@ async def test_a_key_scoped_to_models_lists_and_retrieves_only_those(
             listed = [m.id for m in (await unscoped.models.list()).data]
         _refused_openai(refused.value.response.json(), "model")
         assert listed == [MODEL, "qwen-7b", "qwen-14b"]
+
+
+async def test_a_model_scoped_key_must_name_its_model_when_no_default_is_known(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    # A plain llama_cpp.server (no /health): the proxy cannot tell what a request naming no
+    # model would get, so a key limited to some models must name one.
+    upstream = FakeUpstream(expected_key=BACKEND_KEY, plain=True)
+    async with running_proxy(db_dsn, tmp_path, upstream) as proxy:
+        key = await scoped_key(proxy, "alice", models=["smollm2-*"])
+        status, refused = await post(proxy, "/v1/chat/completions", key, {"messages": HI})
+        assert status == 403, refused
+        _refused_openai(refused, "model")
+        assert "may not use a model it does not name" in refused["error"]["message"]
+        body = {"model": MODEL, "messages": HI}
+        status, answer = await post(proxy, "/v1/chat/completions", key, body)
+        assert status == 200, answer
+        assert not [s for s in upstream.seen if s.path == "/v1/chat/completions"][1:]

@@ -281,6 +281,10 @@ class Walk:
             exchange.end_user = prepared.end_user
             if prepared.model is not None:
                 _known_model(request, prepared.model)  # a request for no model spends nothing
+            if caller.models is not None and prepared.ask is not None and exchange.model is None:
+                # No model named and no default known (a backend that lists none): whatever the
+                # backend serves cannot be checked against the key's scope, so it is not asked.
+                raise KeyOutOfScope("a model it does not name", caller.models, param="model")
             if exchange.model is not None and not caller.may_use(exchange.model):
                 raise KeyOutOfScope.model(exchange.model, caller.models or ())
             return prepared
