@@ -25,6 +25,7 @@ from proxy.appkeys import (
     DATABASE,
     DECLARED_TOOLS,
     METRICS,
+    PRESENCE,
     QUOTAS,
     RATE_LIMITER,
     SETTINGS,
@@ -36,6 +37,7 @@ from proxy.audit.strangers import Strangers
 from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
+from proxy.cluster.presence import Presence, local_figures
 from proxy.dashboard.app import dashboard_site
 from proxy.db.pool import Database
 from proxy.dialects.openai import DIALECT as OPENAI
@@ -112,6 +114,9 @@ def create_app(settings: Settings) -> web.Application:
     prompts = Prompts(settings, lambda: app[BACKENDS], lambda: app[UPSTREAM_SESSION])
     app[ADMISSION] = Admission(settings, Places(), quotas, rate_limiter, prompts)
     app[BACKENDS] = Backends.from_settings(settings)
+    app[PRESENCE] = Presence(
+        database, lambda: local_figures(app[BACKENDS], app[ADMISSION].places.by_user())
+    )
     # Cleaned up in reverse: metrics and the audit flush go first, while the pool is still open.
     app.cleanup_ctx.extend(
         (
@@ -121,6 +126,7 @@ def create_app(settings: Settings) -> web.Application:
             _auth_listener,
             _audit,
             _strangers,
+            _presence,
             _metrics_site,
         )
     )
@@ -188,6 +194,12 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
     yield
     writer.stop()
     await task
+
+
+async def _presence(app: web.Application) -> AsyncIterator[None]:
+    """This process's row of llama_proxies, refreshed for the app's whole life, then deleted."""
+    async with app[PRESENCE].beating():
+        yield
 
 
 async def _strangers(app: web.Application) -> AsyncIterator[None]:

@@ -24,7 +24,7 @@ from tests.dashboard_helpers import (
     wait_for_rows,
 )
 from tests.fake_upstream import FakeUpstream
-from tests.proxy_harness import BACKEND_KEY, bearer, make_user, random_key
+from tests.proxy_harness import BACKEND_KEY, bearer, make_user, random_key, running_proxy
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 _DATA_RE = re.compile(r'<script type="application/json" id="overview-data">(.*?)</script>', re.S)
@@ -257,3 +257,66 @@ async def test_requests_export_as_csv(db_dsn: str, tmp_path: Path) -> None:
     assert len(everything) == 120
     formula = next(row for row in everything if row["duration_ms"] == "7.0")
     assert formula["path"] == '\'=HYPERLINK("http://x")'  # text in a spreadsheet, never run
+
+
+async def test_live_shows_every_proxy_process(db_dsn: str, tmp_path: Path) -> None:
+    """Another process's requests and the process itself, from its row of llama_proxies; a
+    process that stops leaves, and one that went silent (killed) is dropped."""
+    _, token = await make_admin_token(db_dsn)
+    _, alice = await make_user(db_dsn, "alice")
+    con = await asyncpg.connect(db_dsn)
+    try:  # a process killed a minute ago: its row was never deleted
+        await con.execute(
+            """INSERT INTO llama_proxies (id, host, pid, seen_at, live)
+               VALUES ('gone:1:x', 'gone', 1, now() - interval '1 minute',
+                       '{"backends": [], "users": {"1": [5, 5]}}')"""
+        )
+    finally:
+        await con.close()
+    gate = asyncio.Event()
+    held_upstream = FakeUpstream(expected_key=BACKEND_KEY, gate=gate)
+    async with (
+        running_dashboard(db_dsn, tmp_path / "b") as dashboard,
+        client() as http,
+    ):
+        await sign_in(http, dashboard, token)
+        async with running_proxy(db_dsn, tmp_path / "a", held_upstream) as other:
+
+            async def chat() -> int:
+                url = other.url("/v1/chat/completions")
+                async with http.post(url, json=CHAT, headers=bearer(alice)) as r:
+                    await r.read()
+                    return r.status
+
+            held = asyncio.create_task(chat())
+            await held_upstream.received.wait()
+            for _ in range(100):  # until the other process's next beat (every 2 s) tells it
+                async with http.get(dashboard.at("/live.json")) as r:
+                    live = await r.json()
+                if live["served"] == 1:
+                    break
+                await asyncio.sleep(0.1)
+            async with http.get(dashboard.at("/live")) as r:
+                page = await r.text()
+            gate.set()
+            assert await held == 200
+        async with http.get(dashboard.at("/live.json")) as r:
+            after = await r.json()
+
+    assert live["users"] == [{"username": "alice", "served": 1, "queued": 0}]
+    processes = live["processes"]
+    assert [p["this"] for p in processes] == [True, False]  # the killed one is not among them
+    assert (processes[0]["served"], processes[1]["served"]) == (0, 1)
+    assert processes[1]["pid"] == processes[0]["pid"]  # both in this test's process, apart
+    assert processes[0]["id"] != processes[1]["id"]
+    backend = live["backends"][0]
+    assert (backend["busy"], backend["busy_all"]) == (0, 1)  # each has its own fake backend
+    assert "(this one)" in page
+    assert '<table id="processes">' in page
+    # The other process stopped and deleted its row; the stale one was deleted by a beat.
+    assert [p["this"] for p in after["processes"]] == [True]
+    con = await asyncpg.connect(db_dsn)
+    try:
+        assert await con.fetchval("SELECT count(*) FROM llama_proxies WHERE host = 'gone'") == 0
+    finally:
+        await con.close()

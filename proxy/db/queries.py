@@ -695,3 +695,37 @@ async def prune_responses(con: Connection, now: datetime) -> int:
     """Delete the responses whose retention is over."""
     result: Any = await con.execute("DELETE FROM llama_responses WHERE expires_at <= $1", now)
     return int(str(result).rsplit(" ", 1)[-1])
+
+
+# --- proxy processes' presence (llama_proxies) ---------------------------------------------------
+
+
+async def beat_proxy(
+    con: Connection, proxy_id: str, host: str, pid: int, live: str, stale_before: datetime
+) -> None:
+    """Refresh this process's row with its live figures (JSON text), and delete the rows of
+    processes not seen since `stale_before` (gone: killed or cut off), in one statement."""
+    await con.execute(
+        """WITH gone AS (DELETE FROM llama_proxies WHERE seen_at < $5 AND id <> $1)
+           INSERT INTO llama_proxies (id, host, pid, seen_at, live)
+           VALUES ($1, $2, $3, now(), $4::jsonb)
+           ON CONFLICT (id) DO UPDATE SET seen_at = now(), live = excluded.live""",
+        proxy_id,
+        host,
+        pid,
+        live,
+        stale_before,
+    )
+
+
+async def live_proxies(con: Connection, seen_since: datetime) -> list[asyncpg.Record]:
+    """The processes seen since `seen_since`, oldest first, with their live figures (JSON)."""
+    return await con.fetch(
+        """SELECT id, host, pid, started_at, seen_at, live::text AS live FROM llama_proxies
+           WHERE seen_at >= $1 ORDER BY started_at, id""",
+        seen_since,
+    )
+
+
+async def leave_proxy(con: Connection, proxy_id: str) -> None:
+    await con.execute("DELETE FROM llama_proxies WHERE id = $1", proxy_id)

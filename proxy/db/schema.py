@@ -175,6 +175,19 @@ llama_responses = Table(
     Column("response", JSONB, nullable=False),
 )
 
+# Each proxy process's presence (`proxy.cluster.presence`): refreshed every few seconds with what
+# it is doing now; a row not refreshed for a while is a process that is gone.
+llama_proxies = Table(
+    "llama_proxies",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
+    Column("live", JSONB, nullable=False),
+)
+
 # The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that
 # "per user per day, last 30 days" reads only the rows it reports on.
 USAGE_DAY = "((created_at AT TIME ZONE 'UTC')::date)"

@@ -104,14 +104,27 @@ function showLive(live) {
     cell(tr, b.up ? "up" : `down: ${b.problem}`, b.up ? "up" : "down");
     cell(tr, `${b.busy} / ${b.slots}`, "n");
     cell(tr, String(b.queued), "n");
+    cell(tr, String(b.busy_all), "n");
+    cell(tr, String(b.queued_all), "n");
     cell(tr, b.models === null ? "any (not reported)"
       : b.models.map((m) => (m === b.default ? `${m} (default)` : m)).join(", "));
-  }, "No backends.", 5);
+  }, "No backends.", 7);
   fillBody("live-users", live.users, (tr, u) => {
     cell(tr, u.username);
     cell(tr, String(u.served), "n");
     cell(tr, String(u.queued), "n");
   }, "Nobody has a request in flight.", 3);
+  fillBody("processes", live.processes, (tr, p) => {
+    const name = cell(tr, `${p.host} pid ${p.pid}`);
+    if (p.this) {
+      const mark = document.createElement("small");
+      mark.textContent = " (this one)";
+      name.appendChild(mark);
+    }
+    cell(tr, String(p.served), "n");
+    cell(tr, String(p.queued), "n");
+    cell(tr, p.seen_at || "now");
+  }, "No processes.", 4);
 }
 
 function liveRefresh() {

@@ -1,0 +1,1 @@
+"""What several proxy processes share about each other, through Postgres."""

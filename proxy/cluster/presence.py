@@ -1,0 +1,120 @@
+"""Each proxy process's presence in Postgres: that it serves, and what it is doing now.
+
+Every `BEAT_SECONDS` a process writes its row of `llama_proxies` (one statement): its host and pid
+and its live figures, per backend its busy slots and waiting requests, per user id its requests
+being served and waiting. A row not refreshed for `STALE_SECONDS` belongs to a process that is
+gone (killed, or cut off from Postgres): it is ignored, and deleted by the next beat of any
+process. A process that stops deletes its own row. The dashboard's Live page shows every process
+from these rows; while Postgres is unreachable it shows this process alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable
+from proxy.db.pool import Database
+from proxy.upstream.backends import Backends
+
+log = logging.getLogger(__name__)
+
+BEAT_SECONDS = 2.0
+STALE_SECONDS = 10.0  # five missed beats: the process is gone
+
+
+def local_figures(backends: Backends, held: Mapping[Hashable, int]) -> dict[str, Any]:
+    """This process's live figures, JSON-ready: per backend its busy slots (`slots` of them) and
+    the requests waiting that it could serve; per user (by id, as text) `[served, waiting]`.
+    `held` counts each user's requests from admission to their end, waiting ones included."""
+    waiting = backends.waiting_by_user()
+    users = {
+        str(user): [held.get(user, 0) - waiting.get(user, 0), waiting.get(user, 0)]
+        for user in set(held) | set(waiting)
+    }
+    shown = [
+        {
+            "name": upstream.name,
+            "busy": backends.in_flight(upstream.name),
+            "slots": backends.slots(upstream.name),
+            "queued": backends.queued(upstream.name),
+        }
+        for upstream in backends.upstreams
+    ]
+    return {"backends": shown, "users": users}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another live process, as its last beat described it."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: datetime
+    seen_at: datetime
+    live: dict[str, Any]
+
+
+class Presence:
+    def __init__(self, database: Database, figures: Callable[[], dict[str, Any]]) -> None:
+        self._db = database
+        self._figures = figures  # this process's live figures, JSON-ready
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.id = f"{self.host}:{self.pid}:{secrets.token_hex(4)}"
+
+    @contextlib.asynccontextmanager
+    async def beating(self) -> AsyncIterator[None]:
+        """Beat for as long as this is entered; on the way out, leave (delete the row)."""
+        task = asyncio.create_task(self._beat_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(DatabaseUnavailable):
+                await self._db.run(lambda con: queries.leave_proxy(con, self.id))
+
+    async def beat(self) -> None:
+        live = json.dumps(self._figures())
+        stale = datetime.now(UTC) - timedelta(seconds=STALE_SECONDS)
+        await self._db.run(
+            lambda con: queries.beat_proxy(con, self.id, self.host, self.pid, live, stale)
+        )
+
+    async def peers(self) -> list[Peer]:
+        """The other processes seen within `STALE_SECONDS` (none while Postgres is away)."""
+        since = datetime.now(UTC) - timedelta(seconds=STALE_SECONDS)
+        try:
+            rows = await self._db.run(lambda con: queries.live_proxies(con, since))
+        except DatabaseUnavailable:
+            return []
+        return [
+            Peer(r["id"], r["host"], r["pid"], r["started_at"], r["seen_at"], json.loads(r["live"]))
+            for r in rows
+            if r["id"] != self.id
+        ]
+
+    async def _beat_forever(self) -> None:
+        missed = False
+        while True:
+            try:
+                await self.beat()
+                missed = False
+            except DatabaseUnavailable:
+                if not missed:
+                    log.warning("cannot record this process's presence until Postgres returns")
+                missed = True
+            await asyncio.sleep(BEAT_SECONDS)
