@@ -285,3 +285,68 @@ async def test_thirty_days_of_ten_users_stack_the_heaviest_by_name(
         await page.screenshot(path=str(SHOTS / "overview-30-days.png"))
     assert stacks == [*names[:8], "2 others"]
     assert errors == []
+
+
+async def test_a_user_signs_in_with_their_key_and_sees_only_their_own_usage(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    _, alice = await make_user(db_dsn, "alice")
+    _, bob = await make_user(db_dsn, "bob")
+    async with (
+        running_dashboard(db_dsn, tmp_path) as dashboard,
+        aiohttp.ClientSession() as http,
+        browser_page() as (page, errors),
+    ):
+        url = dashboard.proxy.url("/v1/chat/completions")
+        for key in (alice, alice, alice, bob, bob):
+            assert await _chat(http, url, key) == 200
+        await wait_for_rows(db_dsn, 5)
+        await page.goto(dashboard.at("/login"))
+        await page.fill("#token", alice)
+        await page.click("form[action='/login'] button[type=submit]")
+        await page.wait_for_load_state("networkidle")
+        assert page.url == dashboard.at("/me"), page.url
+        await page.wait_for_function("() => Chart.getChart('my-requests-chart') !== undefined")
+        drawn = await page.evaluate(
+            """() => {
+                const chart = Chart.getChart('my-requests-chart');
+                const canvas = document.getElementById('my-requests-chart');
+                const pixels = canvas.getContext('2d')
+                    .getImageData(0, 0, canvas.width, canvas.height).data;
+                let painted = 0;
+                for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) painted++;
+                return {
+                    datasets: chart.data.datasets.map((d) => [d.label, d.data]),
+                    painted,
+                    tokens: Chart.getChart('my-tokens-chart') !== undefined,
+                    nav: [...document.querySelectorAll('nav a')].map((a) => a.textContent),
+                };
+            }"""
+        )
+        text = await page.inner_text("main")
+        await shoot(page, "my-usage")
+        assert drawn["datasets"] == [["requests", [3]]]  # today: alice's three, not bob's
+        assert drawn["painted"] > 1000
+        assert drawn["tokens"] is True
+        assert drawn["nav"] == ["My usage"]
+        assert "alice" in text
+        assert "bob" not in text
+        assert alice.split("_")[1] in text  # her key, with its last use
+        assert text.count("/v1/chat/completions") == 3  # her latest requests, only hers
+
+        # Every admin page is refused; the overview sends her back to her own page.
+        for path in ("/live", "/users", "/requests", "/requests?user=bob", "/requests.csv"):
+            response = await page.goto(dashboard.at(path))
+            assert response is not None
+            assert response.status == 403, path
+            assert "this page is for administrators" in await page.inner_text("main")
+            assert "bob" not in (await page.content()).replace("user=bob", ""), path
+        await page.goto(dashboard.at("/"))
+        assert page.url == dashboard.at("/me")
+        live = await page.evaluate(
+            "async () => (await fetch('/live.json', {credentials: 'same-origin'})).status"
+        )
+        assert live == 403
+        # The browser logs each refused page as a failed load; nothing else went wrong.
+        assert [e for e in errors if "status of 403" not in e] == []
+        assert len(errors) == 6

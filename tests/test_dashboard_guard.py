@@ -114,7 +114,9 @@ async def test_a_wrong_or_revoked_token_or_a_stale_form_does_not_sign_in(
             form = {"csrf": nonce, "token": presented}
             async with http.post(dashboard.at("/login"), data=form) as r:
                 assert r.status == 401, presented[:20]
-                assert "not a valid admin token" in await r.text()
+                # Shaped like an API key, it is checked as one (a user's own page): no such key.
+                told = "API key does not work" if presented.startswith("lgk_") else "admin token"
+                assert told in await r.text()
         # The form's own token must match the browser's cookie (no sign-in forged elsewhere).
         async with http.post(dashboard.at("/login"), data={"csrf": "x" * 43, "token": token}) as r:
             assert r.status == 403
@@ -253,3 +255,48 @@ async def test_next_is_a_path_of_the_dashboard_or_a_400(db_dsn: str, tmp_path: P
             dashboard.at("/login"), data={"csrf": "x", "token": token, "next": "//evil.example"}
         ) as r:
             assert r.status == 400
+
+
+async def test_a_users_key_opens_their_own_page_and_nothing_of_an_admins(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    alice_id, alice = await make_user(db_dsn, "alice")
+    await make_user(db_dsn, "bob")
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        async with http.get(dashboard.at("/login")) as r:
+            nonce = csrf_in(await r.text())
+        form = {"csrf": nonce, "token": alice}
+        async with http.post(dashboard.at("/login"), data=form, allow_redirects=False) as r:
+            assert r.status == 303
+            assert r.headers["Location"] == "/me"
+        async with http.get(dashboard.at("/me")) as r:
+            assert r.status == 200
+            page = await r.text()
+        assert "alice" in page
+        assert "bob" not in page
+        csrf = csrf_in(page)
+        # Every admin page and action is refused, with or without the session's CSRF token.
+        for path in ("/live", "/live.json", "/users", "/requests", "/requests.csv"):
+            async with http.get(dashboard.at(path), allow_redirects=False) as r:
+                assert r.status == 403, path
+        actions = ("/users", "/users/bob/disable", "/users/alice/keys", "/users/alice/limits")
+        for path in actions:
+            form = {"csrf": csrf, "username": "mallory", "tokens_per_day": "1"}
+            async with http.post(dashboard.at(path), data=form, allow_redirects=False) as r:
+                assert r.status == 403, path
+        con = await asyncpg.connect(db_dsn)
+        try:
+            assert await con.fetchval("SELECT count(*) FROM users") == 2  # no mallory
+            assert await con.fetchval("SELECT count(*) FROM api_keys") == 2  # no new key
+            # Revoking her key ends her session at its next request.
+            await con.execute("UPDATE api_keys SET revoked_at = now() WHERE user_id = $1", alice_id)
+        finally:
+            await con.close()
+        async with http.get(dashboard.at("/me"), allow_redirects=False) as r:
+            assert r.status == 303
+            assert r.headers["Location"].startswith("/login")
+        async with http.get(dashboard.at("/login")) as r:
+            nonce = csrf_in(await r.text())
+        async with http.post(dashboard.at("/login"), data={"csrf": nonce, "token": alice}) as r:
+            assert r.status == 401
+            assert "API key does not work" in await r.text()

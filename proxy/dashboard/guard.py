@@ -7,6 +7,9 @@ for every route, so no handler can forget.
 - Every POST must carry its session's CSRF token in the `csrf` form field. The session cookie is
   also `SameSite=Strict`, so another site cannot even send it; the token guards what that misses
   (an old browser, a same-site page of another service on the same host).
+- A session a user opened with their own API key reaches `/me` (their usage) and `/logout`, and
+  nothing else: every admin page and action is a 403; it ends as soon as the key stops working
+  (revoked, expired, its user disabled), checked on every request like an admin token.
 - Sign-in (`/login`) has its own guard (a double-submit token and a rate limit, `signin.py`);
   the static files (a charting library, CSS, JS) are public and hold nothing secret.
 """
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "llama_gate_session"
 PUBLIC_PREFIXES = ("/login", "/static/")
+USER_PATHS = frozenset({"/me", "/logout"})  # all a user's own session may reach
 
 
 @web.middleware
@@ -41,19 +45,35 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     session = sessions.get(cookie)
     if session is not None:
         token_id = session.token_id
+        is_user = session.user_id is not None
         try:
             active = await request.app[PROXY][DATABASE].run(
-                lambda con: queries.admin_token_active(con, token_id)
+                lambda con: (
+                    queries.key_active(con, token_id)
+                    if is_user
+                    else queries.admin_token_active(con, token_id)
+                )
             )
         except DatabaseUnavailable as exc:
             return error_page(request, 503, f"{exc}. The dashboard needs Postgres: try again.")
         if not active:
-            log.info("dashboard: admin token %s was revoked; its sessions end", token_id)
+            what = "API key" if is_user else "admin token"
+            log.info("dashboard: %s %s no longer works; its sessions end", what, token_id)
             sessions.close_token(token_id)
             session = None
     if session is None:
         return _refuse(request)
     request[SESSION] = session
+    if session.user_id is not None and request.path == "/":
+        return redirect("/me")
+    if session.user_id is not None and request.path not in USER_PATHS:
+        # A user signed in with their API key sees their own page, and no admin's.
+        return error_page(
+            request,
+            403,
+            f"You are signed in as {session.username} with an API key: this page is for "
+            "administrators. Your own usage is at /me.",
+        )
     if request.method == "POST":
         form = await request.post()
         sent = form.get("csrf")

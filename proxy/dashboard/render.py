@@ -33,6 +33,7 @@ SECURITY_HEADERS = {
 # Pages show keys once, users and the audit log: none of it belongs in a cache.
 NO_STORE = {"Cache-Control": "no-store"}
 NAV = (("/", "Overview"), ("/live", "Live"), ("/users", "Users"), ("/requests", "Requests"))
+USER_NAV = (("/me", "My usage"),)  # a user signed in with their own API key
 
 
 def _utc(value: datetime | None) -> str:
@@ -75,7 +76,7 @@ def render(
         request.app[TEMPLATES]
         .get_template(template)
         .render(
-            nav=NAV,
+            nav=USER_NAV if session is not None and session.user_id is not None else NAV,
             path=request.path,
             session=session,
             csrf=session.csrf if session is not None else "",

@@ -31,11 +31,14 @@ ATTEMPT_WINDOW_SECONDS = 300.0
 
 @dataclass
 class Session:
-    token_id: str  # the admin token it was opened with (public; what logs show)
+    token_id: str  # the admin token, or a user's API key id, it was opened with (public)
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     started: float = 0.0
     seen: float = 0.0
     notices: list[str] = field(default_factory=list)  # shown once on the next page
+    # A user's own session (opened with an API key): their usage page, nothing of an admin's.
+    user_id: int | None = None
+    username: str | None = None
 
     def take_notices(self) -> list[str]:
         notices, self.notices = self.notices, []
@@ -51,13 +54,16 @@ class Sessions:
         self._clock = clock
         self._sessions: dict[bytes, Session] = {}
 
-    def open(self, token_id: str) -> tuple[str, Session]:
-        """A new session for `token_id`: the cookie value to hand the browser, and the session."""
+    def open(
+        self, token_id: str, user_id: int | None = None, username: str | None = None
+    ) -> tuple[str, Session]:
+        """A new session for `token_id` (an admin's; a user's with `user_id`): the cookie value to
+        hand the browser, and the session."""
         while len(self._sessions) >= MAX_SESSIONS:
             del self._sessions[next(iter(self._sessions))]  # the oldest
         cookie = secrets.token_urlsafe(32)
         now = self._clock()
-        session = Session(token_id, started=now, seen=now)
+        session = Session(token_id, started=now, seen=now, user_id=user_id, username=username)
         self._sessions[_digest(cookie)] = session
         return cookie, session
 

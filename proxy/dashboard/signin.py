@@ -1,4 +1,5 @@
-"""Signing in with an admin token, and out again.
+"""Signing in with an admin token (the whole dashboard) or a user's own API key (their usage page
+at /me, nothing else), and out again.
 
 The sign-in form carries a double-submit token (a random value both in a `SameSite=Strict`
 cookie and in the form), so no other site can sign a browser in to an account of its choosing.
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from proxy.appkeys import DATABASE
 from proxy.auth.admintokens import parse_admin_token
+from proxy.auth.apikeys import parse_key
 from proxy.dashboard.guard import SESSION_COOKIE
 from proxy.dashboard.keys import HASHER, PROXY, SESSIONS, SIGN_INS
 from proxy.dashboard.render import error_page, is_dashboard_path, redirect, render
@@ -71,8 +73,9 @@ def _form(request: web.Request, status: int = 200, error: str = "", nxt: str = "
 async def page(request: web.Request) -> web.StreamResponse:
     """The sign-in form."""
     nxt = _next(request.query.get("next"))
-    if request.app[SESSIONS].get(request.cookies.get(SESSION_COOKIE)) is not None:
-        return redirect(nxt)
+    session = request.app[SESSIONS].get(request.cookies.get(SESSION_COOKIE))
+    if session is not None:
+        return redirect("/me" if session.user_id is not None else nxt)
     return _form(request, nxt=nxt)
 
 
@@ -93,6 +96,8 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     token = form.get("token")
     presented = token.strip() if isinstance(token, str) and len(token) <= MAX_TOKEN_CHARS else ""
     try:
+        if parse_key(presented) is not None:  # a user's API key: their own page
+            return await _user_sign_in(request, presented)
         token_id = await _verify(request, presented)
     except DatabaseUnavailable as exc:
         return error_page(request, 503, f"{exc}. Signing in needs Postgres: try again.")
@@ -102,7 +107,8 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
             request,
             401,
             "That is not a valid admin token (or it was revoked). Make one with "
-            "`llama-gate create-admin-token` and paste all of it.",
+            "`llama-gate create-admin-token` and paste all of it; or paste your own API key "
+            "to see your usage.",
             nxt,
         )
     cookie, _session = request.app[SESSIONS].open(token_id)
@@ -111,6 +117,43 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     _cookie(response, request, SESSION_COOKIE, cookie)
     response.del_cookie(SIGN_IN_COOKIE, path="/")
     return response
+
+
+async def _user_sign_in(request: web.Request, presented: str) -> web.StreamResponse:
+    """A user signs in with their API key: a session that sees their own usage page only."""
+    record = await _verify_key(request, presented)
+    if record is None:
+        log.info("dashboard: a sign-in from %s with a wrong API key", request.remote)
+        return _form(
+            request,
+            401,
+            "That API key does not work (wrong, revoked or expired, or its user is disabled).",
+            "/me",
+        )
+    sessions = request.app[SESSIONS]
+    cookie, _session = sessions.open(record.key_id, record.user_id, record.username)
+    log.info("dashboard: %s signed in with key %s from %s", record.username, record.key_id,
+             request.remote)  # fmt: skip
+    response = redirect("/me")
+    _cookie(response, request, SESSION_COOKIE, cookie)
+    response.del_cookie(SIGN_IN_COOKIE, path="/")
+    return response
+
+
+async def _verify_key(request: web.Request, presented: str) -> queries.KeyRecord | None:
+    """The record of a working API key (right secret, not revoked or expired, user enabled)."""
+    parts = parse_key(presented)
+    if parts is None:
+        return None
+    key_id, secret = parts
+    database = request.app[PROXY][DATABASE]
+    record = await database.run(lambda con: queries.lookup_key(con, key_id))
+    if record is None or not await database.run(lambda con: queries.key_active(con, key_id)):
+        return None
+    # argon2 off the event loop: the proxy keeps serving API requests meanwhile.
+    if not await asyncio.to_thread(request.app[HASHER].verify, record.secret_hash, secret):
+        return None
+    return record
 
 
 async def _verify(request: web.Request, presented: str) -> str | None:

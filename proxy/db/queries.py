@@ -232,6 +232,19 @@ async def lookup_keys(con: Connection, key_ids: Sequence[str]) -> list[KeyRecord
     return [KeyRecord(**dict(row)) for row in rows]
 
 
+async def key_active(con: Connection, key_id: str) -> bool:
+    """Whether the key works now: not revoked, not expired, its user enabled."""
+    return bool(
+        await con.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM api_keys k JOIN users u ON u.id = k.user_id
+                              WHERE k.key_id = $1 AND u.enabled
+                                AND (k.revoked_at IS NULL OR k.revoked_at > now())
+                                AND (k.expires_at IS NULL OR k.expires_at > now()))""",
+            key_id,
+        )
+    )
+
+
 async def touch_keys(con: Connection, key_ids: Sequence[str]) -> None:
     """Record recent use of several keys in one statement (no NOTIFY: last_used_at only)."""
     await con.execute(

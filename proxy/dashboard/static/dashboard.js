@@ -66,6 +66,15 @@ function overview() {
   }
 }
 
+function mine() {
+  const data = JSON.parse(document.getElementById("mine-data").textContent);
+  const labels = data.days.map((day) => day.slice(5));  // MM-DD
+  barChart("my-requests-chart", labels,
+           [{ label: "requests", data: data.requests, backgroundColor: PALETTE[0] }], false);
+  barChart("my-tokens-chart", labels,
+           [{ label: "tokens", data: data.tokens, backgroundColor: PALETTE[1] }], false);
+}
+
 function cell(row, text, className) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -149,4 +158,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "overview") overview();
   if (page === "live") liveRefresh();
+  if (page === "mine") mine();
 });
