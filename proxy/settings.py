@@ -353,6 +353,8 @@ class Settings(BaseModel):
     # Each finished request's row is written to a journal in runtime/audit-spill/ before it is
     # batched, so a killed proxy loses none; 0 keeps rows in memory only until they are written.
     audit_journal: Flag = setting("LLAMA_PROXY_AUDIT_JOURNAL", "1")
+    # Users signed in to the dashboard with their own API key may make and revoke their own keys.
+    self_service_keys: Flag = setting("LLAMA_PROXY_SELF_SERVICE_KEYS", "0")
     # Prometheus metrics, on loopback by default; port 0 turns them off.
     metrics_host: Text = setting("LLAMA_PROXY_METRICS_HOST", "127.0.0.1")
     metrics_port: PortOrOff = setting("LLAMA_PROXY_METRICS_PORT", "9101")

@@ -6,14 +6,23 @@ import logging
 import socket
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from yarl import URL
 
 from proxy.dashboard import sessions as sessions_module
 from proxy.dashboard.render import SECURITY_HEADERS
-from tests.dashboard_helpers import client, csrf_in, make_admin_token, running_dashboard, sign_in
-from tests.proxy_harness import make_user, running_proxy
+from tests.cli_helpers import KEY_RE
+from tests.dashboard_helpers import (
+    Dashboard,
+    client,
+    csrf_in,
+    make_admin_token,
+    running_dashboard,
+    sign_in,
+)
+from tests.proxy_harness import bearer, make_user, running_proxy
 
 PAGES = ("/", "/live", "/users", "/requests", "/requests.csv", "/requests?status=4xx", "/nowhere")
 ACTIONS = (
@@ -300,3 +309,70 @@ async def test_a_users_key_opens_their_own_page_and_nothing_of_an_admins(
         async with http.post(dashboard.at("/login"), data={"csrf": nonce, "token": alice}) as r:
             assert r.status == 401
             assert "API key does not work" in await r.text()
+
+
+async def _user_session(http: aiohttp.ClientSession, dashboard: Dashboard, key: str) -> str:
+    """Sign `http` in with a user's API key; the CSRF token of their page."""
+    async with http.get(dashboard.at("/login")) as r:
+        nonce = csrf_in(await r.text())
+    async with http.post(dashboard.at("/login"), data={"csrf": nonce, "token": key}) as r:
+        assert r.status == 200
+        assert str(r.url).endswith("/me")
+        return csrf_in(await r.text())
+
+
+async def test_users_make_and_revoke_only_their_own_keys_when_allowed(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    _, alice = await make_user(db_dsn, "alice")
+    _, bob = await make_user(db_dsn, "bob")
+    async with (
+        running_dashboard(db_dsn, tmp_path, LLAMA_PROXY_SELF_SERVICE_KEYS="1") as dashboard,
+        client() as http,
+    ):
+        csrf = await _user_session(http, dashboard, alice)
+        form = {"csrf": csrf, "label": "phone"}
+        async with http.post(dashboard.at("/me/keys"), data=form) as r:
+            assert r.status == 200
+            shown = KEY_RE.findall(await r.text())
+        assert len(set(shown)) == 1
+        new = shown[0]
+        async with http.get(dashboard.proxy.url("/v1/models"), headers=bearer(new)) as r:
+            assert r.status == 200  # it works at once, with alice's access
+        # Bob's key is not hers to revoke: not found, and it keeps working.
+        bobs = bob.split("_")[1]
+        async with http.post(dashboard.at(f"/me/keys/{bobs}/revoke"), data={"csrf": csrf}) as r:
+            assert r.status == 404
+        async with http.get(dashboard.proxy.url("/v1/models"), headers=bearer(bob)) as r:
+            assert r.status == 200
+        url = dashboard.at(f"/me/keys/{new.split('_')[1]}/revoke")
+        async with http.post(url, data={"csrf": csrf}, allow_redirects=False) as r:
+            assert r.status == 303
+            assert r.headers["Location"] == "/me"
+        async with http.post(url, data={"csrf": "wrong" * 9}) as r:
+            assert r.status == 403  # the session's CSRF token guards these actions too
+    con = await asyncpg.connect(db_dsn)
+    try:
+        labels = await con.fetch(
+            "SELECT label, revoked_at IS NOT NULL AS revoked FROM api_keys ORDER BY id"
+        )
+    finally:
+        await con.close()
+    assert [(r["label"], r["revoked"]) for r in labels] == [
+        (None, False), (None, False), ("phone", True)
+    ]  # fmt: skip
+
+
+async def test_users_may_not_manage_keys_unless_allowed(db_dsn: str, tmp_path: Path) -> None:
+    _, alice = await make_user(db_dsn, "alice")
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        csrf = await _user_session(http, dashboard, alice)
+        async with http.get(dashboard.at("/me")) as r:
+            assert 'action="/me/keys"' not in await r.text()
+        async with http.post(dashboard.at("/me/keys"), data={"csrf": csrf}) as r:
+            assert r.status == 403
+    con = await asyncpg.connect(db_dsn)
+    try:
+        assert await con.fetchval("SELECT count(*) FROM api_keys") == 1
+    finally:
+        await con.close()

@@ -48,6 +48,8 @@ def dashboard_app(proxy: web.Application) -> web.Application:
     router.add_post("/keys/{key_id}/rotate", actions.rotate_key)
     router.add_get("/requests", requestlog.page)
     router.add_get("/me", mine.page)  # a user's own, signed in with their API key
+    router.add_post("/me/keys", mine.create_key)
+    router.add_post("/me/keys/{key_id}/revoke", mine.revoke_key)
     router.add_get("/requests.csv", requestlog.export)
     router.add_static("/static", STATIC)
     return app

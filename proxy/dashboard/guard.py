@@ -7,9 +7,10 @@ for every route, so no handler can forget.
 - Every POST must carry its session's CSRF token in the `csrf` form field. The session cookie is
   also `SameSite=Strict`, so another site cannot even send it; the token guards what that misses
   (an old browser, a same-site page of another service on the same host).
-- A session a user opened with their own API key reaches `/me` (their usage) and `/logout`, and
-  nothing else: every admin page and action is a 403; it ends as soon as the key stops working
-  (revoked, expired, its user disabled), checked on every request like an admin token.
+- A session a user opened with their own API key reaches `/me` (their usage), `/me/...` (their
+  own keys, when allowed) and `/logout`, and nothing else: every admin page and action is a 403.
+  It ends as soon as the key stops working (revoked, expired, its user disabled), checked on
+  every request like an admin token.
 - Sign-in (`/login`) has its own guard (a double-submit token and a rate limit, `signin.py`);
   the static files (a charting library, CSS, JS) are public and hold nothing secret.
 """
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "llama_gate_session"
 PUBLIC_PREFIXES = ("/login", "/static/")
-USER_PATHS = frozenset({"/me", "/logout"})  # all a user's own session may reach
+USER_PATHS = frozenset({"/me", "/logout"})  # with /me/...: all a user's own session may reach
 
 
 @web.middleware
@@ -66,7 +67,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[SESSION] = session
     if session.user_id is not None and request.path == "/":
         return redirect("/me")
-    if session.user_id is not None and request.path not in USER_PATHS:
+    if (
+        session.user_id is not None
+        and request.path not in USER_PATHS
+        and not request.path.startswith("/me/")
+    ):
         # A user signed in with their API key sees their own page, and no admin's.
         return error_page(
             request,

@@ -1,21 +1,29 @@
 """/me: a user's own page, for a session opened with their API key: their requests and tokens per
 day (charts), their token quotas today, their keys with last use and scope, and their latest
 requests. Only ever their own rows: every query here is filtered by the session's user.
+
+With LLAMA_PROXY_SELF_SERVICE_KEYS=1 they may also make a key (shown once, with their user's full
+access) and revoke one of their own keys (`/me/keys`, `/me/keys/{key_id}/revoke`).
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
-from proxy.appkeys import DATABASE
+from proxy.appkeys import DATABASE, SETTINGS
+from proxy.auth import issuing
+from proxy.dashboard import forms
 from proxy.dashboard.keys import PROXY, SESSION
 from proxy.dashboard.render import error_page, redirect, render
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.queries import Connection, RequestFilter
+
+log = logging.getLogger(__name__)
 
 DAYS = 30
 LATEST = 20
@@ -66,4 +74,55 @@ async def page(request: web.Request) -> web.StreamResponse:
         keys=keys,
         latest=latest,
         days=DAYS,
+        self_service=request.app[PROXY][SETTINGS].self_service_keys,
     )
+
+
+def _own(request: web.Request) -> tuple[int, str]:
+    """The signed-in user's id and name; a 403 unless users may manage their own keys."""
+    session = request[SESSION]
+    if session.user_id is None or session.username is None:
+        raise web.HTTPForbidden(
+            text="Only a user signed in with their own API key manages it here."
+        )
+    if not request.app[PROXY][SETTINGS].self_service_keys:
+        raise web.HTTPForbidden(
+            text="Your administrator makes and revokes keys here (LLAMA_PROXY_SELF_SERVICE_KEYS)."
+        )
+    return session.user_id, session.username
+
+
+async def create_key(request: web.Request) -> web.StreamResponse:
+    """A new key of the signed-in user's own, shown once."""
+    user_id, username = _own(request)
+    label = forms.label(await request.post())
+    try:
+        key = await request.app[PROXY][DATABASE].run(
+            lambda con: issuing.issue_key(con, user_id, label, None)
+        )
+    except DatabaseUnavailable as exc:
+        return error_page(request, 503, f"{exc}. The dashboard needs Postgres: try again.")
+    log.info("dashboard: %s made their own key %s", username, key.key_id)
+    return render(request, "key.html", username=username, key=key, headline="Your new key")
+
+
+async def revoke_key(request: web.Request) -> web.StreamResponse:
+    """Revoke one of the signed-in user's own keys at once (another's is not found)."""
+    user_id, username = _own(request)
+    key_id = forms.key_id(request.match_info["key_id"])
+
+    async def work(con: Connection) -> bool:
+        owner = await queries.get_key_owner(con, key_id)
+        if owner is None or owner["user_id"] != user_id:
+            return False
+        return await queries.revoke_key(con, key_id)
+
+    try:
+        revoked = await request.app[PROXY][DATABASE].run(work)
+    except DatabaseUnavailable as exc:
+        return error_page(request, 503, f"{exc}. The dashboard needs Postgres: try again.")
+    if not revoked:
+        return error_page(request, 404, f"You have no working key {key_id}.")
+    log.info("dashboard: %s revoked their own key %s", username, key_id)
+    request[SESSION].notices.append(f"Revoked your key {key_id}; it stops working at once.")
+    return redirect("/me")
