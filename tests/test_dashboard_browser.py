@@ -45,6 +45,22 @@ CHROMIUM_ARGS = [
 ]
 SHOTS = ROOT / "runtime" / "screenshots"
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+# For page.evaluate's scripts (`with_painted`): how many pixels of a canvas are painted.
+PAINTED = """const painted = (id) => {
+    const canvas = document.getElementById(id);
+    const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let count = 0;
+    for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) count++;
+    return count;
+};
+"""
+
+
+def with_painted(script: str) -> str:
+    """`script` (an arrow function) as one page.evaluate can run, with `painted(id)` at hand."""
+    return f"() => {{ {PAINTED} return ({script})(); }}"
+
+
 PAGES = ("/", "/live", "/users", "/requests", "/requests?user=alice")
 
 
@@ -118,22 +134,19 @@ async def test_sign_in_and_see_a_chart_of_the_requests_made(db_dsn: str, tmp_pat
         await sign_in(page, dashboard, token)
         await page.wait_for_function("() => Chart.getChart('requests-chart') !== undefined")
         drawn = await page.evaluate(
-            """() => {
+            with_painted(
+                """() => {
                 const chart = Chart.getChart('requests-chart');
-                const canvas = document.getElementById('requests-chart');
-                const pixels = canvas.getContext('2d')
-                    .getImageData(0, 0, canvas.width, canvas.height).data;
-                let painted = 0;
-                for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) painted++;
                 return {
                     labels: chart.data.labels,
                     today: Object.fromEntries(chart.data.datasets.map(
                         (d) => [d.label, d.data[d.data.length - 1]])),
-                    painted,
+                    painted: painted('requests-chart'),
                     charts: ['tokens-chart', 'errors-chart', 'latency-chart', 'ttfb-chart']
                         .map((id) => Chart.getChart(id) !== undefined),
                 };
             }"""
+            )
         )
         await shoot(page, "overview")
         assert drawn["today"] == {"alice": 4, "bob": 1}
@@ -308,20 +321,15 @@ async def test_a_user_signs_in_with_their_key_and_sees_only_their_own_usage(
         assert page.url == dashboard.at("/me"), page.url
         await page.wait_for_function("() => Chart.getChart('my-requests-chart') !== undefined")
         drawn = await page.evaluate(
-            """() => {
-                const chart = Chart.getChart('my-requests-chart');
-                const canvas = document.getElementById('my-requests-chart');
-                const pixels = canvas.getContext('2d')
-                    .getImageData(0, 0, canvas.width, canvas.height).data;
-                let painted = 0;
-                for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) painted++;
-                return {
-                    datasets: chart.data.datasets.map((d) => [d.label, d.data]),
-                    painted,
-                    tokens: Chart.getChart('my-tokens-chart') !== undefined,
-                    nav: [...document.querySelectorAll('nav a')].map((a) => a.textContent),
-                };
-            }"""
+            with_painted(
+                """() => ({
+                datasets: Chart.getChart('my-requests-chart').data.datasets
+                    .map((d) => [d.label, d.data]),
+                painted: painted('my-requests-chart'),
+                tokens: Chart.getChart('my-tokens-chart') !== undefined,
+                nav: [...document.querySelectorAll('nav a')].map((a) => a.textContent),
+            })"""
+            )
         )
         text = await page.inner_text("main")
         await shoot(page, "my-usage")
