@@ -14,7 +14,10 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 
+from proxy.appkeys import PRESENCE
+from proxy.dashboard.live import snapshot
 from tests.dashboard_helpers import (
     Dashboard,
     client,
@@ -320,3 +323,25 @@ async def test_live_shows_every_proxy_process(db_dsn: str, tmp_path: Path) -> No
         assert await con.fetchval("SELECT count(*) FROM llama_proxies WHERE host = 'gone'") == 0
     finally:
         await con.close()
+
+
+async def test_a_database_without_the_presence_table_costs_the_proxy_nothing(
+    db_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Proxies started before `init-db` added llama_proxies (or with its row gone) serve on."""
+    con = await asyncpg.connect(db_dsn)
+    try:
+        await con.execute("DROP TABLE llama_proxies")
+    finally:
+        await con.close()
+    _, alice = await make_user(db_dsn, "alice")
+    async with running_proxy(db_dsn, tmp_path) as proxy:
+        assert await proxy.app[PRESENCE].peers() == []
+        live = await snapshot(proxy.app)
+        assert [p["this"] for p in live["processes"]] == [True]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(proxy.url("/v1/chat/completions"), json=CHAT, headers=bearer(alice)) as r,
+        ):
+            assert r.status == 200
+    assert "cannot record this process's presence (UndefinedTableError)" in caplog.text

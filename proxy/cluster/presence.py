@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
+
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
@@ -84,7 +86,7 @@ class Presence:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            with contextlib.suppress(DatabaseUnavailable):
+            with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
                 await self._db.run(lambda con: queries.leave_proxy(con, self.id))
 
     async def beat(self) -> None:
@@ -99,7 +101,7 @@ class Presence:
         since = datetime.now(UTC) - timedelta(seconds=STALE_SECONDS)
         try:
             rows = await self._db.run(lambda con: queries.live_proxies(con, since))
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, asyncpg.PostgresError):  # down, or not migrated yet
             return []
         return [
             Peer(r["id"], r["host"], r["pid"], r["started_at"], r["seen_at"], json.loads(r["live"]))
@@ -113,8 +115,14 @@ class Presence:
             try:
                 await self.beat()
                 missed = False
-            except DatabaseUnavailable:
+            except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+                # Postgres away, or a database not migrated yet (`llama-gate init-db`): the
+                # process serves on; the Live page shows it alone meanwhile.
                 if not missed:
-                    log.warning("cannot record this process's presence until Postgres returns")
+                    log.warning(
+                        "cannot record this process's presence (%s); trying every %s s",
+                        type(exc).__name__,
+                        BEAT_SECONDS,
+                    )
                 missed = True
             await asyncio.sleep(BEAT_SECONDS)
