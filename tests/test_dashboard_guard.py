@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from yarl import URL
 
+from proxy.auth.issuing import issue_key
 from proxy.dashboard import sessions as sessions_module
 from proxy.dashboard.render import SECURITY_HEADERS
 from tests.cli_helpers import KEY_RE
@@ -374,5 +375,34 @@ async def test_users_may_not_manage_keys_unless_allowed(db_dsn: str, tmp_path: P
     con = await asyncpg.connect(db_dsn)
     try:
         assert await con.fetchval("SELECT count(*) FROM api_keys") == 1
+    finally:
+        await con.close()
+
+
+async def test_a_key_limited_to_some_models_or_apis_manages_no_keys(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    alice_id, alice = await make_user(db_dsn, "alice")
+    con = await asyncpg.connect(db_dsn)
+    try:
+        scoped = await issue_key(con, alice_id, "ci", None, None, ["embeddings"])
+    finally:
+        await con.close()
+    async with (
+        running_dashboard(db_dsn, tmp_path, LLAMA_PROXY_SELF_SERVICE_KEYS="1") as dashboard,
+        client() as http,
+    ):
+        csrf = await _user_session(http, dashboard, scoped.full.reveal())
+        async with http.get(dashboard.at("/me")) as r:
+            assert 'action="/me/keys"' not in await r.text()
+        async with http.post(dashboard.at("/me/keys"), data={"csrf": csrf}) as r:
+            assert r.status == 403  # it must not mint a key with the user's full access
+            assert "limited to some models or APIs" in await r.text()
+        url = dashboard.at(f"/me/keys/{alice.split('_')[1]}/revoke")
+        async with http.post(url, data={"csrf": csrf}) as r:
+            assert r.status == 403  # nor revoke the user's full key
+    con = await asyncpg.connect(db_dsn)
+    try:
+        assert await con.fetchval("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL") == 2
     finally:
         await con.close()

@@ -308,19 +308,92 @@ async def test_a_key_scoped_to_models_lists_and_retrieves_only_those(
         assert listed == [MODEL, "qwen-7b", "qwen-14b"]
 
 
-async def test_a_model_scoped_key_must_name_its_model_when_no_default_is_known(
+async def test_a_model_scoped_key_is_refused_where_the_answering_model_cannot_be_checked(
     db_dsn: str, tmp_path: Path
 ) -> None:
-    # A plain llama_cpp.server (no /health): the proxy cannot tell what a request naming no
-    # model would get, so a key limited to some models must name one.
+    # A plain llama_cpp.server (no /health) lists no models, and answers any name it does not
+    # know with its own model: a key limited to some models cannot be held to them there.
     upstream = FakeUpstream(expected_key=BACKEND_KEY, plain=True)
     async with running_proxy(db_dsn, tmp_path, upstream) as proxy:
         key = await scoped_key(proxy, "alice", models=["smollm2-*"])
-        status, refused = await post(proxy, "/v1/chat/completions", key, {"messages": HI})
-        assert status == 403, refused
-        _refused_openai(refused, "model")
-        assert "may not use a model it does not name" in refused["error"]["message"]
-        body = {"model": MODEL, "messages": HI}
-        status, answer = await post(proxy, "/v1/chat/completions", key, body)
-        assert status == 200, answer
+        for body in ({"messages": HI}, {"model": MODEL, "messages": HI}):
+            status, refused = await post(proxy, "/v1/chat/completions", key, body)
+            assert status == 403, refused
+            _refused_openai(refused, "model")
+        assert "may not use a model it does not name" in str(await post(
+            proxy, "/v1/chat/completions", key, {"messages": HI}
+        ))  # fmt: skip
+        assert "does not list its models" in refused["error"]["message"]
+        full = await scoped_key(proxy, "alice")
+        status, _ = await post(proxy, "/v1/chat/completions", full, {"messages": HI})
+        assert status == 200  # an unscoped key is served as before
         assert not [s for s in upstream.seen if s.path == "/v1/chat/completions"][1:]
+
+
+async def test_a_request_naming_no_model_is_asked_of_the_model_it_was_checked_against(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """Two backends with different defaults: the key's request names none, is checked against
+    the default (x-model) and must be answered by it, whichever backend takes it."""
+    other = FakeUpstream(expected_key=BACKEND_KEY, models=["y-secret", "x-model"])
+    await other.start()
+    try:
+        first = FakeUpstream(expected_key=BACKEND_KEY, models=["x-model"])
+        await first.start()
+        urls = f"http://127.0.0.1:{first.port},http://127.0.0.1:{other.port}"
+        await first.stop()  # running_proxy starts it again
+        async with running_proxy(db_dsn, tmp_path, first, LLAMA_SERVER_URLS=urls) as proxy:
+            key = await scoped_key(proxy, "alice", models=["x-*"])
+            for _ in range(4):
+                status, answer = await post(proxy, "/v1/chat/completions", key, {"messages": HI})
+                assert status == 200, answer
+            asked = [
+                json.loads(seen.body)["model"]
+                for upstream in (first, other)
+                for seen in upstream.seen
+                if seen.path == "/v1/chat/completions"
+            ]
+    finally:
+        await other.stop()
+    assert asked == ["x-model"] * 4
+
+
+async def test_set_model_refuses_a_model_outside_the_keys_scope(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    upstream = FakeUpstream(expected_key=BACKEND_KEY, models=[MODEL, "secret-70b"])
+    async with running_proxy(db_dsn, tmp_path, upstream) as proxy:
+        key = await scoped_key(proxy, "alice", models=["smollm2-*"])
+        status, answer = await post(proxy, "/setModel", key, {"modelName": "secret-70b"})
+        assert status == 403, answer
+        assert answer["code"] == "key_out_of_scope"
+        status, _ = await post(proxy, "/setModel", key, {"modelName": MODEL})
+        assert status == 200
+
+
+def test_cli_refuses_an_empty_scope_rather_than_making_a_full_key(cli_env: dict[str, str]) -> None:
+    ok(cli_env, "create-user", "--username", "erin")
+    for option in ("--models", "--apis"):
+        for empty in ("", " , "):
+            error = failure(cli_env, "create-key", "--username", "erin", option, empty)
+            assert f"{option} was given no names" in error
+    listed = json.loads(ok(cli_env, "list-keys", "--username", "erin", "--json"))
+    assert len(listed) == 1  # only the key made with the user
+
+
+async def test_me_shows_none_of_a_deleted_namesakes_rows(proxy: Harness) -> None:
+    old = await scoped_key(proxy, "alice")
+    for _ in range(3):
+        status, _ = await post(proxy, "/v1/chat/completions", old, {"messages": HI})
+        assert status == 200
+    await proxy.wait_for_records(3)
+    await asyncio.sleep(2)  # the rows reach Postgres
+    con = await asyncpg.connect(proxy.dsn)
+    try:
+        assert await queries.delete_user(con, "alice")
+    finally:
+        await con.close()
+    new = await scoped_key(proxy, "alice")  # another alice: the audit rows keep the old name
+    status, me, _ = await _me(proxy, new)
+    assert status == 200
+    assert me["usage"] == []

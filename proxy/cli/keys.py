@@ -38,16 +38,21 @@ def key_id_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     return key_id
 
 
-def _listed(values: tuple[str, ...]) -> list[str] | None:
-    """Repeated and comma-separated option values as one list (None when none was given)."""
+def _listed(values: tuple[str, ...], option: str) -> list[str] | None:
+    """Repeated and comma-separated option values as one list (None when the option was not
+    given); given but empty is an error, not "everything" (a script's empty variable)."""
+    if not values:
+        return None
     items = [item.strip() for value in values for item in value.split(",") if item.strip()]
-    return items or None
+    if not items:
+        raise click.BadParameter(f"{option} was given no names; leave it out for no limit")
+    return items
 
 
 def models_arg(
     _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
 ) -> list[str] | None:
-    models = _listed(value)
+    models = _listed(value, "--models")
     for model in models or ():
         if len(model) > 200 or any(ch.isspace() or not ch.isprintable() for ch in model):
             raise click.BadParameter(f"{model[:40]!r} is not a model name or glob")
@@ -57,7 +62,7 @@ def models_arg(
 def apis_arg(
     _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
 ) -> list[str] | None:
-    apis = _listed(value)
+    apis = _listed(value, "--apis")
     unknown = sorted(set(apis or ()) - set(APIS))
     if unknown:
         raise click.BadParameter(

@@ -19,7 +19,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -91,16 +91,14 @@ class Presence:
 
     async def beat(self) -> None:
         live = json.dumps(self._figures())
-        stale = datetime.now(UTC) - timedelta(seconds=STALE_SECONDS)
         await self._db.run(
-            lambda con: queries.beat_proxy(con, self.id, self.host, self.pid, live, stale)
+            lambda con: queries.beat_proxy(con, self.id, self.host, self.pid, live, STALE_SECONDS)
         )
 
     async def peers(self) -> list[Peer]:
         """The other processes seen within `STALE_SECONDS` (none while Postgres is away)."""
-        since = datetime.now(UTC) - timedelta(seconds=STALE_SECONDS)
         try:
-            rows = await self._db.run(lambda con: queries.live_proxies(con, since))
+            rows = await self._db.run(lambda con: queries.live_proxies(con, STALE_SECONDS))
         except (DatabaseUnavailable, asyncpg.PostgresError):  # down, or not migrated yet
             return []
         return [

@@ -39,13 +39,17 @@ async def page(request: web.Request) -> web.StreamResponse:
     now = datetime.now(UTC)
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
 
+    user_id = session.user_id
+
+    # By user id, never by name: a user deleted and made again under the same name sees only
+    # their own rows (audit rows keep the old user's name).
     async def read(con: Connection) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
         return (
-            await queries.usage_daily(con, (now - timedelta(days=DAYS)).date(), username),
+            await queries.user_usage_daily(con, (now - timedelta(days=DAYS)).date(), user_id),
             await queries.quota_usage(con, day_start, now - timedelta(minutes=1), username),
             await queries.list_keys(con, username),
             await queries.request_log(
-                con, RequestFilter(username=username), None, LATEST, LATEST_COLUMNS
+                con, RequestFilter(user_id=user_id), None, LATEST, LATEST_COLUMNS
             ),
         )
 
@@ -74,7 +78,7 @@ async def page(request: web.Request) -> web.StreamResponse:
         keys=keys,
         latest=latest,
         days=DAYS,
-        self_service=request.app[PROXY][SETTINGS].self_service_keys,
+        self_service=request.app[PROXY][SETTINGS].self_service_keys and not session.scoped,
     )
 
 
@@ -88,6 +92,11 @@ def _own(request: web.Request) -> tuple[int, str]:
     if not request.app[PROXY][SETTINGS].self_service_keys:
         raise web.HTTPForbidden(
             text="Your administrator makes and revokes keys here (LLAMA_PROXY_SELF_SERVICE_KEYS)."
+        )
+    if session.scoped:  # a key limited to some models or APIs must not mint a full one
+        raise web.HTTPForbidden(
+            text="You signed in with a key limited to some models or APIs: it makes and revokes "
+            "no keys. Sign in with a key that has your full access."
         )
     return session.user_id, session.username
 

@@ -39,6 +39,7 @@ class Session:
     # A user's own session (opened with an API key): their usage page, nothing of an admin's.
     user_id: int | None = None
     username: str | None = None
+    scoped: bool = False  # opened with a key limited to some models or APIs: it manages no keys
 
     def take_notices(self) -> list[str]:
         notices, self.notices = self.notices, []
@@ -55,7 +56,11 @@ class Sessions:
         self._sessions: dict[bytes, Session] = {}
 
     def open(
-        self, token_id: str, user_id: int | None = None, username: str | None = None
+        self,
+        token_id: str,
+        user_id: int | None = None,
+        username: str | None = None,
+        scoped: bool = False,
     ) -> tuple[str, Session]:
         """A new session for `token_id` (an admin's; a user's with `user_id`): the cookie value to
         hand the browser, and the session."""
@@ -63,7 +68,9 @@ class Sessions:
             del self._sessions[next(iter(self._sessions))]  # the oldest
         cookie = secrets.token_urlsafe(32)
         now = self._clock()
-        session = Session(token_id, started=now, seen=now, user_id=user_id, username=username)
+        session = Session(
+            token_id, started=now, seen=now, user_id=user_id, username=username, scoped=scoped
+        )
         self._sessions[_digest(cookie)] = session
         return cookie, session
 

@@ -131,7 +131,8 @@ async def _user_sign_in(request: web.Request, presented: str) -> web.StreamRespo
             "/me",
         )
     sessions = request.app[SESSIONS]
-    cookie, _session = sessions.open(record.key_id, record.user_id, record.username)
+    scoped = record.models is not None or record.apis is not None
+    cookie, _session = sessions.open(record.key_id, record.user_id, record.username, scoped)
     log.info("dashboard: %s signed in with key %s from %s", record.username, record.key_id,
              request.remote)  # fmt: skip
     response = redirect("/me")

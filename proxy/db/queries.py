@@ -362,6 +362,27 @@ async def usage_daily(con: Connection, since: date, username: str | None) -> lis
     )
 
 
+async def user_usage_daily(con: Connection, since: date, user_id: int) -> list[asyncpg.Record]:
+    """One user's days, as `usage_daily` shows them, of their own rows (by id, not by name)."""
+    return await con.fetch(
+        f"""SELECT {_USAGE_DAY} AS day, username, count(*) AS requests,
+                   count(*) FILTER (WHERE status_code >= 400) AS errors,
+                   coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                   coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                   coalesce(sum(request_bytes), 0) AS bytes_in,
+                   coalesce(sum(response_bytes), 0) AS bytes_out,
+                   round(percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms)::numeric, 1)
+                       AS p50_ms,
+                   round(percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)::numeric, 1)
+                       AS p95_ms
+            FROM llama_requests
+            WHERE user_id = $2 AND created_at >= $1::date::timestamp AT TIME ZONE 'UTC'
+            GROUP BY 1, 2 ORDER BY 1 DESC, 2""",
+        since,
+        user_id,
+    )
+
+
 async def prune_requests_batch(con: Connection, before: datetime, batch_size: int) -> int:
     """Delete up to `batch_size` of the oldest audit rows older than `before`; return how many.
 
@@ -557,6 +578,7 @@ class RequestFilter:
     """Which audit rows to show; None leaves that condition out."""
 
     username: str | None = None
+    user_id: int | None = None  # a user's own rows (their page): by id, not by a reusable name
     status_from: int | None = None  # inclusive
     status_to: int | None = None  # inclusive
     path: str | None = None
@@ -590,6 +612,8 @@ async def request_log(
 
     if where.username is not None:
         add("username = {}", where.username)
+    if where.user_id is not None:
+        add("user_id = {}", where.user_id)
     if where.status_from is not None:
         add("status_code >= {}", where.status_from)
     if where.status_to is not None:
@@ -714,12 +738,14 @@ async def prune_responses(con: Connection, now: datetime) -> int:
 
 
 async def beat_proxy(
-    con: Connection, proxy_id: str, host: str, pid: int, live: str, stale_before: datetime
+    con: Connection, proxy_id: str, host: str, pid: int, live: str, stale_seconds: float
 ) -> None:
     """Refresh this process's row with its live figures (JSON text), and delete the rows of
-    processes not seen since `stale_before` (gone: killed or cut off), in one statement."""
+    processes not seen for `stale_seconds` (gone: killed or cut off), in one statement. Times
+    are Postgres's own, so no proxy's clock decides who is gone."""
     await con.execute(
-        """WITH gone AS (DELETE FROM llama_proxies WHERE seen_at < $5 AND id <> $1)
+        """WITH gone AS (DELETE FROM llama_proxies
+                         WHERE seen_at < now() - make_interval(secs => $5) AND id <> $1)
            INSERT INTO llama_proxies (id, host, pid, seen_at, live)
            VALUES ($1, $2, $3, now(), $4::jsonb)
            ON CONFLICT (id) DO UPDATE SET seen_at = now(), live = excluded.live""",
@@ -727,16 +753,16 @@ async def beat_proxy(
         host,
         pid,
         live,
-        stale_before,
+        stale_seconds,
     )
 
 
-async def live_proxies(con: Connection, seen_since: datetime) -> list[asyncpg.Record]:
-    """The processes seen since `seen_since`, oldest first, with their live figures (JSON)."""
+async def live_proxies(con: Connection, stale_seconds: float) -> list[asyncpg.Record]:
+    """The processes seen within `stale_seconds`, oldest first, with their live figures."""
     return await con.fetch(
         """SELECT id, host, pid, started_at, seen_at, live::text AS live FROM llama_proxies
-           WHERE seen_at >= $1 ORDER BY started_at, id""",
-        seen_since,
+           WHERE seen_at >= now() - make_interval(secs => $1) ORDER BY started_at, id""",
+        stale_seconds,
     )
 
 

@@ -28,7 +28,7 @@ from proxy.dialects.collect import ChatAnswer
 from proxy.dialects.conversation import Checked, WarmUp, chat_body
 from proxy.dialects.openai_body import checked, parse_object
 from proxy.dialects.wire import json_bytes
-from proxy.errors import ApiError, ModelNotFound
+from proxy.errors import ApiError, KeyOutOfScope, ModelNotFound
 from proxy.limits.prompts import Ask
 from proxy.pipeline.endpoint import CallerLimits, Context, Prepared
 from proxy.upstream.forward import UpstreamCall
@@ -91,6 +91,8 @@ class SetModel:
             chosen = catalog.match_model(name, names)
             if chosen is None:
                 raise ModelNotFound(name, ", ".join(names) or "none", names)
+            if not context.caller.may_use(chosen):  # it would become every key's default
+                raise KeyOutOfScope.model(chosen, context.caller.models or ())
         user = context.caller.user_id
         try:
             stored = await app[DATABASE].run(

@@ -1,7 +1,8 @@
 """GET /v1/me: a key's holder sees their own limits, token quotas and usage, without an admin.
 
-What it shows agrees with the admin's `llama-gate usage --user NAME` (the same queries): `usage` is
-`usage --user NAME --json` (the last 30 days of the llama_usage_daily view), `quotas` the user's row
+What it shows agrees with the admin's `llama-gate usage --user NAME`: `usage` is `usage --user NAME
+--json` (the last 30 days, the llama_usage_daily view's figures, but of this user's own rows, by
+user id: a user made again under a deleted user's name sees none of theirs), `quotas` the user's row
 of `usage --quotas`, with when the daily quota resets (UTC midnight; the per-minute one is a
 sliding minute). `limits` are those that apply (the user's own or the defaults), `key` the key
 used and its scope. Any key may ask, whatever its scope: it only ever shows its own user.
@@ -54,7 +55,8 @@ class Me:
         since = (now - timedelta(days=USAGE_DAYS)).date()
 
         async def read(con: Connection) -> tuple[list[Any], list[Any]]:
-            daily = await queries.usage_daily(con, since, caller.username)
+            # By user id: a namesake of a deleted user never sees that user's rows.
+            daily = await queries.user_usage_daily(con, since, caller.user_id)
             quotas = await queries.quota_usage(
                 con, day_start, now - timedelta(minutes=1), caller.username
             )

@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -39,6 +40,7 @@ from proxy.appkeys import (
     UPSTREAM_SESSION,
 )
 from proxy.auth.authenticator import presented_key
+from proxy.auth.cache import Principal
 from proxy.edge.paths import has_dot_segment
 from proxy.errors import (
     AnswerBudgetSpent,
@@ -281,12 +283,8 @@ class Walk:
             exchange.end_user = prepared.end_user
             if prepared.model is not None:
                 _known_model(request, prepared.model)  # a request for no model spends nothing
-            if caller.models is not None and prepared.ask is not None and exchange.model is None:
-                # No model named and no default known (a backend that lists none): whatever the
-                # backend serves cannot be checked against the key's scope, so it is not asked.
-                raise KeyOutOfScope("a model it does not name", caller.models, param="model")
-            if exchange.model is not None and not caller.may_use(exchange.model):
-                raise KeyOutOfScope.model(exchange.model, caller.models or ())
+            if caller.models is not None and prepared.ask is not None:
+                prepared = _scoped_call(app[BACKENDS].models(), caller, exchange.model, prepared)
             return prepared
 
         def received(size: int) -> None:
@@ -393,6 +391,36 @@ async def _reserve_again(app: web.Application, exchange: Exchange, call: Upstrea
     size = len(call.data or b"")
     measured = await admission.prompts.measure(ask, exchange.request_id, True, size)
     quotas.extend(caller, exchange.request_id, measured.prompt_tokens or 0)
+
+
+def _scoped_call(
+    served: list[str] | None, caller: Principal, model: str | None, prepared: Prepared
+) -> Prepared:
+    """A key limited to some models asks the model it may use, and only that one.
+
+    Refused when what would answer cannot be told (no model named and no default known; or a
+    backend that does not list its models, since llama_cpp.server answers any unknown name with
+    its own model) or is outside the scope. A request that named no model gets the model it was
+    checked against written into its body, so no backend answers it with another default.
+    """
+    scope = caller.models or ()
+    if model is None:
+        raise KeyOutOfScope("a model it does not name", scope, param="model")
+    if not caller.may_use(model):
+        raise KeyOutOfScope.model(model, scope)
+    if served is None:
+        raise KeyOutOfScope(
+            f"the model {model!r} here: a backend does not list its models, so which model "
+            "answers cannot be checked",
+            scope,
+            param="model",
+        )
+    call, ask = prepared.call, prepared.ask
+    if call is None or call.json is None or call.json.get("model") == model:
+        return prepared
+    named = replace(call, json={**call.json, "model": model})
+    asked = replace(ask, call=named, model=model) if ask is not None and ask.call is call else ask
+    return replace(prepared, call=named, ask=asked)
 
 
 def _known_model(request: web.Request, model: str) -> None:
