@@ -397,3 +397,21 @@ async def test_me_shows_none_of_a_deleted_namesakes_rows(proxy: Harness) -> None
     status, me, _ = await _me(proxy, new)
     assert status == 200
     assert me["usage"] == []
+
+
+async def test_a_key_limited_to_some_models_never_learns_the_others_names(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    upstream = FakeUpstream(expected_key=BACKEND_KEY, models=[MODEL, "qwen-7b", "secret-70b"])
+    async with running_proxy(db_dsn, tmp_path, upstream) as proxy:
+        key = await scoped_key(proxy, "alice", models=["qwen-*"])
+        status, rpc = await post(
+            proxy, "/rpc", key, {"jsonrpc": "2.0", "method": "list_models", "id": 1}
+        )
+        assert status == 200
+        assert rpc["result"]["models"] == ["qwen-7b"]
+        body = {"model": "qwen-missing", "messages": HI}
+        status, missing = await post(proxy, "/v1/chat/completions", key, body)
+        assert status == 404
+        assert "secret-70b" not in missing["error"]["message"]
+        assert "qwen-7b" in missing["error"]["message"]

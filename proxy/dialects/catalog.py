@@ -44,13 +44,14 @@ def check_model(app: web.Application, model: str | None) -> None:
 
 
 async def model_names(context: Context) -> list[str]:
-    """Every model there is: as the probes say, or else as the backend's list says."""
+    """Every model there is that the caller's key may use: as the probes say, or else as the
+    backend's list says (a key limited to some models never learns the others' names)."""
     known = known_models(context.delivery.request.app)
-    if known is not None:
-        return known
-    listing = ModelList()
-    await context.send(UpstreamCall("GET", "/v1/models"), listing)
-    return listing.names
+    if known is None:
+        listing = ModelList()
+        await context.send(UpstreamCall("GET", "/v1/models"), listing)
+        known = listing.names
+    return [name for name in known if context.caller.may_use(name)]
 
 
 def match_model(name: str, names: list[str]) -> str | None:

@@ -282,7 +282,7 @@ class Walk:
                 exchange.model = app[BACKENDS].default_model()  # what serves it: on its row too
             exchange.end_user = prepared.end_user
             if prepared.model is not None:
-                _known_model(request, prepared.model)  # a request for no model spends nothing
+                _known_model(request, caller, prepared.model)  # spends nothing
             if caller.models is not None and prepared.ask is not None:
                 prepared = _scoped_call(app[BACKENDS].models(), caller, exchange.model, prepared)
             return prepared
@@ -423,11 +423,13 @@ def _scoped_call(
     return replace(prepared, call=named, ask=asked)
 
 
-def _known_model(request: web.Request, model: str) -> None:
-    """`ModelNotFound` (naming the models) when the backends say none of them serves `model`."""
+def _known_model(request: web.Request, caller: Principal, model: str) -> None:
+    """`ModelNotFound` (naming the models the caller's key may use) when the backends say none
+    of them serves `model`."""
     known = request.app[BACKENDS].models()
     if known is not None and model not in known:
-        raise ModelNotFound(model, ", ".join(known) or "none", known)
+        usable = [name for name in known if caller.may_use(name)]
+        raise ModelNotFound(model, ", ".join(usable) or "none", usable)
 
 
 class _Calls:
