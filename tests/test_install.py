@@ -46,6 +46,10 @@ if args[:1] == ["-c"]:
     elif "import llama_cpp" in code:
         sys.exit(0 if os.environ.get("FAKE_LLAMA") == "installed" else 1)
     sys.exit(0)
+if args[:1] == ["-"]:  # a script on stdin (install.sh's cached_wheel): run it, as python does
+    sys.argv = args
+    exec(compile(sys.stdin.read(), "<stdin>", "exec"))
+    sys.exit(0)
 if args[:2] == ["-m", "pip"]:
     with open(os.environ["FAKE_CALLS"], "a") as calls:
         print(" ".join(args[2:]), file=calls)
@@ -202,6 +206,24 @@ def test_a_cached_wheel_is_installed_without_a_build(scratch: tuple[Path, dict[s
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Building llama-cpp-python" not in done.stdout
     assert not any(" wheel " in f" {call} " for call in _pip_calls(env))
+
+
+def test_a_cached_wheel_for_another_python_is_not_taken(
+    scratch: tuple[Path, dict[str, str]],
+) -> None:
+    # A wheel copied in for another interpreter (an image's 3.12 beside this 3.11) cannot be
+    # installed here: it is built anew, and the other stays.
+    root, env = scratch
+    cache = Path(env["LLAMA_GATE_WHEEL_CACHE"])
+    cache.mkdir()
+    other = cache / "llama_cpp_python-0.3.36-cp399-cp399-linux_x86_64.whl"
+    other.touch()
+    done = _install(root, env, FAKE_LLAMA="missing", FAKE_BUILD="ok")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Building llama-cpp-python" in done.stdout
+    fits = cache / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"
+    assert f"install --quiet {fits}[server]" in "\n".join(_pip_calls(env))
+    assert other.exists()
 
 
 def test_the_project_declares_an_spdx_license_so_setuptools_prints_no_banner() -> None:
