@@ -358,15 +358,17 @@ async def test_a_request_naming_no_model_is_asked_of_the_model_it_was_checked_ag
     assert asked == ["x-model"] * 4
 
 
-async def test_set_model_refuses_a_model_outside_the_keys_scope(
+async def test_set_model_cannot_choose_a_model_outside_the_keys_scope(
     db_dsn: str, tmp_path: Path
 ) -> None:
     upstream = FakeUpstream(expected_key=BACKEND_KEY, models=[MODEL, "secret-70b"])
     async with running_proxy(db_dsn, tmp_path, upstream) as proxy:
         key = await scoped_key(proxy, "alice", models=["smollm2-*"])
         status, answer = await post(proxy, "/setModel", key, {"modelName": "secret-70b"})
-        assert status == 403, answer
-        assert answer["code"] == "key_out_of_scope"
+        # Not among the models this key may use, whose names are all it learns: as if absent.
+        assert status == 404, answer
+        assert answer["code"] == "model_not_found"
+        assert answer["models"] == [MODEL]
         status, _ = await post(proxy, "/setModel", key, {"modelName": MODEL})
         assert status == 200
 
