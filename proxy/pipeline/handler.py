@@ -24,7 +24,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -48,7 +47,6 @@ from proxy.errors import (
     ApiError,
     InternalError,
     InvalidRequest,
-    KeyOutOfScope,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
@@ -57,6 +55,7 @@ from proxy.errors import (
 )
 from proxy.limits.body import defer_continue
 from proxy.limits.prompts import INFERENCE_PATHS, Ask
+from proxy.pipeline import scope
 from proxy.pipeline.delivery import ClientGone, Delivery
 from proxy.pipeline.endpoint import (
     AdmittedCall,
@@ -254,8 +253,7 @@ class Walk:
             presented_key(request), exchange.client_addr
         )
         exchange.caller = caller
-        if self._api and caller.apis is not None and self._api not in caller.apis:
-            raise KeyOutOfScope(f"the {self._api} API", sorted(caller.apis))
+        scope.refuse_other_apis(caller, self._api)
 
     @asynccontextmanager
     async def admit(
@@ -284,7 +282,9 @@ class Walk:
             if prepared.model is not None:
                 _known_model(request, caller, prepared.model)  # spends nothing
             if caller.models is not None and prepared.ask is not None:
-                prepared = _scoped_call(app[BACKENDS].models(), caller, exchange.model, prepared)
+                prepared = scope.model_call(
+                    app[BACKENDS].models(), caller, exchange.model, prepared
+                )
             return prepared
 
         def received(size: int) -> None:
@@ -391,36 +391,6 @@ async def _reserve_again(app: web.Application, exchange: Exchange, call: Upstrea
     size = len(call.data or b"")
     measured = await admission.prompts.measure(ask, exchange.request_id, True, size)
     quotas.extend(caller, exchange.request_id, measured.prompt_tokens or 0)
-
-
-def _scoped_call(
-    served: list[str] | None, caller: Principal, model: str | None, prepared: Prepared
-) -> Prepared:
-    """A key limited to some models asks the model it may use, and only that one.
-
-    Refused when what would answer cannot be told (no model named and no default known; or a
-    backend that does not list its models, since llama_cpp.server answers any unknown name with
-    its own model) or is outside the scope. A request that named no model gets the model it was
-    checked against written into its body, so no backend answers it with another default.
-    """
-    scope = caller.models or ()
-    if model is None:
-        raise KeyOutOfScope("a model it does not name", scope, param="model")
-    if not caller.may_use(model):
-        raise KeyOutOfScope.model(model, scope)
-    if served is None:
-        raise KeyOutOfScope(
-            f"the model {model!r} here: a backend does not list its models, so which model "
-            "answers cannot be checked",
-            scope,
-            param="model",
-        )
-    call, ask = prepared.call, prepared.ask
-    if call is None or call.json is None or call.json.get("model") == model:
-        return prepared
-    named = replace(call, json={**call.json, "model": model})
-    asked = replace(ask, call=named, model=model) if ask is not None and ask.call is call else ask
-    return replace(prepared, call=named, ask=asked)
 
 
 def _known_model(request: web.Request, caller: Principal, model: str) -> None:
