@@ -15,6 +15,14 @@ every user here wants more than a quarter). Three runs:
 - plain FIFO: no queue in the proxy (slots and cap 1000), so requests wait for the backend's own
   lock in arrival order, which is what sharing llama_cpp.server without llama-gate gives.
 
+Then two runs with two proxy processes (`python -m proxy`, sharing the backend's slot through
+Postgres) in front of the same backend, which counts the most requests it ever held at once:
+
+- 2 processes: u1 and u2 through one process, u3 and u4 through the other (target: Jain >= 0.95);
+- 2 processes, flood: one user floods through one process at 20 req/s (cap 4), another sends one
+  request at a time through the other: how long each of the latter waits beyond its own service
+  (target: at most one service time, the request already running).
+
 Requests still open when a run ends are dropped (the client disconnects) and not counted.
 """
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -78,14 +87,28 @@ def jain(values: list[float]) -> float:
     return sum(values) ** 2 / (len(values) * squares) if squares else 1.0
 
 
+@dataclass
+class Held:
+    now: int = 0
+    most: int = 0  # the most requests the backend held at once
+
+
 @asynccontextmanager
-async def single_slot_backend(service_seconds: float) -> AsyncIterator[str]:
+async def single_slot_backend(
+    service_seconds: float, held: Held | None = None
+) -> AsyncIterator[str]:
     lock = asyncio.Lock()  # FIFO: waiters get it in the order they asked
+    held = held or Held()
 
     async def chat(request: web.Request) -> web.Response:
         await request.read()
-        async with lock:
-            await asyncio.sleep(service_seconds)
+        held.now += 1
+        held.most = max(held.most, held.now)
+        try:
+            async with lock:
+                await asyncio.sleep(service_seconds)
+        finally:
+            held.now -= 1
         return web.json_response(ANSWER)
 
     async def health(request: web.Request) -> web.Response:
@@ -185,6 +208,129 @@ async def run(dsn: str, keys: dict[str, str], mode: str, seconds: float,
     return results
 
 
+@asynccontextmanager
+async def proxy_process(dsn: str, backend: str, log: Path) -> AsyncIterator[str]:
+    """`python -m proxy` as a process of its own, one of several sharing the backend's slot."""
+    port = free_port()
+    environ = {
+        **os.environ, "POSTGRES_AUTH_DSN": dsn, "LLAMA_SERVER_URLS": backend,
+        "LLAMA_SERVER_API_KEY": BACKEND_KEY, "LLAMA_PROXY_METRICS_PORT": "0",
+        "LLAMA_PROXY_DASHBOARD_PORT": "0", "LLAMA_GATE_HOME": str(log.parent),
+    }  # fmt: skip
+    with log.open("wb") as output:  # a file: a pipe nobody reads would block its log
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port),
+            cwd=ROOT, env=environ, stdout=output, stderr=output,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(300):
+                if process.returncode is not None:
+                    raise RuntimeError(f"the proxy exited; see {log}")
+                try:
+                    async with client.get(f"{base}/health") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        yield f"{base}/v1/chat/completions"
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def run_two(dsn: str, keys: dict[str, str], seconds: float, service: float, flood: bool,
+                  held: Held) -> dict[str, UserResult]:  # fmt: skip
+    """u1, u2 through one process and u3, u4 through the other; or, with `flood`, u4 flooding
+    through one and u1 one request at a time through the other."""
+    rates = {"u4": 20.0, "u1": 0.0} if flood else RATES
+    results = {user: UserResult(rate) for user, rate in rates.items()}
+    connector = aiohttp.TCPConnector(limit=0)
+    with tempfile.TemporaryDirectory() as home:
+        async with (
+            single_slot_backend(service, held) as backend,
+            proxy_process(dsn, backend, Path(home) / "first.log") as first,
+            proxy_process(dsn, backend, Path(home) / "second.log") as second,
+            aiohttp.ClientSession(connector=connector) as client,
+        ):
+            via = {"u1": first, "u2": first, "u3": second, "u4": second}
+            for user in results:  # each key verified once, outside the measurement
+                async with client.post(via[user], json={"max_tokens": 1}, headers={
+                    "Authorization": f"Bearer {keys[user]}"
+                }) as response:  # fmt: skip
+                    await response.read()
+            await asyncio.sleep(3)  # both processes have found each other: slots are shared
+            until = time.monotonic() + seconds
+            if flood:
+                await asyncio.gather(
+                    user_load(client, via["u4"], keys["u4"], results["u4"], 3, until),
+                    one_at_a_time(client, via["u1"], keys["u1"], results["u1"], until),
+                )
+            else:
+                await asyncio.gather(
+                    *(
+                        user_load(client, via[user], keys[user], results[user], seed, until)
+                        for seed, user in enumerate(RATES)
+                    )
+                )
+    return results
+
+
+async def one_at_a_time(client: aiohttp.ClientSession, url: str, key: str, result: UserResult,
+                        until: float) -> None:  # fmt: skip
+    """A user who sends a request, waits for its answer, pauses a moment, and sends another."""
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    pauses = random.Random(7)  # noqa: S311 - think times, repeatable, not secrets
+    while time.monotonic() < until:
+        sent = time.monotonic()
+        async with client.post(url, json=body, headers=headers) as response:
+            await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"unexpected HTTP {response.status}")
+        result.served += 1
+        result.waits.append(time.monotonic() - sent)
+        await asyncio.sleep(pauses.uniform(0.05, 0.3))
+
+
+def report_two(results: dict[str, dict[str, UserResult]], service: float, held: Held) -> None:
+    print("\nTwo proxy processes sharing the backend's one slot through Postgres:\n")
+    head = ("run", "user", "via", "offered/s", "served", "share", "p50 wait s")
+    print("{:<22} {:<5} {:>6} {:>9} {:>7} {:>7} {:>11}".format(*head))
+    via = {"u1": "first", "u2": "first", "u3": "second", "u4": "second"}
+    for mode, users in results.items():
+        total = sum(r.served for r in users.values()) or 1
+        for user, r in users.items():
+            wait = f"{statistics.median(r.waits):.2f}" if r.waits else "-"
+            offered = f"{r.offered:.1f}" if r.offered else "1 at once"
+            print(
+                f"{mode:<22} {user:<5} {via[user]:>6} {offered:>9} {r.served:>7} "
+                f"{r.served / total:>7.1%} {wait:>11}"
+            )
+    shares = results["2 processes"]
+    index = jain([float(r.served) for r in shares.values()])
+    victim = sorted(w - service for w in results["2 processes, flood"]["u1"].waits)
+    p99 = victim[min(len(victim) - 1, int(len(victim) * 0.99))]
+    print()
+    print(f"{'figure':<58} {'measured':>10} {'target':>12}  met")
+    rows = [
+        ("Jain index, 4 users split over 2 processes", f"{index:.3f}", ">= 0.95",
+         index >= 0.95),
+        ("one-at-a-time user's wait beyond its service, p50 (ms)",
+         f"{statistics.median(victim) * 1000:.1f}", f"<= {service * 1000:.0f}",
+         statistics.median(victim) <= service),
+        ("  p99 (ms)", f"{p99 * 1000:.1f}", f"<= {service * 1000:.0f}", p99 <= service),
+        ("  max (ms)", f"{victim[-1] * 1000:.1f}", f"<= {service * 1000:.0f}",
+         victim[-1] <= service),
+        ("most requests the backend held at once (its slots: 1)", str(held.most), "<= 1",
+         held.most <= 1),
+    ]  # fmt: skip
+    for name, measured, target, met in rows:
+        print(f"{name:<58} {measured:>10} {target:>12}  {'yes' if met else 'NO'}")
+
+
 async def make_users(dsn: str) -> dict[str, str]:
     con = await asyncpg.connect(dsn)
     keys = {}
@@ -233,13 +379,29 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
     parser.add_argument("--service-ms", type=float, default=100.0, help="time per request")
+    parser.add_argument(
+        "--only-processes", action="store_true", help="only the runs with two proxy processes"
+    )
     args = parser.parse_args()
     service = args.service_ms / 1000
+    held = Held()
     with database() as dsn:
         migrate.upgrade(dsn)
         keys = asyncio.run(make_users(dsn))
-        results = {mode: asyncio.run(run(dsn, keys, mode, args.seconds, service)) for mode in MODES}
-    report(results, args.seconds, service)
+        results = (
+            {}
+            if args.only_processes
+            else {mode: asyncio.run(run(dsn, keys, mode, args.seconds, service)) for mode in MODES}
+        )
+        two = {
+            "2 processes": asyncio.run(run_two(dsn, keys, args.seconds, service, False, held)),
+            "2 processes, flood": asyncio.run(
+                run_two(dsn, keys, args.seconds, service, True, held)
+            ),
+        }
+    if results:
+        report(results, args.seconds, service)
+    report_two(two, service, held)
 
 
 if __name__ == "__main__":

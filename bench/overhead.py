@@ -52,6 +52,7 @@ BACKEND_KEY = "bench-backend-key"
 GATE = "c: llama-gate"
 NO_JOURNAL = "d: llama-gate, no journal"
 NO_FSYNC = "e: llama-gate, Postgres no fsync"
+WORKERS = "f: llama-gate --workers 2"
 # Just under the 8 MiB a body may have: one message of 8 MiB of text.
 FLOOD_BODY = json.dumps(
     {"messages": [{"role": "user", "content": "x " * ((4 << 20) - 64)}], "max_tokens": 16}
@@ -267,9 +268,16 @@ def main() -> None:
     parser.add_argument(
         "--flood-only", action="store_true", help="only the 8 MiB flood's line (and sse c=1 alone)"
     )
+    parser.add_argument(
+        "--workers-only",
+        action="store_true",
+        help="only JSON loads through a, b, c and f (`serve --workers 2`): what a worker adds",
+    )
     args = parser.parse_args()
     python = sys.executable
-    up_port, base_port, gate_port, unjournaled_port, loose_port = (free_port() for _ in range(5))
+    up_port, base_port, gate_port, unjournaled_port, loose_port, workers_port = (
+        free_port() for _ in range(6)
+    )
     upstream_url = f"http://127.0.0.1:{up_port}"
     with (
         database() as dsn,
@@ -296,6 +304,7 @@ def main() -> None:
             "LLAMA_PROXY_AUDIT_JOURNAL": "0",
         }
         loose_env = {**gate_env, "LLAMA_GATE_HOME": loose_home, "POSTGRES_AUTH_DSN": loose_dsn}
+        workers_env = {**gate_env, "LLAMA_PROXY_WORKERS": "2"}
 
         def proxy(port: int, env: dict[str, str]) -> list[str]:
             return [python, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
@@ -306,11 +315,12 @@ def main() -> None:
             process(proxy(gate_port, gate_env), gate_env) as gate,
             process(proxy(unjournaled_port, unjournaled_env), unjournaled_env) as unjournaled,
             process(proxy(loose_port, loose_env), loose_env) as loose,
+            process(proxy(workers_port, workers_env), workers_env) as workers,
         ):
             _wait_http(upstream_url, up, "/")
             _wait_http(f"http://127.0.0.1:{base_port}", base, "/")
             for port, proc in ((gate_port, gate), (unjournaled_port, unjournaled),
-                               (loose_port, loose)):  # fmt: skip
+                               (loose_port, loose), (workers_port, workers)):  # fmt: skip
                 _wait_http(f"http://127.0.0.1:{port}", proc, "/health")
             bearer = {"Authorization": f"Bearer {key}"}
             targets = {
@@ -319,8 +329,15 @@ def main() -> None:
                 GATE: (f"http://127.0.0.1:{gate_port}/v1/chat/completions", bearer),
                 NO_JOURNAL: (f"http://127.0.0.1:{unjournaled_port}/v1/chat/completions", bearer),
                 NO_FSYNC: (f"http://127.0.0.1:{loose_port}/v1/chat/completions", bearer),
+                WORKERS: (f"http://127.0.0.1:{workers_port}/v1/chat/completions", bearer),
             }
-            pids = {GATE: gate.pid, NO_JOURNAL: unjournaled.pid, NO_FSYNC: loose.pid}
+            pids = {
+                GATE: gate.pid, NO_JOURNAL: unjournaled.pid, NO_FSYNC: loose.pid,
+                WORKERS: workers.pid,
+            }  # fmt: skip
+            if args.workers_only:
+                _report_workers(targets, pids, args.seconds)
+                return
             results: dict[tuple[str, str], Result] = {}
             cpu_us: dict[tuple[str, str], float] = {}
             journal = JournalCost()
@@ -332,6 +349,8 @@ def main() -> None:
                 for target, (url, headers) in targets.items():
                     if args.journal_only:
                         break
+                    if target == WORKERS:
+                        continue  # --workers-only
                     if args.flood_only and (load_name, target) != ("sse c=1", GATE):
                         continue
                     before = _cpu_seconds(pids[target]) if target in pids else 0.0
@@ -440,9 +459,51 @@ def _append_us(rows: int = 50_000) -> float:
 
 
 def _cpu_seconds(pid: int | None) -> float:
-    """User and system CPU time of a process and its threads so far (Linux)."""
+    """User and system CPU time of a process, its threads and its live children so far (Linux:
+    a `--workers` parent's workers are its children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(_cpu_seconds(int(child)) for child in children)
+
+
+def _report_workers(
+    targets: dict[str, tuple[str, dict[str, str]]], pids: dict[str, int], seconds: float
+) -> None:
+    """JSON loads through a, b, c (one worker) and f (two), in turns, three rounds of each."""
+    time.sleep(3)  # the workers have switched to shared slots
+    shown = ("a: direct", "b: bare pass-through", GATE, WORKERS)
+    rps: dict[tuple[str, str], list[float]] = {}
+    cpu_us: dict[tuple[str, str], list[float]] = {}
+    for _ in range(3):
+        for load_name, concurrency in (("json c=1", 1), ("json c=32", 32)):
+            for target in shown:
+                url, headers = targets[target]
+                before = _cpu_seconds(pids[target]) if target in pids else 0.0
+                result = asyncio.run(load(url, headers, concurrency, seconds, False))
+                rps.setdefault((load_name, target), []).append(result.rps)
+                if target in pids:
+                    cpu = _cpu_seconds(pids[target]) - before
+                    per = cpu / (result.count + concurrency) * 1e6
+                    cpu_us.setdefault((load_name, target), []).append(per)
+    print(f"{'load':<10} {'path':<31} {'req/s (median of 3)':>20} {'CPU us/req':>11}")
+    for (load_name, target), runs in rps.items():
+        cpu = cpu_us.get((load_name, target))
+        shown_cpu = f"{statistics.median(cpu):.0f}" if cpu else "-"
+        print(f"{load_name:<10} {target:<31} {statistics.median(runs):>20.0f} {shown_cpu:>11}")
+
+    def median(target: str) -> float:
+        return statistics.median(rps[("json c=32", target)])
+
+    two = median(WORKERS) / median(GATE)
+    print()
+    bare = median(WORKERS) / median("b: bare pass-through")
+    _print_checks(
+        [
+            ("c=32 json, 2 workers / 1 (f / c)", f"{two:.2f} x", ">= 1.60 x", two >= 1.6),
+            ("c=32 json, 2 workers / bare (f / b)", f"{bare:.2f} x", "-", None),
+        ]
+    )
 
 
 def _report(

@@ -29,6 +29,7 @@ from proxy.appkeys import (
     QUOTAS,
     RATE_LIMITER,
     SETTINGS,
+    SHARED_SLOTS,
     STRANGERS,
     UPSTREAM_SESSION,
 )
@@ -37,9 +38,11 @@ from proxy.audit.strangers import Strangers
 from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
-from proxy.cluster.presence import Presence, local_figures
+from proxy.cluster.presence import Presence, local_figures, new_id
+from proxy.cluster.slots import SharedSlots
 from proxy.dashboard.app import dashboard_site
 from proxy.db.pool import Database
+from proxy.db.queries import SLOTS_CHANNEL
 from proxy.dialects.openai import DIALECT as OPENAI
 from proxy.edge.cors import Cors
 from proxy.forwarded import TrustedProxies
@@ -113,9 +116,23 @@ def create_app(settings: Settings) -> web.Application:
     app[QUOTAS] = quotas
     prompts = Prompts(settings, lambda: app[BACKENDS], lambda: app[UPSTREAM_SESSION])
     app[ADMISSION] = Admission(settings, Places(), quotas, rate_limiter, prompts)
-    app[BACKENDS] = Backends.from_settings(settings)
+    backends = app[BACKENDS] = Backends.from_settings(settings)
+    proxy_id = new_id()
+    shared = app[SHARED_SLOTS] = SharedSlots(
+        database,
+        proxy_id,
+        backends.slot_counts,
+        backends.lone_in_flight,
+        backends.requeue,
+        forced=settings.workers > 1,
+    )
+    backends.shared = shared
+    app[AUTH_LISTENER].also(SLOTS_CHANNEL, shared.heard)
     app[PRESENCE] = Presence(
-        database, lambda: local_figures(app[BACKENDS], app[ADMISSION].places.by_user())
+        database,
+        lambda: local_figures(app[BACKENDS], app[ADMISSION].places.by_user()),
+        shared,
+        proxy_id,
     )
     # Cleaned up in reverse: metrics and the audit flush go first, while the pool is still open.
     app.cleanup_ctx.extend(
@@ -197,8 +214,9 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _presence(app: web.Application) -> AsyncIterator[None]:
-    """This process's row of llama_proxies, refreshed for the app's whole life, then deleted."""
-    async with app[PRESENCE].beating():
+    """This process's row of llama_proxies, refreshed for the app's whole life, then deleted;
+    and its shared slots' leases, renewed meanwhile, then given back."""
+    async with app[SHARED_SLOTS].running(), app[PRESENCE].beating():
         yield
 
 

@@ -15,6 +15,7 @@ from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
 from proxy.cluster.presence import Presence
+from proxy.cluster.slots import SharedSlots
 from proxy.db.pool import Database
 from proxy.limits.admission import Admission
 from proxy.limits.quotas import TokenQuotas
@@ -39,5 +40,6 @@ AUDIT_WRITER = web.AppKey("audit_writer", AuditWriter)
 STRANGERS = web.AppKey("strangers", Strangers)  # requests without a valid key, in aggregate
 METRICS = web.AppKey("metrics", Metrics)
 PRESENCE = web.AppKey("presence", Presence)  # this process's row of llama_proxies, and its peers
+SHARED_SLOTS = web.AppKey("shared_slots", SharedSlots)  # backend slots shared with its peers
 # The tools this deployment declares (LLAMA_PROXY_TOOLS_FILE), read at startup.
 DECLARED_TOOLS = web.AppKey[tuple[Tool, ...]]("declared_tools")

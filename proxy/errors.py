@@ -388,3 +388,7 @@ class AnswerBudgetSpent(ApiError):
             "This request has used every answer token its cap (or token quota) allows; ask "
             "for a shorter answer, or try again later."
         )
+
+
+class SlotsUnavailable(Exception):
+    """Shared backend slots cannot be asked for (Postgres away): take the path in memory."""

@@ -243,6 +243,7 @@ ThreadCount = Annotated[int, _parsed(_whole(0, 1024))]
 ContextTokens = Annotated[int, _parsed(_whole(1, 1 << 24))]
 BodyBytes = Annotated[int, _parsed(_whole(1, 1 << 30))]
 SlotCount = Annotated[int, _parsed(_whole(1, 1024))]
+WorkerCount = Annotated[int, _parsed(_whole(1, 64))]
 RowCount = Annotated[int, _parsed(_whole(1, 10_000_000))]
 UpToAMonth = Annotated[int, _parsed(_whole(1, 30 * 86_400))]
 UpToFiveMinutes = Annotated[int, _parsed(_whole(1, 300))]
@@ -286,6 +287,9 @@ class Settings(BaseModel):
     server_urls: Urls = setting("LLAMA_SERVER_URLS", "")
     proxy_host: Text = setting("LLAMA_PROXY_HOST", "0.0.0.0")  # noqa: S104 - the front door
     proxy_port: Port = setting("LLAMA_PROXY_PORT", "8001")
+    # Proxy processes `serve` runs on the one port; more than one share the backends' slots and
+    # the fair order through Postgres (`proxy.cluster.slots`).
+    workers: WorkerCount = setting("LLAMA_PROXY_WORKERS", "1")
     rate_limit: RateLimitCount = setting("LLAMA_PROXY_RATE_LIMIT", "60")
     rate_window_seconds: RateWindowSeconds = setting("LLAMA_PROXY_RATE_WINDOW_SECONDS", "60")
     max_body_bytes: BodyBytes = setting("LLAMA_PROXY_MAX_BODY_BYTES", str(8 << 20))
@@ -326,7 +330,7 @@ class Settings(BaseModel):
     max_tokens_hard_cap: TokenCap = setting("MAX_TOKENS_HARD_CAP", "1024")
     # Requests each backend serves at once; llama_cpp.server generates for one at a time.
     backend_slots: SlotCount = setting("LLAMA_BACKEND_SLOTS", "1")
-    # Requests one user may have in flight or queued at once (per proxy process).
+    # Requests one user may have in flight or queued at once (across proxy processes too).
     max_concurrent: ConcurrencyCap = setting("LLAMA_PROXY_MAX_CONCURRENT", "4")
     # Longest wait for a backend slot before a 503. Half of the OpenAI Python client's own
     # 600 s timeout, so a client hears "busy, retry later" rather than timing out by itself,

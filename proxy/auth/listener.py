@@ -44,6 +44,12 @@ class AuthListener:
         self.connected = asyncio.Event()  # set while LISTEN is active (tests wait on it)
         self.connections = 0  # how many times LISTEN was (re)established
         self._outage_logged = False
+        self._others: dict[str, Callable[[str], None]] = {}
+
+    def also(self, channel: str, on_notice: Callable[[str], None]) -> None:
+        """Hear `channel` too, on the same connection (before `run`); a notification lost while
+        it is down is not replayed, so its user must also ask for what it waits for."""
+        self._others[channel] = on_notice
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with backoff."""
@@ -70,6 +76,8 @@ class AuthListener:
         con.add_termination_listener(lambda _con: lost.set())
         try:
             await con.add_listener(queries.AUTH_CHANNEL, self._notified)
+            for channel, on_notice in self._others.items():
+                await con.add_listener(channel, _calling(on_notice))
             # Only now, with LISTEN active, is it safe to re-check what may have been missed.
             self._on_connect()
             self.connections += 1
@@ -93,3 +101,15 @@ class AuthListener:
             self._on_notice(str(payload))
         except Exception:
             log.exception("handling auth notification %r failed", payload)
+
+
+def _calling(
+    on_notice: Callable[[str], None],
+) -> Callable[[queries.Connection, int, str, object], None]:
+    def notified(_con: queries.Connection, _pid: int, channel: str, payload: object) -> None:
+        try:
+            on_notice(str(payload))
+        except Exception:
+            log.exception("handling a notification on %s (%r) failed", channel, payload)
+
+    return notified

@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from proxy.cluster.slots import SharedSlots
 from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
@@ -68,17 +69,32 @@ class Peer:
     live: dict[str, Any]
 
 
+def new_id() -> str:
+    """A process's id in llama_proxies: its host, its pid, and a nonce (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 class Presence:
-    def __init__(self, database: Database, figures: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        figures: Callable[[], dict[str, Any]],
+        slots: SharedSlots,
+        proxy_id: str,
+    ) -> None:
         self._db = database
         self._figures = figures  # this process's live figures, JSON-ready
+        self._slots = slots  # told how many others are live after each beat
         self.host = socket.gethostname()
         self.pid = os.getpid()
-        self.id = f"{self.host}:{self.pid}:{secrets.token_hex(4)}"
+        self.id = proxy_id
 
     @contextlib.asynccontextmanager
     async def beating(self) -> AsyncIterator[None]:
-        """Beat for as long as this is entered; on the way out, leave (delete the row)."""
+        """Beat for as long as this is entered; on the way out, leave (delete the row). The first
+        beat comes before: a process finds its peers before it serves."""
+        with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
+            await self.beat()
         task = asyncio.create_task(self._beat_forever())
         try:
             yield
@@ -90,9 +106,17 @@ class Presence:
                 await self._db.run(lambda con: queries.leave_proxy(con, self.id))
 
     async def beat(self) -> None:
+        """Write this process's row; when that makes the slots switch (shared or not), write
+        it again at once, so that other processes wait no longer than needed."""
+        for _ in range(2):
+            others = await self._db.run(self._write)
+            if not await self._slots.observe(others):
+                return
+
+    async def _write(self, con: queries.Connection) -> int:
         live = json.dumps(self._figures())
-        await self._db.run(
-            lambda con: queries.beat_proxy(con, self.id, self.host, self.pid, live, STALE_SECONDS)
+        return await queries.beat_proxy(
+            con, self.id, self.host, self.pid, live, STALE_SECONDS, self._slots.active
         )
 
     async def peers(self) -> list[Peer]:

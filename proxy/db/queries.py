@@ -738,23 +738,35 @@ async def prune_responses(con: Connection, now: datetime) -> int:
 
 
 async def beat_proxy(
-    con: Connection, proxy_id: str, host: str, pid: int, live: str, stale_seconds: float
-) -> None:
-    """Refresh this process's row with its live figures (JSON text), and delete the rows of
-    processes not seen for `stale_seconds` (gone: killed or cut off), in one statement. Times
-    are Postgres's own, so no proxy's clock decides who is gone."""
-    await con.execute(
+    con: Connection,
+    proxy_id: str,
+    host: str,
+    pid: int,
+    live: str,
+    stale_seconds: float,
+    shared: bool = False,
+) -> int:
+    """Refresh this process's row with its live figures (JSON text) and whether it uses shared
+    slots, and delete the rows of processes not seen for `stale_seconds` (gone: killed or cut
+    off), in one statement: how many other processes are live. Times are Postgres's own, so no
+    proxy's clock decides who is gone."""
+    others = await con.fetchval(
         """WITH gone AS (DELETE FROM llama_proxies
-                         WHERE seen_at < now() - make_interval(secs => $5) AND id <> $1)
-           INSERT INTO llama_proxies (id, host, pid, seen_at, live)
-           VALUES ($1, $2, $3, now(), $4::jsonb)
-           ON CONFLICT (id) DO UPDATE SET seen_at = now(), live = excluded.live""",
+                         WHERE seen_at < now() - make_interval(secs => $5) AND id <> $1),
+                mine AS (INSERT INTO llama_proxies (id, host, pid, seen_at, live, shared)
+                         VALUES ($1, $2, $3, now(), $4::jsonb, $6)
+                         ON CONFLICT (id) DO UPDATE
+                         SET seen_at = now(), live = excluded.live, shared = excluded.shared)
+           SELECT count(*) FROM llama_proxies
+           WHERE id <> $1 AND seen_at >= now() - make_interval(secs => $5)""",
         proxy_id,
         host,
         pid,
         live,
         stale_seconds,
+        shared,
     )
+    return int(others)
 
 
 async def live_proxies(con: Connection, stale_seconds: float) -> list[asyncpg.Record]:
@@ -768,3 +780,119 @@ async def live_proxies(con: Connection, stale_seconds: float) -> list[asyncpg.Re
 
 async def leave_proxy(con: Connection, proxy_id: str) -> None:
     await con.execute("DELETE FROM llama_proxies WHERE id = $1", proxy_id)
+
+
+# --- backend slots shared by proxy processes (migration 0017's functions) -----------------------
+
+SLOTS_CHANNEL = "llama_gate_slots"  # NOTIFY payload: "<proxy id> <request id> <backend>"
+
+
+async def offer_slots(con: Connection, slots: dict[str, int]) -> None:
+    """Say how many slots each backend has (every process says the same)."""
+    await con.executemany(
+        """INSERT INTO llama_slot_backends (backend, slots) VALUES ($1, $2)
+           ON CONFLICT (backend) DO UPDATE SET slots = excluded.slots""",
+        list(slots.items()),
+    )
+
+
+async def wait_for_slot(
+    con: Connection,
+    request_id: int,
+    proxy_id: str,
+    user_id: int,
+    backends: list[str],
+    prefer: str | None,
+    cap: int,
+    lease_seconds: float,
+    stale_seconds: float,
+) -> str | None:
+    """Queue a request for a slot of one of `backends`: the backend granted at once, None to
+    wait for a grant, or "!cap" when the user already holds `cap` places across processes."""
+    granted: str | None = await con.fetchval(
+        "SELECT llama_gate_slot_wait($1, $2, $3, $4, $5, $6, $7, $8)",
+        request_id,
+        proxy_id,
+        user_id,
+        backends,
+        prefer,
+        cap,
+        lease_seconds,
+        stale_seconds,
+    )
+    return granted
+
+
+async def release_slot(
+    con: Connection, request_id: int, lease_seconds: float, stale_seconds: float
+) -> None:
+    """Give back a request's lease (or its place in the wait) and grant what is free."""
+    await con.execute(
+        "SELECT llama_gate_slot_release($1, $2, $3)", request_id, lease_seconds, stale_seconds
+    )
+
+
+async def grant_slots(con: Connection, lease_seconds: float, stale_seconds: float) -> None:
+    """Grant every free slot to the requests waiting for one (expired leases freed first)."""
+    await con.execute("SELECT llama_gate_slot_grant($1, $2)", lease_seconds, stale_seconds)
+
+
+async def slot_states(
+    con: Connection, proxy_id: str, request_ids: list[int]
+) -> dict[int, str | None]:
+    """Where this process's waiting requests stand: the backend of those granted a lease, None
+    for those still waiting; a request that is neither (its row is gone) is left out."""
+    rows = await con.fetch(
+        """SELECT id, backend FROM llama_slot_leases
+           WHERE proxy_id = $1 AND id = ANY($2::bigint[])
+           UNION ALL
+           SELECT id, NULL FROM llama_slot_waiters
+           WHERE proxy_id = $1 AND id = ANY($2::bigint[])""",
+        proxy_id,
+        request_ids,
+    )
+    return {row["id"]: row["backend"] for row in rows}
+
+
+async def renew_slots(
+    con: Connection,
+    proxy_id: str,
+    requests: list[int],
+    lone: dict[str, int],
+    lease_seconds: float,
+) -> None:
+    """Renew the leases and waits of this process's `requests`, and set its `lone` leases to
+    `lone` (backend -> requests it still runs from before it switched to shared slots)."""
+    async with con.transaction():
+        await con.execute("SET LOCAL synchronous_commit = off")
+        await con.execute(
+            """UPDATE llama_slot_leases SET expires_at = now() + make_interval(secs => $3)
+               WHERE proxy_id = $1 AND id = ANY($2::bigint[])""",
+            proxy_id,
+            requests,
+            lease_seconds,
+        )
+        await con.execute(
+            """UPDATE llama_slot_waiters SET expires_at = now() + make_interval(secs => $3)
+               WHERE proxy_id = $1 AND id = ANY($2::bigint[])""",
+            proxy_id,
+            requests,
+            lease_seconds,
+        )
+        await con.execute("DELETE FROM llama_slot_leases WHERE proxy_id = $1 AND lone", proxy_id)
+        await con.execute(
+            """INSERT INTO llama_slot_leases (id, backend, proxy_id, n, lone, expires_at)
+               SELECT -1 - (abs(hashtextextended($1 || ' ' || backend, 0)) % 4611686018427387904),
+                      backend, $1, n, true, now() + make_interval(secs => $4)
+               FROM unnest($2::text[], $3::int[]) AS l(backend, n) WHERE n > 0""",
+            proxy_id,
+            list(lone),
+            list(lone.values()),
+            lease_seconds,
+        )
+
+
+async def leave_slots(con: Connection, proxy_id: str) -> None:
+    """Give back everything this process holds or waits for (it is stopping)."""
+    await con.execute("DELETE FROM llama_slot_waiters WHERE proxy_id = $1", proxy_id)
+    await con.execute("DELETE FROM llama_slot_leases WHERE proxy_id = $1", proxy_id)

@@ -186,6 +186,57 @@ llama_proxies = Table(
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("seen_at", DateTime(timezone=True), nullable=False),
     Column("live", JSONB, nullable=False),
+    # switched to shared backend slots (`proxy.cluster.slots`): grants wait for every live one
+    Column("shared", Boolean, nullable=False, server_default=text("false")),
+)
+
+# Backend slots shared by proxy processes (`proxy.cluster.slots`, migration 0017's functions
+# make every grant). UNLOGGED: they live as long as the requests do; after a crash of Postgres
+# each process writes back the leases it holds at its next renewal.
+llama_slot_backends = Table(
+    "llama_slot_backends",
+    metadata,
+    Column("backend", Text, primary_key=True),
+    Column("slots", Integer, nullable=False),
+    prefixes=["UNLOGGED"],
+)
+
+# A request's turn at a backend's slot, held by its process while it runs (renewed); `lone`
+# rows count, `n` at a time, what a process that just switched still runs from before.
+llama_slot_leases = Table(
+    "llama_slot_leases",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("backend", Text, nullable=False, index=True),
+    Column("proxy_id", Text, nullable=False, index=True),
+    Column("user_id", BigInteger, nullable=True, index=True),
+    Column("n", Integer, nullable=False, server_default=text("1")),
+    Column("lone", Boolean, nullable=False, server_default=text("false")),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    prefixes=["UNLOGGED"],
+)
+
+# Requests waiting for a slot of one of `backends`, whichever process they wait in.
+llama_slot_waiters = Table(
+    "llama_slot_waiters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("proxy_id", Text, nullable=False, index=True),
+    Column("user_id", BigInteger, nullable=False, index=True),
+    Column("backends", ARRAY(Text), nullable=False),
+    Column("prefer", Text, nullable=True),
+    Column("enqueued_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    prefixes=["UNLOGGED"],
+)
+
+# When each user with something held or waiting was last granted a slot: the fair order.
+llama_slot_turns = Table(
+    "llama_slot_turns",
+    metadata,
+    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("turn", DateTime(timezone=True), nullable=False),
+    prefixes=["UNLOGGED"],
 )
 
 # The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that

@@ -68,13 +68,17 @@ class Admission:
         """The caller's cap on one answer: their own, never above MAX_TOKENS_HARD_CAP."""
         return min(caller.max_tokens or self._hard_cap, self._hard_cap)
 
+    def max_concurrent(self, caller: Principal) -> int:
+        """How many of the caller's requests may be in flight or queued at once."""
+        return caller.max_concurrent or self._max_concurrent
+
     def limits_of(self, caller: Principal) -> dict[str, int | None]:
         """The limits that apply to the caller, theirs or the defaults (what `GET /v1/me` shows)."""
         requests, window = self._rate.limits_for(caller)
         return {
             "requests_per_window": requests,
             "window_seconds": window,
-            "max_concurrent": caller.max_concurrent or self._max_concurrent,
+            "max_concurrent": self.max_concurrent(caller),
             "max_tokens": self.max_tokens(caller),
             "tokens_per_day": caller.tokens_per_day,
             "tokens_per_minute": caller.tokens_per_minute,
@@ -101,7 +105,7 @@ class Admission:
         envelope, whose calls are each admitted (and so counted) alone. `prompt_param` names the
         field a body's prompt is in, for a body too large for any prompt (None: not bounded).
         """
-        self.places.take(caller.user_id, caller.max_concurrent or self._max_concurrent)
+        self.places.take(caller.user_id, self.max_concurrent(caller))
         try:
             if spend:
                 self._rate.refuse_if_spent(caller)

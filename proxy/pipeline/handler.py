@@ -346,9 +346,10 @@ class Walk:
         sender = Sender(exchange.request_id, exchange.client_addr)
         session, limit = app[UPSTREAM_SESSION], delivery.max_answer_bytes
         refused: list[str] = []
+        cap = app[ADMISSION].max_concurrent(caller)
         while True:
             async with backends.acquire(
-                caller.user_id, exchange.model, outcome, refused, affinity
+                caller.user_id, exchange.model, outcome, refused, affinity, cap
             ) as upstream:
                 try:
                     async with forward(

@@ -21,8 +21,9 @@ probe finds it back. A backend that goes out after serving is waited for, `resta
 their place in the queue, within their queue timeout, and are served once it is back; past that
 wait, or for a backend never seen serving, they get a 503 at once.
 
-The queues and the per-user concurrency cap are this process's own; with several proxy processes
-each keeps its own (rate limits and token quotas are shared through Postgres).
+With several proxy processes serving the same database the slots, the fair order and the per-user
+concurrency cap are shared through Postgres instead (`proxy.cluster.slots`, set as `shared`):
+a request then waits there, for a backend among those this process finds serving its model.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
-from proxy.errors import QueueTimeout, UpstreamError
+from proxy.errors import QueueTimeout, SlotsUnavailable, UpstreamError
 from proxy.settings import Secret, Settings
 from proxy.upstream.affinity import Affinity
 from proxy.upstream.fairqueue import FairQueue
@@ -61,6 +62,18 @@ class Waits(Protocol):
 
     queue_ms: float | None
     backend: str | None
+
+
+class SharedTurns(Protocol):
+    """Slots shared with other proxy processes (`proxy.cluster.slots.SharedSlots`)."""
+
+    active: bool
+
+    async def turn(
+        self, user_id: int, backends: list[str], prefer: str | None, cap: int | None, budget: float
+    ) -> tuple[str, int]: ...
+
+    def release(self, request_id: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,7 @@ class _Backend:
     upstream: Upstream
     slots: int
     in_flight: int = 0
+    lone: int = 0  # of in_flight, those granted here in memory rather than by a shared lease
     health: Health = field(default_factory=Health)  # up until a probe says otherwise
     seen_up: bool = False  # a probe (or a request) found it serving once
     down_since: float | None = None  # monotonic: when it went out, having served
@@ -106,7 +120,7 @@ class _Waiter:
     user: Hashable
     model: str | None
     avoid: frozenset[str]  # backends that refused this request's connection
-    future: asyncio.Future[_Backend]
+    future: asyncio.Future[_Backend | None]  # None: ask again (the slots became shared)
     prefer: str | None = None  # the backend that last served its conversation
 
 
@@ -135,6 +149,7 @@ class Backends:
         self._session: aiohttp.ClientSession | None = None
         self._held_seconds = 1.0  # mean time a request holds a slot, for Retry-After
         self._served: OrderedDict[bytes, str] = OrderedDict()  # conversation -> last backend
+        self.shared: SharedTurns | None = None  # set when other processes may share the slots
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Backends:
@@ -180,6 +195,21 @@ class Backends:
 
     def slots(self, name: str) -> int:
         return self._backends[name].slots
+
+    def slot_counts(self) -> dict[str, int]:
+        """Each backend's slots, by name."""
+        return {name: b.slots for name, b in self._backends.items()}
+
+    def lone_in_flight(self) -> dict[str, int]:
+        """Requests running on each backend by a turn given in memory, not by a shared lease."""
+        return {name: b.lone for name, b in self._backends.items()}
+
+    def requeue(self) -> None:
+        """Send the requests waiting in memory to take their turn again (slots became shared)."""
+        for waiter in list(self._queue.waiting()):
+            if not waiter.future.done():
+                self._queue.remove(waiter.user, waiter)
+                waiter.future.set_result(None)
 
     def waiting_by_user(self) -> dict[Hashable, int]:
         """Requests waiting for a turn, by user (the fair queue, for the dashboard)."""
@@ -249,21 +279,35 @@ class Backends:
         outcome: Waits,
         avoid: Collection[str] = (),
         affinity: Affinity | None = None,
+        cap: int | None = None,
     ) -> AsyncIterator[Upstream]:
         """Hold a slot of a backend for one request, after a fair wait for one.
 
         `user` is whose turn it is, `model` what the request asks for; the wait and the backend
         chosen go to `outcome`. `avoid` names backends that already refused this request (they
         are out until a probe finds them back): it keeps its place at the front of the user's
-        queue. `affinity` names the conversation
-        it continues, if any. The per-user concurrency cap is admission's
-        (`proxy.limits.places`): a request reaching here already holds its place.
+        queue. `affinity` names the conversation it continues, if any. The per-user concurrency
+        cap is admission's (`proxy.limits.places`): a request reaching here already holds its
+        place; `cap` is counted again across processes when the slots are shared.
         """
         self._queue.hold(user)
         started = time.monotonic()
         prefer = self._last_served(affinity)
+        lease: int | None = None
         try:
-            backend = await self._turn(user, model, outcome, frozenset(avoid), prefer)
+            backend: _Backend | None = None
+            while backend is None:
+                if self.shared is not None and self.shared.active and isinstance(user, int):
+                    try:
+                        backend, lease = await self._shared_turn(
+                            user, model, outcome, frozenset(avoid), prefer, cap
+                        )
+                        continue
+                    except SlotsUnavailable as exc:
+                        log.warning(
+                            "shared backend slots unavailable (%s): this turn is local", exc
+                        )
+                backend = await self._turn(user, model, outcome, frozenset(avoid), prefer)
         except BaseException:
             self._queue.release(user)
             raise
@@ -279,7 +323,53 @@ class Backends:
             held = time.monotonic() - granted
             self._held_seconds += _SERVICE_SMOOTHING * (held - self._held_seconds)
             self._queue.release(user)
-            self._give_back(backend)
+            if lease is None:
+                backend.lone -= 1
+                self._give_back(backend)
+            else:
+                backend.in_flight -= 1
+                assert self.shared is not None
+                self.shared.release(lease)
+
+    async def _shared_turn(
+        self,
+        user: int,
+        model: str | None,
+        outcome: Waits,
+        avoid: frozenset[str],
+        prefer: str | None,
+        cap: int | None,
+    ) -> tuple[_Backend, int]:
+        """A lease on a slot shared with other processes, for a backend this process finds
+        serving `model` (one coming back is waited for, within the queue timeout)."""
+        assert self.shared is not None
+        loop = asyncio.get_running_loop()
+        budget = max(0.0, self._queue_timeout - (outcome.queue_ms or 0.0) / 1000.0)
+        deadline = loop.time() + budget
+        while True:
+            names = [
+                name
+                for name, b in self._backends.items()
+                if name not in avoid and self._serves(b, model)
+            ]
+            if names:
+                break
+            remaining = deadline - loop.time()
+            hopeful = any(self._awaits(b, model) for b in self._backends.values())
+            if remaining <= 0 or not hopeful:
+                raise self._unavailable(model)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._back_up.wait()
+        try:
+            name, lease = await self.shared.turn(
+                user, names, prefer, cap, max(0.0, deadline - loop.time())
+            )
+        except TimeoutError:
+            raise QueueTimeout(self._queue_timeout, self._retry_after()) from None
+        backend = self._backends[name]
+        backend.in_flight += 1
+        return backend, lease
 
     async def _turn(
         self,
@@ -288,7 +378,9 @@ class Backends:
         outcome: Waits,
         avoid: frozenset[str],
         prefer: str | None = None,
-    ) -> _Backend:
+    ) -> _Backend | None:
+        """A slot given here in memory; None when the slots became shared meanwhile (ask
+        again)."""
         waiter = _Waiter(user, model, avoid, asyncio.get_running_loop().create_future(), prefer)
         free = [
             b
@@ -301,6 +393,7 @@ class Backends:
             warm = [b for b in free if b.upstream.name == prefer]
             backend = warm[0] if warm else min(free, key=lambda b: b.in_flight / b.slots)
             backend.in_flight += 1
+            backend.lone += 1
             self._queue.served(user)
             return backend
         if not any(self._hopeful(b, model) for b in self._backends.values()):
@@ -316,8 +409,14 @@ class Backends:
                 return await waiter.future
         except BaseException as exc:
             granted = waiter.future
-            if granted.done() and not granted.cancelled() and granted.exception() is None:
-                self._give_back(granted.result())  # the turn came as the client left
+            given = (
+                granted.result()
+                if granted.done() and not granted.cancelled() and granted.exception() is None
+                else None
+            )
+            if given is not None:
+                given.lone -= 1
+                self._give_back(given)  # the turn came as the client left
             else:
                 self._queue.remove(user, waiter)  # at once: a departed client holds no place
             if isinstance(exc, TimeoutError):
@@ -335,6 +434,7 @@ class Backends:
             if waiter is None:
                 return
             backend.in_flight += 1
+            backend.lone += 1
             waiter.future.set_result(backend)
 
     def _dispatch_all(self) -> None:

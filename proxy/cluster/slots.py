@@ -1,0 +1,240 @@
+"""Backend slots shared by several proxy processes: leases in Postgres, one fair order for all.
+
+A lone proxy process hands out its backends' slots from memory (`proxy.upstream.backends`) and
+this module costs it nothing. Once another process serves the same database (the presence beat,
+`proxy.cluster.presence`, counts the live ones; `serve --workers N` starts its workers shared),
+every request takes its turn here instead:
+
+- it is queued as a row of `llama_slot_waiters` naming the backends that may serve it, and one
+  call (`llama_gate_slot_wait`) also grants it a slot at once when one is free;
+- every grant is made by `llama_gate_slot_grant` under one advisory lock: a free slot goes to the
+  waiting user served least recently, whichever process their request waits in, and the process
+  owning that request hears of it by NOTIFY (and, should a notification be lost, by asking every
+  `POLL_SECONDS` while it has requests waiting, which also frees expired leases);
+- the request runs while its process holds the lease (`llama_slot_leases`), renewed every
+  `RENEW_SECONDS`; it expires `LEASE_SECONDS` after the last renewal, so a killed process's slots
+  come back within that, and its waiting requests are dropped;
+- the per-user concurrency cap is counted across processes when the request is queued.
+
+Switching is exact: a process that finds peers first records what it already runs as `lone`
+leases, then says it is shared; grants wait until every live process says so. It switches back
+to the path in memory once it is alone and holds nothing here. While Postgres is unreachable,
+requests take the path in memory (each process counts only its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+
+from proxy.db import queries
+from proxy.db.connect import DatabaseUnavailable
+from proxy.db.pool import Database
+from proxy.errors import SlotsUnavailable, TooManyConcurrent
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 6.0  # a lease not renewed for this long is free again
+RENEW_SECONDS = 2.0
+POLL_SECONDS = 1.0  # while requests wait: ask for grants (and free expired leases)
+STALE_SECONDS = 10.0  # a process not seen for this long is gone (the presence beat's)
+UNCAPPED = 2**31 - 1
+LOST = ""  # what a waiting request hears when its row is gone: it queues again
+
+
+class SharedSlots:
+    def __init__(
+        self,
+        database: Database,
+        proxy_id: str,
+        slots: Callable[[], dict[str, int]],
+        lone: Callable[[], dict[str, int]],
+        requeue: Callable[[], None],
+        forced: bool = False,
+    ) -> None:
+        self._db = database
+        self._proxy_id = proxy_id
+        self._slots = slots  # backend -> its slots, as this process is configured
+        self._lone = lone  # backend -> requests this process runs without a lease
+        self._requeue = requeue  # send the requests waiting in memory to take their turn here
+        self._forced = forced  # one of `serve --workers N`: shared from the start
+        self.active = False
+        self._leases: set[int] = set()  # granted, until released
+        self._waiting: dict[int, asyncio.Future[str]] = {}  # asked for, NOTIFY may answer
+        self._queued: set[int] = set()  # of those, the ones known to be rows of the wait
+        self._releases: set[asyncio.Task[None]] = set()
+        self.grants_heard = 0  # grants that came by NOTIFY (tests check the path)
+
+    # -- switching ----------------------------------------------------------------------------
+
+    async def observe(self, peers: int) -> bool:
+        """Take in how many other processes are live (after each presence beat); True when
+        this process switched, so its row should say so at once."""
+        if (peers > 0 or self._forced) and not self.active:
+            try:
+                await self._db.run(lambda con: queries.offer_slots(con, self._slots()))
+                await self._renew()  # what runs from before, as lone leases
+            except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+                log.warning("cannot share backend slots yet (%s); trying again", exc)
+                return False
+            self.active = True
+            log.info("another proxy process serves this database: backend slots are shared")
+            self._requeue()
+            return True
+        if peers == 0 and not self._forced and self.active and not self._held():
+            self.active = False
+            log.info("this proxy process is alone again: backend slots are its own")
+            return True
+        return False
+
+    def _held(self) -> bool:
+        return bool(self._leases or self._waiting or self._releases)
+
+    # -- a turn ---------------------------------------------------------------------------------
+
+    async def turn(
+        self,
+        user_id: int,
+        backends: list[str],
+        prefer: str | None,
+        cap: int | None,
+        budget: float,
+    ) -> tuple[str, int]:
+        """Wait (up to `budget` seconds, then `TimeoutError`) for a lease on a slot of one of
+        `backends`: the backend and the lease's id. `SlotsUnavailable` when Postgres cannot be
+        asked; `TooManyConcurrent` when the user holds `cap` places across processes."""
+        request_id = secrets.randbits(62) + 1
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future  # before asking: the NOTIFY may come first
+        try:
+            granted = await self._db.run(
+                lambda con: queries.wait_for_slot(
+                    con,
+                    request_id,
+                    self._proxy_id,
+                    user_id,
+                    backends,
+                    prefer,
+                    cap or UNCAPPED,
+                    LEASE_SECONDS,
+                    STALE_SECONDS,
+                )
+            )
+        except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+            del self._waiting[request_id]
+            self._release_soon(request_id)  # a call that timed out may still have queued it
+            raise SlotsUnavailable(str(exc)) from None
+        except BaseException:
+            del self._waiting[request_id]
+            self._release_soon(request_id)  # it may have been queued, or granted
+            raise
+        if granted == "!cap":
+            del self._waiting[request_id]
+            raise TooManyConcurrent(cap or UNCAPPED)
+        try:
+            if granted is None:
+                self._queued.add(request_id)
+                async with asyncio.timeout(budget):
+                    granted = await future
+        except BaseException:
+            self._release_soon(request_id)  # queued or granted: either way, given back
+            raise
+        finally:
+            self._waiting.pop(request_id, None)
+            self._queued.discard(request_id)
+        if granted == LOST:
+            # Its row is gone (Postgres restarted, or this process could not renew it for
+            # LEASE_SECONDS): queue again, at the back.
+            log.warning("a request lost its place waiting for a backend slot; queued again")
+            return await self.turn(user_id, backends, prefer, cap, budget)
+        self._leases.add(request_id)
+        return granted, request_id
+
+    def release(self, request_id: int) -> None:
+        """Give back a lease (in the background: the request's answer is not held up)."""
+        self._leases.discard(request_id)
+        self._release_soon(request_id)
+
+    def _release_soon(self, request_id: int) -> None:
+        task = asyncio.create_task(self._release(request_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, request_id: int) -> None:
+        try:
+            await self._db.run(
+                lambda con: queries.release_slot(con, request_id, LEASE_SECONDS, STALE_SECONDS)
+            )
+        except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+            log.warning("cannot give back a backend slot (%s); its lease expires instead", exc)
+
+    def heard(self, payload: str) -> None:
+        """A NOTIFY on the slots channel: "<proxy id> <request id> <backend>"."""
+        proxy_id, _, rest = payload.partition(" ")
+        if proxy_id != self._proxy_id:
+            return
+        request_id, _, backend = rest.partition(" ")
+        future = self._waiting.get(int(request_id))
+        if future is not None and not future.done():
+            self.grants_heard += 1
+            future.set_result(backend)
+
+    # -- renewing and polling -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Renew leases and poll for grants while entered; on the way out, give all back."""
+        task = asyncio.create_task(self._tick_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if self._releases:
+                await asyncio.gather(*self._releases, return_exceptions=True)
+            with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
+                await self._db.run(lambda con: queries.leave_slots(con, self._proxy_id))
+
+    async def _tick_forever(self) -> None:
+        since_renewal = 0.0
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            since_renewal += POLL_SECONDS
+            try:
+                if self._queued:
+                    await self._poll()
+                if self.active and since_renewal >= RENEW_SECONDS:
+                    since_renewal = 0.0
+                    await self._renew()
+            except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+                log.warning("cannot renew backend slot leases (%s); trying again", exc)
+
+    async def _poll(self) -> None:
+        waiting = list(self._queued)
+
+        async def ask(con: queries.Connection) -> dict[int, str | None]:
+            await queries.grant_slots(con, LEASE_SECONDS, STALE_SECONDS)
+            return await queries.slot_states(con, self._proxy_id, waiting)
+
+        states = await self._db.run(ask)
+        for request_id in waiting:
+            future = self._waiting.get(request_id)
+            if future is None or future.done():
+                continue  # answered meanwhile
+            if request_id not in states:
+                future.set_result(LOST)
+            elif (backend := states[request_id]) is not None:
+                future.set_result(backend)  # granted (its NOTIFY was lost)
+
+    async def _renew(self) -> None:
+        requests = [*self._leases, *self._waiting]
+        lone = self._lone()
+        await self._db.run(
+            lambda con: queries.renew_slots(con, self._proxy_id, requests, lone, LEASE_SECONDS)
+        )
