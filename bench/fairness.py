@@ -76,6 +76,7 @@ MODES = {  # name -> (LLAMA_BACKEND_SLOTS, LLAMA_PROXY_MAX_CONCURRENT)
 @dataclass
 class UserResult:
     offered: float
+    sent: list[float] = field(default_factory=list)  # when each request answered was sent
     served: int = 0
     refused: int = 0  # 429: the user's concurrency cap
     waits: list[float] = field(default_factory=list)  # seconds from sending to the answer
@@ -91,6 +92,9 @@ def jain(values: list[float]) -> float:
 class Held:
     now: int = 0
     most: int = 0  # the most requests the backend held at once
+    ended: float | None = None  # when the last request ended, while nothing else ran
+    starts: list[tuple[float, str]] = field(default_factory=list)  # when each began, and its text
+    idle: list[float] = field(default_factory=list)  # from one request's end to the next's start
 
 
 @asynccontextmanager
@@ -101,7 +105,10 @@ async def single_slot_backend(
     held = held or Held()
 
     async def chat(request: web.Request) -> web.Response:
-        await request.read()
+        text = (await request.json())["messages"][0]["content"]
+        held.starts.append((time.monotonic(), text))
+        if held.now == 0 and held.ended is not None:
+            held.idle.append(time.monotonic() - held.ended)
         held.now += 1
         held.most = max(held.most, held.now)
         try:
@@ -109,6 +116,7 @@ async def single_slot_backend(
                 await asyncio.sleep(service_seconds)
         finally:
             held.now -= 1
+            held.ended = time.monotonic() if held.now == 0 else None
         return web.json_response(ANSWER)
 
     async def health(request: web.Request) -> web.Response:
@@ -152,7 +160,7 @@ async def user_load(
     until: float,
 ) -> None:  # fmt: skip
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    body = {"messages": [{"role": "user", "content": f"Hi from {seed}"}], "max_tokens": 1}
     arrivals = random.Random(seed)  # noqa: S311 - arrival times, repeatable, not secrets
     tasks: set[asyncio.Task[None]] = set()
 
@@ -264,6 +272,10 @@ async def run_two(dsn: str, keys: dict[str, str], seconds: float, service: float
             await asyncio.sleep(3)  # both processes have found each other: slots are shared
             until = time.monotonic() + seconds
             if flood:
+                # First alone: what the proxies themselves add to the one-at-a-time user's wait.
+                alone = results["u1 alone"] = UserResult(0.0)
+                await one_at_a_time(client, via["u1"], keys["u1"], alone, until - seconds / 2)
+                until = time.monotonic() + seconds
                 await asyncio.gather(
                     user_load(client, via["u4"], keys["u4"], results["u4"], 3, until),
                     one_at_a_time(client, via["u1"], keys["u1"], results["u1"], until),
@@ -282,7 +294,7 @@ async def one_at_a_time(client: aiohttp.ClientSession, url: str, key: str, resul
                         until: float) -> None:  # fmt: skip
     """A user who sends a request, waits for its answer, pauses a moment, and sends another."""
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    body = {"messages": [{"role": "user", "content": "one at a time"}], "max_tokens": 1}
     pauses = random.Random(7)  # noqa: S311 - think times, repeatable, not secrets
     while time.monotonic() < until:
         sent = time.monotonic()
@@ -291,44 +303,70 @@ async def one_at_a_time(client: aiohttp.ClientSession, url: str, key: str, resul
             if response.status != 200:
                 raise RuntimeError(f"unexpected HTTP {response.status}")
         result.served += 1
+        result.sent.append(sent)
         result.waits.append(time.monotonic() - sent)
         await asyncio.sleep(pauses.uniform(0.05, 0.3))
 
 
-def report_two(results: dict[str, dict[str, UserResult]], service: float, held: Held) -> None:
+def report_two(
+    results: dict[str, dict[str, UserResult]], service: float, held: Held, handoffs: list[float]
+) -> None:
     print("\nTwo proxy processes sharing the backend's one slot through Postgres:\n")
     head = ("run", "user", "via", "offered/s", "served", "share", "p50 wait s")
-    print("{:<22} {:<5} {:>6} {:>9} {:>7} {:>7} {:>11}".format(*head))
-    via = {"u1": "first", "u2": "first", "u3": "second", "u4": "second"}
+    print("{:<22} {:<8} {:>6} {:>9} {:>7} {:>7} {:>11}".format(*head))
+    via = {"u1": "first", "u2": "first", "u3": "second", "u4": "second", "u1 alone": "first"}
     for mode, users in results.items():
-        total = sum(r.served for r in users.values()) or 1
+        total = sum(r.served for name, r in users.items() if name != "u1 alone") or 1
         for user, r in users.items():
             wait = f"{statistics.median(r.waits):.2f}" if r.waits else "-"
             offered = f"{r.offered:.1f}" if r.offered else "1 at once"
+            share = "-" if user == "u1 alone" else f"{r.served / total:.1%}"
             print(
-                f"{mode:<22} {user:<5} {via[user]:>6} {offered:>9} {r.served:>7} "
-                f"{r.served / total:>7.1%} {wait:>11}"
+                f"{mode:<22} {user:<8} {via[user]:>6} {offered:>9} {r.served:>7} "
+                f"{share:>7} {wait:>11}"
             )
     shares = results["2 processes"]
     index = jain([float(r.served) for r in shares.values()])
-    victim = sorted(w - service for w in results["2 processes, flood"]["u1"].waits)
+    flood = results["2 processes, flood"]
+    # How many of the flood's requests the backend began between one of the other user's
+    # requests being sent and its beginning: requests it waited for, besides the one running.
+    mine = [at for at, text in held.starts if text == "one at a time"]
+    theirs = [at for at, text in held.starts if text != "one at a time"]
+    sent = flood["u1 alone"].sent + flood["u1"].sent
+    ahead = max(
+        sum(1 for at in theirs if was_sent < at < began)
+        for was_sent, began in zip(sent, mine, strict=False)
+    )
+    # What the proxies add to a request with nobody else about (auth, limits, the slot's two
+    # calls to Postgres): not the flood's doing, so taken off.
+    own = statistics.median(w - service for w in flood["u1 alone"].waits)
+    victim = sorted(w - service - own for w in flood["u1"].waits)
     p99 = victim[min(len(victim) - 1, int(len(victim) * 0.99))]
-    print()
+    print(
+        f"\n(the one-at-a-time user alone first: the proxies add {own * 1000:.1f} ms to each of "
+        "its requests; taken off below)\n"
+    )
     print(f"{'figure':<58} {'measured':>10} {'target':>12}  met")
     rows = [
         ("Jain index, 4 users split over 2 processes", f"{index:.3f}", ">= 0.95",
          index >= 0.95),
-        ("one-at-a-time user's wait beyond its service, p50 (ms)",
-         f"{statistics.median(victim) * 1000:.1f}", f"<= {service * 1000:.0f}",
-         statistics.median(victim) <= service),
-        ("  p99 (ms)", f"{p99 * 1000:.1f}", f"<= {service * 1000:.0f}", p99 <= service),
-        ("  max (ms)", f"{victim[-1] * 1000:.1f}", f"<= {service * 1000:.0f}",
-         victim[-1] <= service),
+        ("flood requests begun ahead of one of its requests, most", str(ahead), "<= 1",
+         ahead <= 1),
+        ("wait the flood adds to one of its requests, p50 (ms)",
+         f"{statistics.median(victim) * 1000:.1f}", "-", None),
+        ("  p99 (ms)", f"{p99 * 1000:.1f}", "-", None),
+        (f"  max (ms), against one service time ({service * 1000:.0f} ms) + a hand-off",
+         f"{victim[-1] * 1000:.1f}", f"<= {(service + handoffs[-1]) * 1000:.0f}",
+         victim[-1] <= service + handoffs[-1]),
         ("most requests the backend held at once (its slots: 1)", str(held.most), "<= 1",
          held.most <= 1),
+        ("slot idle between two requests, saturated, p50 (ms)",
+         f"{statistics.median(handoffs) * 1000:.1f}", "-", None),
+        ("  p99 (ms)", f"{handoffs[int(len(handoffs) * 0.99)] * 1000:.1f}", "-", None),
     ]  # fmt: skip
     for name, measured, target, met in rows:
-        print(f"{name:<58} {measured:>10} {target:>12}  {'yes' if met else 'NO'}")
+        shown = "-" if met is None else "yes" if met else "NO"
+        print(f"{name:<58} {measured:>10} {target:>12}  {shown}")
 
 
 async def make_users(dsn: str) -> dict[str, str]:
@@ -393,15 +431,14 @@ def main() -> None:
             if args.only_processes
             else {mode: asyncio.run(run(dsn, keys, mode, args.seconds, service)) for mode in MODES}
         )
-        two = {
-            "2 processes": asyncio.run(run_two(dsn, keys, args.seconds, service, False, held)),
-            "2 processes, flood": asyncio.run(
-                run_two(dsn, keys, args.seconds, service, True, held)
-            ),
-        }
+        two = {"2 processes": asyncio.run(run_two(dsn, keys, args.seconds, service, False, held))}
+        handoffs = sorted(held.idle)  # saturated: every gap is a slot handed on
+        two["2 processes, flood"] = asyncio.run(
+            run_two(dsn, keys, args.seconds, service, True, held)
+        )
     if results:
         report(results, args.seconds, service)
-    report_two(two, service, held)
+    report_two(two, service, held, handoffs)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from urllib.parse import urlsplit
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -246,6 +247,19 @@ def flood_load(
     return result, int(sent.value)
 
 
+async def _copy_database(dsn: str, name: str) -> str:
+    """A new database `name` on `dsn`'s server, a copy of `dsn`'s (nobody may be connected to
+    it meanwhile); its DSN."""
+    parts = urlsplit(dsn)
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await con.execute(f'CREATE DATABASE "{name}" TEMPLATE "{parts.path.lstrip("/")}"')
+    finally:
+        await con.close()
+    return parts._replace(path=f"/{name}").geturl()
+
+
 async def _rows(dsn: str) -> int:
     con = await asyncpg.connect(dsn)
     try:
@@ -291,6 +305,11 @@ def main() -> None:
         key, flood_key = asyncio.run(_prepare(dsn))
         if loose_dsn != dsn:
             asyncio.run(_copy_users(dsn, loose_dsn))
+        # Proxies on one database share the backends' slots through it (as they should): each
+        # proxy measured here gets a database of its own, a copy of the first, so that each is
+        # alone there, as one proxy in front of its backend is.
+        unjournaled_dsn = asyncio.run(_copy_database(dsn, "bench_unjournaled"))
+        workers_dsn = asyncio.run(_copy_database(dsn, "bench_workers"))
         gate_env = {
             "POSTGRES_AUTH_DSN": dsn, "LLAMA_GATE_HOME": home,
             "LLAMA_SERVER_HOST": "127.0.0.1", "LLAMA_SERVER_PORT": str(up_port),
@@ -302,9 +321,10 @@ def main() -> None:
             **gate_env,
             "LLAMA_GATE_HOME": other_home,
             "LLAMA_PROXY_AUDIT_JOURNAL": "0",
+            "POSTGRES_AUTH_DSN": unjournaled_dsn,
         }
         loose_env = {**gate_env, "LLAMA_GATE_HOME": loose_home, "POSTGRES_AUTH_DSN": loose_dsn}
-        workers_env = {**gate_env, "LLAMA_PROXY_WORKERS": "2"}
+        workers_env = {**gate_env, "LLAMA_PROXY_WORKERS": "2", "POSTGRES_AUTH_DSN": workers_dsn}
 
         def proxy(port: int, env: dict[str, str]) -> list[str]:
             return [python, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
@@ -379,7 +399,7 @@ def main() -> None:
                     journal.add(target, result.rps, cpu / (result.count + 32) * 1e6)
                     sent_through_gate += result.count + result.errors + 32
             time.sleep(2.5)  # the audit writer writes about once a second
-            rows = asyncio.run(_rows(dsn))
+            rows = asyncio.run(_rows(dsn)) + asyncio.run(_rows(unjournaled_dsn))
     journal.append_us = _append_us()
     if args.journal_only:
         _report_journal(journal)
