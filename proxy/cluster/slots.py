@@ -29,6 +29,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import asyncpg
 
@@ -67,7 +68,10 @@ class SharedSlots:
         self._leases: set[int] = set()  # granted, until released
         self._waiting: dict[int, asyncio.Future[str]] = {}  # asked for, NOTIFY may answer
         self._queued: set[int] = set()  # of those, the ones known to be rows of the wait
-        self._releases: set[asyncio.Task[None]] = set()
+        self._to_queue: list[tuple[dict[str, object], asyncio.Future[str | None]]] = []
+        self._queuer: asyncio.Task[None] | None = None
+        self._to_release: list[int] = []
+        self._releaser: asyncio.Task[None] | None = None
         self.grants_heard = 0  # grants that came by NOTIFY (tests check the path)
 
     # -- switching ----------------------------------------------------------------------------
@@ -93,7 +97,7 @@ class SharedSlots:
         return False
 
     def _held(self) -> bool:
-        return bool(self._leases or self._waiting or self._releases)
+        return bool(self._leases or self._waiting or self._to_release or self._releaser)
 
     # -- a turn ---------------------------------------------------------------------------------
 
@@ -109,29 +113,20 @@ class SharedSlots:
         `backends`: the backend and the lease's id. `SlotsUnavailable` when Postgres cannot be
         asked; `TooManyConcurrent` when the user holds `cap` places across processes."""
         request_id = secrets.randbits(62) + 1
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
         self._waiting[request_id] = future  # before asking: the NOTIFY may come first
+        answer: asyncio.Future[str | None] = loop.create_future()
+        ask = {"id": request_id, "user": user_id, "backends": backends, "prefer": prefer,
+               "cap": cap or UNCAPPED}  # fmt: skip
+        self._to_queue.append((ask, answer))
+        if self._queuer is None:
+            self._queuer = asyncio.create_task(self._queue_batches())
         try:
-            granted = await self._db.run(
-                lambda con: queries.wait_for_slot(
-                    con,
-                    request_id,
-                    self._proxy_id,
-                    user_id,
-                    backends,
-                    prefer,
-                    cap or UNCAPPED,
-                    LEASE_SECONDS,
-                    STALE_SECONDS,
-                )
-            )
-        except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+            granted = await answer
+        except BaseException:  # Postgres away (SlotsUnavailable), or the client left
             del self._waiting[request_id]
-            self._release_soon(request_id)  # a call that timed out may still have queued it
-            raise SlotsUnavailable(str(exc)) from None
-        except BaseException:
-            del self._waiting[request_id]
-            self._release_soon(request_id)  # it may have been queued, or granted
+            self._release_soon(request_id)  # a call cut short may still have queued it
             raise
         if granted == "!cap":
             del self._waiting[request_id]
@@ -155,23 +150,66 @@ class SharedSlots:
         self._leases.add(request_id)
         return granted, request_id
 
+    async def _queue_batches(self) -> None:
+        """Queue what waits to be queued, in one call for all that arrived meanwhile (group
+        commit: a burst costs a few calls, not one each)."""
+        try:
+            while self._to_queue:
+                batch, self._to_queue = self._to_queue, []
+                asks = [ask for ask, _ in batch]
+                try:
+                    answers = await self._db.run(
+                        partial(
+                            queries.wait_for_slots,
+                            proxy_id=self._proxy_id,
+                            requests=asks,
+                            lease_seconds=LEASE_SECONDS,
+                            stale_seconds=STALE_SECONDS,
+                        )
+                    )
+                except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+                    for _, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(SlotsUnavailable(str(exc)))
+                    continue
+                for ask, answer in batch:
+                    if not answer.done():
+                        answer.set_result(answers[int(str(ask["id"]))])
+        finally:
+            self._queuer = None
+
     def release(self, request_id: int) -> None:
         """Give back a lease (in the background: the request's answer is not held up)."""
         self._leases.discard(request_id)
         self._release_soon(request_id)
 
     def _release_soon(self, request_id: int) -> None:
-        task = asyncio.create_task(self._release(request_id))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        self._to_release.append(request_id)
+        if self._releaser is None:
+            self._releaser = asyncio.create_task(self._release_batches())
 
-    async def _release(self, request_id: int) -> None:
+    async def _release_batches(self) -> None:
+        """Give back what waits to be given back, in one call for all that ended meanwhile."""
         try:
-            await self._db.run(
-                lambda con: queries.release_slot(con, request_id, LEASE_SECONDS, STALE_SECONDS)
-            )
-        except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
-            log.warning("cannot give back a backend slot (%s); its lease expires instead", exc)
+            while self._to_release:
+                batch, self._to_release = self._to_release, []
+                try:
+                    await self._db.run(
+                        partial(
+                            queries.release_slots,
+                            request_ids=batch,
+                            lease_seconds=LEASE_SECONDS,
+                            stale_seconds=STALE_SECONDS,
+                        )
+                    )
+                except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+                    log.warning(
+                        "cannot give back %d backend slot(s) (%s); their leases expire instead",
+                        len(batch),
+                        exc,
+                    )
+        finally:
+            self._releaser = None
 
     def heard(self, payload: str) -> None:
         """A NOTIFY on the slots channel: "<proxy id> <request id> <backend>"."""
@@ -196,8 +234,9 @@ class SharedSlots:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            if self._releases:
-                await asyncio.gather(*self._releases, return_exceptions=True)
+            for pending in (self._queuer, self._releaser):
+                if pending is not None:
+                    await asyncio.gather(pending, return_exceptions=True)
             with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
                 await self._db.run(lambda con: queries.leave_slots(con, self._proxy_id))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -796,39 +797,35 @@ async def offer_slots(con: Connection, slots: dict[str, int]) -> None:
     )
 
 
-async def wait_for_slot(
+async def wait_for_slots(
     con: Connection,
-    request_id: int,
     proxy_id: str,
-    user_id: int,
-    backends: list[str],
-    prefer: str | None,
-    cap: int,
+    requests: list[dict[str, object]],
     lease_seconds: float,
     stale_seconds: float,
-) -> str | None:
-    """Queue a request for a slot of one of `backends`: the backend granted at once, None to
-    wait for a grant, or "!cap" when the user already holds `cap` places across processes."""
-    granted: str | None = await con.fetchval(
-        "SELECT llama_gate_slot_wait($1, $2, $3, $4, $5, $6, $7, $8)",
-        request_id,
+) -> dict[int, str | None]:
+    """Queue requests that arrived together for slots (each `{"id", "user", "backends",
+    "prefer", "cap"}`): per request the backend granted at once, None to wait for a grant, or
+    "!cap" when its user already holds `cap` places across processes."""
+    answer = await con.fetchval(
+        "SELECT llama_gate_slot_wait($1, $2::jsonb, $3, $4)",
         proxy_id,
-        user_id,
-        backends,
-        prefer,
-        cap,
+        json.dumps(requests),
         lease_seconds,
         stale_seconds,
     )
-    return granted
+    return {int(request_id): backend for request_id, backend in json.loads(answer).items()}
 
 
-async def release_slot(
-    con: Connection, request_id: int, lease_seconds: float, stale_seconds: float
+async def release_slots(
+    con: Connection, request_ids: list[int], lease_seconds: float, stale_seconds: float
 ) -> None:
-    """Give back a request's lease (or its place in the wait) and grant what is free."""
+    """Give back requests' leases (or their places in the wait) and grant what is free."""
     await con.execute(
-        "SELECT llama_gate_slot_release($1, $2, $3)", request_id, lease_seconds, stale_seconds
+        "SELECT llama_gate_slot_release($1::bigint[], $2, $3)",
+        request_ids,
+        lease_seconds,
+        stale_seconds,
     )
 
 

@@ -35,10 +35,15 @@ depends_on: str | Sequence[str] | None = None
 SLOTS_CHANNEL = "llama_gate_slots"
 
 GRANT_FUNCTION = f"""
-CREATE FUNCTION llama_gate_slot_grant(p_lease_seconds double precision, p_stale_seconds
-    double precision) RETURNS integer LANGUAGE plpgsql AS $$
+CREATE FUNCTION llama_gate_slot_grant(
+    p_lease_seconds double precision, p_stale_seconds double precision,
+    p_quiet bigint[] DEFAULT '{{}}'
+) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     w record;
+    b text;
+    v_best text;
+    v_free jsonb;  -- backend -> slots free now
     v_granted integer := 0;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
@@ -46,38 +51,52 @@ BEGIN
     -- What gone processes held or waited for: their leases were not renewed.
     DELETE FROM llama_slot_leases WHERE expires_at < now();
     DELETE FROM llama_slot_waiters WHERE expires_at < now();
+    IF NOT EXISTS (SELECT 1 FROM llama_slot_waiters) THEN
+        RETURN 0;
+    END IF;
     -- A live process that has not switched to shared slots yet may hand out slots by itself.
     IF EXISTS (SELECT 1 FROM llama_proxies
                WHERE NOT shared AND seen_at >= now() - make_interval(secs => p_stale_seconds)) THEN
         RETURN 0;
     END IF;
-    LOOP
-        -- The next request: its user's first, the user served least recently first (never
-        -- served: first of all), then who waited longest; on the free backend it prefers, else
-        -- the least loaded free one among those that serve it.
-        SELECT wt.id, wt.proxy_id, wt.user_id, f.backend INTO w
-        FROM llama_slot_waiters wt
+    SELECT coalesce(jsonb_object_agg(s.backend, s.slots - coalesce(u.busy, 0)), '{{}}') INTO v_free
+    FROM llama_slot_backends s
+    LEFT JOIN (SELECT backend, sum(n) AS busy FROM llama_slot_leases GROUP BY backend) u
+        USING (backend);
+    -- Round robin in one pass: every user's first waiting request, the user served least
+    -- recently first (never served: first of all), then every user's second, and so on; each on
+    -- the free backend it prefers, else on the one of its backends with the most slots free.
+    FOR w IN
+        SELECT wt.id, wt.proxy_id, wt.user_id, wt.backends, wt.prefer
+        FROM (SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY enqueued_at, id) AS rank
+              FROM llama_slot_waiters) wt
         LEFT JOIN llama_slot_turns t ON t.user_id = wt.user_id
-        CROSS JOIN LATERAL (
-            SELECT b.backend
-            FROM llama_slot_backends b
-            CROSS JOIN LATERAL (SELECT coalesce(sum(l.n), 0) AS busy FROM llama_slot_leases l
-                                WHERE l.backend = b.backend) used
-            WHERE b.backend = ANY (wt.backends) AND used.busy < b.slots
-            ORDER BY b.backend IS NOT DISTINCT FROM wt.prefer DESC, used.busy::float / b.slots,
-                     b.backend
-            LIMIT 1
-        ) f
-        ORDER BY t.turn NULLS FIRST, wt.enqueued_at, wt.id
-        LIMIT 1;
-        EXIT WHEN NOT FOUND;
+        ORDER BY wt.rank, t.turn NULLS FIRST, wt.enqueued_at, wt.id
+    LOOP
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM jsonb_each_text(v_free) f WHERE f.value::int > 0);
+        v_best := NULL;
+        IF w.prefer = ANY (w.backends) AND coalesce((v_free ->> w.prefer)::int, 0) > 0 THEN
+            v_best := w.prefer;
+        ELSE
+            FOREACH b IN ARRAY w.backends LOOP
+                IF coalesce((v_free ->> b)::int, 0) > 0
+                   AND (v_best IS NULL OR (v_free ->> b)::int > (v_free ->> v_best)::int) THEN
+                    v_best := b;
+                END IF;
+            END LOOP;
+        END IF;
+        CONTINUE WHEN v_best IS NULL;
+        v_free := jsonb_set(v_free, ARRAY[v_best], to_jsonb((v_free ->> v_best)::int - 1));
         DELETE FROM llama_slot_waiters WHERE id = w.id;
         INSERT INTO llama_slot_leases (id, backend, proxy_id, user_id, n, expires_at)
-            VALUES (w.id, w.backend, w.proxy_id, w.user_id, 1,
+            VALUES (w.id, v_best, w.proxy_id, w.user_id, 1,
                     now() + make_interval(secs => p_lease_seconds));
         INSERT INTO llama_slot_turns (user_id, turn) VALUES (w.user_id, clock_timestamp())
             ON CONFLICT (user_id) DO UPDATE SET turn = EXCLUDED.turn;
-        PERFORM pg_notify('{SLOTS_CHANNEL}', w.proxy_id || ' ' || w.id || ' ' || w.backend);
+        -- The caller hears of its own requests' grants in its answer (p_quiet); others by this.
+        IF NOT w.id = ANY (p_quiet) THEN
+            PERFORM pg_notify('{SLOTS_CHANNEL}', w.proxy_id || ' ' || w.id || ' ' || v_best);
+        END IF;
         v_granted := v_granted + 1;
     END LOOP;
     RETURN v_granted;
@@ -86,47 +105,66 @@ END $$
 
 WAIT_FUNCTION = """
 CREATE FUNCTION llama_gate_slot_wait(
-    p_id bigint, p_proxy_id text, p_user_id bigint, p_backends text[], p_prefer text,
-    p_cap integer, p_lease_seconds double precision, p_stale_seconds double precision
-) RETURNS text LANGUAGE plpgsql AS $$
+    p_proxy_id text, p_requests jsonb, p_lease_seconds double precision,
+    p_stale_seconds double precision
+) RETURNS jsonb LANGUAGE plpgsql AS $$
+-- p_requests: [{"id", "user", "backends", "prefer", "cap"}], the requests of one proxy that
+-- arrived together (a batch). The answer: {"<id>": the backend granted at once, null to wait
+-- for a grant, or "!cap" when the user already holds `cap` places across processes}.
 DECLARE
+    r jsonb;
+    v_user bigint;
     v_held integer;
-    v_backend text;
+    v_ids bigint[] := '{}';
+    v_answer jsonb := '{}';
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    -- One user's requests are counted under one lock, so parallel ones cannot all pass the cap.
-    PERFORM pg_advisory_xact_lock(hashtextextended('llama_gate.slots.' || p_user_id, 0));
-    SELECT (SELECT count(*) FROM llama_slot_leases WHERE user_id = p_user_id AND NOT lone)
-         + (SELECT count(*) FROM llama_slot_waiters WHERE user_id = p_user_id) INTO v_held;
-    IF v_held >= p_cap THEN
-        RETURN '!cap';
-    END IF;
-    INSERT INTO llama_slot_waiters (id, proxy_id, user_id, backends, prefer, enqueued_at,
-                                    expires_at)
-        VALUES (p_id, p_proxy_id, p_user_id, p_backends, p_prefer, clock_timestamp(),
-                now() + make_interval(secs => p_lease_seconds));
-    PERFORM llama_gate_slot_grant(p_lease_seconds, p_stale_seconds);
-    SELECT backend INTO v_backend FROM llama_slot_leases WHERE id = p_id;
-    RETURN v_backend;
+    -- Users' locks in one order (a batch may hold several users' requests): no deadlock.
+    PERFORM pg_advisory_xact_lock(hashtextextended('llama_gate.slots.' || u, 0))
+        FROM (SELECT DISTINCT (e ->> 'user')::bigint AS u
+              FROM jsonb_array_elements(p_requests) e ORDER BY 1) users;
+    FOR r IN SELECT * FROM jsonb_array_elements(p_requests) LOOP
+        v_user := (r ->> 'user')::bigint;
+        SELECT (SELECT count(*) FROM llama_slot_leases WHERE user_id = v_user AND NOT lone)
+             + (SELECT count(*) FROM llama_slot_waiters WHERE user_id = v_user) INTO v_held;
+        IF v_held >= (r ->> 'cap')::integer THEN
+            v_answer := v_answer || jsonb_build_object(r ->> 'id', '!cap');
+            CONTINUE;
+        END IF;
+        INSERT INTO llama_slot_waiters (id, proxy_id, user_id, backends, prefer, enqueued_at,
+                                        expires_at)
+            VALUES ((r ->> 'id')::bigint, p_proxy_id, v_user,
+                    ARRAY(SELECT jsonb_array_elements_text(r -> 'backends')), r ->> 'prefer',
+                    clock_timestamp(), now() + make_interval(secs => p_lease_seconds));
+        v_ids := v_ids || (r ->> 'id')::bigint;
+    END LOOP;
+    PERFORM llama_gate_slot_grant(p_lease_seconds, p_stale_seconds, v_ids);
+    SELECT v_answer || coalesce(jsonb_object_agg(i::text, l.backend), '{}') INTO v_answer
+    FROM unnest(v_ids) AS i LEFT JOIN llama_slot_leases l ON l.id = i;
+    RETURN v_answer;
 END $$
 """
 
 RELEASE_FUNCTION = """
 CREATE FUNCTION llama_gate_slot_release(
-    p_id bigint, p_lease_seconds double precision, p_stale_seconds double precision
+    p_ids bigint[], p_lease_seconds double precision, p_stale_seconds double precision
 ) RETURNS void LANGUAGE plpgsql AS $$
+-- Requests that ended, or stopped waiting (a batch): their leases or places in the wait go.
 DECLARE
-    v_user bigint;
+    v_users bigint[];
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    DELETE FROM llama_slot_waiters WHERE id = p_id RETURNING user_id INTO v_user;
-    IF v_user IS NULL THEN
-        DELETE FROM llama_slot_leases WHERE id = p_id RETURNING user_id INTO v_user;
-    END IF;
+    WITH gone AS (
+        DELETE FROM llama_slot_waiters WHERE id = ANY (p_ids) RETURNING user_id
+    ), ended AS (
+        DELETE FROM llama_slot_leases WHERE id = ANY (p_ids) RETURNING user_id
+    )
+    SELECT array_agg(DISTINCT user_id) INTO v_users
+    FROM (SELECT user_id FROM gone UNION ALL SELECT user_id FROM ended) e;
     -- A user with nothing held or waiting is forgotten: next time they count as never served.
-    DELETE FROM llama_slot_turns t WHERE t.user_id = v_user
-        AND NOT EXISTS (SELECT 1 FROM llama_slot_leases l WHERE l.user_id = v_user)
-        AND NOT EXISTS (SELECT 1 FROM llama_slot_waiters w WHERE w.user_id = v_user);
+    DELETE FROM llama_slot_turns t WHERE t.user_id = ANY (v_users)
+        AND NOT EXISTS (SELECT 1 FROM llama_slot_leases l WHERE l.user_id = t.user_id)
+        AND NOT EXISTS (SELECT 1 FROM llama_slot_waiters w WHERE w.user_id = t.user_id);
     PERFORM llama_gate_slot_grant(p_lease_seconds, p_stale_seconds);
 END $$
 """
@@ -186,12 +224,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION llama_gate_slot_release(bigint, double precision, double precision)")
     op.execute(
-        "DROP FUNCTION llama_gate_slot_wait(bigint, text, bigint, text[], text, integer, "
-        "double precision, double precision)"
+        "DROP FUNCTION llama_gate_slot_release(bigint[], double precision, double precision)"
     )
-    op.execute("DROP FUNCTION llama_gate_slot_grant(double precision, double precision)")
+    op.execute(
+        "DROP FUNCTION llama_gate_slot_wait(text, jsonb, double precision, double precision)"
+    )
+    op.execute("DROP FUNCTION llama_gate_slot_grant(double precision, double precision, bigint[])")
     op.drop_table("llama_slot_turns")
     op.drop_table("llama_slot_waiters")
     op.drop_table("llama_slot_leases")
