@@ -27,13 +27,13 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from urllib.parse import urlsplit
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -54,6 +54,7 @@ GATE = "c: llama-gate"
 NO_JOURNAL = "d: llama-gate, no journal"
 NO_FSYNC = "e: llama-gate, Postgres no fsync"
 WORKERS = "f: llama-gate --workers 2"
+APART = "g: 2 lone proxies, load split"  # the bound: two processes that share nothing
 # Just under the 8 MiB a body may have: one message of 8 MiB of text.
 FLOOD_BODY = json.dumps(
     {"messages": [{"role": "user", "content": "x " * ((4 << 20) - 64)}], "max_tokens": 16}
@@ -289,8 +290,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     python = sys.executable
-    up_port, base_port, gate_port, unjournaled_port, loose_port, workers_port = (
-        free_port() for _ in range(6)
+    up_port, base_port, gate_port, unjournaled_port, loose_port, workers_port, apart_port = (
+        free_port() for _ in range(7)
     )
     upstream_url = f"http://127.0.0.1:{up_port}"
     with (
@@ -310,6 +311,7 @@ def main() -> None:
         # alone there, as one proxy in front of its backend is.
         unjournaled_dsn = asyncio.run(_copy_database(dsn, "bench_unjournaled"))
         workers_dsn = asyncio.run(_copy_database(dsn, "bench_workers"))
+        apart_dsn = asyncio.run(_copy_database(dsn, "bench_apart"))
         gate_env = {
             "POSTGRES_AUTH_DSN": dsn, "LLAMA_GATE_HOME": home,
             "LLAMA_SERVER_HOST": "127.0.0.1", "LLAMA_SERVER_PORT": str(up_port),
@@ -325,6 +327,7 @@ def main() -> None:
         }
         loose_env = {**gate_env, "LLAMA_GATE_HOME": loose_home, "POSTGRES_AUTH_DSN": loose_dsn}
         workers_env = {**gate_env, "LLAMA_PROXY_WORKERS": "2", "POSTGRES_AUTH_DSN": workers_dsn}
+        apart_env = {**gate_env, "POSTGRES_AUTH_DSN": apart_dsn}
 
         def proxy(port: int, env: dict[str, str]) -> list[str]:
             return [python, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
@@ -336,11 +339,13 @@ def main() -> None:
             process(proxy(unjournaled_port, unjournaled_env), unjournaled_env) as unjournaled,
             process(proxy(loose_port, loose_env), loose_env) as loose,
             process(proxy(workers_port, workers_env), workers_env) as workers,
+            process(proxy(apart_port, apart_env), apart_env) as apart,
         ):
             _wait_http(upstream_url, up, "/")
             _wait_http(f"http://127.0.0.1:{base_port}", base, "/")
             for port, proc in ((gate_port, gate), (unjournaled_port, unjournaled),
-                               (loose_port, loose), (workers_port, workers)):  # fmt: skip
+                               (loose_port, loose), (workers_port, workers),
+                               (apart_port, apart)):  # fmt: skip
                 _wait_http(f"http://127.0.0.1:{port}", proc, "/health")
             bearer = {"Authorization": f"Bearer {key}"}
             targets = {
@@ -350,6 +355,7 @@ def main() -> None:
                 NO_JOURNAL: (f"http://127.0.0.1:{unjournaled_port}/v1/chat/completions", bearer),
                 NO_FSYNC: (f"http://127.0.0.1:{loose_port}/v1/chat/completions", bearer),
                 WORKERS: (f"http://127.0.0.1:{workers_port}/v1/chat/completions", bearer),
+                APART: (f"http://127.0.0.1:{apart_port}/v1/chat/completions", bearer),
             }
             pids = {
                 GATE: gate.pid, NO_JOURNAL: unjournaled.pid, NO_FSYNC: loose.pid,
@@ -369,7 +375,7 @@ def main() -> None:
                 for target, (url, headers) in targets.items():
                     if args.journal_only:
                         break
-                    if target == WORKERS:
+                    if target in (WORKERS, APART):
                         continue  # --workers-only
                     if args.flood_only and (load_name, target) != ("sse c=1", GATE):
                         continue
@@ -487,30 +493,73 @@ def _cpu_seconds(pid: int | None) -> float:
     return own + sum(_cpu_seconds(int(child)) for child in children)
 
 
+async def _split(
+    targets: dict[str, tuple[str, dict[str, str]]], concurrency: int, seconds: float
+) -> Result:
+    """The load sent half to c's proxy and half to the other lone one, counted as one."""
+    halves = [max(1, concurrency // 2), max(1, concurrency - concurrency // 2)]
+    parts = await asyncio.gather(
+        *(
+            load(targets[target][0], targets[target][1], half, seconds, False)
+            for target, half in zip((GATE, APART), halves, strict=True)
+        )
+    )
+    return Result(
+        latencies=[x for part in parts for x in part.latencies],
+        elapsed=max(part.elapsed for part in parts),
+        errors=sum(part.errors for part in parts),
+    )
+
+
+def _ticks() -> tuple[int, int]:
+    """The machine's idle (with iowait) and total CPU ticks so far (Linux)."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def _idle_since(since: tuple[int, int]) -> float:
+    """The share of the machine's CPU time left idle since `since` (a `_ticks()`)."""
+    now = _ticks()
+    return (now[0] - since[0]) / max(1, now[1] - since[1])
+
+
 def _report_workers(
     targets: dict[str, tuple[str, dict[str, str]]], pids: dict[str, int], seconds: float
 ) -> None:
     """JSON loads through a, b, c (one worker) and f (two), in turns, three rounds of each."""
     time.sleep(3)  # the workers have switched to shared slots
-    shown = ("a: direct", "b: bare pass-through", GATE, WORKERS)
+    shown = ("a: direct", "b: bare pass-through", GATE, WORKERS, APART)
     rps: dict[tuple[str, str], list[float]] = {}
     cpu_us: dict[tuple[str, str], list[float]] = {}
+    idle: dict[tuple[str, str], list[float]] = {}
     for _ in range(3):
         for load_name, concurrency in (("json c=1", 1), ("json c=32", 32)):
             for target in shown:
+                if target == APART and concurrency < 2:
+                    continue  # split, one request at a time is two at a time
                 url, headers = targets[target]
                 before = _cpu_seconds(pids[target]) if target in pids else 0.0
-                result = asyncio.run(load(url, headers, concurrency, seconds, False))
+                idle_before = _ticks()
+                if target == APART:  # c's proxy and another like it, half the load each
+                    result = asyncio.run(_split(targets, concurrency, seconds))
+                else:
+                    result = asyncio.run(load(url, headers, concurrency, seconds, False))
+                idle.setdefault((load_name, target), []).append(_idle_since(idle_before))
                 rps.setdefault((load_name, target), []).append(result.rps)
                 if target in pids:
                     cpu = _cpu_seconds(pids[target]) - before
                     per = cpu / (result.count + concurrency) * 1e6
                     cpu_us.setdefault((load_name, target), []).append(per)
-    print(f"{'load':<10} {'path':<31} {'req/s (median of 3)':>20} {'CPU us/req':>11}")
+    head = ("load", "path", "req/s (median of 3)", "CPU us/req", "machine idle")
+    print("{:<10} {:<31} {:>20} {:>11} {:>13}".format(*head))
     for (load_name, target), runs in rps.items():
         cpu = cpu_us.get((load_name, target))
         shown_cpu = f"{statistics.median(cpu):.0f}" if cpu else "-"
-        print(f"{load_name:<10} {target:<31} {statistics.median(runs):>20.0f} {shown_cpu:>11}")
+        spare = statistics.median(idle[(load_name, target)])
+        print(
+            f"{load_name:<10} {target:<31} {statistics.median(runs):>20.0f} {shown_cpu:>11} "
+            f"{spare:>13.0%}"
+        )
 
     def median(target: str) -> float:
         return statistics.median(rps[("json c=32", target)])
@@ -518,10 +567,12 @@ def _report_workers(
     two = median(WORKERS) / median(GATE)
     print()
     bare = median(WORKERS) / median("b: bare pass-through")
+    bound = median(APART) / median(GATE)
     _print_checks(
         [
             ("c=32 json, 2 workers / 1 (f / c)", f"{two:.2f} x", ">= 1.60 x", two >= 1.6),
             ("c=32 json, 2 workers / bare (f / b)", f"{bare:.2f} x", "-", None),
+            ("c=32 json, 2 processes sharing nothing / 1 (g / c)", f"{bound:.2f} x", "-", None),
         ]
     )
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 from click.testing import CliRunner
 
 from proxy.cli.main import cli
@@ -160,13 +161,15 @@ def _stop(process: subprocess.Popen[bytes]) -> str:
     return output.decode()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_successor_takes_the_port_over_and_no_connection_is_refused(
-    db_dsn: str, tmp_path: Path
+    db_dsn: str, tmp_path: Path, workers: str
 ) -> None:
     port = free_port()
     environ = proxy_environ(db_dsn, free_port(), tmp_path)
     handover = tmp_path / "proxy.sock"
     flags = ["--host", "127.0.0.1", "--port", str(port), "--handover", str(handover)]
+    flags += ["--workers", workers]  # with 2, the parents hand over; their workers serve
     old = _serve(environ, *flags, "--ready-file", str(tmp_path / "old.ready"))
     new: subprocess.Popen[bytes] | None = None
     try:

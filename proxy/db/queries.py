@@ -831,7 +831,9 @@ async def release_slots(
 
 async def grant_slots(con: Connection, lease_seconds: float, stale_seconds: float) -> None:
     """Grant every free slot to the requests waiting for one (expired leases freed first)."""
-    await con.execute("SELECT llama_gate_slot_grant($1, $2)", lease_seconds, stale_seconds)
+    await con.execute(
+        "SELECT llama_gate_slot_grant($1, $2, '{}', true)", lease_seconds, stale_seconds
+    )
 
 
 async def slot_states(

@@ -37,7 +37,7 @@ SLOTS_CHANNEL = "llama_gate_slots"
 GRANT_FUNCTION = f"""
 CREATE FUNCTION llama_gate_slot_grant(
     p_lease_seconds double precision, p_stale_seconds double precision,
-    p_quiet bigint[] DEFAULT '{{}}'
+    p_quiet bigint[] DEFAULT '{{}}', p_expire boolean DEFAULT false
 ) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     w record;
@@ -48,9 +48,12 @@ DECLARE
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock(hashtextextended('llama_gate.slots', 0));
-    -- What gone processes held or waited for: their leases were not renewed.
-    DELETE FROM llama_slot_leases WHERE expires_at < now();
-    DELETE FROM llama_slot_waiters WHERE expires_at < now();
+    -- What gone processes held or waited for: their leases were not renewed (asked by the
+    -- processes' polls, every second while requests wait: not on every grant).
+    IF p_expire THEN
+        DELETE FROM llama_slot_leases WHERE expires_at < now();
+        DELETE FROM llama_slot_waiters WHERE expires_at < now();
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM llama_slot_waiters) THEN
         RETURN 0;
     END IF;
@@ -165,7 +168,11 @@ BEGIN
     DELETE FROM llama_slot_turns t WHERE t.user_id = ANY (v_users)
         AND NOT EXISTS (SELECT 1 FROM llama_slot_leases l WHERE l.user_id = t.user_id)
         AND NOT EXISTS (SELECT 1 FROM llama_slot_waiters w WHERE w.user_id = t.user_id);
-    PERFORM llama_gate_slot_grant(p_lease_seconds, p_stale_seconds);
+    -- With nobody waiting there is nothing to grant, and no need to queue for the lock: a
+    -- request queued meanwhile has its own call grant it (or the next poll, within a second).
+    IF EXISTS (SELECT 1 FROM llama_slot_waiters) THEN
+        PERFORM llama_gate_slot_grant(p_lease_seconds, p_stale_seconds);
+    END IF;
 END $$
 """
 
@@ -230,7 +237,9 @@ def downgrade() -> None:
     op.execute(
         "DROP FUNCTION llama_gate_slot_wait(text, jsonb, double precision, double precision)"
     )
-    op.execute("DROP FUNCTION llama_gate_slot_grant(double precision, double precision, bigint[])")
+    op.execute(
+        "DROP FUNCTION llama_gate_slot_grant(double precision, double precision, bigint[], boolean)"
+    )
     op.drop_table("llama_slot_turns")
     op.drop_table("llama_slot_waiters")
     op.drop_table("llama_slot_leases")
