@@ -375,3 +375,45 @@ async def _pids(dsn: str) -> list[int]:
         return [row["pid"] for row in await con.fetch("SELECT pid FROM llama_proxies")]
     finally:
         await con.close()
+
+
+async def _chat(client: aiohttp.ClientSession, base: str, key: str, messages: list[Any]) -> int:
+    body = {"messages": messages, "max_tokens": 1}
+    async with client.post(f"{base}/v1/chat/completions", json=body, headers=bearer(key)) as r:
+        await r.read()
+        return r.status
+
+
+async def test_a_conversation_goes_where_it_is_warm_through_either_process(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    async with held_backend() as one, held_backend() as two:
+        urls = f"http://127.0.0.1:{one.port},http://127.0.0.1:{two.port}"
+        extra = {"LLAMA_SERVER_URLS": urls, "LLAMA_PROXY_WORKERS": "2"}
+        async with running_proxy(db_dsn, tmp_path / "a", **extra) as first, running_proxy(
+            db_dsn, tmp_path / "b", **extra
+        ) as second:
+            alice, bob = await first.user("alice"), await first.user("bob")
+            turn = [{"role": "user", "content": "a conversation"}]
+            async with aiohttp.ClientSession() as client:
+                # bob keeps the first backend busy, so alice's first turn goes to the second.
+                busy = asyncio.create_task(_post(client, first.url(""), bob, "busy"))
+                await one.arrivals(1)
+                started = asyncio.create_task(_chat(client, first.url(""), alice, turn))
+                await two.arrivals(1)
+                two.let_one_go()
+                assert await started == 200
+                one.let_one_go()
+                assert await busy == 200
+                # Both are free now. Her next turn comes through the other process, which never
+                # served her: it still goes where her conversation is warm.
+                turn += [
+                    {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": "and then?"},
+                ]
+                follow = asyncio.create_task(_chat(client, second.url(""), alice, turn))
+                await two.arrivals(2)
+                two.let_one_go()
+                assert await follow == 200
+    assert one.arrived == ["busy"]
+    assert two.arrived == ["a conversation", "a conversation"]

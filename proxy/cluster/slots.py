@@ -14,7 +14,9 @@ every request takes its turn here instead:
 - the request runs while its process holds the lease (`llama_slot_leases`), renewed every
   `RENEW_SECONDS`; it expires `LEASE_SECONDS` after the last renewal, so a killed process's slots
   come back within that, and its waiting requests are dropped;
-- the per-user concurrency cap is counted across processes when the request is queued.
+- the per-user concurrency cap is counted across processes when the request is queued;
+- which backend last served each conversation is kept there too (by digest), so the next turn
+  goes where the conversation is warm whichever process it comes through.
 
 Switching is exact: a process that finds peers first records what it already runs as `lone`
 leases, then says it is shared; grants wait until every live process says so. It switches back
@@ -37,6 +39,7 @@ from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
 from proxy.errors import SlotsUnavailable, TooManyConcurrent
+from proxy.upstream.affinity import Affinity
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ class SharedSlots:
         prefer: str | None,
         cap: int | None,
         budget: float,
+        affinity: Affinity | None = None,
     ) -> tuple[str, int]:
         """Wait (up to `budget` seconds, then `TimeoutError`) for a lease on a slot of one of
         `backends`: the backend and the lease's id. `SlotsUnavailable` when Postgres cannot be
@@ -117,8 +121,13 @@ class SharedSlots:
         future: asyncio.Future[str] = loop.create_future()
         self._waiting[request_id] = future  # before asking: the NOTIFY may come first
         answer: asyncio.Future[str | None] = loop.create_future()
-        ask = {"id": request_id, "user": user_id, "backends": backends, "prefer": prefer,
-               "cap": cap or UNCAPPED}  # fmt: skip
+        ask: dict[str, object] = {
+            "id": request_id, "user": user_id, "backends": backends, "prefer": prefer,
+            "cap": cap or UNCAPPED,
+        }  # fmt: skip
+        if affinity is not None and len(backends) > 1:  # where it is warm, whoever served it
+            ask["conversation"] = affinity.key.hex()
+            ask["prefixes"] = [prefix.hex() for prefix in affinity.prefixes]
         self._to_queue.append((ask, answer))
         if self._queuer is None:
             self._queuer = asyncio.create_task(self._queue_batches())
@@ -146,7 +155,7 @@ class SharedSlots:
             # Its row is gone (Postgres restarted, or this process could not renew it for
             # LEASE_SECONDS): queue again, at the back.
             log.warning("a request lost its place waiting for a backend slot; queued again")
-            return await self.turn(user_id, backends, prefer, cap, budget)
+            return await self.turn(user_id, backends, prefer, cap, budget, affinity)
         self._leases.add(request_id)
         return granted, request_id
 

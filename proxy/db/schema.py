@@ -225,8 +225,19 @@ llama_slot_waiters = Table(
     Column("user_id", BigInteger, nullable=False, index=True),
     Column("backends", ARRAY(Text), nullable=False),
     Column("prefer", Text, nullable=True),
+    Column("conversation", Text, nullable=True),  # its digest (`proxy.upstream.affinity`)
     Column("enqueued_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    prefixes=["UNLOGGED"],
+)
+
+# Which backend last served each conversation (by digest), through whichever process.
+llama_slot_conversations = Table(
+    "llama_slot_conversations",
+    metadata,
+    Column("digest", Text, primary_key=True),
+    Column("backend", Text, nullable=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
     prefixes=["UNLOGGED"],
 )
 

@@ -2,7 +2,9 @@
 
 A place is taken before anything else is spent on a request (its body, its quota, its rate
 limit) and given back when the request ends, however it ends. Taking one is a check and an
-increment with no await in between, so parallel requests can never all pass the check.
+increment with no await in between, so parallel requests can never all pass the check. When
+several processes share the backends' slots (`proxy.cluster.slots`), the cap is counted again
+across all of them as a request joins the wait for a slot.
 """
 
 from __future__ import annotations

@@ -70,7 +70,13 @@ class SharedTurns(Protocol):
     active: bool
 
     async def turn(
-        self, user_id: int, backends: list[str], prefer: str | None, cap: int | None, budget: float
+        self,
+        user_id: int,
+        backends: list[str],
+        prefer: str | None,
+        cap: int | None,
+        budget: float,
+        affinity: Affinity | None = None,
     ) -> tuple[str, int]: ...
 
     def release(self, request_id: int) -> None: ...
@@ -300,7 +306,7 @@ class Backends:
                 if self.shared is not None and self.shared.active and isinstance(user, int):
                     try:
                         backend, lease = await self._shared_turn(
-                            user, model, outcome, frozenset(avoid), prefer, cap
+                            user, model, outcome, frozenset(avoid), prefer, cap, affinity
                         )
                         continue
                     except SlotsUnavailable as exc:
@@ -339,6 +345,7 @@ class Backends:
         avoid: frozenset[str],
         prefer: str | None,
         cap: int | None,
+        affinity: Affinity | None,
     ) -> tuple[_Backend, int]:
         """A lease on a slot shared with other processes, for a backend this process finds
         serving `model` (one coming back is waited for, within the queue timeout)."""
@@ -363,7 +370,7 @@ class Backends:
                     await self._back_up.wait()
         try:
             name, lease = await self.shared.turn(
-                user, names, prefer, cap, max(0.0, deadline - loop.time())
+                user, names, prefer, cap, max(0.0, deadline - loop.time()), affinity
             )
         except TimeoutError:
             raise QueueTimeout(self._queue_timeout, self._retry_after()) from None

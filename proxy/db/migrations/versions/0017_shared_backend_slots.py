@@ -10,7 +10,8 @@ backend's slots (`llama_slot_leases`, renewed while it runs, so a killed process
 once its leases expire); the requests waiting for one are rows of `llama_slot_waiters`, and a freed
 slot goes to the waiting user served least recently (`llama_slot_turns`), whichever process that
 user's request waits in. `llama_gate_slot_grant` makes every grant, one at a time (an advisory
-lock), and NOTIFYs the process owning the request on `llama_gate_slots`.
+lock), and NOTIFYs the process owning the request on `llama_gate_slots`. Which backend last
+served a conversation (`llama_slot_conversations`, by digest, never text) is shared the same way.
 
 All four tables are UNLOGGED and the functions commit without waiting for the disk: what they hold
 lives as long as the requests do, and a crash of Postgres, which empties them, is healed by the
@@ -53,6 +54,7 @@ BEGIN
     IF p_expire THEN
         DELETE FROM llama_slot_leases WHERE expires_at < now();
         DELETE FROM llama_slot_waiters WHERE expires_at < now();
+        DELETE FROM llama_slot_conversations WHERE seen_at < now() - interval '1 day';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM llama_slot_waiters) THEN
         RETURN 0;
@@ -70,7 +72,7 @@ BEGIN
     -- recently first (never served: first of all), then every user's second, and so on; each on
     -- the free backend it prefers, else on the one of its backends with the most slots free.
     FOR w IN
-        SELECT wt.id, wt.proxy_id, wt.user_id, wt.backends, wt.prefer
+        SELECT wt.id, wt.proxy_id, wt.user_id, wt.backends, wt.prefer, wt.conversation
         FROM (SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY enqueued_at, id) AS rank
               FROM llama_slot_waiters) wt
         LEFT JOIN llama_slot_turns t ON t.user_id = wt.user_id
@@ -96,6 +98,11 @@ BEGIN
                     now() + make_interval(secs => p_lease_seconds));
         INSERT INTO llama_slot_turns (user_id, turn) VALUES (w.user_id, clock_timestamp())
             ON CONFLICT (user_id) DO UPDATE SET turn = EXCLUDED.turn;
+        IF w.conversation IS NOT NULL THEN  -- its next turn is warm there
+            INSERT INTO llama_slot_conversations (digest, backend, seen_at)
+                VALUES (w.conversation, v_best, now())
+                ON CONFLICT (digest) DO UPDATE SET backend = EXCLUDED.backend, seen_at = now();
+        END IF;
         -- The caller hears of its own requests' grants in its answer (p_quiet); others by this.
         IF NOT w.id = ANY (p_quiet) THEN
             PERFORM pg_notify('{SLOTS_CHANNEL}', w.proxy_id || ' ' || w.id || ' ' || v_best);
@@ -111,12 +118,17 @@ CREATE FUNCTION llama_gate_slot_wait(
     p_proxy_id text, p_requests jsonb, p_lease_seconds double precision,
     p_stale_seconds double precision
 ) RETURNS jsonb LANGUAGE plpgsql AS $$
--- p_requests: [{"id", "user", "backends", "prefer", "cap"}], the requests of one proxy that
--- arrived together (a batch). The answer: {"<id>": the backend granted at once, null to wait
--- for a grant, or "!cap" when the user already holds `cap` places across processes}.
+-- p_requests: [{"id", "user", "backends", "prefer", "cap", "conversation", "prefixes"}], the
+-- requests of one proxy that arrived together (a batch). A request that continues a
+-- conversation ("prefixes": digests of the conversations it may continue, longest first)
+-- prefers the backend that served that conversation last, through whichever process (else the
+-- one its own process remembers, "prefer"). The answer: {"<id>": the backend granted at once,
+-- null to wait for a grant, or "!cap" when the user already holds `cap` places across
+-- processes}.
 DECLARE
     r jsonb;
     v_user bigint;
+    v_prefer text;
     v_held integer;
     v_ids bigint[] := '{}';
     v_answer jsonb := '{}';
@@ -134,11 +146,20 @@ BEGIN
             v_answer := v_answer || jsonb_build_object(r ->> 'id', '!cap');
             CONTINUE;
         END IF;
-        INSERT INTO llama_slot_waiters (id, proxy_id, user_id, backends, prefer, enqueued_at,
-                                        expires_at)
+        v_prefer := NULL;
+        IF jsonb_typeof(r -> 'prefixes') = 'array' THEN
+            SELECT c.backend INTO v_prefer
+            FROM jsonb_array_elements_text(r -> 'prefixes') WITH ORDINALITY AS p(digest, i)
+            JOIN llama_slot_conversations c ON c.digest = p.digest
+            ORDER BY p.i LIMIT 1;
+        END IF;
+        v_prefer := coalesce(v_prefer, r ->> 'prefer');
+        INSERT INTO llama_slot_waiters (id, proxy_id, user_id, backends, prefer, conversation,
+                                        enqueued_at, expires_at)
             VALUES ((r ->> 'id')::bigint, p_proxy_id, v_user,
-                    ARRAY(SELECT jsonb_array_elements_text(r -> 'backends')), r ->> 'prefer',
-                    clock_timestamp(), now() + make_interval(secs => p_lease_seconds));
+                    ARRAY(SELECT jsonb_array_elements_text(r -> 'backends')), v_prefer,
+                    r ->> 'conversation', clock_timestamp(),
+                    now() + make_interval(secs => p_lease_seconds));
         v_ids := v_ids || (r ->> 'id')::bigint;
     END LOOP;
     PERFORM llama_gate_slot_grant(p_lease_seconds, p_stale_seconds, v_ids);
@@ -211,6 +232,7 @@ def upgrade() -> None:
         sa.Column("user_id", sa.BigInteger(), nullable=False),
         sa.Column("backends", ARRAY(sa.Text()), nullable=False),
         sa.Column("prefer", sa.Text(), nullable=True),
+        sa.Column("conversation", sa.Text(), nullable=True),
         sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_llama_slot_waiters"),
@@ -218,6 +240,14 @@ def upgrade() -> None:
     )
     op.create_index("ix_llama_slot_waiters_proxy_id", "llama_slot_waiters", ["proxy_id"])
     op.create_index("ix_llama_slot_waiters_user_id", "llama_slot_waiters", ["user_id"])
+    op.create_table(
+        "llama_slot_conversations",
+        sa.Column("digest", sa.Text(), nullable=False),
+        sa.Column("backend", sa.Text(), nullable=False),
+        sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("digest", name="pk_llama_slot_conversations"),
+        prefixes=["UNLOGGED"],
+    )
     op.create_table(
         "llama_slot_turns",
         sa.Column("user_id", sa.BigInteger(), nullable=False),
@@ -241,6 +271,7 @@ def downgrade() -> None:
         "DROP FUNCTION llama_gate_slot_grant(double precision, double precision, bigint[], boolean)"
     )
     op.drop_table("llama_slot_turns")
+    op.drop_table("llama_slot_conversations")
     op.drop_table("llama_slot_waiters")
     op.drop_table("llama_slot_leases")
     op.drop_table("llama_slot_backends")
