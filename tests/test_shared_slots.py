@@ -390,9 +390,10 @@ async def test_a_conversation_goes_where_it_is_warm_through_either_process(
     async with held_backend() as one, held_backend() as two:
         urls = f"http://127.0.0.1:{one.port},http://127.0.0.1:{two.port}"
         extra = {"LLAMA_SERVER_URLS": urls, "LLAMA_PROXY_WORKERS": "2"}
-        async with running_proxy(db_dsn, tmp_path / "a", **extra) as first, running_proxy(
-            db_dsn, tmp_path / "b", **extra
-        ) as second:
+        async with (
+            running_proxy(db_dsn, tmp_path / "a", **extra) as first,
+            running_proxy(db_dsn, tmp_path / "b", **extra) as second,
+        ):
             alice, bob = await first.user("alice"), await first.user("bob")
             turn = [{"role": "user", "content": "a conversation"}]
             async with aiohttp.ClientSession() as client:
@@ -417,3 +418,114 @@ async def test_a_conversation_goes_where_it_is_warm_through_either_process(
                 assert await follow == 200
     assert one.arrived == ["busy"]
     assert two.arrived == ["a conversation", "a conversation"]
+
+
+async def _execute(dsn: str, sql: str) -> None:
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute(sql)
+    finally:
+        await con.close()
+
+
+async def test_after_postgres_forgets_the_slots_nothing_runs_beside_what_ran(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """A crash of Postgres empties the UNLOGGED slot tables (here: TRUNCATE, the same effect):
+    the running request's lease is written back, the waiting one queues again, and it runs
+    only once the slot is free."""
+    extra = {"LLAMA_PROXY_WORKERS": "2"}
+    async with (
+        held_backend() as backend,
+        running_proxy(db_dsn, tmp_path / "a", **_settings(backend, **extra)) as first,
+        running_proxy(db_dsn, tmp_path / "b", **_settings(backend, **extra)) as second,
+    ):
+        alice, bob = await first.user("alice"), await first.user("bob")
+        async with aiohttp.ClientSession() as client:
+            running = asyncio.create_task(_post(client, first.url(""), alice, "running"))
+            await backend.arrivals(1)
+            waiting = asyncio.create_task(_post(client, second.url(""), bob, "waiting"))
+            await _until(lambda: _at_least(db_dsn, "SELECT count(*) FROM llama_slot_waiters", 1))
+            await _execute(
+                db_dsn,
+                "TRUNCATE llama_slot_epoch, llama_slot_backends, llama_slot_leases, "
+                "llama_slot_waiters, llama_slot_turns, llama_slot_conversations",
+            )
+            # Written back by the first process's next renewal, and queued again by the second.
+            await _until(lambda: _at_least(db_dsn, "SELECT count(*) FROM llama_slot_leases", 1))
+            await _until(lambda: _at_least(db_dsn, "SELECT count(*) FROM llama_slot_waiters", 1))
+            await asyncio.sleep(4)  # past the new epoch's wait: still not granted beside it
+            assert backend.arrived == ["running"]
+            backend.let_one_go()
+            assert await running == 200
+            await backend.arrivals(2)
+            backend.let_one_go()
+            assert await waiting == 200
+    assert backend.most == 1
+
+
+async def test_clients_that_leave_leave_no_lease_or_place_behind(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    extra = {"LLAMA_PROXY_WORKERS": "2", "LLAMA_PROXY_MAX_CONCURRENT": "20"}
+    async with (
+        held_backend() as backend,
+        running_proxy(db_dsn, tmp_path / "a", **_settings(backend, **extra)) as first,
+        running_proxy(db_dsn, tmp_path / "b", **_settings(backend, **extra)) as second,
+    ):
+        alice = await first.user("alice")
+        async with aiohttp.ClientSession() as client:
+            held = asyncio.create_task(_post(client, first.url(""), alice, "held"))
+            await backend.arrivals(1)
+            # Clients give up at every moment: before their ask is sent, while its batch is out,
+            # while they wait for a grant.
+            leaving = [
+                asyncio.create_task(
+                    asyncio.wait_for(
+                        _post(client, proxy.url(""), alice, f"leaves {n}"), 0.002 * n + 0.001
+                    )
+                )
+                for n in range(20)
+                for proxy in (first, second)
+            ]
+            results = await asyncio.gather(*leaving, return_exceptions=True)
+            assert all(isinstance(r, TimeoutError) for r in results), results
+            backend.let_one_go()
+            assert await held == 200
+            # Nothing is left: the next request runs at once, and the tables are empty after.
+            after = asyncio.create_task(_post(client, second.url(""), alice, "after"))
+            await backend.arrivals(2, within=3)
+            backend.let_one_go()
+            assert await after == 200
+            for table in ("llama_slot_leases", "llama_slot_waiters"):
+                await _until(lambda t=table: _none(db_dsn, f"SELECT count(*) FROM {t}"))
+    assert backend.arrived == ["held", "after"]
+
+
+async def _none(dsn: str, sql: str) -> bool:
+    return await _count(dsn, sql) == 0
+
+
+async def test_a_worker_that_dies_is_replaced_and_all_stop_with_the_parent(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    async with held_backend() as backend:
+        environ = proxy_environ(db_dsn, backend.port, tmp_path, **_settings(backend))
+        async with proxy_process(environ, "--workers", "2") as (_, parent):
+            sql = "SELECT count(*) FROM llama_proxies WHERE shared"
+            await _until(lambda: _at_least(db_dsn, sql, 2))
+            first_pids = await _pids(db_dsn)
+            os.kill(first_pids[0], signal.SIGKILL)
+            # Its row goes stale; a new worker beats beside the survivor.
+            await _until(lambda: _replaced(db_dsn, first_pids), within=20)
+            pids = [pid for pid in await _pids(db_dsn) if pid != first_pids[0]]
+            parent.terminate()
+            assert await asyncio.wait_for(parent.wait(), 30) == 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+async def _replaced(dsn: str, before: list[int]) -> bool:
+    now = await _pids(dsn)
+    return any(pid not in before for pid in now)

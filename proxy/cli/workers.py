@@ -28,6 +28,9 @@ from proxy.cli.listen import Handover
 log = logging.getLogger(__name__)
 
 REAP_SECONDS = 0.2  # how often the parent looks for workers that ended
+# After SIGTERM, how long a worker may take to finish its requests (serve's own limit is 30 s)
+# before the parent kills it: nothing may outlive the parent.
+STOP_SECONDS = 45.0
 EARLY_DEATH_SECONDS = 5.0  # a worker ending sooner than this after it started failed to start
 EARLY_DEATHS_TOLERATED = 3  # in a row, before the parent gives up
 
@@ -75,7 +78,11 @@ def _fork(run_worker: Worker, said_ready: int) -> tuple[int, float]:
     if pid == 0:  # the worker: never returns into the parent's code
         code = 0
         try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Not the parent's: its event loop's handlers (a worker forked again, after one
+            # died, would ignore SIGTERM until its own loop set them) and its wakeup fd.
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_DFL)
             run_worker(lambda: _say_ready(said_ready))
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -137,10 +144,18 @@ async def _watch(
         for pid in started:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
         while started:
             await asyncio.sleep(REAP_SECONDS)
             for pid, _status in _reaped(started):
                 started.pop(pid)
+            if started and time.monotonic() > deadline:
+                for pid in started:
+                    log.warning("proxy worker %d did not stop in %.0f s; killing it", pid,
+                                STOP_SECONDS)  # fmt: skip
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
 
 
 def _say_ready(pipe: int) -> None:

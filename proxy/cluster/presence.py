@@ -94,6 +94,7 @@ class Presence:
         """Beat for as long as this is entered; on the way out, leave (delete the row). The first
         beat comes before: a process finds its peers before it serves."""
         with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
+            await self._slots.observe(0)  # one of `--workers`: shared before its row says so
             await self.beat()
         task = asyncio.create_task(self._beat_forever())
         try:
@@ -116,7 +117,7 @@ class Presence:
     async def _write(self, con: queries.Connection) -> int:
         live = json.dumps(self._figures())
         return await queries.beat_proxy(
-            con, self.id, self.host, self.pid, live, STALE_SECONDS, self._slots.active
+            con, self.id, self.host, self.pid, live, STALE_SECONDS, self._slots.recorded
         )
 
     async def peers(self) -> list[Peer]:

@@ -18,10 +18,13 @@ every request takes its turn here instead:
 - which backend last served each conversation is kept there too (by digest), so the next turn
   goes where the conversation is warm whichever process it comes through.
 
-Switching is exact: a process that finds peers first records what it already runs as `lone`
-leases, then says it is shared; grants wait until every live process says so. It switches back
-to the path in memory once it is alone and holds nothing here. While Postgres is unreachable,
-requests take the path in memory (each process counts only its own).
+Switching is exact: a process that finds peers sends its new requests here, records what it
+already runs as `lone` leases, and only then says it is shared; grants wait until every live
+process says so. It switches back to the path in memory once it is alone and holds nothing here.
+While Postgres is unreachable (an outage, not a slow answer) requests take the path in memory,
+each process counting only its own. After a crash of Postgres, which empties these UNLOGGED
+tables, each renewal writes back the backends' slots and the leases its process holds, and a
+waiting request whose row is gone queues again.
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ class SharedSlots:
         self._lone = lone  # backend -> requests this process runs without a lease
         self._requeue = requeue  # send the requests waiting in memory to take their turn here
         self._forced = forced  # one of `serve --workers N`: shared from the start
-        self.active = False
-        self._leases: set[int] = set()  # granted, until released
+        self.active = False  # requests take their turns here
+        self.recorded = False  # ... and what ran before is recorded: the row may say "shared"
+        self._leases: dict[int, tuple[str, int]] = {}  # granted, until released: backend, user
         self._waiting: dict[int, asyncio.Future[str]] = {}  # asked for, NOTIFY may answer
         self._queued: set[int] = set()  # of those, the ones known to be rows of the wait
         self._to_queue: list[tuple[dict[str, object], asyncio.Future[str | None]]] = []
@@ -80,27 +84,34 @@ class SharedSlots:
     # -- switching ----------------------------------------------------------------------------
 
     async def observe(self, peers: int) -> bool:
-        """Take in how many other processes are live (after each presence beat); True when
-        this process switched, so its row should say so at once."""
+        """Take in how many other processes are live (after each presence beat; 0 before the
+        first); True when what this process's row says changed, so it should be written now."""
         if (peers > 0 or self._forced) and not self.active:
-            try:
-                await self._db.run(lambda con: queries.offer_slots(con, self._slots()))
-                await self._renew()  # what runs from before, as lone leases
-            except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
-                log.warning("cannot share backend slots yet (%s); trying again", exc)
-                return False
-            self.active = True
-            log.info("another proxy process serves this database: backend slots are shared")
+            self.active = True  # new requests wait here from now on: none escapes the record
             self._requeue()
+            log.info("backend slots are shared with other proxy processes (through Postgres)")
+        if self.active and not self.recorded:
+            try:
+                await self._renew()  # the backends' slots, and what runs from before
+            except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+                log.warning("cannot record this process's backend slots yet (%s)", exc)
+                return False
+            self.recorded = True
             return True
         if peers == 0 and not self._forced and self.active and not self._held():
-            self.active = False
+            self.active = self.recorded = False
             log.info("this proxy process is alone again: backend slots are its own")
             return True
         return False
 
+    def database_up(self) -> bool:
+        """Whether Postgres is reachable (a slow answer is not an outage)."""
+        return self._db.up
+
     def _held(self) -> bool:
-        return bool(self._leases or self._waiting or self._to_release or self._releaser)
+        return bool(
+            self._leases or self._waiting or self._to_queue or self._to_release or self._releaser
+        )
 
     # -- a turn ---------------------------------------------------------------------------------
 
@@ -116,7 +127,29 @@ class SharedSlots:
         """Wait (up to `budget` seconds, then `TimeoutError`) for a lease on a slot of one of
         `backends`: the backend and the lease's id. `SlotsUnavailable` when Postgres cannot be
         asked; `TooManyConcurrent` when the user holds `cap` places across processes."""
-        request_id = secrets.randbits(62) + 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        while True:
+            request_id = secrets.randbits(62) + 1
+            granted = await self._turn(request_id, user_id, backends, prefer, cap, deadline,
+                                       affinity)  # fmt: skip
+            if granted != LOST:
+                self._leases[request_id] = (granted, user_id)
+                return granted, request_id
+            # Its row is gone (Postgres restarted, or this process could not renew it for
+            # LEASE_SECONDS): queue again, at the back, within what is left of the budget.
+            log.warning("a request lost its place waiting for a backend slot; queued again")
+
+    async def _turn(
+        self,
+        request_id: int,
+        user_id: int,
+        backends: list[str],
+        prefer: str | None,
+        cap: int | None,
+        deadline: float,
+        affinity: Affinity | None,
+    ) -> str:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._waiting[request_id] = future  # before asking: the NOTIFY may come first
@@ -135,7 +168,9 @@ class SharedSlots:
             granted = await answer
         except BaseException:  # Postgres away (SlotsUnavailable), or the client left
             del self._waiting[request_id]
-            self._release_soon(request_id)  # a call cut short may still have queued it
+            if (ask, answer) in self._to_queue:
+                self._to_queue.remove((ask, answer))  # never asked: nothing to give back
+            # else its batch is out: the batch gives it back once it returns
             raise
         if granted == "!cap":
             del self._waiting[request_id]
@@ -143,7 +178,7 @@ class SharedSlots:
         try:
             if granted is None:
                 self._queued.add(request_id)
-                async with asyncio.timeout(budget):
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
                     granted = await future
         except BaseException:
             self._release_soon(request_id)  # queued or granted: either way, given back
@@ -151,13 +186,7 @@ class SharedSlots:
         finally:
             self._waiting.pop(request_id, None)
             self._queued.discard(request_id)
-        if granted == LOST:
-            # Its row is gone (Postgres restarted, or this process could not renew it for
-            # LEASE_SECONDS): queue again, at the back.
-            log.warning("a request lost its place waiting for a backend slot; queued again")
-            return await self.turn(user_id, backends, prefer, cap, budget, affinity)
-        self._leases.add(request_id)
-        return granted, request_id
+        return granted
 
     async def _queue_batches(self) -> None:
         """Queue what waits to be queued, in one call for all that arrived meanwhile (group
@@ -177,19 +206,23 @@ class SharedSlots:
                         )
                     )
                 except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
-                    for _, answer in batch:
+                    for ask, answer in batch:
+                        # A call cut short may still have queued them: given back either way.
+                        self._release_soon(int(str(ask["id"])))
                         if not answer.done():
                             answer.set_exception(SlotsUnavailable(str(exc)))
                     continue
                 for ask, answer in batch:
-                    if not answer.done():
+                    if answer.done():  # its client left while the batch was out
+                        self._release_soon(int(str(ask["id"])))
+                    else:
                         answer.set_result(answers[int(str(ask["id"]))])
         finally:
             self._queuer = None
 
     def release(self, request_id: int) -> None:
         """Give back a lease (in the background: the request's answer is not held up)."""
-        self._leases.discard(request_id)
+        self._leases.pop(request_id, None)
         self._release_soon(request_id)
 
     def _release_soon(self, request_id: int) -> None:
@@ -201,7 +234,7 @@ class SharedSlots:
         """Give back what waits to be given back, in one call for all that ended meanwhile."""
         try:
             while self._to_release:
-                batch, self._to_release = self._to_release, []
+                batch, self._to_release = sorted(set(self._to_release)), []
                 try:
                     await self._db.run(
                         partial(
@@ -246,8 +279,13 @@ class SharedSlots:
             for pending in (self._queuer, self._releaser):
                 if pending is not None:
                     await asyncio.gather(pending, return_exceptions=True)
-            with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
-                await self._db.run(lambda con: queries.leave_slots(con, self._proxy_id))
+            if self.active:
+                with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
+                    await self._db.run(self._leave)
+
+    async def _leave(self, con: queries.Connection) -> None:
+        await queries.leave_slots(con, self._proxy_id)
+        await queries.grant_slots(con, LEASE_SECONDS, STALE_SECONDS)  # others' turn, at once
 
     async def _tick_forever(self) -> None:
         since_renewal = 0.0
@@ -260,6 +298,7 @@ class SharedSlots:
                 if self.active and since_renewal >= RENEW_SECONDS:
                     since_renewal = 0.0
                     await self._renew()
+                    self.recorded = True
             except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
                 log.warning("cannot renew backend slot leases (%s); trying again", exc)
 
@@ -281,8 +320,15 @@ class SharedSlots:
                 future.set_result(backend)  # granted (its NOTIFY was lost)
 
     async def _renew(self) -> None:
-        requests = [*self._leases, *self._waiting]
-        lone = self._lone()
+        """Renew (or, after a crash of Postgres, write back) what this process holds."""
+        leases = [(request_id, *held) for request_id, held in self._leases.items()]
+        waiting, lone, slots = list(self._queued), self._lone(), self._slots()
         await self._db.run(
-            lambda con: queries.renew_slots(con, self._proxy_id, requests, lone, LEASE_SECONDS)
+            lambda con: queries.renew_slots(
+                con, self._proxy_id, slots, leases, waiting, lone, LEASE_SECONDS
+            )
         )
+        # A lease given back while this ran may have been written back: give it back again.
+        for request_id, _, _ in leases:
+            if request_id not in self._leases:
+                self._release_soon(request_id)

@@ -856,26 +856,53 @@ async def slot_states(
 async def renew_slots(
     con: Connection,
     proxy_id: str,
-    requests: list[int],
+    slots: dict[str, int],
+    leases: list[tuple[int, str, int]],
+    waiting: list[int],
     lone: dict[str, int],
     lease_seconds: float,
 ) -> None:
-    """Renew the leases and waits of this process's `requests`, and set its `lone` leases to
-    `lone` (backend -> requests it still runs from before it switched to shared slots)."""
+    """Renew what this process holds: its backends' `slots` (written back, like its `leases`
+    (request id, backend, user id), should Postgres have lost them in a crash), its `waiting`
+    requests, and its `lone` leases (backend -> requests it still runs from before it switched
+    to shared slots). Rows a release holds are skipped: they are going anyway, and waiting for
+    one could deadlock with it."""
     async with con.transaction():
         await con.execute("SET LOCAL synchronous_commit = off")
+        await con.execute(  # empty only after a crash of Postgres: a new epoch begins
+            "INSERT INTO llama_slot_epoch (began) VALUES (now()) ON CONFLICT DO NOTHING"
+        )
+        await offer_slots(con, slots)
         await con.execute(
-            """UPDATE llama_slot_leases SET expires_at = now() + make_interval(secs => $3)
-               WHERE proxy_id = $1 AND id = ANY($2::bigint[])""",
+            """WITH mine AS (SELECT id FROM llama_slot_leases
+                             WHERE proxy_id = $1 AND id = ANY($2::bigint[])
+                             ORDER BY id FOR UPDATE SKIP LOCKED)
+               UPDATE llama_slot_leases l SET expires_at = now() + make_interval(secs => $3)
+               FROM mine WHERE l.id = mine.id""",
             proxy_id,
-            requests,
+            [lease[0] for lease in leases],
             lease_seconds,
         )
         await con.execute(
-            """UPDATE llama_slot_waiters SET expires_at = now() + make_interval(secs => $3)
-               WHERE proxy_id = $1 AND id = ANY($2::bigint[])""",
+            """INSERT INTO llama_slot_leases (id, backend, proxy_id, user_id, n, expires_at)
+               SELECT l.id, l.backend, $1, l.user_id, 1, now() + make_interval(secs => $5)
+               FROM unnest($2::bigint[], $3::text[], $4::bigint[]) AS l(id, backend, user_id)
+               WHERE NOT EXISTS (SELECT 1 FROM llama_slot_leases x WHERE x.id = l.id)
+               ON CONFLICT (id) DO NOTHING""",
             proxy_id,
-            requests,
+            [lease[0] for lease in leases],
+            [lease[1] for lease in leases],
+            [lease[2] for lease in leases],
+            lease_seconds,
+        )
+        await con.execute(
+            """WITH mine AS (SELECT id FROM llama_slot_waiters
+                             WHERE proxy_id = $1 AND id = ANY($2::bigint[])
+                             ORDER BY id FOR UPDATE SKIP LOCKED)
+               UPDATE llama_slot_waiters w SET expires_at = now() + make_interval(secs => $3)
+               FROM mine WHERE w.id = mine.id""",
+            proxy_id,
+            waiting,
             lease_seconds,
         )
         await con.execute("DELETE FROM llama_slot_leases WHERE proxy_id = $1 AND lone", proxy_id)

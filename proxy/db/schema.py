@@ -241,6 +241,17 @@ llama_slot_conversations = Table(
     prefixes=["UNLOGGED"],
 )
 
+# One row, emptied with the tables above by a crash of Postgres: when the slots' current epoch
+# began (the first renewal after the crash begins another; grants wait until all renewed).
+llama_slot_epoch = Table(
+    "llama_slot_epoch",
+    metadata,
+    Column("one", Boolean, primary_key=True, server_default=text("true")),
+    Column("began", DateTime(timezone=True), nullable=False),
+    CheckConstraint("one", name="one_row"),
+    prefixes=["UNLOGGED"],
+)
+
 # When each user with something held or waiting was last granted a slot: the fair order.
 llama_slot_turns = Table(
     "llama_slot_turns",

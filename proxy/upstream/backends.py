@@ -55,6 +55,10 @@ PROBE_INTERVAL_SECONDS = 2.0
 AFFINITY_SLACK = 2  # requests per slot: "much busier" (see the module docstring)
 AFFINITY_MEMORY = 100_000  # conversations whose last backend is remembered (16-byte digests)
 _SERVICE_SMOOTHING = 0.2  # weight of the newest request in the mean time a slot is held
+BUSY = (
+    "The proxy could not get a turn at the model server: its database answered too slowly. "
+    "Try again shortly."
+)
 
 
 class Waits(Protocol):
@@ -80,6 +84,8 @@ class SharedTurns(Protocol):
     ) -> tuple[str, int]: ...
 
     def release(self, request_id: int) -> None: ...
+
+    def database_up(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -306,13 +312,16 @@ class Backends:
                 if self.shared is not None and self.shared.active and isinstance(user, int):
                     try:
                         backend, lease = await self._shared_turn(
-                            user, model, outcome, frozenset(avoid), prefer, cap, affinity
-                        )
+                            user, model, outcome, frozenset(avoid), prefer, cap, affinity,
+                            time.monotonic() - started,
+                        )  # fmt: skip
                         continue
                     except SlotsUnavailable as exc:
-                        log.warning(
-                            "shared backend slots unavailable (%s): this turn is local", exc
-                        )
+                        if self.shared.database_up():
+                            # Slow or refusing, not away: a turn here in memory could run
+                            # beside one another process was given.
+                            raise UpstreamError(503, BUSY) from None
+                        log.warning("Postgres is away (%s): this turn is given in memory", exc)
                 backend = await self._turn(user, model, outcome, frozenset(avoid), prefer)
         except BaseException:
             self._queue.release(user)
@@ -336,6 +345,7 @@ class Backends:
                 backend.in_flight -= 1
                 assert self.shared is not None
                 self.shared.release(lease)
+                self._dispatch(backend)  # one waiting here in memory (Postgres away) may go
 
     async def _shared_turn(
         self,
@@ -346,12 +356,15 @@ class Backends:
         prefer: str | None,
         cap: int | None,
         affinity: Affinity | None,
+        spent: float,
     ) -> tuple[_Backend, int]:
         """A lease on a slot shared with other processes, for a backend this process finds
-        serving `model` (one coming back is waited for, within the queue timeout)."""
+        serving `model` (one coming back is waited for, within the queue timeout, of which
+        `spent` seconds went already)."""
         assert self.shared is not None
         loop = asyncio.get_running_loop()
-        budget = max(0.0, self._queue_timeout - (outcome.queue_ms or 0.0) / 1000.0)
+        waited = (outcome.queue_ms or 0.0) / 1000.0 + spent
+        budget = max(0.0, self._queue_timeout - waited)
         deadline = loop.time() + budget
         while True:
             names = [

@@ -13,9 +13,11 @@ user's request waits in. `llama_gate_slot_grant` makes every grant, one at a tim
 lock), and NOTIFYs the process owning the request on `llama_gate_slots`. Which backend last
 served a conversation (`llama_slot_conversations`, by digest, never text) is shared the same way.
 
-All four tables are UNLOGGED and the functions commit without waiting for the disk: what they hold
+All six tables are UNLOGGED and the functions commit without waiting for the disk: what they hold
 lives as long as the requests do, and a crash of Postgres, which empties them, is healed by the
-processes' next renewal (each writes back the leases it holds; see `proxy.cluster.slots`).
+processes' next renewal (each writes back its backends' slots and the leases it holds, and its
+waiting requests queue again; see `proxy.cluster.slots`): `llama_slot_epoch`, emptied with them,
+is begun again by the first renewal, and grants wait until every process has renewed.
 `llama_proxies.shared` says whether a process has switched to this path; grants wait until every
 live process has, so a process that still hands out slots by itself is never counted out.
 """
@@ -51,12 +53,21 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended('llama_gate.slots', 0));
     -- What gone processes held or waited for: their leases were not renewed (asked by the
     -- processes' polls, every second while requests wait: not on every grant).
+    -- Rows another transaction holds (a release deleting them) are skipped, here and below:
+    -- waiting for one while holding the lock that release waits for would deadlock.
     IF p_expire THEN
-        DELETE FROM llama_slot_leases WHERE expires_at < now();
-        DELETE FROM llama_slot_waiters WHERE expires_at < now();
+        DELETE FROM llama_slot_leases WHERE id IN (
+            SELECT id FROM llama_slot_leases WHERE expires_at < now() FOR UPDATE SKIP LOCKED);
+        DELETE FROM llama_slot_waiters WHERE id IN (
+            SELECT id FROM llama_slot_waiters WHERE expires_at < now() FOR UPDATE SKIP LOCKED);
         DELETE FROM llama_slot_conversations WHERE seen_at < now() - interval '1 day';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM llama_slot_waiters) THEN
+        RETURN 0;
+    END IF;
+    -- After a crash of Postgres emptied these tables, every process writes back what it holds
+    -- at its next renewal (every 2 s): nothing is granted until all have (the epoch is 3 s old).
+    IF NOT EXISTS (SELECT 1 FROM llama_slot_epoch WHERE began < now() - interval '3 seconds') THEN
         RETURN 0;
     END IF;
     -- A live process that has not switched to shared slots yet may hand out slots by itself.
@@ -91,8 +102,11 @@ BEGIN
             END LOOP;
         END IF;
         CONTINUE WHEN v_best IS NULL;
+        -- Gone meanwhile (its client left: a release holds or deleted it): not granted.
+        DELETE FROM llama_slot_waiters WHERE id = (
+            SELECT id FROM llama_slot_waiters WHERE id = w.id FOR UPDATE SKIP LOCKED);
+        CONTINUE WHEN NOT FOUND;
         v_free := jsonb_set(v_free, ARRAY[v_best], to_jsonb((v_free ->> v_best)::int - 1));
-        DELETE FROM llama_slot_waiters WHERE id = w.id;
         INSERT INTO llama_slot_leases (id, backend, proxy_id, user_id, n, expires_at)
             VALUES (w.id, v_best, w.proxy_id, w.user_id, 1,
                     now() + make_interval(secs => p_lease_seconds));
@@ -255,6 +269,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("user_id", name="pk_llama_slot_turns"),
         prefixes=["UNLOGGED"],
     )
+    op.create_table(
+        "llama_slot_epoch",
+        sa.Column("one", sa.Boolean(), server_default=sa.true(), nullable=False),
+        sa.Column("began", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("one", name="pk_llama_slot_epoch"),
+        sa.CheckConstraint("one", name=op.f("ck_llama_slot_epoch_one_row")),
+        prefixes=["UNLOGGED"],
+    )
+    # Long begun: only a crash of Postgres, which empties it, starts a new epoch.
+    op.execute("INSERT INTO llama_slot_epoch (began) VALUES ('-infinity')")
     op.execute(GRANT_FUNCTION)
     op.execute(WAIT_FUNCTION)
     op.execute(RELEASE_FUNCTION)
@@ -270,6 +294,7 @@ def downgrade() -> None:
     op.execute(
         "DROP FUNCTION llama_gate_slot_grant(double precision, double precision, bigint[], boolean)"
     )
+    op.drop_table("llama_slot_epoch")
     op.drop_table("llama_slot_turns")
     op.drop_table("llama_slot_conversations")
     op.drop_table("llama_slot_waiters")
