@@ -27,6 +27,7 @@ from proxy.cluster.slots import LEASE_SECONDS, POLL_SECONDS
 from proxy.db.localpg import free_port
 from tests.proxy_harness import (
     ROOT,
+    Harness,
     bearer,
     make_user,
     proxy_environ,
@@ -110,6 +111,19 @@ async def held_backend() -> AsyncIterator[HeldBackend]:
 
 def _settings(backend: HeldBackend, **extra: str) -> dict[str, str]:
     return {"LLAMA_SERVER_URLS": f"http://127.0.0.1:{backend.port}", **extra}
+
+
+@asynccontextmanager
+async def two_shared_proxies(
+    dsn: str, home: Path, backend: HeldBackend, **extra: str
+) -> AsyncIterator[tuple[Harness, Harness]]:
+    """Two proxies in front of `backend`, as two of `serve --workers 2`: shared from the start."""
+    settings = _settings(backend, LLAMA_PROXY_WORKERS="2", **extra)
+    async with (
+        running_proxy(dsn, home / "a", **settings) as first,
+        running_proxy(dsn, home / "b", **settings) as second,
+    ):
+        yield first, second
 
 
 async def _post(client: aiohttp.ClientSession, base: str, key: str, text: str) -> int:
@@ -196,11 +210,12 @@ async def _true(value: bool) -> bool:
 async def test_a_freed_slot_goes_to_the_user_served_least_recently_across_processes(
     db_dsn: str, tmp_path: Path
 ) -> None:
-    extra = {"LLAMA_PROXY_WORKERS": "2", "LLAMA_PROXY_MAX_CONCURRENT": "10"}  # shared at once
     async with (
         held_backend() as backend,
-        running_proxy(db_dsn, tmp_path / "a", **_settings(backend, **extra)) as first,
-        running_proxy(db_dsn, tmp_path / "b", **_settings(backend, **extra)) as second,
+        two_shared_proxies(db_dsn, tmp_path, backend, LLAMA_PROXY_MAX_CONCURRENT="10") as (
+            first,
+            second,
+        ),
     ):
         flood = await first.user("flood")
         other = await second.user("other")
@@ -232,11 +247,12 @@ async def _at_least(dsn: str, sql: str, count: int) -> bool:
 
 
 async def test_the_per_user_cap_holds_across_processes(db_dsn: str, tmp_path: Path) -> None:
-    extra = {"LLAMA_PROXY_WORKERS": "2", "LLAMA_PROXY_MAX_CONCURRENT": "2"}
     async with (
         held_backend() as backend,
-        running_proxy(db_dsn, tmp_path / "a", **_settings(backend, **extra)) as first,
-        running_proxy(db_dsn, tmp_path / "b", **_settings(backend, **extra)) as second,
+        two_shared_proxies(db_dsn, tmp_path, backend, LLAMA_PROXY_MAX_CONCURRENT="2") as (
+            first,
+            second,
+        ),
     ):
         key = await first.user("alice")
         async with aiohttp.ClientSession() as client:
@@ -343,9 +359,12 @@ async def test_a_killed_proxys_slot_comes_back_within_the_lease(
 
 async def test_serve_workers_runs_that_many_shared_processes(db_dsn: str, tmp_path: Path) -> None:
     async with held_backend() as backend:
+        metrics, dashboard = free_port(), free_port()
         environ = proxy_environ(
-            db_dsn, backend.port, tmp_path, **_settings(backend, LLAMA_PROXY_MAX_CONCURRENT="10")
-        )
+            db_dsn, backend.port, tmp_path,
+            **_settings(backend, LLAMA_PROXY_MAX_CONCURRENT="10"),
+            LLAMA_PROXY_METRICS_PORT=str(metrics), LLAMA_PROXY_DASHBOARD_PORT=str(dashboard),
+        )  # fmt: skip
         _, alice = await make_user(db_dsn, "alice")
         async with proxy_process(environ, "--workers", "2") as (base, parent):
             sql = "SELECT count(*) FROM llama_proxies WHERE shared"
@@ -354,6 +373,11 @@ async def test_serve_workers_runs_that_many_shared_processes(db_dsn: str, tmp_pa
             assert parent.pid not in pids
             assert len(pids) == 2
             async with aiohttp.ClientSession() as client:
+                # One of them serves the dashboard and /metrics (each port is one listener's).
+                for url in (f"http://127.0.0.1:{metrics}/metrics",
+                            f"http://127.0.0.1:{dashboard}/login"):  # fmt: skip
+                    async with client.get(url) as r:
+                        assert r.status == 200, url
                 calls = [asyncio.create_task(_post(client, base, alice, f"{n}")) for n in range(4)]
                 for n in range(4):
                     await backend.arrivals(n + 1)
@@ -434,11 +458,9 @@ async def test_after_postgres_forgets_the_slots_nothing_runs_beside_what_ran(
     """A crash of Postgres empties the UNLOGGED slot tables (here: TRUNCATE, the same effect):
     the running request's lease is written back, the waiting one queues again, and it runs
     only once the slot is free."""
-    extra = {"LLAMA_PROXY_WORKERS": "2"}
     async with (
         held_backend() as backend,
-        running_proxy(db_dsn, tmp_path / "a", **_settings(backend, **extra)) as first,
-        running_proxy(db_dsn, tmp_path / "b", **_settings(backend, **extra)) as second,
+        two_shared_proxies(db_dsn, tmp_path, backend) as (first, second),
     ):
         alice, bob = await first.user("alice"), await first.user("bob")
         async with aiohttp.ClientSession() as client:
@@ -467,11 +489,12 @@ async def test_after_postgres_forgets_the_slots_nothing_runs_beside_what_ran(
 async def test_clients_that_leave_leave_no_lease_or_place_behind(
     db_dsn: str, tmp_path: Path
 ) -> None:
-    extra = {"LLAMA_PROXY_WORKERS": "2", "LLAMA_PROXY_MAX_CONCURRENT": "20"}
     async with (
         held_backend() as backend,
-        running_proxy(db_dsn, tmp_path / "a", **_settings(backend, **extra)) as first,
-        running_proxy(db_dsn, tmp_path / "b", **_settings(backend, **extra)) as second,
+        two_shared_proxies(db_dsn, tmp_path, backend, LLAMA_PROXY_MAX_CONCURRENT="20") as (
+            first,
+            second,
+        ),
     ):
         alice = await first.user("alice")
         async with aiohttp.ClientSession() as client:
@@ -529,3 +552,24 @@ async def test_a_worker_that_dies_is_replaced_and_all_stop_with_the_parent(
 async def _replaced(dsn: str, before: list[int]) -> bool:
     now = await _pids(dsn)
     return any(pid not in before for pid in now)
+
+
+async def test_workers_stop_when_their_parent_is_killed(db_dsn: str, tmp_path: Path) -> None:
+    async with held_backend() as backend:
+        environ = proxy_environ(db_dsn, backend.port, tmp_path, **_settings(backend))
+        async with proxy_process(environ, "--workers", "2") as (_, parent):
+            sql = "SELECT count(*) FROM llama_proxies WHERE shared"
+            await _until(lambda: _at_least(db_dsn, sql, 2))
+            pids = await _pids(db_dsn)
+            parent.kill()  # SIGKILL: it cannot stop them itself
+            await parent.wait()
+            await _until(lambda: _true(not any(_alive(pid) for pid in pids)), within=40)
+    assert await _count(db_dsn, "SELECT count(*) FROM llama_proxies") == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"

@@ -19,7 +19,7 @@ from proxy.cli.listen import BACKLOG, Handover, bind, take_over
 from proxy.cli.support import OneLineCommand, configure_logging, state
 from proxy.cli.workers import WorkersFailed, supervise
 from proxy.edge.server import EdgeRunner
-from proxy.settings import SettingsError
+from proxy.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,23 @@ def serve(
                 settings.workers,
                 sockets,
                 # each worker its own app: nothing of the parent's is shared but the sockets
-                lambda ready: _run(create_app(settings), sockets, None, ready, timeout),
+                lambda index, ready: _run(
+                    create_app(_worker_settings(settings, index)), sockets, None, ready, timeout
+                ),
                 handover,
                 ready_file,
             )
         except WorkersFailed as exc:
             raise click.ClickException(str(exc)) from None
     log.info("llama-gate proxy stopped")
+
+
+def _worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker `index`'s settings: only worker 0 serves the dashboard and /metrics (a port is one
+    listener's, and dashboard sessions live in one process's memory)."""
+    if index == 0:
+        return settings
+    return settings.model_copy(update={"dashboard_port": 0, "metrics_port": 0})
 
 
 def _run(

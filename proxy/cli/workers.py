@@ -6,6 +6,10 @@ share (the kernel hands each connection to one of them). Python runs one thread 
 time, so this is how a proxy uses more than one core. The workers share backend slots, the fair
 order, limits and quotas through Postgres (`proxy.cluster.slots`).
 
+Worker 0 also serves the dashboard and /metrics on their own ports (its sessions live in its
+memory, and a port takes one listener), so /metrics counts worker 0's requests only; the ledger
+in Postgres has every worker's.
+
 The parent only supervises: it offers the sockets to a successor (`--handover`), forwards SIGTERM
 and SIGINT to the workers and waits for them to finish their requests, and starts a worker again
 if one dies (it gives up, stopping the others, when workers keep dying right after they start).
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -27,6 +33,7 @@ from proxy.cli.listen import Handover
 
 log = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 REAP_SECONDS = 0.2  # how often the parent looks for workers that ended
 # After SIGTERM, how long a worker may take to finish its requests (serve's own limit is 30 s)
 # before the parent kills it: nothing may outlive the parent.
@@ -39,7 +46,9 @@ class WorkersFailed(Exception):
     """The workers keep dying as they start: the message says how the last one ended."""
 
 
-Worker = Callable[[Callable[[], None]], None]  # runs a worker; calls its argument once it serves
+# Runs worker number `index` (0 to N-1; a replacement takes the number of the one it replaces)
+# and calls its second argument once it serves.
+Worker = Callable[[int, Callable[[], None]], None]
 
 
 def supervise(
@@ -53,16 +62,16 @@ def supervise(
     ready file gets the parent's pid once every worker serves."""
     readiness, said_ready = os.pipe()
     os.set_blocking(readiness, False)
-    started: dict[int, float] = {}
+    started: dict[int, tuple[float, int]] = {}  # pid -> when it started, its number
     try:
-        for _ in range(workers):
-            pid, at = _fork(run_worker, said_ready)
-            started[pid] = at
+        for index in range(workers):
+            pid, at = _fork(run_worker, said_ready, index)
+            started[pid] = (at, index)
         log.info("started %d proxy workers (pids %s)", workers, ", ".join(map(str, started)))
         asyncio.run(
             _watch(
                 started,
-                lambda: _fork(run_worker, said_ready),
+                lambda index: _fork(run_worker, said_ready, index),
                 sockets,
                 handover_path,
                 (ready_file, readiness, workers),
@@ -73,7 +82,8 @@ def supervise(
         os.close(said_ready)
 
 
-def _fork(run_worker: Worker, said_ready: int) -> tuple[int, float]:
+def _fork(run_worker: Worker, said_ready: int, index: int) -> tuple[int, float]:
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the worker: never returns into the parent's code
         code = 0
@@ -83,7 +93,10 @@ def _fork(run_worker: Worker, said_ready: int) -> tuple[int, float]:
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_DFL)
-            run_worker(lambda: _say_ready(said_ready))
+            _stop_with_parent()
+            if os.getppid() != parent:  # it died before that took effect
+                raise SystemExit(1)
+            run_worker(index, lambda: _say_ready(said_ready))
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -96,8 +109,8 @@ def _fork(run_worker: Worker, said_ready: int) -> tuple[int, float]:
 
 
 async def _watch(
-    started: dict[int, float],
-    fork: Callable[[], tuple[int, float]],
+    started: dict[int, tuple[float, int]],
+    fork: Callable[[int], tuple[int, float]],
     sockets: list[socket.socket],
     handover_path: Path | None,
     readiness: tuple[Path | None, int, int],
@@ -123,7 +136,8 @@ async def _watch(
                     if ready_file:
                         ready_file.write_text(f"{os.getpid()}\n")
             for pid, status in _reaped(started):
-                lived = time.monotonic() - started.pop(pid)
+                began, index = started.pop(pid)
+                lived = time.monotonic() - began
                 if stop.is_set():
                     continue
                 how = _ending(status)
@@ -135,8 +149,8 @@ async def _watch(
                         "log above for why"
                     )
                 log.warning("proxy worker %d %s after %.0f s; starting another", pid, how, lived)
-                new, at = fork()
-                started[new] = at
+                new, at = fork(index)
+                started[new] = (at, index)
     finally:
         log.info("stopping: the workers finish the requests in flight")
         if handover:
@@ -158,11 +172,19 @@ async def _watch(
                 deadline = float("inf")
 
 
+def _stop_with_parent() -> None:
+    """Have the kernel send this worker SIGTERM should its parent die, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing): a worker never outlives its supervisor."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _say_ready(pipe: int) -> None:
     os.write(pipe, b".")
 
 
-def _reaped(started: dict[int, float]) -> list[tuple[int, int]]:
+def _reaped(started: dict[int, tuple[float, int]]) -> list[tuple[int, int]]:
     """The workers that ended since last asked, with their wait statuses."""
     ended = []
     for pid in list(started):

@@ -873,16 +873,20 @@ async def renew_slots(
             "INSERT INTO llama_slot_epoch (began) VALUES (now()) ON CONFLICT DO NOTHING"
         )
         await offer_slots(con, slots)
-        await con.execute(
-            """WITH mine AS (SELECT id FROM llama_slot_leases
-                             WHERE proxy_id = $1 AND id = ANY($2::bigint[])
-                             ORDER BY id FOR UPDATE SKIP LOCKED)
-               UPDATE llama_slot_leases l SET expires_at = now() + make_interval(secs => $3)
-               FROM mine WHERE l.id = mine.id""",
-            proxy_id,
-            [lease[0] for lease in leases],
-            lease_seconds,
-        )
+        for table, ids in (
+            ("llama_slot_leases", [lease[0] for lease in leases]),
+            ("llama_slot_waiters", waiting),
+        ):
+            await con.execute(
+                f"""WITH mine AS (SELECT id FROM {table}
+                                  WHERE proxy_id = $1 AND id = ANY($2::bigint[])
+                                  ORDER BY id FOR UPDATE SKIP LOCKED)
+                    UPDATE {table} t SET expires_at = now() + make_interval(secs => $3)
+                    FROM mine WHERE t.id = mine.id""",
+                proxy_id,
+                ids,
+                lease_seconds,
+            )
         await con.execute(
             """INSERT INTO llama_slot_leases (id, backend, proxy_id, user_id, n, expires_at)
                SELECT l.id, l.backend, $1, l.user_id, 1, now() + make_interval(secs => $5)
@@ -893,16 +897,6 @@ async def renew_slots(
             [lease[0] for lease in leases],
             [lease[1] for lease in leases],
             [lease[2] for lease in leases],
-            lease_seconds,
-        )
-        await con.execute(
-            """WITH mine AS (SELECT id FROM llama_slot_waiters
-                             WHERE proxy_id = $1 AND id = ANY($2::bigint[])
-                             ORDER BY id FOR UPDATE SKIP LOCKED)
-               UPDATE llama_slot_waiters w SET expires_at = now() + make_interval(secs => $3)
-               FROM mine WHERE w.id = mine.id""",
-            proxy_id,
-            waiting,
             lease_seconds,
         )
         await con.execute("DELETE FROM llama_slot_leases WHERE proxy_id = $1 AND lone", proxy_id)
