@@ -6,6 +6,10 @@ being served and waiting. A row not refreshed for `STALE_SECONDS` belongs to a p
 gone (killed, or cut off from Postgres): it is ignored, and deleted by the next beat of any
 process. A process that stops deletes its own row. The dashboard's Live page shows every process
 from these rows; while Postgres is unreachable it shows this process alone.
+
+Each beat also counts the other live processes, which is how processes find each other: the
+count goes to the shared slots (`proxy.cluster.slots`), which switch on when it is above 0, and
+the row says `shared` once this process's slots are.
 """
 
 from __future__ import annotations
