@@ -170,7 +170,9 @@ class SharedSlots:
             del self._waiting[request_id]
             if (ask, answer) in self._to_queue:
                 self._to_queue.remove((ask, answer))  # never asked: nothing to give back
-            # else its batch is out: the batch gives it back once it returns
+            elif answer.done() and not answer.cancelled() and answer.exception() is None:
+                self._release_soon(request_id)  # answered as the client left: queued or granted
+            # else its batch is out (it gives it back once it returns), or it failed (given back)
             raise
         if granted == "!cap":
             del self._waiting[request_id]
