@@ -239,7 +239,10 @@ async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
     runner = web.AppRunner(served, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
+        # reuse_port: a successor (`console.sh restart`) binds it while this one still serves.
+        await web.TCPSite(
+            runner, settings.metrics_host, settings.metrics_port, reuse_port=True
+        ).start()
     except OSError as exc:
         await runner.cleanup()
         raise OSError(

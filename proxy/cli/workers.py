@@ -119,9 +119,9 @@ async def _watch(
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # Offered to a successor only once every worker serves: should they fail to start, the
+    # proxy this one was to replace keeps its own offer (and keeps serving).
     handover = Handover(handover_path, sockets) if handover_path else None
-    if handover:
-        handover.start()
     ready_file, ready_pipe, waiting_for = readiness
     early_deaths = 0
     try:
@@ -133,6 +133,8 @@ async def _watch(
                     waiting_for -= len(os.read(ready_pipe, 64))
                 if waiting_for <= 0:
                     log.info("every proxy worker serves")
+                    if handover:
+                        handover.start()
                     if ready_file:
                         ready_file.write_text(f"{os.getpid()}\n")
             for pid, status in _reaped(started):

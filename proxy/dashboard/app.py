@@ -74,7 +74,9 @@ async def dashboard_site(app: web.Application) -> AsyncIterator[None]:
     runner = web.AppRunner(dashboard_app(app), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        # reuse_port: a successor (`console.sh restart`) binds it while this one still serves
+        # (only a process of the same user may: Linux's rule for SO_REUSEPORT).
+        await web.TCPSite(runner, host, port, reuse_port=True).start()
     except OSError as exc:
         await runner.cleanup()
         raise OSError(
