@@ -245,6 +245,13 @@ def _closed(port: str) -> bool:
 
 def test_restart_refuses_no_connection(clone: tuple[Path, dict[str, str]]) -> None:
     checkout, env = clone
+    # With the dashboard's and the metrics' listeners on: the new proxy binds them while the old
+    # one still serves.
+    env = {
+        **env,
+        "LLAMA_PROXY_METRICS_PORT": str(free_port()),
+        "LLAMA_PROXY_DASHBOARD_PORT": str(free_port()),
+    }
     started = _run(checkout, env, "bin/console.sh", "start")
     assert started.returncode == 0, started.stdout + started.stderr
     assert "BuildBackendWarning" not in started.stdout + started.stderr  # no setuptools banners
