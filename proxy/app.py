@@ -41,12 +41,14 @@ from proxy.auth.listener import AuthListener
 from proxy.cluster.presence import Presence, local_figures, new_id
 from proxy.cluster.slots import SharedSlots
 from proxy.dashboard.app import dashboard_site
+from proxy.db.groups import GROUPS_CHANNEL
 from proxy.db.pool import Database
 from proxy.db.queries import SLOTS_CHANNEL
 from proxy.dialects.openai import DIALECT as OPENAI
 from proxy.edge.cors import Cors
 from proxy.forwarded import TrustedProxies
 from proxy.limits.admission import Admission
+from proxy.limits.groups import GroupBudgets
 from proxy.limits.places import Places
 from proxy.limits.prompts import Prompts
 from proxy.limits.quotas import TokenQuotas
@@ -79,6 +81,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     metrics.watch_audit(audit_writer)
     quotas = TokenQuotas(database)
+    groups = GroupBudgets(database)
     rate_limiter = RateLimiter(settings, database)
     strangers = Strangers(database)
 
@@ -90,7 +93,7 @@ def create_app(settings: Settings) -> web.Application:
             audit_writer.submit(row)
 
     # quotas.observe counts a request's tokens before its audit row lands.
-    hooks: list[CompletionHook] = [ledger_row, metrics.observe, quotas.observe]
+    hooks: list[CompletionHook] = [ledger_row, metrics.observe, quotas.observe, groups.observe]
     app = web.Application(client_max_size=settings.max_body_bytes)
     table = add_routes(app, routes)
     if settings.trusted_proxies:  # first: everything after it sees the client's address
@@ -115,7 +118,8 @@ def create_app(settings: Settings) -> web.Application:
     app[RATE_LIMITER] = rate_limiter
     app[QUOTAS] = quotas
     prompts = Prompts(settings, lambda: app[BACKENDS], lambda: app[UPSTREAM_SESSION])
-    app[ADMISSION] = Admission(settings, Places(), quotas, rate_limiter, prompts)
+    app[ADMISSION] = Admission(settings, Places(), quotas, groups, rate_limiter, prompts)
+    app[AUTH_LISTENER].also(GROUPS_CHANNEL, groups.heard)
     backends = app[BACKENDS] = Backends.from_settings(settings)
     proxy_id = new_id()
     shared = app[SHARED_SLOTS] = SharedSlots(
@@ -144,6 +148,7 @@ def create_app(settings: Settings) -> web.Application:
             _audit,
             _strangers,
             _presence,
+            _group_budgets,
             _metrics_site,
         )
     )
@@ -217,6 +222,12 @@ async def _presence(app: web.Application) -> AsyncIterator[None]:
     """This process's row of llama_proxies, refreshed for the app's whole life, then deleted;
     and its shared slots' leases, renewed meanwhile, then given back."""
     async with app[SHARED_SLOTS].running(), app[PRESENCE].beating():
+        yield
+
+
+async def _group_budgets(app: web.Application) -> AsyncIterator[None]:
+    """Group members read before the first request; charges settled for the app's whole life."""
+    async with app[ADMISSION].groups.running():
         yield
 
 

@@ -154,6 +154,23 @@ class TokenQuotaExceeded(ApiError):
         )
 
 
+class GroupBudgetReached(TokenQuotaExceeded):
+    """A group the caller belongs to has spent its token budget for the period."""
+
+    code = "group_budget_exceeded"
+
+    def __init__(self, group: str, period: str, used: int, budget: int, resets_at: str,
+                 retry_after_ms: int, headers: Mapping[str, str]) -> None:  # fmt: skip
+        seconds = max(1, math.ceil(retry_after_ms / 1000))
+        ApiError.__init__(
+            self,
+            f"Group budget reached: group {group!r} used {used} of its {budget} tokens per "
+            f"{period}; it resets at {resets_at} (in {seconds} s). Try again then, or ask your "
+            "administrator for a larger budget.",
+            {**headers, **_retry_headers(retry_after_ms)},
+        )
+
+
 class QueueTimeout(ApiError):
     status = 503
     code = "queue_timeout"

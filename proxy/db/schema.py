@@ -261,6 +261,77 @@ llama_slot_turns = Table(
     prefixes=["UNLOGGED"],
 )
 
+# Groups of users with token budgets over calendar periods in `time_zone` (NULL: none); each
+# period's use is a row of llama_group_spend, charged before a member's request runs and
+# settled when it ends (llama_group_holds), by migration 0018's functions (`proxy.limits.groups`).
+GROUP_PERIODS = ("minute", "day", "week", "month")
+
+llama_groups = Table(
+    "llama_groups",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("time_zone", Text, nullable=False, server_default=text("'UTC'")),
+    *(Column(f"tokens_per_{per}", BigInteger, nullable=True) for per in GROUP_PERIODS),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint(f"name ~ '{USERNAME_PATTERN}'", name="name_format"),
+    *(
+        CheckConstraint(
+            f"tokens_per_{per} IS NULL OR tokens_per_{per} > 0", name=f"tokens_per_{per}_positive"
+        )
+        for per in GROUP_PERIODS
+    ),
+)
+
+llama_group_members = Table(
+    "llama_group_members",
+    metadata,
+    Column(
+        "group_id",
+        BigInteger,
+        ForeignKey("llama_groups.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column(
+        "user_id",
+        BigInteger,
+        ForeignKey("users.id", ondelete="CASCADE"),
+        primary_key=True,
+        index=True,
+    ),
+)
+
+llama_group_spend = Table(
+    "llama_group_spend",
+    metadata,
+    Column(
+        "group_id",
+        BigInteger,
+        ForeignKey("llama_groups.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("period", Text, primary_key=True),
+    Column("starts", DateTime(timezone=True), primary_key=True),
+    Column("tokens", BigInteger, nullable=False),
+)
+
+# What each running request was charged, until it says what it cost.
+llama_group_holds = Table(
+    "llama_group_holds",
+    metadata,
+    Column("request_id", Text, primary_key=True),
+    Column(
+        "group_id",
+        BigInteger,
+        ForeignKey("llama_groups.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("period", Text, primary_key=True),
+    Column("starts", DateTime(timezone=True), nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
 # The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that
 # "per user per day, last 30 days" reads only the rows it reports on.
 USAGE_DAY = "((created_at AT TIME ZONE 'UTC')::date)"

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.appkeys import ADMISSION, DATABASE
-from proxy.db import queries
+from proxy.db import groups, queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.queries import Connection
 from proxy.dialects.openai import DIALECT
@@ -54,16 +54,16 @@ class Me:
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         since = (now - timedelta(days=USAGE_DAYS)).date()
 
-        async def read(con: Connection) -> tuple[list[Any], list[Any]]:
+        async def read(con: Connection) -> tuple[list[Any], list[Any], list[Any]]:
             # By user id: a namesake of a deleted user never sees that user's rows.
             daily = await queries.user_usage_daily(con, since, caller.user_id)
             quotas = await queries.quota_usage(
                 con, day_start, now - timedelta(minutes=1), caller.username
             )
-            return daily, quotas
+            return daily, quotas, await groups.groups_of(con, caller.user_id)
 
         try:
-            daily, quotas = await app[DATABASE].run(read)
+            daily, quotas, member_of = await app[DATABASE].run(read)
         except DatabaseUnavailable:
             raise UsageUnavailable() from None
         quota = dict(quotas[0]) if quotas else {}
@@ -80,6 +80,15 @@ class Me:
             "limits": app[ADMISSION].limits_of(caller),
             "quotas": _plain(quota),
             "usage": [_plain(dict(row)) for row in daily],
+            # Each group's budgets: what the members used together in the current periods.
+            "groups": [
+                {
+                    "name": group["name"],
+                    "time_zone": group["time_zone"],
+                    "budgets": [_plain(b) for b in groups.budgets_now(group)],
+                }
+                for group in member_of
+            ],
         }
         return context.delivery.whole(200, json_bytes(answer), "application/json")
 

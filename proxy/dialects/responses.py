@@ -118,6 +118,7 @@ async def _charge_conversation(context: Context, call: UpstreamCall, model: str 
     more = (measured.prompt_tokens or 0) - (context.prompt_tokens or 0)
     if more > 0:
         app[QUOTAS].extend(context.caller, context.request_id, more)
+        await app[ADMISSION].groups.extend(context.caller, context.request_id, more)
 
 
 def _reply(request: ResponsesRequest, made: dict[str, Any], finished: Finished) -> Reply:

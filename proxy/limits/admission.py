@@ -8,8 +8,9 @@
    large body is parsed at its turn (`proxy.lane`), so that it stalls nobody's stream;
 3. its prompt, measured when that can matter (`proxy.limits.prompts`): one that does not fit
    the model's context is a 400 here;
-4. the user's token quota, asked with what the request can cost (its prompt and its answer's
-   room), which stays reserved until the request ends;
+4. the user's token quota, then their groups' budgets (`proxy.limits.groups`), asked with what
+   the request can cost (its prompt and its answer's room), which stays reserved until the
+   request ends;
 5. the user's rate limit.
 
 A request refused at one step spends nothing at the steps after it, and its place is given back
@@ -28,6 +29,7 @@ from aiohttp import web
 from proxy.auth.cache import Principal
 from proxy.lane import Lane
 from proxy.limits.body import read_body
+from proxy.limits.groups import GroupBudgets
 from proxy.limits.places import Places
 from proxy.limits.prompts import Ask, Prompts
 from proxy.limits.quotas import TokenQuotas
@@ -51,6 +53,7 @@ class Admission:
         settings: Settings,
         places: Places,
         quotas: TokenQuotas,
+        groups: GroupBudgets,
         rate_limiter: RateLimiter,
         prompts: Prompts,
     ) -> None:
@@ -60,6 +63,7 @@ class Admission:
         self._hard_cap = settings.max_tokens_hard_cap
         self.places = places
         self._quotas = quotas
+        self.groups = groups
         self._rate = rate_limiter
         self.prompts = prompts
         self.lane = Lane()
@@ -124,7 +128,7 @@ class Admission:
             ask = asks(checked)
             prompt, answer = None, None
             if ask is not None:
-                has_quota = self._quotas.applies(caller)
+                has_quota = self._quotas.applies(caller) or self.groups.applies(caller)
                 call = ask.call
                 await self.lane.step(size, lambda: call.data)  # once: measured, then forwarded
                 measured = await self.prompts.measure(ask, request_id, has_quota, size)
@@ -137,7 +141,20 @@ class Admission:
                 )
                 answer = reserved.answer if charged else answer
                 headers = reserved.headers
+                if charged:
+                    answer, budget_headers = await self.groups.reserve(
+                        caller, request_id, prompt, answer or 0
+                    )
+                    headers = _fewest_left(headers, budget_headers)
             rate_headers = await self._rate.allow(caller)
             yield Admitted(checked, {**rate_headers, **headers}, prompt, answer)
         finally:
             self.places.give_back(caller.user_id)
+
+
+def _fewest_left(*choices: dict[str, str]) -> dict[str, str]:
+    """Of several budgets' token headers, those of the one with the fewest tokens left."""
+    given = [c for c in choices if c]
+    if not given:
+        return {}
+    return min(given, key=lambda c: int(c["x-ratelimit-remaining-tokens"]))

@@ -1,0 +1,246 @@
+"""The runtime SQL of groups: members, budgets, and the charges made by migration 0018's functions.
+
+Kept beside `proxy.db.queries` (the rest of the runtime SQL) so that module stops growing; both
+are the one place SQL is written at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+
+from proxy.db.queries import Connection
+
+GROUPS_CHANNEL = "llama_gate_groups"  # NOTIFY when groups or their members change
+PERIODS = ("minute", "day", "week", "month")
+BUDGET_COLUMNS = tuple(f"tokens_per_{per}" for per in PERIODS)
+_GROUP_COLUMNS = "g.id, g.name, g.time_zone, " + ", ".join(f"g.{c}" for c in BUDGET_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What `llama_gate_group_reserve` decided for one request."""
+
+    granted: int  # the answer's room left to it (refused: 0)
+    refused: bool
+    too_large: bool  # no budget could ever let it through
+    group: str | None  # the budget told: the one reached, or else the tightest (None: none)
+    period: str | None
+    used: int | None  # that budget's use, this request's charge included when admitted
+    budget: int | None
+    resets_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Membership:
+    teams: dict[int, int]  # each member's first group (lowest id): their turns' team
+    budgeted: frozenset[int]  # members of at least one group with a token budget
+
+
+async def memberships(con: Connection) -> Membership:
+    rows = await con.fetch(
+        f"""SELECT m.user_id, min(g.id) AS team,
+                   bool_or(num_nonnulls({", ".join(f"g.{c}" for c in BUDGET_COLUMNS)}) > 0)
+                       AS budgeted
+            FROM llama_group_members m JOIN llama_groups g ON g.id = m.group_id
+            GROUP BY m.user_id"""
+    )
+    return Membership(
+        {row["user_id"]: row["team"] for row in rows},
+        frozenset(row["user_id"] for row in rows if row["budgeted"]),
+    )
+
+
+async def reserve(
+    con: Connection,
+    user_id: int,
+    request_id: str,
+    prompt: int,
+    answer: int,
+    now: datetime | None,
+) -> Charge:
+    row = await con.fetchrow(
+        "SELECT * FROM llama_gate_group_reserve($1, $2, $3, $4, $5)",
+        user_id,
+        request_id,
+        prompt,
+        answer,
+        now,
+    )
+    assert row is not None
+    return Charge(
+        int(row["granted"]),
+        bool(row["refused"]),
+        bool(row["too_large"]),
+        row["group_name"],
+        row["period"],
+        row["used"],
+        row["budget"],
+        row["resets_at"],
+    )
+
+
+async def settle(con: Connection, costs: Mapping[str, int]) -> None:
+    """Move each request's charge to what it really cost (requests never charged: nothing)."""
+    await con.execute(
+        "SELECT llama_gate_group_settle($1::text[], $2::bigint[])",
+        list(costs),
+        list(costs.values()),
+    )
+
+
+async def create_group(
+    con: Connection, name: str, time_zone: str, budgets: Mapping[str, int | None]
+) -> asyncpg.Record | None:
+    """A new group; None when the name is taken."""
+    columns = ["name", "time_zone", *budgets]
+    values = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    return await con.fetchrow(
+        f"""INSERT INTO llama_groups ({", ".join(columns)}) VALUES ({values})
+            ON CONFLICT (name) DO NOTHING RETURNING *""",
+        name,
+        time_zone,
+        *budgets.values(),
+    )
+
+
+async def valid_time_zone(con: Connection, time_zone: str) -> bool:
+    return bool(
+        await con.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = $1)", time_zone
+        )
+    )
+
+
+async def set_group(
+    con: Connection, name: str, changes: Mapping[str, Any]
+) -> asyncpg.Record | None:
+    """Set some of a group's budgets (None: none) or its time zone; the row after, or None."""
+    unknown = set(changes) - {*BUDGET_COLUMNS, "time_zone"}
+    if unknown:
+        raise ValueError(f"not a group setting: {sorted(unknown)}")
+    names = list(changes)
+    assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(names, start=2))
+    return await con.fetchrow(
+        f"UPDATE llama_groups SET {assignments} WHERE name = $1 RETURNING *",
+        name,
+        *(changes[column] for column in names),
+    )
+
+
+async def delete_group(con: Connection, name: str) -> bool:
+    return (
+        await con.fetchval("DELETE FROM llama_groups WHERE name = $1 RETURNING id", name)
+        is not None
+    )
+
+
+async def add_member(con: Connection, group: str, username: str) -> str:
+    """'added', 'already', 'no group' or 'no user'."""
+    row = await con.fetchrow(
+        """SELECT (SELECT id FROM llama_groups WHERE name = $1) AS group_id,
+                  (SELECT id FROM users WHERE username = $2) AS user_id""",
+        group,
+        username,
+    )
+    assert row is not None
+    if row["group_id"] is None:
+        return "no group"
+    if row["user_id"] is None:
+        return "no user"
+    added = await con.fetchval(
+        """INSERT INTO llama_group_members (group_id, user_id) VALUES ($1, $2)
+           ON CONFLICT DO NOTHING RETURNING user_id""",
+        row["group_id"],
+        row["user_id"],
+    )
+    return "added" if added is not None else "already"
+
+
+async def remove_member(con: Connection, group: str, username: str) -> bool:
+    return (
+        await con.fetchval(
+            """DELETE FROM llama_group_members m USING llama_groups g, users u
+               WHERE m.group_id = g.id AND m.user_id = u.id AND g.name = $1 AND u.username = $2
+               RETURNING m.user_id""",
+            group,
+            username,
+        )
+        is not None
+    )
+
+
+async def list_groups(con: Connection, now: datetime | None = None) -> list[asyncpg.Record]:
+    """Every group with its members and each budget's use in its current period."""
+    return await con.fetch(
+        f"""SELECT {_GROUP_COLUMNS},
+                   coalesce((SELECT array_agg(u.username ORDER BY u.username)
+                             FROM llama_group_members m JOIN users u ON u.id = m.user_id
+                             WHERE m.group_id = g.id), '{{}}') AS members,
+                   {", ".join(_period_use(per) for per in PERIODS)}
+            FROM llama_groups g ORDER BY g.name""",
+        now,
+    )
+
+
+def _period_use(per: str) -> str:
+    """A budget's use in the period `$1` (NULL: now) falls in, and when that period ends."""
+    local = f"date_trunc('{per}', coalesce($1::timestamptz, now()) AT TIME ZONE g.time_zone)"
+    return f"""coalesce((SELECT s.tokens FROM llama_group_spend s
+                         WHERE s.group_id = g.id AND s.period = '{per}'
+                           AND s.starts = {local} AT TIME ZONE g.time_zone), 0) AS used_{per},
+               ({local} + interval '1 {per}') AT TIME ZONE g.time_zone AS {per}_resets_at"""
+
+
+async def groups_of(
+    con: Connection, user_id: int, now: datetime | None = None
+) -> list[asyncpg.Record]:
+    """The groups `user_id` is in, as `list_groups` shows them."""
+    return await con.fetch(
+        f"""SELECT {_GROUP_COLUMNS},
+                   {", ".join(_period_use(per) for per in PERIODS)}
+            FROM llama_groups g JOIN llama_group_members m ON m.group_id = g.id
+            WHERE m.user_id = $2 ORDER BY g.name""",
+        now,
+        user_id,
+    )
+
+
+async def group_usage_daily(con: Connection, since: date, group: str) -> list[asyncpg.Record]:
+    """The group's members' use per UTC day (`llama_usage_daily_by_group`)."""
+    return await con.fetch(
+        """SELECT day, group_name, username, requests, errors, prompt_tokens, completion_tokens
+           FROM llama_usage_daily_by_group WHERE day >= $1 AND group_name = $2
+           ORDER BY day DESC, username""",
+        since,
+        group,
+    )
+
+
+def budgets_now(group: Mapping[str, Any] | asyncpg.Record) -> list[dict[str, Any]]:
+    """A row of `list_groups` or `groups_of` as its budgets: period, budget, used, resets_at."""
+    return [
+        {
+            "period": per,
+            "budget": group[f"tokens_per_{per}"],
+            "used": group[f"used_{per}"],
+            "resets_at": group[f"{per}_resets_at"],
+        }
+        for per in PERIODS
+        if group[f"tokens_per_{per}"] is not None
+    ]
+
+
+async def groups_daily_tokens(con: Connection, since: date) -> list[asyncpg.Record]:
+    """Each group's tokens per UTC day since `since` (for the dashboard's charts)."""
+    return await con.fetch(
+        """SELECT group_name, day, sum(prompt_tokens + completion_tokens) AS tokens,
+                  sum(requests) AS requests
+           FROM llama_usage_daily_by_group WHERE day >= $1
+           GROUP BY 1, 2 ORDER BY 1, 2""",
+        since,
+    )
