@@ -75,3 +75,33 @@ def test_a_request_served_without_queueing_counts_as_a_turn() -> None:
         queue.hold(user)
         queue.push(user, item)
     assert _drain(queue) == ["l0", "h1"]
+
+
+def test_turns_go_round_groups_first_then_their_users() -> None:
+    """Three flooding users of one group and a lone user of another share the slot half and
+    half; in the group its three users take turns."""
+    queue: FairQueue[str] = FairQueue()
+    for user, team in (("a", "big"), ("b", "big"), ("c", "big"), ("d", "small")):
+        for i in range(4):
+            queue.hold(user, team)
+            queue.push(user, f"{user}{i}")
+    order = [queue.pop(lambda _: True) for _ in range(8)]
+    assert order == ["a0", "d0", "b0", "d1", "c0", "d2", "a1", "d3"]
+    # A user in no group is a team of their own: with the group, it is one turn each.
+    queue.hold("e")
+    queue.push("e", "e0")
+    assert queue.pop(lambda _: True) == "e0"
+
+
+def test_a_groups_turn_is_forgotten_once_its_users_hold_nothing() -> None:
+    queue: FairQueue[str] = FairQueue()
+    for user, team in (("b", "h"), ("a", "g")):
+        queue.hold(user, team)
+        queue.push(user, f"{user}0")
+    assert [queue.pop(lambda _: True) for _ in range(2)] == ["b0", "a0"]  # g served last
+    queue.release("a")  # g holds nothing now
+    queue.hold("b", "h")
+    queue.push("b", "b1")
+    queue.hold("c", "g")  # g's other user arrives: g counts as never served, not as last
+    queue.push("c", "c0")
+    assert _drain(queue) == ["c0", "b1"]

@@ -292,6 +292,7 @@ class Backends:
         avoid: Collection[str] = (),
         affinity: Affinity | None = None,
         cap: int | None = None,
+        team: Hashable | None = None,
     ) -> AsyncIterator[Upstream]:
         """Hold a slot of a backend for one request, after a fair wait for one.
 
@@ -300,9 +301,10 @@ class Backends:
         are out until a probe finds them back): it keeps its place at the front of the user's
         queue. `affinity` names the conversation it continues, if any. The per-user concurrency
         cap is admission's (`proxy.limits.places`): a request reaching here already holds its
-        place; `cap` is counted again across processes when the slots are shared.
+        place; `cap` is counted again across processes when the slots are shared. `team` is the
+        user's group: turns go round groups first, then their users (None: on their own).
         """
-        self._queue.hold(user)
+        self._queue.hold(user, team)
         started = time.monotonic()
         prefer = self._last_served(affinity)
         lease: int | None = None
