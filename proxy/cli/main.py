@@ -7,6 +7,7 @@ import asyncio
 import click
 
 from proxy.cli import admins as cli_admins
+from proxy.cli import groups as cli_groups
 from proxy.cli import keys as cli_keys
 from proxy.cli import serve as cli_serve
 from proxy.cli import usage as cli_usage
@@ -70,6 +71,11 @@ for command in (
     cli_users.enable_user,
     cli_users.delete_user,
     cli_users.set_limit,
+    cli_groups.create_group,
+    cli_groups.list_groups,
+    cli_groups.add_to_group,
+    cli_groups.remove_from_group,
+    cli_groups.delete_group,
     cli_keys.create_key,
     cli_keys.list_keys,
     cli_keys.revoke_key,

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import click
 
+from proxy.cli.groups import group_arg, group_usage
 from proxy.cli.support import Duration, SinceDate, print_json, print_table, run_db, username_arg
 from proxy.db import queries
 
@@ -21,6 +22,11 @@ ASK_BELOW = timedelta(days=1)
 
 @click.command("usage")
 @click.option("--user", "username", callback=username_arg, help="Only this user.")
+@click.option(
+    "--group",
+    callback=group_arg,
+    help="A group's members per day, then its budgets' use in their current periods.",
+)
 @click.option(
     "--since",
     type=SinceDate(),
@@ -42,7 +48,12 @@ ASK_BELOW = timedelta(days=1)
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def usage(
-    username: str | None, since: date, only_quotas: bool, totals: bool, as_json: bool
+    username: str | None,
+    group: str | None,
+    since: date,
+    only_quotas: bool,
+    totals: bool,
+    as_json: bool,
 ) -> None:
     """Requests, errors, tokens, bytes and latency per user per day (the llama_usage_daily view),
     then each user's tokens today and in the last minute against their token quotas.
@@ -53,7 +64,14 @@ def usage(
     Example:
 
         llama-gate usage --user alice --since 7d
+        llama-gate usage --group research
     """
+    if group is not None:
+        if username or totals or only_quotas:
+            raise click.UsageError("--group shows the group's members; leave out --user, "
+                                   "--totals and --quotas")  # fmt: skip
+        group_usage(group, since, as_json)
+        return
     if totals and username:
         raise click.UsageError("--totals sums every user; leave out --user")
     now = datetime.now(UTC)

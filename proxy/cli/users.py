@@ -11,6 +11,7 @@ import click
 
 from proxy.auth.apikeys import NewKey
 from proxy.auth.issuing import issue_key
+from proxy.cli.groups import group_arg, set_group_limits
 from proxy.cli.keys import announce_key
 from proxy.cli.support import (
     USERNAME_RULE,
@@ -172,7 +173,12 @@ class _Override(click.ParamType[int]):
 
 
 @click.command("set-limit")
-@click.option("--username", required=True, callback=username_arg)
+@click.option("--username", callback=username_arg, help="The user whose limits to set.")
+@click.option(
+    "--group",
+    callback=group_arg,
+    help="Set a group's budgets instead (--tokens-per-minute/day/week/month, --time-zone).",
+)
 @click.option("--rate-limit", type=_Override(RATE_LIMIT_MAX), help="Requests admitted per window.")
 @click.option(
     "--window", type=_Override(RATE_WINDOW_MAX_SECONDS), help="Rate window length in seconds."
@@ -190,30 +196,75 @@ class _Override(click.ParamType[int]):
 @click.option(
     "--tokens-per-day",
     type=_Override(TOKEN_QUOTA_MAX),
-    help="Token quota (prompt + completion) per UTC day; 'none' removes it.",
+    help="Token quota (prompt + completion) per UTC day (a group's: per day in its time "
+    "zone); 'none' removes it.",
 )
 @click.option(
     "--tokens-per-minute",
     type=_Override(TOKEN_QUOTA_MAX),
-    help="Token quota (prompt + completion) per rolling minute; 'none' removes it.",
+    help="Token quota (prompt + completion) per rolling minute (a group's: per calendar "
+    "minute); 'none' removes it.",
 )
+@click.option(
+    "--tokens-per-week",
+    type=_Override(TOKEN_QUOTA_MAX),
+    help="With --group: tokens per ISO week (from Monday 00:00 in its time zone); 'none' "
+    "removes it.",
+)
+@click.option(
+    "--tokens-per-month",
+    type=_Override(TOKEN_QUOTA_MAX),
+    help="With --group: tokens per calendar month in its time zone; 'none' removes it.",
+)
+@click.option("--time-zone", help="With --group: the IANA time zone its periods are counted in.")
 @click.option("--default", "use_default", is_flag=True, help="Drop every override: use the global.")
-def set_limit(username: str, use_default: bool, **given: int | None) -> None:
-    """Set a user's own limits: rate limit, concurrency, max_tokens cap and token quotas.
+def set_limit(
+    username: str | None,
+    group: str | None,
+    time_zone: str | None,
+    use_default: bool,
+    **given: int | None,
+) -> None:
+    """Set a user's own limits (rate limit, concurrency, max_tokens cap, token quotas), or a
+    group's token budgets.
 
     Options left out keep their current value; an option given as `default` (or `none`) drops
     that override, and --default drops them all. Without an override a user gets the proxy's
     settings (LLAMA_PROXY_RATE_LIMIT, LLAMA_PROXY_RATE_WINDOW_SECONDS,
     LLAMA_PROXY_MAX_CONCURRENT, MAX_TOKENS_HARD_CAP) and no token quota. Quotas count the
-    tokens in llama_requests; proxies apply a change within a second.
+    tokens in llama_requests; proxies apply a change within a second. A group's budgets
+    (see create-group) apply at once, on every proxy.
 
     Example:
 
     \b
         llama-gate set-limit --username alice --rate-limit 10 --window 60
         llama-gate set-limit --username alice --tokens-per-day 200000 --max-tokens none
+        llama-gate set-limit --group research --tokens-per-week 1000000 --time-zone Europe/Berlin
     """
     chosen = {name: value for name, value in given.items() if value is not None}
+    if (username is None) == (group is None):
+        raise click.UsageError("give either --username or --group")
+    if group is not None:
+        budgets = {f"tokens_per_{per}" for per in ("minute", "day", "week", "month")}
+        others = sorted(set(chosen) - budgets)
+        if others or use_default:
+            wrong = ", ".join("--" + name.replace("_", "-") for name in others) or "--default"
+            raise click.UsageError(
+                f"{wrong}: a group has token budgets and a time zone only "
+                "(--tokens-per-minute/day/week/month, --time-zone)"
+            )
+        set_group_limits(group, time_zone, chosen)
+        return
+    assert username is not None
+    for name in ("tokens_per_week", "tokens_per_month"):
+        if name in chosen:
+            raise click.UsageError(
+                f"--{name.replace('_', '-')} is a group budget (use --group); a user's token "
+                "quotas are per day and per minute"
+            )
+    if time_zone is not None:
+        raise click.UsageError("--time-zone is a group's (use --group); users' days are UTC days")
     if use_default and chosen:
         raise click.UsageError("--default cannot be combined with other limits")
     if not use_default and not chosen:

@@ -1,0 +1,201 @@
+"""Admin commands for groups: create, list, members, delete (budgets: `set-limit --group`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+import click
+
+from proxy.cli.support import USERNAME_RULE, print_json, print_table, run_db, username_arg
+from proxy.db import groups as queries
+from proxy.settings import TOKEN_QUOTA_MAX
+
+GROUP_RULE = USERNAME_RULE.replace("username", "group name")
+BUDGET_HELP = {
+    "minute": "Tokens (prompt + completion) the members may use together per calendar minute.",
+    "day": "... per day, from midnight in the group's time zone.",
+    "week": "... per ISO week, from Monday 00:00 in the group's time zone.",
+    "month": "... per month, from the 1st 00:00 in the group's time zone.",
+}
+_BUDGET = click.IntRange(1, TOKEN_QUOTA_MAX)
+
+
+def group_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Group names follow the username rule (case-insensitive, stored lower-case)."""
+    try:
+        return username_arg(ctx, param, value)
+    except click.BadParameter:
+        raise click.BadParameter(f"{value!r} is not a valid group name: use {GROUP_RULE}") from None
+
+
+async def checked_time_zone(con: asyncpg.Connection, time_zone: str) -> None:
+    if not await queries.valid_time_zone(con, time_zone):
+        raise click.BadParameter(
+            f"{time_zone!r} is not a time zone Postgres knows; use an IANA name such as "
+            "UTC, Europe/Berlin or America/New_York",
+            param_hint="--time-zone",
+        )
+
+
+def describe_group(group: Mapping[str, Any] | asyncpg.Record) -> str:
+    """A group's budgets, as one line."""
+    budgets = [
+        f"{group[f'tokens_per_{per}']} tokens per {per}"
+        for per in queries.PERIODS
+        if group[f"tokens_per_{per}"] is not None
+    ]
+    return f"group {group['name']!r} ({group['time_zone']}): " + (
+        ", ".join(budgets) if budgets else "no token budget"
+    )
+
+
+def budget_options(command: Any) -> Any:
+    """--tokens-per-minute/day/week/month, for commands that set a group's budgets."""
+    for per in reversed(queries.PERIODS):
+        command = click.option(f"--tokens-per-{per}", type=_BUDGET, help=BUDGET_HELP[per])(command)
+    return command
+
+
+@click.command("create-group")
+@click.option("--name", required=True, callback=group_arg, help=GROUP_RULE + ".")
+@click.option(
+    "--time-zone",
+    default="UTC",
+    show_default=True,
+    help="IANA time zone whose days, weeks and months the budgets count.",
+)
+@budget_options
+def create_group(name: str, time_zone: str, **budgets: int | None) -> None:
+    """Create a group (a team, a class, a project) with token budgets its members share.
+
+    A member's request must fit their own limits and every budget of each of their groups; a
+    budget reached is a 429 naming the group and when the period resets. Budgets are exact
+    across proxy processes. Add members with add-to-group, change budgets with
+    `set-limit --group`.
+
+    Example:
+
+    \b
+        llama-gate create-group --name research --time-zone Europe/Berlin \\
+            --tokens-per-day 200000 --tokens-per-month 3000000
+    """
+
+    async def work(con: asyncpg.Connection) -> asyncpg.Record | None:
+        await checked_time_zone(con, time_zone)
+        return await queries.create_group(con, name, time_zone, budgets)
+
+    row = run_db(work)
+    if row is None:
+        raise click.ClickException(f"a group named {name!r} already exists (see list-groups)")
+    click.echo(f"Created {describe_group(row)}. Add members with: llama-gate add-to-group "
+               f"--group {name} --username NAME")  # fmt: skip
+
+
+@click.command("list-groups")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_groups(as_json: bool) -> None:
+    """Groups, their members, budgets, and each budget's use in its current period."""
+    rows = run_db(lambda con: queries.list_groups(con))
+    if as_json:
+        print_json(rows)
+        return
+    table = [
+        {
+            "name": row["name"],
+            "time_zone": row["time_zone"],
+            "members": ",".join(row["members"]) or "-",
+            **{
+                per: f"{row[f'used_{per}']}/{row[f'tokens_per_{per}']}"
+                if row[f"tokens_per_{per}"] is not None
+                else "-"
+                for per in queries.PERIODS
+            },
+        }
+        for row in rows
+    ]
+    print_table(table, ["name", "time_zone", "members", *queries.PERIODS])
+
+
+@click.command("add-to-group")
+@click.option("--group", required=True, callback=group_arg)
+@click.option("--username", required=True, callback=username_arg)
+def add_to_group(group: str, username: str) -> None:
+    """Make a user a member of a group: their requests count against its budgets at once.
+
+    Example:
+
+        llama-gate add-to-group --group research --username alice
+    """
+    result = run_db(lambda con: queries.add_member(con, group, username))
+    if result == "no group":
+        raise click.ClickException(f"no group named {group!r} (see list-groups)")
+    if result == "no user":
+        raise click.ClickException(f"no user named {username!r} (see list-users)")
+    click.echo(f"{username} is {'already' if result == 'already' else 'now'} a member of {group}.")
+
+
+@click.command("remove-from-group")
+@click.option("--group", required=True, callback=group_arg)
+@click.option("--username", required=True, callback=username_arg)
+def remove_from_group(group: str, username: str) -> None:
+    """Take a user out of a group (what they used stays counted in its current periods)."""
+    if not run_db(lambda con: queries.remove_member(con, group, username)):
+        raise click.ClickException(f"{username!r} is not a member of a group named {group!r}")
+    click.echo(f"{username} is no longer a member of {group}.")
+
+
+@click.command("delete-group")
+@click.option("--name", required=True, callback=group_arg)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def delete_group(name: str, yes: bool) -> None:
+    """Delete a group and its budgets; its members and their rows stay."""
+    if not yes:
+        click.confirm(f"Delete group {name!r} and its budgets?", abort=True)
+    if not run_db(lambda con: queries.delete_group(con, name)):
+        raise click.ClickException(f"no group named {name!r} (see list-groups)")
+    click.echo(f"Deleted group {name}.")
+
+
+def set_group_limits(group: str, time_zone: str | None, given: Mapping[str, int | None]) -> None:
+    """`set-limit --group`: budgets given (0: removed) and the time zone."""
+    changes: dict[str, Any] = {
+        name: value or None for name, value in given.items() if value is not None
+    }
+    if time_zone is not None:
+        changes["time_zone"] = time_zone
+    if not changes:
+        raise click.UsageError("give at least one budget or --time-zone to set for the group")
+
+    async def work(con: asyncpg.Connection) -> asyncpg.Record | None:
+        if time_zone is not None:
+            await checked_time_zone(con, time_zone)
+        return await queries.set_group(con, group, changes)
+
+    row = run_db(work)
+    if row is None:
+        raise click.ClickException(f"no group named {group!r} (see list-groups)")
+    click.echo(f"{describe_group(row)}.")
+
+
+def group_usage(group: str, since: Any, as_json: bool) -> None:
+    """`usage --group`: the members' use per day, then each budget's use in its period."""
+
+    async def work(con: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+        daily = await queries.group_usage_daily(con, since, group)
+        budgets = [row for row in await queries.list_groups(con) if row["name"] == group]
+        return daily, budgets
+
+    daily, budgets = run_db(work)
+    if not budgets:
+        raise click.ClickException(f"no group named {group!r} (see list-groups)")
+    now = budgets[0]
+    periods = queries.budgets_now(now)
+    if as_json:
+        print_json([{"group": group, "days": [dict(r) for r in daily], "budgets": periods}])
+        return
+    columns = ["day", "username", "requests", "errors", "prompt_tokens", "completion_tokens"]
+    print_table(daily, columns)
+    click.echo(f"\nBudgets of {group} ({now['time_zone']}), now:")
+    print_table(periods, ["period", "used", "budget", "resets_at"])
