@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy.appkeys import SETTINGS
 from proxy.auth.apikeys import KeyHasher
-from proxy.dashboard import actions, live, mine, overview, requestlog, signin, users
+from proxy.dashboard import actions, groups, live, mine, overview, requestlog, signin, users
 from proxy.dashboard.guard import guard
 from proxy.dashboard.keys import HASHER, PROXY, SESSIONS, SIGN_INS, TEMPLATES
 from proxy.dashboard.render import page_defaults, templates
@@ -46,6 +46,7 @@ def dashboard_app(proxy: web.Application) -> web.Application:
     router.add_post("/users/{username}/limits", actions.set_limits)
     router.add_post("/keys/{key_id}/revoke", actions.revoke_key)
     router.add_post("/keys/{key_id}/rotate", actions.rotate_key)
+    router.add_get("/groups", groups.page)
     router.add_get("/requests", requestlog.page)
     router.add_get("/me", mine.page)  # a user's own, signed in with their API key
     router.add_post("/me/keys", mine.create_key)

@@ -32,7 +32,13 @@ SECURITY_HEADERS = {
 }
 # Pages show keys once, users and the audit log: none of it belongs in a cache.
 NO_STORE = {"Cache-Control": "no-store"}
-NAV = (("/", "Overview"), ("/live", "Live"), ("/users", "Users"), ("/requests", "Requests"))
+NAV = (
+    ("/", "Overview"),
+    ("/live", "Live"),
+    ("/users", "Users"),
+    ("/groups", "Groups"),
+    ("/requests", "Requests"),
+)
 USER_NAV = (("/me", "My usage"),)  # a user signed in with their own API key
 
 

@@ -75,6 +75,14 @@ function mine() {
            [{ label: "tokens", data: data.tokens, backgroundColor: PALETTE[1] }], false);
 }
 
+function groups() {
+  const data = JSON.parse(document.getElementById("groups-data").textContent);
+  const labels = data.days.map((day) => day.slice(5));  // MM-DD
+  barChart("groups-tokens-chart", labels, data.groups.map((group, i) => ({
+    label: group.name, data: group.tokens, backgroundColor: PALETTE[i % PALETTE.length],
+  })), true);
+}
+
 function cell(row, text, className) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -159,4 +167,5 @@ document.addEventListener("DOMContentLoaded", () => {
   if (page === "overview") overview();
   if (page === "live") liveRefresh();
   if (page === "mine") mine();
+  if (page === "groups") groups();
 });

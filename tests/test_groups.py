@@ -1,0 +1,365 @@
+"""Groups: budgets over calendar periods in a time zone, exact across proxy processes, refused in
+each API's shape, managed with the CLI and shown in `GET /v1/me` and `usage --group`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import asyncpg
+import pytest
+
+from proxy.appkeys import ADMISSION
+from proxy.auth.cache import Principal
+from proxy.db.pool import Database
+from proxy.errors import GroupBudgetReached, RequestTooLarge
+from proxy.limits.groups import GroupBudgets
+from tests.cli_helpers import failure, invoke, new_key, ok
+from tests.dashboard_helpers import (
+    client,
+    make_admin_token,
+    running_dashboard,
+    sign_in,
+    wait_for_rows,
+)
+from tests.fake_upstream import MODEL, FakeUpstream
+from tests.proxy_harness import (
+    BACKEND_KEY,
+    bearer,
+    eventually,
+    make_user,
+    proxy_environ,
+    proxy_process,
+    proxy_settings,
+    running_proxy,
+)
+from tests.test_quotas import _row  # a finished request's row: 5 + 2 tokens
+
+NEW_YORK = ZoneInfo("America/New_York")
+HI = [{"role": "user", "content": "Hi"}]
+
+
+async def _sql(dsn: str, query: str, *args: Any) -> Any:
+    con = await asyncpg.connect(dsn)
+    try:
+        return await con.fetch(query, *args)
+    finally:
+        await con.close()
+
+
+async def _group(dsn: str, name: str, members: list[str], tz: str = "UTC", **budgets: int) -> None:
+    columns = ", ".join(["name", "time_zone", *budgets])
+    values = ", ".join(f"${i}" for i in range(1, len(budgets) + 3))
+    await _sql(
+        dsn, f"INSERT INTO llama_groups ({columns}) VALUES ({values})", name, tz, *budgets.values()
+    )
+    for member in members:
+        await _sql(
+            dsn,
+            """INSERT INTO llama_group_members (group_id, user_id)
+               SELECT g.id, u.id FROM llama_groups g, users u
+               WHERE g.name = $1 AND u.username = $2""",
+            name,
+            member,
+        )
+
+
+@pytest.fixture
+async def database(db_dsn: str, tmp_path: Path) -> AsyncIterator[Database]:
+    db = Database(proxy_settings(db_dsn, 9, tmp_path))
+    await db.open()
+    yield db
+    await db.close()
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_a_weekly_budget_resets_at_the_week_start_of_the_groups_time_zone(
+    db_dsn: str, database: Database
+) -> None:
+    alice_id, _ = await make_user(db_dsn, "alice")
+    await _group(db_dsn, "night-shift", ["alice"], tz="America/New_York", tokens_per_week=10)
+    alice = Principal(alice_id, "alice", "k", None, None)
+    # Sunday 23:30 in New York: Monday 04:30 UTC, already the next ISO week in UTC.
+    clock = Clock(datetime(2026, 12, 13, 23, 30, tzinfo=NEW_YORK))
+    budgets = GroupBudgets(database, clock)
+    await budgets.load()
+    assert budgets.applies(alice)
+    granted, headers = await budgets.reserve(alice, "r1", 7, 100)
+    assert granted == 3  # the answer's room lowered to what the week has left
+    assert headers["x-ratelimit-limit-tokens"] == "10"
+    assert headers["x-ratelimit-remaining-tokens"] == "0"
+    assert headers["x-ratelimit-reset-tokens"] == "30m0s"
+    with pytest.raises(GroupBudgetReached) as refused:
+        await budgets.reserve(alice, "r2", 1, 1)
+    assert "group 'night-shift' used 10 of its 10 tokens per week" in refused.value.message
+    assert "resets at 2026-12-14T05:00:00+00:00" in refused.value.message  # Monday 00:00 there
+    assert refused.value.headers["Retry-After"] == str(30 * 60)
+    # Monday 00:00 UTC is Sunday evening in New York: still the same week there.
+    clock.now = datetime(2026, 12, 14, 0, 0, 30, tzinfo=UTC)
+    with pytest.raises(GroupBudgetReached):
+        await budgets.reserve(alice, "r3", 1, 1)
+    clock.now = datetime(2026, 12, 14, 0, 0, 30, tzinfo=NEW_YORK)  # the week turned there
+    granted, headers = await budgets.reserve(alice, "r4", 2, 3)
+    assert (granted, headers["x-ratelimit-remaining-tokens"]) == (3, "5")
+    # A prompt larger than the whole budget could never run: 400, not a wait.
+    with pytest.raises(RequestTooLarge):
+        await budgets.reserve(alice, "r5", 11, 0)
+    spend = await _sql(db_dsn, "SELECT starts, tokens FROM llama_group_spend")
+    # Last week's row went when the new week was charged; this week's starts at 05:00 UTC.
+    assert [(r["starts"], r["tokens"]) for r in spend] == [
+        (datetime(2026, 12, 14, 5, 0, tzinfo=UTC), 5)
+    ]
+
+
+async def test_settling_moves_a_charge_to_what_the_request_cost(
+    db_dsn: str, database: Database
+) -> None:
+    alice_id, _ = await make_user(db_dsn, "alice")
+    await _group(db_dsn, "team", ["alice"], tokens_per_day=100, tokens_per_month=1000)
+    alice = Principal(alice_id, "alice", "k", None, None)
+    budgets = GroupBudgets(database)
+    async with budgets.running():
+        granted, _ = await budgets.reserve(alice, "r1", 10, 50)
+        assert granted == 50
+        rows = await _sql(db_dsn, "SELECT period, tokens FROM llama_group_spend ORDER BY period")
+        assert [(r["period"], r["tokens"]) for r in rows] == [("day", 60), ("month", 60)]
+        budgets.observe(_row("r1", alice_id, datetime.now(UTC)))
+        await eventually(lambda: not budgets._costs, 5)
+
+        async def settled() -> bool:
+            rows = await _sql(db_dsn, "SELECT tokens FROM llama_group_spend")
+            return {r["tokens"] for r in rows} == {7}
+
+        for _ in range(50):
+            if await settled():
+                break
+            await asyncio.sleep(0.1)
+        assert await settled()
+        assert await _sql(db_dsn, "SELECT * FROM llama_group_holds") == []
+
+
+async def test_a_group_budget_is_exact_across_two_proxy_processes(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """20 requests at once through two processes, at a budget's edge: each costs 5 + 2 tokens
+    and the budget is 50, so 7 run (49 tokens) and 13 are refused; never more."""
+    upstream = FakeUpstream(expected_key=BACKEND_KEY)
+    await upstream.start()
+    try:
+        _, alice = await make_user(db_dsn, "alice")
+        _, bob = await make_user(db_dsn, "bob")
+        await _group(db_dsn, "team", ["alice", "bob"], tokens_per_day=50)
+        environ = proxy_environ(db_dsn, upstream.port, tmp_path, LLAMA_PROXY_MAX_CONCURRENT="100")
+        with proxy_process(environ) as first, proxy_process(environ) as second:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+                for base in (first, second):  # keys verified in both first (a 400 spends nothing)
+                    for key in (alice, bob):
+                        url = f"{base}/v1/chat/completions"
+                        async with client.post(url, data=b"{", headers=bearer(key)) as r:
+                            assert r.status == 400
+
+                async def call(base: str, key: str) -> tuple[int, dict[str, Any]]:
+                    body = {"messages": HI, "max_tokens": 2}
+                    url = f"{base}/v1/chat/completions"
+                    async with client.post(url, json=body, headers=bearer(key)) as r:
+                        return r.status, await r.json()
+
+                results = await asyncio.gather(
+                    *(
+                        call(base, key)
+                        for _ in range(5)
+                        for base in (first, second)
+                        for key in (alice, bob)
+                    )
+                )
+
+                async def rows_landed() -> list[Any]:
+                    return await _sql(
+                        db_dsn,
+                        """SELECT status_code, prompt_tokens, completion_tokens, error
+                           FROM llama_requests WHERE path = '/v1/chat/completions'
+                             AND status_code <> 400""",
+                    )
+
+                for _ in range(100):
+                    rows = await rows_landed()
+                    holds = await _sql(db_dsn, "SELECT * FROM llama_group_holds")
+                    if len(rows) == 20 and not holds:
+                        break
+                    await asyncio.sleep(0.1)
+    finally:
+        await upstream.stop()
+    assert Counter(status for status, _ in results) == {200: 7, 429: 13}
+    refusals = [body for status, body in results if status == 429]
+    assert {b["error"]["code"] for b in refusals} == {"group_budget_exceeded"}
+    assert all("group 'team'" in b["error"]["message"] for b in refusals)
+    served = [r for r in rows if r["status_code"] == 200]
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in served) == 49 <= 50
+    assert Counter(r["error"] for r in rows if r["status_code"] == 429) == {
+        "group_budget_exceeded": 13
+    }
+    spend = await _sql(db_dsn, "SELECT tokens FROM llama_group_spend")
+    assert [r["tokens"] for r in spend] == [49]  # settled: what the rows say, no hold left
+    assert len(upstream.seen) == 7
+
+
+async def test_refusals_in_each_apis_shape_and_members_added_while_running(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    async with running_proxy(db_dsn, tmp_path) as proxy:
+        key = await proxy.user("alice")
+        outsider = await proxy.user("bob")
+        groups = proxy.app[ADMISSION].groups
+        # The group is made while the proxy runs: NOTIFY tells it who is a member now.
+        await _group(db_dsn, "class", ["alice"], tokens_per_month=10)
+        user_id = (await _sql(db_dsn, "SELECT id FROM users WHERE username = 'alice'"))[0]["id"]
+        await eventually(lambda: groups.applies(Principal(user_id, "alice", "k", None, None)))
+        async with aiohttp.ClientSession() as client:
+
+            async def post(path: str, body: dict[str, Any], who: str = key) -> Any:
+                headers = {**bearer(who), "anthropic-version": "2023-06-01"}
+                async with client.post(proxy.url(path), json=body, headers=headers) as r:
+                    return r.status, await r.json(), r.headers
+
+            status, _, headers = await post(
+                "/v1/chat/completions", {"messages": HI, "max_tokens": 2}
+            )
+            assert status == 200  # 5 + 2 of 10: a prompt (5) and one answer token no longer fit
+            assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) \
+                == ("10", "3")  # fmt: skip
+            await proxy.wait_for_records(1)
+            status, openai, headers = await post(
+                "/v1/chat/completions", {"messages": HI, "max_tokens": 2}
+            )
+            assert status == 429
+            assert openai["error"]["type"] == "tokens"
+            assert openai["error"]["code"] == "group_budget_exceeded"
+            assert "group 'class' used 7 of its 10 tokens per month" in openai["error"]["message"]
+            assert headers["x-ratelimit-limit-tokens"] == "10"
+            assert headers["x-ratelimit-remaining-tokens"] == "0"
+            assert int(headers["Retry-After"]) >= 1
+            status, anthropic, _ = await post(
+                "/v1/messages", {"model": MODEL, "max_tokens": 2, "messages": HI}
+            )
+            assert status == 429
+            assert anthropic["type"] == "error"
+            assert anthropic["error"]["type"] == "rate_limit_error"
+            assert "group 'class'" in anthropic["error"]["message"]
+            status, rpc, _ = await post(
+                "/rpc",
+                {
+                    "jsonrpc": "2.0",
+                    "method": "create_message",
+                    "params": {"message": "Hi"},
+                    "id": 1,
+                },
+            )
+            assert rpc["error"]["code"] == -32001
+            assert "group 'class'" in rpc["error"]["message"]
+            status, _, _ = await post(
+                "/v1/chat/completions", {"messages": HI, "max_tokens": 2}, outsider
+            )
+            assert status == 200  # not a member
+            assert len(proxy.upstream.seen) == 2  # alice's first request and bob's
+            async with client.get(proxy.url("/v1/me"), headers=bearer(key)) as r:
+                me = await r.json()
+    [group] = me["groups"]
+    assert group["name"] == "class"
+    assert group["time_zone"] == "UTC"
+    [budget] = group["budgets"]
+    assert (budget["period"], budget["budget"], budget["used"]) == ("month", 10, 7)
+    assert budget["resets_at"].endswith("+00:00")
+
+
+def test_groups_with_the_cli(cli_env: dict[str, str]) -> None:
+    new_key(cli_env, "alice")
+    new_key(cli_env, "bob")
+    out = ok(cli_env, "create-group", "--name", "Research", "--time-zone", "Europe/Berlin",
+             "--tokens-per-day", "1000")  # fmt: skip
+    assert "group 'research' (Europe/Berlin): 1000 tokens per day" in out
+    assert "already exists" in failure(cli_env, "create-group", "--name", "research")
+    assert (
+        "not a time zone"
+        in invoke(cli_env, "create-group", "--name", "x", "--time-zone", "Mars/Olympus").output
+    )
+    assert "now a member" in ok(
+        cli_env, "add-to-group", "--group", "research", "--username", "alice"
+    )
+    assert "already" in ok(cli_env, "add-to-group", "--group", "research", "--username", "alice")
+    ok(cli_env, "add-to-group", "--group", "research", "--username", "bob")
+    assert "no user named 'carol'" in failure(
+        cli_env, "add-to-group", "--group", "research", "--username", "carol"
+    )
+    out = ok(cli_env, "set-limit", "--group", "research", "--tokens-per-week", "5000",
+             "--tokens-per-day", "none")  # fmt: skip
+    assert "5000 tokens per week" in out
+    assert "per day" not in out
+    assert (
+        "a group has token budgets"
+        in invoke(cli_env, "set-limit", "--group", "research", "--rate-limit", "5").output
+    )
+    assert (
+        "is a group budget"
+        in invoke(cli_env, "set-limit", "--username", "alice", "--tokens-per-month", "5").output
+    )
+    listed = json.loads(ok(cli_env, "list-groups", "--json"))
+    assert [(g["name"], g["members"], g["tokens_per_week"], g["used_week"]) for g in listed] == [
+        ("research", ["alice", "bob"], 5000, 0)
+    ]
+    table = ok(cli_env, "list-groups")
+    assert "alice,bob" in table
+    assert "0/5000" in table
+    usage = json.loads(ok(cli_env, "usage", "--group", "research", "--json"))
+    assert usage[0]["budgets"][0]["period"] == "week"
+    assert "no longer a member" in ok(
+        cli_env, "remove-from-group", "--group", "research", "--username", "bob"
+    )
+    assert "Deleted group research" in ok(cli_env, "delete-group", "--name", "research", "--yes")
+    assert ok(cli_env, "list-groups").strip() == "(none)"
+
+
+async def test_the_dashboards_groups_page_shows_members_budgets_and_tokens_per_day(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    _, token = await make_admin_token(db_dsn)
+    _, alice = await make_user(db_dsn, "alice")
+    await make_user(db_dsn, "bob")
+    await _group(db_dsn, "research", ["alice", "bob"], tz="Europe/Berlin", tokens_per_week=500)
+    await _group(db_dsn, "idle", [])
+    async with running_dashboard(db_dsn, tmp_path) as dashboard, client() as http:
+        url = dashboard.proxy.url("/v1/chat/completions")
+        async with http.post(url, json={"messages": HI}, headers=bearer(alice)) as r:
+            assert r.status == 200
+        await wait_for_rows(db_dsn, 1)
+        for _ in range(50):  # the charge is settled just after the row is made
+            if not await _sql(db_dsn, "SELECT 1 FROM llama_group_holds"):
+                break
+            await asyncio.sleep(0.1)
+        await sign_in(http, dashboard, token)
+        async with http.get(dashboard.at("/groups")) as r:
+            assert r.status == 200
+            page = await r.text()
+    assert 'id="group-research"' in page
+    assert "Europe/Berlin" in page
+    assert "alice, bob" in page
+    assert re.search(r'class="budget-week">7 of 500 tokens', page), page
+    data = json.loads(re.search(r'id="groups-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
+    [research] = data["groups"]  # "idle" has no rows
+    assert research["name"] == "research"
+    assert research["tokens"][-1] == 7
+    assert len(data["days"]) == 30
