@@ -15,6 +15,10 @@ every user here wants more than a quarter). Three runs:
 - plain FIFO: no queue in the proxy (slots and cap 1000), so requests wait for the backend's own
   lock in arrival order, which is what sharing llama_cpp.server without llama-gate gives.
 
+Then one run with groups (`fair, 2 groups`): u1, u2 and u3 are one group, u4 another, each
+group offering twice what the backend serves; turns go round the groups first, so each group
+should get half (target: Jain's index across the two groups >= 0.95; by users it is not 1).
+
 Then two runs with two proxy processes (`python -m proxy`, sharing the backend's slot through
 Postgres) in front of the same backend, which counts the most requests it ever held at once:
 
@@ -385,6 +389,41 @@ async def make_users(dsn: str) -> dict[str, str]:
     return keys
 
 
+GROUPS = {"big": ("u1", "u2", "u3"), "small": ("u4",)}
+
+
+async def grouped(dsn: str, on: bool) -> None:
+    """Put the users in GROUPS (`on`), or in no group."""
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute("DELETE FROM llama_groups")
+        if on:
+            for name, users in GROUPS.items():
+                await con.execute(
+                    """WITH g AS (INSERT INTO llama_groups (name) VALUES ($1) RETURNING id)
+                       INSERT INTO llama_group_members (group_id, user_id)
+                       SELECT g.id, u.id FROM g, users u WHERE u.username = ANY($2::text[])""",
+                    name,
+                    list(users),
+                )
+    finally:
+        await con.close()
+
+
+def report_groups(users: dict[str, UserResult]) -> None:
+    total = sum(r.served for r in users.values()) or 1
+    served = {name: sum(users[u].served for u in members) for name, members in GROUPS.items()}
+    print(f"{'group':<6} {'users':<9} {'served':>7} {'share':>7}")
+    for name, members in GROUPS.items():
+        print(f"{name:<6} {','.join(members):<9} {served[name]:>7} {served[name] / total:>7.1%}")
+    index = jain([float(v) for v in served.values()])
+    print(f"\n{'figure':<40} {'measured':>8} {'target':>9}  met")
+    print(f"{'Jain index across the 2 groups':<40} {index:>8.3f} {'>= 0.95':>9}  "
+          f"{'yes' if index >= 0.95 else 'NO'}")  # fmt: skip
+    by_user = jain([float(r.served) for r in users.values()])
+    print(f"{'  (across the 4 users)':<40} {by_user:>8.3f} {'-':>9}  -")
+
+
 def report(results: dict[str, dict[str, UserResult]], seconds: float, service: float) -> None:
     capacity = 1 / service
     offered = sum(RATES.values())
@@ -406,8 +445,9 @@ def report(results: dict[str, dict[str, UserResult]], seconds: float, service: f
     print(f"{'run':<14} {'Jain index':>10} {'target':>10}  met")
     for mode, users in results.items():
         index = jain([float(r.served) for r in users.values()])
-        target = ">= 0.95" if mode.startswith("fair") else "(baseline)"
-        met = ("yes" if index >= 0.95 else "NO") if mode.startswith("fair") else "-"
+        fair = mode in ("fair", "fair, no cap")  # with groups, the shares go by group (below)
+        target = ">= 0.95" if fair else "(baseline)" if mode == "plain FIFO" else "(by group)"
+        met = ("yes" if index >= 0.95 else "NO") if fair else "-"
         print(f"{mode:<14} {index:>10.3f} {target:>10}  {met}")
 
 
@@ -420,6 +460,7 @@ def main() -> None:
     parser.add_argument(
         "--only-processes", action="store_true", help="only the runs with two proxy processes"
     )
+    parser.add_argument("--only-groups", action="store_true", help="only the run with groups")
     args = parser.parse_args()
     service = args.service_ms / 1000
     held = Held()
@@ -428,16 +469,29 @@ def main() -> None:
         keys = asyncio.run(make_users(dsn))
         results = (
             {}
-            if args.only_processes
+            if args.only_processes or args.only_groups
             else {mode: asyncio.run(run(dsn, keys, mode, args.seconds, service)) for mode in MODES}
         )
+        groups: dict[str, UserResult] = {}
+        if not args.only_processes:
+            asyncio.run(grouped(dsn, True))
+            groups = asyncio.run(run(dsn, keys, "fair", args.seconds, service))
+            asyncio.run(grouped(dsn, False))
+        if args.only_groups:
+            report({"fair, 2 groups": groups}, args.seconds, service)
+            print()
+            report_groups(groups)
+            return
         two = {"2 processes": asyncio.run(run_two(dsn, keys, args.seconds, service, False, held))}
         handoffs = sorted(held.idle)  # saturated: every gap is a slot handed on
         two["2 processes, flood"] = asyncio.run(
             run_two(dsn, keys, args.seconds, service, True, held)
         )
     if results:
-        report(results, args.seconds, service)
+        report({**results, "fair, 2 groups": groups}, args.seconds, service)
+        print()
+        report_groups(groups)
+        print()
     report_two(two, service, held, handoffs)
 
 
