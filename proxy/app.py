@@ -41,14 +41,14 @@ from proxy.auth.listener import AuthListener
 from proxy.cluster.presence import Presence, local_figures, new_id
 from proxy.cluster.slots import SharedSlots
 from proxy.dashboard.app import dashboard_site
-from proxy.db.groups import GROUPS_CHANNEL
+from proxy.db.limits import GROUPS_CHANNEL
 from proxy.db.pool import Database
 from proxy.db.queries import SLOTS_CHANNEL
 from proxy.dialects.openai import DIALECT as OPENAI
 from proxy.edge.cors import Cors
 from proxy.forwarded import TrustedProxies
 from proxy.limits.admission import Admission
-from proxy.limits.groups import GroupBudgets
+from proxy.limits.budgets import Budgets
 from proxy.limits.places import Places
 from proxy.limits.prompts import Prompts
 from proxy.limits.quotas import TokenQuotas
@@ -81,7 +81,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     metrics.watch_audit(audit_writer)
     quotas = TokenQuotas(database)
-    groups = GroupBudgets(database)
+    budgets = Budgets(database, lambda: app[BACKENDS].default_model())
     rate_limiter = RateLimiter(settings, database)
     strangers = Strangers(database)
 
@@ -93,7 +93,7 @@ def create_app(settings: Settings) -> web.Application:
             audit_writer.submit(row)
 
     # quotas.observe counts a request's tokens before its audit row lands.
-    hooks: list[CompletionHook] = [ledger_row, metrics.observe, quotas.observe, groups.observe]
+    hooks: list[CompletionHook] = [ledger_row, metrics.observe, quotas.observe, budgets.observe]
     app = web.Application(client_max_size=settings.max_body_bytes)
     table = add_routes(app, routes)
     if settings.trusted_proxies:  # first: everything after it sees the client's address
@@ -118,8 +118,8 @@ def create_app(settings: Settings) -> web.Application:
     app[RATE_LIMITER] = rate_limiter
     app[QUOTAS] = quotas
     prompts = Prompts(settings, lambda: app[BACKENDS], lambda: app[UPSTREAM_SESSION])
-    app[ADMISSION] = Admission(settings, Places(), quotas, groups, rate_limiter, prompts)
-    app[AUTH_LISTENER].also(GROUPS_CHANNEL, groups.heard)
+    app[ADMISSION] = Admission(settings, Places(), quotas, budgets, rate_limiter, prompts)
+    app[AUTH_LISTENER].also(GROUPS_CHANNEL, budgets.heard)
     backends = app[BACKENDS] = Backends.from_settings(settings)
     proxy_id = new_id()
     shared = app[SHARED_SLOTS] = SharedSlots(
@@ -148,7 +148,7 @@ def create_app(settings: Settings) -> web.Application:
             _audit,
             _strangers,
             _presence,
-            _group_budgets,
+            _budgets,
             _metrics_site,
         )
     )
@@ -225,9 +225,9 @@ async def _presence(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _group_budgets(app: web.Application) -> AsyncIterator[None]:
-    """Group members read before the first request; charges settled for the app's whole life."""
-    async with app[ADMISSION].groups.running():
+async def _budgets(app: web.Application) -> AsyncIterator[None]:
+    """Groups and weights read before the first request; charges settled for the app's life."""
+    async with app[ADMISSION].budgets.running():
         yield
 
 

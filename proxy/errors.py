@@ -117,10 +117,11 @@ class RateLimited(ApiError):
     code = "rate_limit_exceeded"
 
     def __init__(self, limit: int, window_seconds: int, retry_after_ms: int,
-                 headers: Mapping[str, str]) -> None:  # fmt: skip
+                 headers: Mapping[str, str], whose: str | None = None) -> None:  # fmt: skip
         seconds = max(1, math.ceil(retry_after_ms / 1000))
+        of = f" of {whose}" if whose else ""
         super().__init__(
-            f"Rate limit reached: at most {limit} requests per {window_seconds} s. "
+            f"Rate limit{of} reached: at most {limit} requests per {window_seconds} s. "
             f"Try again in {seconds} s.",
             {**headers, **_retry_headers(retry_after_ms)},
         )
@@ -131,9 +132,10 @@ class TooManyConcurrent(ApiError):
     type = "requests"
     code = "rate_limit_exceeded"
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, whose: str | None = None) -> None:
+        of = f"the requests of {whose}" if whose else "your requests"
         super().__init__(
-            f"Concurrency limit reached: at most {limit} of your requests may be in flight or "
+            f"Concurrency limit reached: at most {limit} of {of} may be in flight or "
             "queued at once. Wait for one to finish, then try again.",
             _retry_headers(1000),
         )
@@ -154,19 +156,22 @@ class TokenQuotaExceeded(ApiError):
         )
 
 
-class GroupBudgetReached(TokenQuotaExceeded):
-    """A group the caller belongs to has spent its token budget for the period."""
+class BudgetReached(TokenQuotaExceeded):
+    """A budget that applies to the request (a group's, or its key's) is spent for the period;
+    the code says whose: `group_budget_exceeded` or `key_budget_exceeded`."""
 
     code = "group_budget_exceeded"
 
-    def __init__(self, group: str, period: str, used: int, budget: int, resets_at: str,
+    def __init__(self, holder: str, period: str, used: int, budget: int, resets_at: str,
                  retry_after_ms: int, headers: Mapping[str, str]) -> None:  # fmt: skip
         seconds = max(1, math.ceil(retry_after_ms / 1000))
+        if holder.startswith("key "):
+            self.code = "key_budget_exceeded"
         ApiError.__init__(
             self,
-            f"Group budget reached: group {group!r} used {used} of its {budget} tokens per "
-            f"{period}; it resets at {resets_at} (in {seconds} s). Try again then, or ask your "
-            "administrator for a larger budget.",
+            f"Budget reached: {holder} used {used} of its {budget} tokens per {period}; it "
+            f"resets at {resets_at} (in {seconds} s). Try again then, or ask your administrator "
+            "for a larger budget.",
             {**headers, **_retry_headers(retry_after_ms)},
         )
 

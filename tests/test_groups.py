@@ -20,8 +20,8 @@ import pytest
 from proxy.appkeys import ADMISSION
 from proxy.auth.cache import Principal
 from proxy.db.pool import Database
-from proxy.errors import GroupBudgetReached, RequestTooLarge
-from proxy.limits.groups import GroupBudgets
+from proxy.errors import BudgetReached, RequestTooLarge
+from proxy.limits.budgets import Budgets
 from tests.cli_helpers import failure, invoke, new_key, ok
 from tests.dashboard_helpers import (
     client,
@@ -96,7 +96,7 @@ async def test_a_weekly_budget_resets_at_the_week_start_of_the_groups_time_zone(
     alice = Principal(alice_id, "alice", "k", None, None)
     # Sunday 23:30 in New York: Monday 04:30 UTC, already the next ISO week in UTC.
     clock = Clock(datetime(2026, 12, 13, 23, 30, tzinfo=NEW_YORK))
-    budgets = GroupBudgets(database, clock)
+    budgets = Budgets(database, clock=clock)
     await budgets.load()
     assert budgets.applies(alice)
     granted, headers = await budgets.reserve(alice, "r1", 7, 100)
@@ -104,14 +104,14 @@ async def test_a_weekly_budget_resets_at_the_week_start_of_the_groups_time_zone(
     assert headers["x-ratelimit-limit-tokens"] == "10"
     assert headers["x-ratelimit-remaining-tokens"] == "0"
     assert headers["x-ratelimit-reset-tokens"] == "30m0s"
-    with pytest.raises(GroupBudgetReached) as refused:
+    with pytest.raises(BudgetReached) as refused:
         await budgets.reserve(alice, "r2", 1, 1)
     assert "group 'night-shift' used 10 of its 10 tokens per week" in refused.value.message
     assert "resets at 2026-12-14T05:00:00+00:00" in refused.value.message  # Monday 00:00 there
     assert refused.value.headers["Retry-After"] == str(30 * 60)
     # Monday 00:00 UTC is Sunday evening in New York: still the same week there.
     clock.now = datetime(2026, 12, 14, 0, 0, 30, tzinfo=UTC)
-    with pytest.raises(GroupBudgetReached):
+    with pytest.raises(BudgetReached):
         await budgets.reserve(alice, "r3", 1, 1)
     clock.now = datetime(2026, 12, 14, 0, 0, 30, tzinfo=NEW_YORK)  # the week turned there
     granted, headers = await budgets.reserve(alice, "r4", 2, 3)
@@ -119,7 +119,7 @@ async def test_a_weekly_budget_resets_at_the_week_start_of_the_groups_time_zone(
     # A prompt larger than the whole budget could never run: 400, not a wait.
     with pytest.raises(RequestTooLarge):
         await budgets.reserve(alice, "r5", 11, 0)
-    spend = await _sql(db_dsn, "SELECT starts, tokens FROM llama_group_spend")
+    spend = await _sql(db_dsn, "SELECT starts, tokens FROM llama_budget_spend")
     # Last week's row went when the new week was charged; this week's starts at 05:00 UTC.
     assert [(r["starts"], r["tokens"]) for r in spend] == [
         (datetime(2026, 12, 14, 5, 0, tzinfo=UTC), 5)
@@ -132,17 +132,17 @@ async def test_settling_moves_a_charge_to_what_the_request_cost(
     alice_id, _ = await make_user(db_dsn, "alice")
     await _group(db_dsn, "team", ["alice"], tokens_per_day=100, tokens_per_month=1000)
     alice = Principal(alice_id, "alice", "k", None, None)
-    budgets = GroupBudgets(database)
+    budgets = Budgets(database)
     async with budgets.running():
         granted, _ = await budgets.reserve(alice, "r1", 10, 50)
         assert granted == 50
-        rows = await _sql(db_dsn, "SELECT period, tokens FROM llama_group_spend ORDER BY period")
+        rows = await _sql(db_dsn, "SELECT period, tokens FROM llama_budget_spend ORDER BY period")
         assert [(r["period"], r["tokens"]) for r in rows] == [("day", 60), ("month", 60)]
         budgets.observe(_row("r1", alice_id, datetime.now(UTC)))
         await eventually(lambda: not budgets._costs, 5)
 
         async def settled() -> bool:
-            rows = await _sql(db_dsn, "SELECT tokens FROM llama_group_spend")
+            rows = await _sql(db_dsn, "SELECT tokens FROM llama_budget_spend")
             return {r["tokens"] for r in rows} == {7}
 
         for _ in range(50):
@@ -150,7 +150,7 @@ async def test_settling_moves_a_charge_to_what_the_request_cost(
                 break
             await asyncio.sleep(0.1)
         assert await settled()
-        assert await _sql(db_dsn, "SELECT * FROM llama_group_holds") == []
+        assert await _sql(db_dsn, "SELECT * FROM llama_budget_holds") == []
 
 
 async def test_a_group_budget_is_exact_across_two_proxy_processes(
@@ -198,7 +198,7 @@ async def test_a_group_budget_is_exact_across_two_proxy_processes(
 
                 for _ in range(100):
                     rows = await rows_landed()
-                    holds = await _sql(db_dsn, "SELECT * FROM llama_group_holds")
+                    holds = await _sql(db_dsn, "SELECT * FROM llama_budget_holds")
                     if len(rows) == 20 and not holds:
                         break
                     await asyncio.sleep(0.1)
@@ -213,7 +213,7 @@ async def test_a_group_budget_is_exact_across_two_proxy_processes(
     assert Counter(r["error"] for r in rows if r["status_code"] == 429) == {
         "group_budget_exceeded": 13
     }
-    spend = await _sql(db_dsn, "SELECT tokens FROM llama_group_spend")
+    spend = await _sql(db_dsn, "SELECT tokens FROM llama_budget_spend")
     assert [r["tokens"] for r in spend] == [49]  # settled: what the rows say, no hold left
     assert len(upstream.seen) == 7
 
@@ -224,7 +224,7 @@ async def test_refusals_in_each_apis_shape_and_members_added_while_running(
     async with running_proxy(db_dsn, tmp_path) as proxy:
         key = await proxy.user("alice")
         outsider = await proxy.user("bob")
-        groups = proxy.app[ADMISSION].groups
+        groups = proxy.app[ADMISSION].budgets
         # The group is made while the proxy runs: NOTIFY tells it who is a member now.
         await _group(db_dsn, "class", ["alice"], tokens_per_month=10)
         user_id = (await _sql(db_dsn, "SELECT id FROM users WHERE username = 'alice'"))[0]["id"]
@@ -310,11 +310,11 @@ def test_groups_with_the_cli(cli_env: dict[str, str]) -> None:
     assert "5000 tokens per week" in out
     assert "per day" not in out
     assert (
-        "a group has token budgets"
-        in invoke(cli_env, "set-limit", "--group", "research", "--rate-limit", "5").output
+        "a group has --rate-limit, --window, --max-concurrent, token budgets"
+        in invoke(cli_env, "set-limit", "--group", "research", "--max-tokens", "5").output
     )
     assert (
-        "is a group budget"
+        "is a group's or a key's budget"
         in invoke(cli_env, "set-limit", "--username", "alice", "--tokens-per-month", "5").output
     )
     listed = json.loads(ok(cli_env, "list-groups", "--json"))
@@ -347,7 +347,7 @@ async def test_the_dashboards_groups_page_shows_members_budgets_and_tokens_per_d
             assert r.status == 200
         await wait_for_rows(db_dsn, 1)
         for _ in range(50):  # the charge is settled just after the row is made
-            if not await _sql(db_dsn, "SELECT 1 FROM llama_group_holds"):
+            if not await _sql(db_dsn, "SELECT 1 FROM llama_budget_holds"):
                 break
             await asyncio.sleep(0.1)
         await sign_in(http, dashboard, token)
@@ -363,3 +363,61 @@ async def test_the_dashboards_groups_page_shows_members_budgets_and_tokens_per_d
     assert research["name"] == "research"
     assert research["tokens"][-1] == 7
     assert len(data["days"]) == 30
+
+
+async def test_a_groups_request_limit_and_cap_on_requests_at_once_hold_for_its_members(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    async with running_proxy(db_dsn, tmp_path) as proxy:
+        alice, bob = await proxy.user("alice"), await proxy.user("bob")
+        carol = await proxy.user("carol")
+        await _group(db_dsn, "pair", ["alice", "bob"])
+        await _sql(
+            db_dsn,
+            "UPDATE llama_groups SET rate_limit = 3, rate_window_seconds = 60, max_concurrent = 1",
+        )
+        budgets = proxy.app[ADMISSION].budgets
+        user_id = (await _sql(db_dsn, "SELECT id FROM users WHERE username = 'bob'"))[0]["id"]
+        bob_principal = Principal(user_id, "bob", "k", None, None)
+        await eventually(lambda: bool(budgets.group_limits(bob_principal)))
+        proxy.upstream.pieces = ["one", " two", " three", " four"]
+        proxy.upstream.gate, proxy.upstream.gate_after = asyncio.Event(), 3  # stalls after " two"
+        url = proxy.url("/v1/chat/completions")
+        async with aiohttp.ClientSession() as client:
+            held = await client.post(
+                url, json={"messages": HI, "stream": True}, headers=bearer(alice)
+            )
+            assert held.status == 200  # alice's request runs, held open
+            received = b""
+            while b" two" not in received:
+                chunk = await asyncio.wait_for(held.content.readany(), 5)
+                assert chunk, received  # the stream must still be open
+                received += chunk
+            bobs = client.post(url, json={"messages": HI}, headers=bearer(bob))
+            async with await asyncio.wait_for(bobs, 10) as r:  # refused, not queued
+                at_once = r.status, await r.json()
+            waiting = asyncio.create_task(  # not in the group: waits for the backend's slot
+                client.post(url, json={"messages": HI}, headers=bearer(carol))
+            )
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            proxy.upstream.gate.set()
+            await held.read()
+            held.release()
+            async with await waiting as r:
+                assert r.status == 200
+            statuses = []
+            for key in (bob, alice, bob):
+                async with client.post(url, json={"messages": HI}, headers=bearer(key)) as r:
+                    statuses.append((r.status, await r.json(), r.headers))
+    assert at_once[0] == 429
+    assert "at most 1 of the requests of group 'pair'" in at_once[1]["error"]["message"]
+    # The group's 3 requests per minute: alice's held one, then bob and alice; bob's next is one
+    # too many (his own limit is the proxy's default, far higher).
+    assert [s for s, _, _ in statuses] == [200, 200, 429]
+    _, refused, headers = statuses[2]
+    assert (
+        "Rate limit of group 'pair' reached: at most 3 requests per 60 s"
+        in refused["error"]["message"]
+    )
+    assert int(headers["Retry-After"]) >= 1

@@ -44,7 +44,8 @@ class AuditRow(NamedTuple):
     client_request_id: str | None = None
     backend: str | None = None
     end_user: str | None = None
-    cached_tokens: int | None = None  # last, with a default: older spill files still read
+    cached_tokens: int | None = None  # with a default: older spill files still read
+    weight: float | None = None  # the model's weight applied to its tokens (None: 1)
 
 
 COLUMNS: tuple[str, ...] = AuditRow._fields

@@ -350,6 +350,7 @@ def _principal(record: queries.KeyRecord) -> Principal:
         record.tokens_per_day, record.tokens_per_minute, record.default_model,
         tuple(record.models) if record.models is not None else None,
         frozenset(record.apis) if record.apis is not None else None,
+        record.key_rate_limit, record.key_rate_window_seconds, record.key_budgeted,
     )  # fmt: skip
 
 

@@ -32,6 +32,9 @@ class Principal:
     default_model: str | None = None  # for requests naming none (POST /setModel); None: server's
     models: tuple[str, ...] | None = None  # the key's scope: model names or globs; None: all
     apis: frozenset[str] | None = None  # the APIs the key may use (`proxy.routes.APIS`); None: all
+    key_rate_limit: int | None = None  # the key's own request limit per window (None: none)
+    key_rate_window_seconds: int | None = None
+    key_budgeted: bool = False  # the key has token budgets of its own (`proxy.limits.budgets`)
 
     def may_use(self, model: str) -> bool:
         """Whether the key's scope covers `model`: a name or glob of it matches (case-sensitive)."""

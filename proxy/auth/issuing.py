@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from proxy.auth.apikeys import KeyHasher, NewKey, generate_key
-from proxy.db import queries
+from proxy.db import limits, queries
 from proxy.db.queries import Connection
 
 
@@ -57,5 +57,6 @@ async def rotate_key(
         new = await issue_key(
             con, old["user_id"], old["label"], expires_in, old["models"], old["apis"]
         )
+        await limits.carry_key_limits(con, key_id, new.key_id)
         await queries.revoke_key(con, key_id, after=grace)
         return old["username"], new

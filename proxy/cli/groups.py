@@ -8,18 +8,12 @@ from typing import Any
 import asyncpg
 import click
 
+from proxy.cli.limitopts import budget_options, describe_budgets, limit_columns
 from proxy.cli.support import USERNAME_RULE, print_json, print_table, run_db, username_arg
-from proxy.db import groups as queries
-from proxy.settings import TOKEN_QUOTA_MAX
+from proxy.db import limits as queries
+from proxy.settings import MAX_CONCURRENT_MAX, RATE_LIMIT_MAX, RATE_WINDOW_MAX_SECONDS
 
 GROUP_RULE = USERNAME_RULE.replace("username", "group name")
-BUDGET_HELP = {
-    "minute": "Tokens (prompt + completion) the members may use together per calendar minute.",
-    "day": "... per day, from midnight in the group's time zone.",
-    "week": "... per ISO week, from Monday 00:00 in the group's time zone.",
-    "month": "... per month, from the 1st 00:00 in the group's time zone.",
-}
-_BUDGET = click.IntRange(1, TOKEN_QUOTA_MAX)
 
 
 def group_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -40,22 +34,17 @@ async def checked_time_zone(con: asyncpg.Connection, time_zone: str) -> None:
 
 
 def describe_group(group: Mapping[str, Any] | asyncpg.Record) -> str:
-    """A group's budgets, as one line."""
-    budgets = [
-        f"{group[f'tokens_per_{per}']} tokens per {per}"
-        for per in queries.PERIODS
-        if group[f"tokens_per_{per}"] is not None
-    ]
-    return f"group {group['name']!r} ({group['time_zone']}): " + (
-        ", ".join(budgets) if budgets else "no token budget"
+    """A group's limits and budgets, as one line."""
+    row = dict(group)
+    limits = []
+    if row["rate_limit"] is not None:
+        window = row["rate_window_seconds"] or "default"
+        limits.append(f"{row['rate_limit']} requests per {window} s")
+    if row["max_concurrent"] is not None:
+        limits.append(f"{row['max_concurrent']} requests at once")
+    return f"group {row['name']!r} ({row['time_zone']}): " + ", ".join(
+        [*limits, describe_budgets(row)]
     )
-
-
-def budget_options(command: Any) -> Any:
-    """--tokens-per-minute/day/week/month, for commands that set a group's budgets."""
-    for per in reversed(queries.PERIODS):
-        command = click.option(f"--tokens-per-{per}", type=_BUDGET, help=BUDGET_HELP[per])(command)
-    return command
 
 
 @click.command("create-group")
@@ -66,14 +55,28 @@ def budget_options(command: Any) -> Any:
     show_default=True,
     help="IANA time zone whose days, weeks and months the budgets count.",
 )
+@click.option(
+    "--rate-limit", type=click.IntRange(1, RATE_LIMIT_MAX), help="Requests per window, together."
+)
+@click.option(
+    "--window",
+    type=click.IntRange(1, RATE_WINDOW_MAX_SECONDS),
+    help="The rate window in seconds (default: the proxy's).",
+)
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(1, MAX_CONCURRENT_MAX),
+    help="Requests the members may have in flight or queued at once, together.",
+)
 @budget_options
-def create_group(name: str, time_zone: str, **budgets: int | None) -> None:
+def create_group(name: str, time_zone: str, **limits: int | None) -> None:
     """Create a group (a team, a class, a project) with token budgets its members share.
 
-    A member's request must fit their own limits and every budget of each of their groups; a
-    budget reached is a 429 naming the group and when the period resets. Budgets are exact
-    across proxy processes. Add members with add-to-group, change budgets with
-    `set-limit --group`.
+    A member's request must fit their own limits and every limit and budget of each of their
+    groups; a budget reached is a 429 naming the group and when the period resets. Request
+    limits and budgets are exact across proxy processes (the cap on requests at once is counted
+    in each process). Turns at the model go round groups first, then round their users. Add
+    members with add-to-group, change limits with `set-limit --group`.
 
     Example:
 
@@ -84,7 +87,7 @@ def create_group(name: str, time_zone: str, **budgets: int | None) -> None:
 
     async def work(con: asyncpg.Connection) -> asyncpg.Record | None:
         await checked_time_zone(con, time_zone)
-        return await queries.create_group(con, name, time_zone, budgets)
+        return await queries.create_group(con, name, time_zone, limit_columns(limits))
 
     row = run_db(work)
     if row is None:
@@ -96,7 +99,12 @@ def create_group(name: str, time_zone: str, **budgets: int | None) -> None:
 @click.command("list-groups")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_groups(as_json: bool) -> None:
-    """Groups, their members, budgets, and each budget's use in its current period."""
+    """Groups, their members, limits, budgets, and each budget's use in its current period.
+
+    Example:
+
+        llama-gate list-groups --json
+    """
     rows = run_db(lambda con: queries.list_groups(con))
     if as_json:
         print_json(rows)
@@ -140,7 +148,12 @@ def add_to_group(group: str, username: str) -> None:
 @click.option("--group", required=True, callback=group_arg)
 @click.option("--username", required=True, callback=username_arg)
 def remove_from_group(group: str, username: str) -> None:
-    """Take a user out of a group (what they used stays counted in its current periods)."""
+    """Take a user out of a group (what they used stays counted in its current periods).
+
+    Example:
+
+        llama-gate remove-from-group --group research --username alice
+    """
     if not run_db(lambda con: queries.remove_member(con, group, username)):
         raise click.ClickException(f"{username!r} is not a member of a group named {group!r}")
     click.echo(f"{username} is no longer a member of {group}.")
@@ -150,7 +163,12 @@ def remove_from_group(group: str, username: str) -> None:
 @click.option("--name", required=True, callback=group_arg)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def delete_group(name: str, yes: bool) -> None:
-    """Delete a group and its budgets; its members and their rows stay."""
+    """Delete a group and its limits; its members and their rows stay.
+
+    Example:
+
+        llama-gate delete-group --name research --yes
+    """
     if not yes:
         click.confirm(f"Delete group {name!r} and its budgets?", abort=True)
     if not run_db(lambda con: queries.delete_group(con, name)):
@@ -159,14 +177,12 @@ def delete_group(name: str, yes: bool) -> None:
 
 
 def set_group_limits(group: str, time_zone: str | None, given: Mapping[str, int | None]) -> None:
-    """`set-limit --group`: budgets given (0: removed) and the time zone."""
-    changes: dict[str, Any] = {
-        name: value or None for name, value in given.items() if value is not None
-    }
+    """`set-limit --group`: limits and budgets given (0: removed) and the time zone."""
+    changes: dict[str, Any] = limit_columns(given)
     if time_zone is not None:
         changes["time_zone"] = time_zone
     if not changes:
-        raise click.UsageError("give at least one budget or --time-zone to set for the group")
+        raise click.UsageError("give at least one limit, budget or --time-zone for the group")
 
     async def work(con: asyncpg.Connection) -> asyncpg.Record | None:
         if time_zone is not None:

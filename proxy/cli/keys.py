@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 
 import asyncpg
@@ -10,8 +11,9 @@ import click
 from proxy.auth import issuing
 from proxy.auth.apikeys import KEY_ID_RE, KEY_PREFIX, NewKey
 from proxy.auth.issuing import KeyAlreadyRevoked, KeyNotFound, issue_key
+from proxy.cli.limitopts import describe_key_limits, key_limit_options, limit_columns
 from proxy.cli.support import Duration, print_json, print_table, run_db, state, username_arg
-from proxy.db import queries
+from proxy.db import limits, queries
 from proxy.routes import APIS
 from proxy.settings import Settings
 
@@ -28,6 +30,20 @@ def announce_key(settings: Settings, username: str, key: NewKey) -> None:
         f'-H "Authorization: Bearer {full}" -H "Content-Type: application/json" '
         """-d '{"messages": [{"role": "user", "content": "Hello!"}]}'"""
     )
+
+
+def optional_key_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return None if value is None else key_id_arg(ctx, param, value)
+
+
+def set_key_limits(key_id: str, given: Mapping[str, int | None]) -> None:
+    """`set-limit --key`: its request limit and budgets (0: removed)."""
+    if not given:
+        raise click.UsageError("give at least one limit to set for the key")
+    row = run_db(lambda con: limits.set_key_limits(con, key_id, limit_columns(given)))
+    if row is None:
+        raise click.ClickException(f"no key with id {key_id} (see list-keys)")
+    click.echo(f"key {key_id}: {describe_key_limits(dict(row))}.")
 
 
 def key_id_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -93,18 +109,21 @@ SCOPE_HELP = "APIs: " + "; ".join(f"{name}: {what}" for name, what in APIS.items
     callback=apis_arg,
     help="Only these APIs, comma-separated or repeated (listed below). Default: every API.",
 )
+@key_limit_options
 def create_key(
     username: str,
     label: str | None,
     expires_in: timedelta | None,
     models: list[str] | None,
     apis: list[str] | None,
+    **key_limits: int | None,
 ) -> None:
     """Give a user another API key (users may hold several), optionally scoped.
 
     The full key is printed once; only its hash is stored. A key used outside its scope
     (another model, another API) is refused with 403 and spends nothing of the user's limits.
-    Rotating a key keeps its scope.
+    A key may also have its own request limit and token budgets (beside its user's; change
+    them with `set-limit --key`). Rotating a key keeps its scope, limits and budgets' use.
 
     Example:
 
@@ -113,13 +132,20 @@ def create_key(
         llama-gate create-key --username ci --apis embeddings --models 'nomic*'
 
         llama-gate create-key --username dash --apis models   # read-only: GET /v1/models
+
+        llama-gate create-key --username ci --rate-limit 10 --window 60 --tokens-per-day 50000
     """
+    chosen = limit_columns(key_limits)
 
     async def work(con: asyncpg.Connection) -> NewKey:
         user = await queries.get_user(con, username)
         if user is None:
             raise click.ClickException(f"no user named {username!r} (see list-users)")
-        return await issue_key(con, user["id"], label, expires_in, models, apis)
+        async with con.transaction():
+            key = await issue_key(con, user["id"], label, expires_in, models, apis)
+            if chosen:
+                await limits.set_key_limits(con, key.key_id, chosen)
+            return key
 
     announce_key(state().settings(), username, run_db(work))
     if models is not None or apis is not None:
@@ -127,6 +153,8 @@ def create_key(
             f"Scope: models {', '.join(models) if models else 'all'}; "
             f"APIs {', '.join(apis) if apis else 'all'}."
         )
+    if chosen:
+        click.echo(f"Limits of this key: {describe_key_limits(chosen)}.")
 
 
 @click.command("list-keys")
@@ -145,7 +173,8 @@ def list_keys(username: str | None, as_json: bool) -> None:
     else:
         columns = ["key_id", "username", "label", "state", "created_at", "last_used_at"]
         print_table(
-            [_with_scope(row) for row in rows], [*columns, "expires_at", "revoked_at", "scope"]
+            [_with_scope(row) for row in rows],
+            [*columns, "expires_at", "revoked_at", "scope", "limits"],
         )
 
 
@@ -154,7 +183,14 @@ def _with_scope(row: asyncpg.Record) -> dict[str, object]:
     parts = [
         f"{name}={','.join(row[name])}" for name in ("models", "apis") if row[name] is not None
     ]
-    return {**dict(row), "scope": " ".join(parts) or "all"}
+    own = row["rate_limit"] is not None or any(
+        row[f"tokens_per_{per}"] is not None for per in limits.PERIODS
+    )
+    return {
+        **dict(row),
+        "scope": " ".join(parts) or "all",
+        "limits": describe_key_limits(dict(row)) if own else "-",
+    }
 
 
 @click.command("revoke-key")

@@ -12,6 +12,7 @@ from proxy.cli import keys as cli_keys
 from proxy.cli import serve as cli_serve
 from proxy.cli import usage as cli_usage
 from proxy.cli import users as cli_users
+from proxy.cli import weights as cli_weights
 from proxy.cli.support import OneLineGroup, configure_logging, state
 from proxy.db import migrate
 from proxy.db.connect import DatabaseUnavailable, ensure_database
@@ -76,6 +77,8 @@ for command in (
     cli_groups.add_to_group,
     cli_groups.remove_from_group,
     cli_groups.delete_group,
+    cli_weights.set_model_weight,
+    cli_weights.list_model_weights,
     cli_keys.create_key,
     cli_keys.list_keys,
     cli_keys.revoke_key,

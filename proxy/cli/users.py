@@ -12,7 +12,8 @@ import click
 from proxy.auth.apikeys import NewKey
 from proxy.auth.issuing import issue_key
 from proxy.cli.groups import group_arg, set_group_limits
-from proxy.cli.keys import announce_key
+from proxy.cli.keys import announce_key, optional_key_id, set_key_limits
+from proxy.cli.limitopts import Override, limit_columns
 from proxy.cli.support import (
     USERNAME_RULE,
     Duration,
@@ -147,121 +148,117 @@ def delete_user(username: str, yes: bool) -> None:
     click.echo(f"Deleted {username}; their llama_requests rows are kept.")
 
 
-class _Override(click.ParamType[int]):
-    """A whole number from 1 to `most`, or `default` (also `none`) to drop the override: 0 then.
-
-    `most` is what the column and the proxy's arithmetic can hold, so no value set here can
-    fail later as a 500.
-    """
-
-    name = "N|default"
-
-    def __init__(self, most: int) -> None:
-        self._most = most
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower()
-        if text in {"default", "none"}:
-            return 0
-        if not text.isdigit() or int(text) == 0:
-            self.fail(f"{value!r} is neither a whole number above 0 nor 'default'", param, ctx)
-        if int(text) > self._most:
-            self.fail(f"{value} is more than this limit can be: at most {self._most}", param, ctx)
-        return int(text)
-
-
 @click.command("set-limit")
 @click.option("--username", callback=username_arg, help="The user whose limits to set.")
 @click.option(
     "--group",
     callback=group_arg,
-    help="Set a group's budgets instead (--tokens-per-minute/day/week/month, --time-zone).",
+    help="Set a group's limits instead (--rate-limit, --window, --max-concurrent, budgets, "
+    "--time-zone).",
 )
-@click.option("--rate-limit", type=_Override(RATE_LIMIT_MAX), help="Requests admitted per window.")
 @click.option(
-    "--window", type=_Override(RATE_WINDOW_MAX_SECONDS), help="Rate window length in seconds."
+    "--key",
+    "key_id",
+    callback=optional_key_id,
+    help="Set a key's own limits instead (--rate-limit, --window, budgets).",
+)
+@click.option("--rate-limit", type=Override(RATE_LIMIT_MAX), help="Requests admitted per window.")
+@click.option(
+    "--window", type=Override(RATE_WINDOW_MAX_SECONDS), help="Rate window length in seconds."
 )
 @click.option(
     "--max-concurrent",
-    type=_Override(MAX_CONCURRENT_MAX),
-    help="Requests the user may have in flight or queued at once (more get 429).",
+    type=Override(MAX_CONCURRENT_MAX),
+    help="Requests the user (or the group's members together) may have in flight or queued at "
+    "once (more get 429).",
 )
 @click.option(
     "--max-tokens",
-    type=_Override(MAX_TOKENS_MAX),
+    type=Override(MAX_TOKENS_MAX),
     help="Cap on one request's max_tokens; a request asking for more, or none, gets this.",
 )
 @click.option(
     "--tokens-per-day",
-    type=_Override(TOKEN_QUOTA_MAX),
-    help="Token quota (prompt + completion) per UTC day (a group's: per day in its time "
-    "zone); 'none' removes it.",
+    type=Override(TOKEN_QUOTA_MAX),
+    help="Token quota (prompt + completion, times the model's weight) per UTC day; 'none' "
+    "removes it. A group's or key's budget: per calendar day (the group's time zone).",
 )
 @click.option(
     "--tokens-per-minute",
-    type=_Override(TOKEN_QUOTA_MAX),
-    help="Token quota (prompt + completion) per rolling minute (a group's: per calendar "
-    "minute); 'none' removes it.",
-)
-@click.option(
-    "--tokens-per-week",
-    type=_Override(TOKEN_QUOTA_MAX),
-    help="With --group: tokens per ISO week (from Monday 00:00 in its time zone); 'none' "
+    type=Override(TOKEN_QUOTA_MAX),
+    help="Token quota per rolling minute (a group's or key's: per calendar minute); 'none' "
     "removes it.",
 )
 @click.option(
+    "--tokens-per-week",
+    type=Override(TOKEN_QUOTA_MAX),
+    help="A group's or key's budget per ISO week (from Monday 00:00); 'none' removes it.",
+)
+@click.option(
     "--tokens-per-month",
-    type=_Override(TOKEN_QUOTA_MAX),
-    help="With --group: tokens per calendar month in its time zone; 'none' removes it.",
+    type=Override(TOKEN_QUOTA_MAX),
+    help="A group's or key's budget per calendar month; 'none' removes it.",
 )
 @click.option("--time-zone", help="With --group: the IANA time zone its periods are counted in.")
 @click.option("--default", "use_default", is_flag=True, help="Drop every override: use the global.")
 def set_limit(
     username: str | None,
     group: str | None,
+    key_id: str | None,
     time_zone: str | None,
     use_default: bool,
     **given: int | None,
 ) -> None:
-    """Set a user's own limits (rate limit, concurrency, max_tokens cap, token quotas), or a
-    group's token budgets.
+    """Set a user's own limits (rate limit, concurrency, max_tokens cap, token quotas), a
+    group's, or a key's.
 
     Options left out keep their current value; an option given as `default` (or `none`) drops
     that override, and --default drops them all. Without an override a user gets the proxy's
     settings (LLAMA_PROXY_RATE_LIMIT, LLAMA_PROXY_RATE_WINDOW_SECONDS,
     LLAMA_PROXY_MAX_CONCURRENT, MAX_TOKENS_HARD_CAP) and no token quota. Quotas count the
-    tokens in llama_requests; proxies apply a change within a second. A group's budgets
-    (see create-group) apply at once, on every proxy.
+    tokens in llama_requests; proxies apply a change within a second. A group's limits (see
+    create-group) and a key's (see create-key) apply on every proxy at once, beside the user's.
 
     Example:
 
     \b
         llama-gate set-limit --username alice --rate-limit 10 --window 60
         llama-gate set-limit --username alice --tokens-per-day 200000 --max-tokens none
-        llama-gate set-limit --group research --tokens-per-week 1000000 --time-zone Europe/Berlin
+        llama-gate set-limit --group research --tokens-per-week 1000000 --max-concurrent 3
+        llama-gate set-limit --key 0123456789abcdef --rate-limit 5 --tokens-per-month 100000
     """
     chosen = {name: value for name, value in given.items() if value is not None}
-    if (username is None) == (group is None):
-        raise click.UsageError("give either --username or --group")
-    if group is not None:
-        budgets = {f"tokens_per_{per}" for per in ("minute", "day", "week", "month")}
-        others = sorted(set(chosen) - budgets)
-        if others or use_default:
-            wrong = ", ".join("--" + name.replace("_", "-") for name in others) or "--default"
-            raise click.UsageError(
-                f"{wrong}: a group has token budgets and a time zone only "
-                "(--tokens-per-minute/day/week/month, --time-zone)"
+    if [username, group, key_id].count(None) != 2:
+        raise click.UsageError("give one of --username, --group or --key")
+    budgets = {f"tokens_per_{per}" for per in ("minute", "day", "week", "month")}
+    if group is not None or key_id is not None:
+        allowed = {"rate_limit", "window", *budgets}
+        if group is not None:
+            allowed.add("max_concurrent")
+        others = sorted(set(chosen) - allowed)
+        if others or use_default or (time_zone is not None and key_id is not None):
+            wrong = ", ".join("--" + name.replace("_", "-") for name in others) or (
+                "--default" if use_default else "--time-zone"
             )
-        set_group_limits(group, time_zone, chosen)
+            what = (
+                "a group has --rate-limit, --window, --max-concurrent, token budgets and "
+                "--time-zone"
+                if group is not None
+                else "a key has --rate-limit, --window and token budgets (periods in UTC)"
+            )
+            raise click.UsageError(f"{wrong}: {what}")
+        if group is not None:
+            set_group_limits(group, time_zone, chosen)
+        else:
+            assert key_id is not None
+            set_key_limits(key_id, chosen)
         return
     assert username is not None
     for name in ("tokens_per_week", "tokens_per_month"):
         if name in chosen:
             raise click.UsageError(
-                f"--{name.replace('_', '-')} is a group budget (use --group); a user's token "
-                "quotas are per day and per minute"
+                f"--{name.replace('_', '-')} is a group's or a key's budget (use --group or "
+                "--key); a user's token quotas are per day and per minute"
             )
     if time_zone is not None:
         raise click.UsageError("--time-zone is a group's (use --group); users' days are UTC days")
@@ -269,11 +266,10 @@ def set_limit(
         raise click.UsageError("--default cannot be combined with other limits")
     if not use_default and not chosen:
         raise click.UsageError("give at least one limit to set, or --default")
-    columns = {"window": "rate_window_seconds"}
     if use_default:
         limits: dict[str, int | None] = dict.fromkeys(queries.LIMIT_COLUMNS)
     else:
-        limits = {columns.get(name, name): value or None for name, value in chosen.items()}
+        limits = limit_columns(chosen)
     row = run_db(lambda con: queries.set_user_limits(con, username, limits))
     if row is None:
         raise click.ClickException(f"no user named {username!r} (see list-users)")

@@ -14,7 +14,7 @@ from aiohttp import web
 from proxy.appkeys import DATABASE
 from proxy.dashboard.keys import PROXY
 from proxy.dashboard.render import error_page, render
-from proxy.db import groups as queries
+from proxy.db import limits as queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.queries import Connection
 

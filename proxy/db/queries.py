@@ -40,6 +40,9 @@ class KeyRecord:
     default_model: str | None
     models: list[str] | None  # the key's scope; None: every model, every API
     apis: list[str] | None
+    key_rate_limit: int | None = None  # the key's own request limit (None: none)
+    key_rate_window_seconds: int | None = None
+    key_budgeted: bool = False  # the key has a token budget of its own
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ async def insert_key(
 async def list_keys(con: Connection, username: str | None) -> list[asyncpg.Record]:
     return await con.fetch(
         """SELECT k.key_id, u.username, k.label, k.created_at, k.last_used_at, k.expires_at,
-                  k.revoked_at, k.models, k.apis,
+                  k.revoked_at, k.models, k.apis, k.rate_limit, k.rate_window_seconds,
+                  k.tokens_per_minute, k.tokens_per_day, k.tokens_per_week, k.tokens_per_month,
                   CASE WHEN k.revoked_at IS NOT NULL AND k.revoked_at <= now() THEN 'revoked'
                        WHEN k.expires_at IS NOT NULL AND k.expires_at <= now() THEN 'expired'
                        WHEN k.revoked_at IS NOT NULL THEN 'retiring'
@@ -218,7 +222,10 @@ _KEY_RECORDS = """
     SELECT k.key_id, k.secret_hash, k.expires_at, k.revoked_at,
            u.id AS user_id, u.username, u.enabled AS user_enabled,
            u.rate_limit, u.rate_window_seconds, u.max_concurrent, u.max_tokens,
-           u.tokens_per_day, u.tokens_per_minute, u.default_model, k.models, k.apis
+           u.tokens_per_day, u.tokens_per_minute, u.default_model, k.models, k.apis,
+           k.rate_limit AS key_rate_limit, k.rate_window_seconds AS key_rate_window_seconds,
+           num_nonnulls(k.tokens_per_minute, k.tokens_per_day, k.tokens_per_week,
+                        k.tokens_per_month) > 0 AS key_budgeted
     FROM api_keys k JOIN users u ON u.id = k.user_id"""
 
 
@@ -287,7 +294,11 @@ async def admit_request(con: Connection, user_id: int, limit: int, window_ms: in
     return Admission(grant.granted == 1, grant.remaining, grant.reset_ms, grant.retry_after_ms)
 
 
-_TOKENS = "coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)"
+# Tokens as quotas count them: times the model's weight (migration 0018), rounded up.
+_TOKENS = (
+    "ceil((coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0))"
+    " * coalesce(weight, 1))::bigint"
+)
 
 
 async def user_tokens(

@@ -39,6 +39,18 @@ metadata = MetaData(
 # A letter or digit first: `--help`, `-` or `...` would read as options or as nothing.
 USERNAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
+# Budget periods (calendar, in a group's time zone; a key's in UTC) and a group's other limits.
+GROUP_PERIODS = ("minute", "day", "week", "month")
+GROUP_LIMITS = ("rate_limit", "rate_window_seconds", "max_concurrent")
+
+
+def _positive(*columns: str) -> list[CheckConstraint]:
+    return [
+        CheckConstraint(f"{column} IS NULL OR {column} > 0", name=f"{column}_positive")
+        for column in columns
+    ]
+
+
 users = Table(
     "users",
     metadata,
@@ -90,6 +102,13 @@ api_keys = Table(
     # A key's scope: the models (names or globs) and APIs it may use; NULL means all.
     Column("models", ARRAY(Text), nullable=True),
     Column("apis", ARRAY(Text), nullable=True),
+    # A key's own request limit and token budgets (periods in UTC); NULL: none.
+    Column("rate_limit", Integer, nullable=True),
+    Column("rate_window_seconds", Integer, nullable=True),
+    *(Column(f"tokens_per_{per}", BigInteger, nullable=True) for per in GROUP_PERIODS),
+    *_positive(
+        "rate_limit", "rate_window_seconds", *(f"tokens_per_{per}" for per in GROUP_PERIODS)
+    ),
 )
 
 # Tokens that sign admins in to the dashboard (`llama-gate create-admin-token`): like api_keys, a
@@ -261,26 +280,19 @@ llama_slot_turns = Table(
     prefixes=["UNLOGGED"],
 )
 
-# Groups of users with token budgets over calendar periods in `time_zone` (NULL: none); each
-# period's use is a row of llama_group_spend, charged before a member's request runs and
-# settled when it ends (llama_group_holds), by migration 0018's functions (`proxy.limits.groups`).
-GROUP_PERIODS = ("minute", "day", "week", "month")
-
+# Groups of users (a team, a class, a project): members, a request limit per window, a cap on
+# their requests at once, and token budgets over calendar periods in `time_zone` (NULL: none).
 llama_groups = Table(
     "llama_groups",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("name", Text, nullable=False, unique=True),
     Column("time_zone", Text, nullable=False, server_default=text("'UTC'")),
+    *(Column(column, Integer, nullable=True) for column in GROUP_LIMITS),
     *(Column(f"tokens_per_{per}", BigInteger, nullable=True) for per in GROUP_PERIODS),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(f"name ~ '{USERNAME_PATTERN}'", name="name_format"),
-    *(
-        CheckConstraint(
-            f"tokens_per_{per} IS NULL OR tokens_per_{per} > 0", name=f"tokens_per_{per}_positive"
-        )
-        for per in GROUP_PERIODS
-    ),
+    *_positive(*GROUP_LIMITS, *(f"tokens_per_{per}" for per in GROUP_PERIODS)),
 )
 
 llama_group_members = Table(
@@ -301,35 +313,56 @@ llama_group_members = Table(
     ),
 )
 
-llama_group_spend = Table(
-    "llama_group_spend",
+# Each budget holder's use per period (`g:<group id>`, `k:<key id>`): charged before a request
+# runs and settled when it ends (llama_budget_holds), by migration 0018's functions
+# (`proxy.limits.budgets`).
+llama_budget_spend = Table(
+    "llama_budget_spend",
     metadata,
-    Column(
-        "group_id",
-        BigInteger,
-        ForeignKey("llama_groups.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    Column("holder", Text, primary_key=True),
     Column("period", Text, primary_key=True),
     Column("starts", DateTime(timezone=True), primary_key=True),
     Column("tokens", BigInteger, nullable=False),
 )
 
 # What each running request was charged, until it says what it cost.
-llama_group_holds = Table(
-    "llama_group_holds",
+llama_budget_holds = Table(
+    "llama_budget_holds",
     metadata,
     Column("request_id", Text, primary_key=True),
-    Column(
-        "group_id",
-        BigInteger,
-        ForeignKey("llama_groups.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    Column("holder", Text, primary_key=True),
     Column("period", Text, primary_key=True),
     Column("starts", DateTime(timezone=True), nullable=False),
     Column("tokens", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Sliding windows of keys' and groups' request limits (`k:<key id>`, `g:<group id>`), as
+# rate_admissions and rate_windows are users'.
+rate_subject_admissions = Table(
+    "rate_subject_admissions",
+    metadata,
+    Column("subject", Text, nullable=False),
+    Column("admitted_at", DateTime(timezone=True), nullable=False),
+    Index("ix_rate_subject_admissions_subject_admitted_at", "subject", "admitted_at"),
+    prefixes=["UNLOGGED"],
+)
+
+rate_subject_windows = Table(
+    "rate_subject_windows",
+    metadata,
+    Column("subject", Text, primary_key=True),
+    Column("admissions", Integer, nullable=False),
+    prefixes=["UNLOGGED"],
+)
+
+# What a token of a model costs against budgets and quotas (a model not listed: 1).
+llama_model_weights = Table(
+    "llama_model_weights",
+    metadata,
+    Column("model", Text, primary_key=True),
+    Column("weight", Float, nullable=False),
+    CheckConstraint("weight > 0", name="weight_positive"),
 )
 
 # The day a row belongs to, in UTC: the grouping key of llama_usage_daily, indexed so that
@@ -369,6 +402,8 @@ llama_requests = Table(
     Column("end_user", Text, nullable=True),
     # Of prompt_tokens, those the backend's prompt cache spared it from reading again.
     Column("cached_tokens", Integer, nullable=True),
+    # The model's weight applied to its tokens against budgets and quotas (NULL: 1).
+    Column("weight", Float, nullable=True),
     Index("ix_llama_requests_created_at", "created_at"),
     Index("ix_llama_requests_username_created_at", "username", "created_at"),
     Index("ix_llama_requests_day_username", text(USAGE_DAY), "username"),
@@ -377,7 +412,7 @@ llama_requests = Table(
         "ix_llama_requests_user_id_created_at",
         "user_id",
         "created_at",
-        postgresql_include=["prompt_tokens", "completion_tokens"],
+        postgresql_include=["prompt_tokens", "completion_tokens", "weight"],
     ),
 )
 

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.appkeys import ADMISSION, DATABASE
-from proxy.db import groups, queries
+from proxy.db import limits, queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.queries import Connection
 from proxy.dialects.openai import DIALECT
@@ -54,16 +54,17 @@ class Me:
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         since = (now - timedelta(days=USAGE_DAYS)).date()
 
-        async def read(con: Connection) -> tuple[list[Any], list[Any], list[Any]]:
+        async def read(con: Connection) -> tuple[list[Any], list[Any], list[Any], Any]:
             # By user id: a namesake of a deleted user never sees that user's rows.
             daily = await queries.user_usage_daily(con, since, caller.user_id)
             quotas = await queries.quota_usage(
                 con, day_start, now - timedelta(minutes=1), caller.username
             )
-            return daily, quotas, await groups.groups_of(con, caller.user_id)
+            member_of = await limits.groups_of(con, caller.user_id)
+            return daily, quotas, member_of, await limits.key_limits(con, caller.key_id)
 
         try:
-            daily, quotas, member_of = await app[DATABASE].run(read)
+            daily, quotas, member_of, key = await app[DATABASE].run(read)
         except DatabaseUnavailable:
             raise UsageUnavailable() from None
         quota = dict(quotas[0]) if quotas else {}
@@ -76,6 +77,10 @@ class Me:
                 "id": caller.key_id,
                 "models": list(caller.models) if caller.models is not None else None,
                 "apis": sorted(caller.apis) if caller.apis is not None else None,
+                # The key's own limits, beside the user's (None: none).
+                "requests_per_window": key["rate_limit"] if key else None,
+                "window_seconds": key["rate_window_seconds"] if key else None,
+                "budgets": [_plain(b) for b in limits.budgets_now(key)] if key else [],
             },
             "limits": app[ADMISSION].limits_of(caller),
             "quotas": _plain(quota),
@@ -85,7 +90,10 @@ class Me:
                 {
                     "name": group["name"],
                     "time_zone": group["time_zone"],
-                    "budgets": [_plain(b) for b in groups.budgets_now(group)],
+                    "requests_per_window": group["rate_limit"],
+                    "window_seconds": group["rate_window_seconds"],
+                    "max_concurrent": group["max_concurrent"],
+                    "budgets": [_plain(b) for b in limits.budgets_now(group)],
                 }
                 for group in member_of
             ],

@@ -117,8 +117,9 @@ async def _charge_conversation(context: Context, call: UpstreamCall, model: str 
     measured = await app[ADMISSION].prompts.measure(ask, context.request_id, True, size)
     more = (measured.prompt_tokens or 0) - (context.prompt_tokens or 0)
     if more > 0:
-        app[QUOTAS].extend(context.caller, context.request_id, more)
-        await app[ADMISSION].groups.extend(context.caller, context.request_id, more)
+        weight = app[ADMISSION].budgets.weight_of(model)
+        app[QUOTAS].extend(context.caller, context.request_id, more, weight)
+        await app[ADMISSION].budgets.extend(context.caller, context.request_id, more, weight)
 
 
 def _reply(request: ResponsesRequest, made: dict[str, Any], finished: Finished) -> Reply:

@@ -8,10 +8,12 @@
    large body is parsed at its turn (`proxy.lane`), so that it stalls nobody's stream;
 3. its prompt, measured when that can matter (`proxy.limits.prompts`): one that does not fit
    the model's context is a 400 here;
-4. the user's token quota, then their groups' budgets (`proxy.limits.groups`), asked with what
-   the request can cost (its prompt and its answer's room), which stays reserved until the
-   request ends;
-5. the user's rate limit.
+4. the user's token quota, then the budgets of their groups and of their key
+   (`proxy.limits.budgets`), asked with what the request can cost (its prompt and its answer's
+   room, times its model's weight), which stays reserved until the request ends;
+5. the user's rate limit, then their key's and their groups' (`Subject`).
+
+Groups' caps on their members' requests at once are places too, taken with the user's.
 
 A request refused at one step spends nothing at the steps after it, and its place is given back
 on every way out, the client leaving included. An admitted request keeps its place until it ends.
@@ -29,11 +31,11 @@ from aiohttp import web
 from proxy.auth.cache import Principal
 from proxy.lane import Lane
 from proxy.limits.body import read_body
-from proxy.limits.groups import GroupBudgets
+from proxy.limits.budgets import Budgets
 from proxy.limits.places import Places
 from proxy.limits.prompts import Ask, Prompts
 from proxy.limits.quotas import TokenQuotas
-from proxy.limits.ratelimit import RateLimiter
+from proxy.limits.ratelimit import RateLimiter, Subject
 from proxy.settings import Settings
 
 T = TypeVar("T")
@@ -45,6 +47,7 @@ class Admitted(Generic[T]):
     headers: dict[str, str]  # x-ratelimit-* for the answer
     prompt_tokens: int | None = None  # measured before the turn (None: not measured)
     answer: int | None = None  # the tokens its answer may have in all (None: as the call asks)
+    weight: float | None = None  # its model's weight against budgets and quotas (None: not asked)
 
 
 class Admission:
@@ -53,7 +56,7 @@ class Admission:
         settings: Settings,
         places: Places,
         quotas: TokenQuotas,
-        groups: GroupBudgets,
+        budgets: Budgets,
         rate_limiter: RateLimiter,
         prompts: Prompts,
     ) -> None:
@@ -63,7 +66,8 @@ class Admission:
         self._hard_cap = settings.max_tokens_hard_cap
         self.places = places
         self._quotas = quotas
-        self.groups = groups
+        self.budgets = budgets
+        self.group_places = Places()  # groups' caps on their members' requests at once
         self._rate = rate_limiter
         self.prompts = prompts
         self.lane = Lane()
@@ -110,9 +114,17 @@ class Admission:
         field a body's prompt is in, for a body too large for any prompt (None: not bounded).
         """
         self.places.take(caller.user_id, self.max_concurrent(caller))
+        taken: list[int] = []
         try:
+            for group in self.budgets.group_limits(caller):
+                if group.max_concurrent is not None:
+                    self.group_places.take(
+                        group.group_id, group.max_concurrent, f"group {group.name!r}"
+                    )
+                    taken.append(group.group_id)
+            others = self._subjects(caller)
             if spend:
-                self._rate.refuse_if_spent(caller)
+                self._rate.refuse_if_spent(caller, others)
             raw = (
                 await read_body(request, self._max_body, self._body_timeout, received)
                 if read_body_first
@@ -127,8 +139,9 @@ class Admission:
                 return
             ask = asks(checked)
             prompt, answer = None, None
+            weight = self.budgets.weight_of(ask.model if ask is not None else None)
             if ask is not None:
-                has_quota = self._quotas.applies(caller) or self.groups.applies(caller)
+                has_quota = self._quotas.applies(caller) or self.budgets.applies(caller)
                 call = ask.call
                 await self.lane.step(size, lambda: call.data)  # once: measured, then forwarded
                 measured = await self.prompts.measure(ask, request_id, has_quota, size)
@@ -137,19 +150,40 @@ class Admission:
             if ask is None or ask.charged:  # counting a prompt reads nothing: no quota
                 charged = ask is not None
                 reserved = await self._quotas.reserve(
-                    caller, request_id, prompt if charged else None, (answer or 0) if charged else 0
+                    caller,
+                    request_id,
+                    prompt if charged else None,
+                    (answer or 0) if charged else 0,
+                    weight,
                 )
                 answer = reserved.answer if charged else answer
                 headers = reserved.headers
                 if charged:
-                    answer, budget_headers = await self.groups.reserve(
-                        caller, request_id, prompt, answer or 0
+                    answer, budget_headers = await self.budgets.reserve(
+                        caller, request_id, prompt, answer or 0, weight
                     )
                     headers = _fewest_left(headers, budget_headers)
-            rate_headers = await self._rate.allow(caller)
-            yield Admitted(checked, {**rate_headers, **headers}, prompt, answer)
+            rate_headers = await self._rate.allow(caller, others)
+            yield Admitted(checked, {**rate_headers, **headers}, prompt, answer, weight)
         finally:
+            for group_id in taken:
+                self.group_places.give_back(group_id)
             self.places.give_back(caller.user_id)
+
+    def _subjects(self, caller: Principal) -> list[Subject]:
+        """The request limits beyond the user's own: their key's, then their groups'."""
+        subjects = []
+        if caller.key_rate_limit is not None:
+            window = caller.key_rate_window_seconds or self._rate.default_window
+            subjects.append(
+                Subject(f"k:{caller.key_id}", f"key {caller.key_id}", caller.key_rate_limit, window)
+            )
+        for group in self.budgets.group_limits(caller):
+            if group.rate_limit is not None:
+                window = group.rate_window_seconds or self._rate.default_window
+                whose = f"group {group.name!r}"
+                subjects.append(Subject(f"g:{group.group_id}", whose, group.rate_limit, window))
+        return subjects
 
 
 def _fewest_left(*choices: dict[str, str]) -> dict[str, str]:

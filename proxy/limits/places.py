@@ -18,11 +18,12 @@ class Places:
     def __init__(self) -> None:
         self._held: dict[Hashable, int] = {}
 
-    def take(self, user: Hashable, cap: int) -> None:
-        """Hold one more place for `user`, or raise `TooManyConcurrent` at `cap`."""
+    def take(self, user: Hashable, cap: int, whose: str | None = None) -> None:
+        """Hold one more place for `user` (or a group, `whose` naming it), or raise
+        `TooManyConcurrent` at `cap`."""
         held = self._held.get(user, 0)
         if held >= cap:
-            raise TooManyConcurrent(cap)
+            raise TooManyConcurrent(cap, whose)
         self._held[user] = held + 1
 
     def give_back(self, user: Hashable) -> None:

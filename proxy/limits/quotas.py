@@ -1,4 +1,5 @@
-"""Per-user token quotas: tokens (prompt + completion) per UTC day and per rolling minute.
+"""Per-user token quotas: tokens (prompt + completion, times the model's weight) per UTC day and
+per rolling minute.
 
 The count is what the audit log holds: `llama_requests` rows of the user, streamed ones included,
 each counted in the day and minute its request began. Users without a quota cost nothing here.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from proxy.db.pool import Database
 from proxy.db.queries import TokenTotals
 from proxy.errors import RequestTooLarge, TokenQuotaExceeded
 from proxy.limits.ratelimit import format_duration
+from proxy.limits.weights import weighted
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ class TokenQuotas:
         if ledger is None or row.request_id is None:
             return
         ledger.pending.pop(row.request_id, None)
-        tokens = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
+        tokens = weighted((row.prompt_tokens or 0) + (row.completion_tokens or 0), row.weight)
         if tokens > 0:
             ledger.recent.append(_Use(row.request_id, row.created_at, tokens))
 
@@ -124,16 +127,22 @@ class TokenQuotas:
         return principal.tokens_per_day is not None or principal.tokens_per_minute is not None
 
     async def reserve(
-        self, principal: Principal, request_id: str, prompt: int | None, answer: int
+        self,
+        principal: Principal,
+        request_id: str,
+        prompt: int | None,
+        answer: int,
+        weight: float = 1.0,
     ) -> Reserved:
         """Reserve what request `request_id` can cost (`prompt` tokens, measured, plus up to
-        `answer`), lowering the answer's room to what is left; `TokenQuotaExceeded` when not
-        even the prompt and one answer token fit, `RequestTooLarge` when the quota never could.
+        `answer`, times its model's `weight`), lowering the answer's room to what is left;
+        `TokenQuotaExceeded` when not even the prompt and one answer token fit,
+        `RequestTooLarge` when the quota never could.
         """
         if not self.applies(principal):
             return Reserved({}, answer)
         ledger = self._ledgers.setdefault(principal.user_id, _Ledger())
-        need = (prompt or 0) + (1 if answer else 0)
+        need = weighted((prompt or 0) + (1 if answer else 0), weight)
         await self._refresh(principal.user_id, ledger, self._cache_seconds)
         verdicts = self._verdicts(principal, ledger)
         if any(v.remaining < max(need, 1) for v in verdicts):
@@ -154,18 +163,21 @@ class TokenQuotas:
                 worst.per, worst.used, worst.limit, worst.reset_ms, _headers(worst)
             )
         left = min(v.remaining for v in verdicts)
-        granted = min(answer, left - (prompt or 0))
-        cost = (prompt or 0) + granted
+        granted = min(answer, math.floor(left / weight) - (prompt or 0))
+        cost = weighted((prompt or 0) + granted, weight)
         ledger.pending[request_id] = _Use(request_id, self._clock(), cost)
         verdicts = self._verdicts(principal, ledger)
         return Reserved(_headers(min(verdicts, key=lambda v: v.remaining)), granted)
 
-    def extend(self, principal: Principal, request_id: str, tokens: int) -> None:
+    def extend(
+        self, principal: Principal, request_id: str, tokens: int, weight: float = 1.0
+    ) -> None:
         """Reserve `tokens` more for a request that asks the model again (a tool loop's next
         turn); `TokenQuotaExceeded` when they do not fit."""
         ledger = self._ledgers.get(principal.user_id)
         if ledger is None or not self.applies(principal):
             return
+        tokens = weighted(tokens, weight)
         verdicts = self._verdicts(principal, ledger)
         short = [v for v in verdicts if v.remaining < tokens]
         if short:

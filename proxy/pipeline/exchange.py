@@ -44,6 +44,7 @@ class Exchange:
     calls: int = 0  # calls of a batch recorded on rows of their own (then this one has none)
     prompt_tokens: int | None = None  # measured before its turn: charged if it reached a backend
     answer_budget: int | None = None  # answer tokens it may generate in all (None: as asked)
+    weight: float | None = None  # its model's weight against budgets and quotas (None: not asked)
     sent: int = 0  # requests it sent to a backend
 
     @classmethod
@@ -134,4 +135,5 @@ class Exchange:
             backend=storable(outcome.backend),
             end_user=storable(self.end_user),
             cached_tokens=outcome.cached_tokens,
+            weight=self.weight,
         )

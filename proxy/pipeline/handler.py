@@ -304,6 +304,7 @@ class Walk:
         ) as admitted:
             exchange.prompt_tokens = admitted.prompt_tokens
             exchange.answer_budget = admitted.answer
+            exchange.weight = admitted.weight
             delivery.headers.update(admitted.headers)
             yield admitted.checked
 
@@ -347,7 +348,7 @@ class Walk:
         session, limit = app[UPSTREAM_SESSION], delivery.max_answer_bytes
         refused: list[str] = []
         cap = app[ADMISSION].max_concurrent(caller)
-        team = app[ADMISSION].groups.team_of(caller)
+        team = app[ADMISSION].budgets.team_of(caller)
         while True:
             async with backends.acquire(
                 caller.user_id, exchange.model, outcome, refused, affinity, cap, team
@@ -387,13 +388,14 @@ async def _reserve_again(app: web.Application, exchange: Exchange, call: Upstrea
     caller = exchange.caller
     assert caller is not None
     admission, quotas = app[ADMISSION], app[QUOTAS]
-    if not (quotas.applies(caller) or admission.groups.applies(caller)):
+    if not (quotas.applies(caller) or admission.budgets.applies(caller)):
         return
     ask = Ask(call, 0, model=exchange.model)
     size = len(call.data or b"")
     measured = await admission.prompts.measure(ask, exchange.request_id, True, size)
-    quotas.extend(caller, exchange.request_id, measured.prompt_tokens or 0)
-    await admission.groups.extend(caller, exchange.request_id, measured.prompt_tokens or 0)
+    tokens, weight = measured.prompt_tokens or 0, exchange.weight or 1.0
+    quotas.extend(caller, exchange.request_id, tokens, weight)
+    await admission.budgets.extend(caller, exchange.request_id, tokens, weight)
 
 
 def _known_model(request: web.Request, caller: Principal, model: str) -> None:

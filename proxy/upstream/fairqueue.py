@@ -6,7 +6,7 @@ ahead of everyone already being served, and users who all keep requests waiting 
 request each, however many each has waiting: a user with 20 requests queued delays another user's
 single request by at most the one request already running on that slot.
 
-Users may belong to a team (their group, `proxy.limits.groups`): then turns go round the teams
+Users may belong to a team (their group, `proxy.limits.budgets`): then turns go round the teams
 first, the team served least recently next, and within it to its user served least recently. A
 user in no team is a team of their own, so a group of three flooding users shares the model with
 a lone user as one user would.

@@ -1,19 +1,20 @@
-"""Groups at run time: each of a caller's groups' token budgets, exact across every proxy process,
-and the group a caller's turns at the model are taken with (`proxy.upstream.fairqueue`).
+"""Budgets and groups at run time: groups' and keys' token budgets, exact across every proxy
+process; who is in which group (for groups' limits and for turns at the model); model weights.
 
-A group's budgets (tokens per minute, day, ISO week and month, calendar periods in the group's
-time zone) are kept in Postgres by migration 0018's functions: before a member's request may run,
-`llama_gate_group_reserve` charges every budget of every group of the member what the request can
-cost (its measured prompt and its answer's room, lowered to what the budgets have left) or refuses
-it, under each group's lock; when the request ends, `llama_gate_group_settle` moves the charge to
-what it really cost. Requests running at once through any number of processes therefore never
-spend more than a budget between them.
+A budget (a group's: tokens per minute, day, ISO week and month, calendar periods in the group's
+time zone; a key's: the same in UTC) is kept in Postgres by migration 0018's functions: before a
+request may run, `llama_gate_budget_reserve` charges every budget that applies (each of the
+user's groups', its key's) what the request can cost (its measured prompt and its answer's room,
+lowered to what the budgets have left, times its model's weight) or refuses it, under each
+holder's lock; when the request ends, `llama_gate_budget_settle` moves the charge to what it
+really cost. Requests running at once through any number of processes therefore never spend
+more than a budget between them.
 
-Only members of a group with a budget pay for this (one call to reserve; settling is batched off
-the request's path). Who is in which group is read at start and again whenever groups or members
-change (a NOTIFY on `llama_gate_groups`), and every 30 s in case a notification was lost.
-While Postgres is unreachable, budgets are not checked (requests are let through and logged once):
-the ledger still counts what they cost.
+Only requests a budget applies to pay for this (one call to reserve; settling is batched off the
+request's path). Who is in which group, and the models' weights, are read at start and again
+whenever they change (a NOTIFY on `llama_gate_groups`), and every 30 s in case a notification
+was lost. While Postgres is unreachable, budgets are not checked (requests are let through and
+that is logged once): the ledger still counts what they cost.
 """
 
 from __future__ import annotations
@@ -27,23 +28,31 @@ from datetime import UTC, datetime
 
 from proxy.audit.row import AuditRow
 from proxy.auth.cache import Principal
-from proxy.db import groups as queries
+from proxy.db import limits as queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
-from proxy.errors import GroupBudgetReached, RequestTooLarge
+from proxy.errors import BudgetReached, RequestTooLarge
 from proxy.limits.ratelimit import format_duration
+from proxy.limits.weights import weighted
 
 log = logging.getLogger(__name__)
 
-RELOAD_SECONDS = 30.0  # members are read again at least this often (a lost notification)
+RELOAD_SECONDS = 30.0  # members and weights are read again at least this often
 SETTLE_BATCH = 500
 
 
-class GroupBudgets:
-    def __init__(self, database: Database, clock: Callable[[], datetime] | None = None) -> None:
+class Budgets:
+    def __init__(
+        self,
+        database: Database,
+        default_model: Callable[[], str | None] = lambda: None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self._db = database
+        self._default_model = default_model
         self._clock = clock  # None: Postgres's own clock decides the period
-        self._members = queries.Membership({}, frozenset())
+        self._members = queries.Membership({}, frozenset(), {})
+        self._weights: dict[str, float] = {}
         self._charged: set[str] = set()  # request ids charged and not yet settled
         self._costs: dict[str, int] = {}  # finished: what each really cost, to settle
         self._wake = asyncio.Event()
@@ -51,25 +60,40 @@ class GroupBudgets:
         self._degraded = False
 
     def applies(self, principal: Principal) -> bool:
-        """Whether the caller is in a group that has a token budget."""
-        return principal.user_id in self._members.budgeted
+        """Whether a token budget applies to the caller: their key's, or a group's."""
+        return principal.key_budgeted or principal.user_id in self._members.budgeted
 
     def team_of(self, principal: Principal) -> int | None:
         """The group the caller's turns are taken with (their first); None: in no group."""
         return self._members.teams.get(principal.user_id)
 
+    def group_limits(self, principal: Principal) -> tuple[queries.GroupLimit, ...]:
+        """The caller's groups that have a request limit or a cap on requests at once."""
+        return self._members.limits.get(principal.user_id, ())
+
+    def weight_of(self, model: str | None) -> float:
+        """What a token of `model` (None: the default model) counts for (1 unless set)."""
+        name = model if model is not None else self._default_model()
+        return self._weights.get(name, 1.0) if name is not None else 1.0
+
     def heard(self, _payload: str) -> None:
-        """A group or its members changed: read the members again."""
+        """Groups, members or weights changed: read them again."""
         self._reload.set()
 
     async def load(self) -> None:
         self._members = await self._db.run(queries.memberships)
+        self._weights = await self._db.run(queries.model_weights)
 
     async def reserve(
-        self, principal: Principal, request_id: str, prompt: int | None, answer: int
+        self,
+        principal: Principal,
+        request_id: str,
+        prompt: int | None,
+        answer: int,
+        weight: float = 1.0,
     ) -> tuple[int, dict[str, str]]:
-        """Charge the caller's groups what the request can cost; the answer's room left to it
-        and the tightest budget's `x-ratelimit-*-tokens` headers. `GroupBudgetReached` when a
+        """Charge every budget that applies what the request can cost; the answer's room left
+        to it and the tightest budget's `x-ratelimit-*-tokens` headers. `BudgetReached` when a
         budget has no room for its prompt and one answer token, `RequestTooLarge` when a budget
         never could."""
         if not self.applies(principal):
@@ -78,38 +102,44 @@ class GroupBudgets:
         try:
             charge = await self._db.run(
                 lambda con: queries.reserve(
-                    con, principal.user_id, request_id, prompt or 0, answer, now
+                    con,
+                    principal.user_id,
+                    principal.key_id,
+                    request_id,
+                    prompt or 0,
+                    answer,
+                    weight,
+                    now,
                 )
             )
         except DatabaseUnavailable:
             if not self._degraded:
                 self._degraded = True
-                log.warning("group budgets are not checked until Postgres returns")
+                log.warning("group and key budgets are not checked until Postgres returns")
             return answer, {}
         self._degraded = False
-        if charge.group is None:  # no longer in a group with a budget
+        if charge.holder is None:  # no budget applies any more
             return answer, {}
         assert charge.budget is not None
         assert charge.used is not None
         assert charge.period is not None
         assert charge.resets_at is not None
         reset_ms = _ms_until(charge.resets_at, now)
-        remaining = max(0, charge.budget - charge.used)
         headers = {
             "x-ratelimit-limit-tokens": str(charge.budget),
-            "x-ratelimit-remaining-tokens": str(remaining),
+            "x-ratelimit-remaining-tokens": str(max(0, charge.budget - charge.used)),
             "x-ratelimit-reset-tokens": format_duration(reset_ms),
         }
         if charge.too_large:
             raise RequestTooLarge(
-                f"This request needs more tokens (its prompt is {prompt or 0}) than group "
-                f"{charge.group!r}'s budget of {charge.budget} tokens per {charge.period} allows "
-                "at all; send a shorter prompt, or ask your administrator for a larger budget.",
+                f"This request needs more tokens (its prompt is {prompt or 0}) than the budget "
+                f"of {charge.holder}, {charge.budget} tokens per {charge.period}, allows at "
+                "all; send a shorter prompt, or ask your administrator for a larger budget.",
                 "messages",
             )
         if charge.refused:
-            raise GroupBudgetReached(
-                charge.group,
+            raise BudgetReached(
+                charge.holder,
                 charge.period,
                 charge.used,
                 charge.budget,
@@ -120,18 +150,21 @@ class GroupBudgets:
         self._charged.add(request_id)
         return charge.granted, headers
 
-    async def extend(self, principal: Principal, request_id: str, tokens: int) -> None:
+    async def extend(
+        self, principal: Principal, request_id: str, tokens: int, weight: float = 1.0
+    ) -> None:
         """Charge `tokens` more to a request that asks the model again (a tool loop's next turn,
-        a continued conversation); `GroupBudgetReached` when they do not fit."""
+        a continued conversation); `BudgetReached` when they do not fit."""
         if tokens > 0 and self.applies(principal):
-            await self.reserve(principal, request_id, tokens, 0)
+            await self.reserve(principal, request_id, tokens, 0, weight)
 
     def observe(self, row: AuditRow) -> None:
         """Completion hook: a charged request ended; settle what it really cost."""
         if row.request_id is None or row.request_id not in self._charged:
             return
         self._charged.discard(row.request_id)
-        self._costs[row.request_id] = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
+        tokens = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
+        self._costs[row.request_id] = weighted(tokens, row.weight)
         self._wake.set()
 
     @contextlib.asynccontextmanager
@@ -140,7 +173,7 @@ class GroupBudgets:
         try:
             await self.load()
         except DatabaseUnavailable:
-            log.warning("group members cannot be read yet: budgets apply once Postgres answers")
+            log.warning("groups cannot be read yet: their limits apply once Postgres answers")
         task = asyncio.create_task(self._work())
         try:
             yield

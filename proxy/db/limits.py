@@ -1,4 +1,5 @@
-"""The runtime SQL of groups: members, budgets, and the charges made by migration 0018's functions.
+"""The runtime SQL of the limits beyond a user's own: groups and their members, keys' limits and
+budgets, the budgets' charges (migration 0018's functions) and model weights.
 
 Kept beside `proxy.db.queries` (the rest of the runtime SQL) so that module stops growing; both
 are the one place SQL is written at run time.
@@ -15,10 +16,14 @@ import asyncpg
 
 from proxy.db.queries import Connection
 
-GROUPS_CHANNEL = "llama_gate_groups"  # NOTIFY when groups or their members change
+GROUPS_CHANNEL = "llama_gate_groups"  # NOTIFY when groups, members or model weights change
 PERIODS = ("minute", "day", "week", "month")
 BUDGET_COLUMNS = tuple(f"tokens_per_{per}" for per in PERIODS)
-_GROUP_COLUMNS = "g.id, g.name, g.time_zone, " + ", ".join(f"g.{c}" for c in BUDGET_COLUMNS)
+GROUP_LIMITS = ("rate_limit", "rate_window_seconds", "max_concurrent")
+KEY_LIMITS = ("rate_limit", "rate_window_seconds", *BUDGET_COLUMNS)
+_GROUP_COLUMNS = ", ".join(
+    f"g.{c}" for c in ("id", "name", "time_zone", *GROUP_LIMITS, *BUDGET_COLUMNS)
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,8 @@ class Charge:
     granted: int  # the answer's room left to it (refused: 0)
     refused: bool
     too_large: bool  # no budget could ever let it through
-    group: str | None  # the budget told: the one reached, or else the tightest (None: none)
+    holder: str | None  # whose budget is told ("group 'x'", "key lgk_..."): the one reached,
+    # or else the tightest (None: no budget applies)
     period: str | None
     used: int | None  # that budget's use, this request's charge included when admitted
     budget: int | None
@@ -36,39 +42,121 @@ class Charge:
 
 
 @dataclass(frozen=True)
+class GroupLimit:
+    """A group's request limit and cap on requests at once (None: none)."""
+
+    group_id: int
+    name: str
+    rate_limit: int | None
+    rate_window_seconds: int | None
+    max_concurrent: int | None
+
+
+@dataclass(frozen=True)
 class Membership:
     teams: dict[int, int]  # each member's first group (lowest id): their turns' team
     budgeted: frozenset[int]  # members of at least one group with a token budget
+    limits: dict[int, tuple[GroupLimit, ...]]  # members' groups with a request limit or a cap
 
 
 async def memberships(con: Connection) -> Membership:
     rows = await con.fetch(
-        f"""SELECT m.user_id, min(g.id) AS team,
-                   bool_or(num_nonnulls({", ".join(f"g.{c}" for c in BUDGET_COLUMNS)}) > 0)
-                       AS budgeted
+        f"""SELECT m.user_id, {_GROUP_COLUMNS}
             FROM llama_group_members m JOIN llama_groups g ON g.id = m.group_id
-            GROUP BY m.user_id"""
+            ORDER BY m.user_id, g.id"""
     )
+    teams: dict[int, int] = {}
+    budgeted: set[int] = set()
+    limits: dict[int, list[GroupLimit]] = {}
+    for row in rows:
+        user = row["user_id"]
+        teams.setdefault(user, row["id"])
+        if any(row[column] is not None for column in BUDGET_COLUMNS):
+            budgeted.add(user)
+        if row["rate_limit"] is not None or row["max_concurrent"] is not None:
+            limits.setdefault(user, []).append(
+                GroupLimit(
+                    row["id"],
+                    row["name"],
+                    row["rate_limit"],
+                    row["rate_window_seconds"],
+                    row["max_concurrent"],
+                )
+            )
     return Membership(
-        {row["user_id"]: row["team"] for row in rows},
-        frozenset(row["user_id"] for row in rows if row["budgeted"]),
+        teams, frozenset(budgeted), {user: tuple(groups) for user, groups in limits.items()}
+    )
+
+
+async def model_weights(con: Connection) -> dict[str, float]:
+    rows = await con.fetch("SELECT model, weight FROM llama_model_weights")
+    return {row["model"]: float(row["weight"]) for row in rows}
+
+
+async def set_model_weight(con: Connection, model: str, weight: float | None) -> None:
+    """Give `model` a weight (None: back to 1)."""
+    if weight is None:
+        await con.execute("DELETE FROM llama_model_weights WHERE model = $1", model)
+    else:
+        await con.execute(
+            """INSERT INTO llama_model_weights (model, weight) VALUES ($1, $2)
+               ON CONFLICT (model) DO UPDATE SET weight = EXCLUDED.weight""",
+            model,
+            weight,
+        )
+
+
+async def admit_subject(
+    con: Connection, subject: str, limit: int, window_ms: int, count: int
+) -> asyncpg.Record:
+    """`count` requests of a key or group (`k:<key id>`, `g:<group id>`) against its window."""
+    row = await con.fetchrow(
+        """SELECT granted, remaining, reset_ms, retry_after_ms
+           FROM llama_gate_admit_subject($1, $2, $3, $4)""",
+        subject,
+        limit,
+        window_ms,
+        count,
+    )
+    assert row is not None
+    return row
+
+
+async def set_key_limits(
+    con: Connection, key_id: str, limits: Mapping[str, int | None]
+) -> asyncpg.Record | None:
+    """Set some of a key's `KEY_LIMITS` (None: none); the key's row after, or None."""
+    unknown = set(limits) - set(KEY_LIMITS)
+    if unknown:
+        raise ValueError(f"not a key limit: {sorted(unknown)}")
+    names = list(limits)
+    assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(names, start=2))
+    return await con.fetchrow(
+        f"""UPDATE api_keys SET {assignments} WHERE key_id = $1
+            RETURNING key_id, {", ".join(KEY_LIMITS)}""",
+        key_id,
+        *(limits[column] for column in names),
     )
 
 
 async def reserve(
     con: Connection,
     user_id: int,
+    key_id: str,
     request_id: str,
     prompt: int,
     answer: int,
+    weight: float,
     now: datetime | None,
 ) -> Charge:
     row = await con.fetchrow(
-        "SELECT * FROM llama_gate_group_reserve($1, $2, $3, $4, $5)",
+        "SELECT * FROM llama_gate_budget_reserve($1, $2, $3, $4, $5, $6, $7)",
         user_id,
+        key_id,
         request_id,
         prompt,
         answer,
+        weight,
         now,
     )
     assert row is not None
@@ -76,7 +164,7 @@ async def reserve(
         int(row["granted"]),
         bool(row["refused"]),
         bool(row["too_large"]),
-        row["group_name"],
+        row["holder"],
         row["period"],
         row["used"],
         row["budget"],
@@ -85,11 +173,31 @@ async def reserve(
 
 
 async def settle(con: Connection, costs: Mapping[str, int]) -> None:
-    """Move each request's charge to what it really cost (requests never charged: nothing)."""
+    """Move each request's charge to what it really cost, in weighted tokens (requests never
+    charged: nothing)."""
     await con.execute(
-        "SELECT llama_gate_group_settle($1::text[], $2::bigint[])",
+        "SELECT llama_gate_budget_settle($1::text[], $2::bigint[])",
         list(costs),
         list(costs.values()),
+    )
+
+
+async def carry_key_limits(con: Connection, old: str, new: str) -> None:
+    """A rotated key's limits and budgets, and what its budgets used this period, go to its
+    successor (so rotating never starts a budget afresh)."""
+    await con.execute(
+        f"""UPDATE api_keys n SET {", ".join(f"{c} = o.{c}" for c in KEY_LIMITS)}
+            FROM api_keys o WHERE o.key_id = $1 AND n.key_id = $2""",
+        old,
+        new,
+    )
+    await con.execute(
+        """INSERT INTO llama_budget_spend (holder, period, starts, tokens)
+           SELECT 'k:' || $2, period, starts, tokens FROM llama_budget_spend
+           WHERE holder = 'k:' || $1
+           ON CONFLICT (holder, period, starts) DO NOTHING""",
+        old,
+        new,
     )
 
 
@@ -120,7 +228,7 @@ async def set_group(
     con: Connection, name: str, changes: Mapping[str, Any]
 ) -> asyncpg.Record | None:
     """Set some of a group's budgets (None: none) or its time zone; the row after, or None."""
-    unknown = set(changes) - {*BUDGET_COLUMNS, "time_zone"}
+    unknown = set(changes) - {*BUDGET_COLUMNS, *GROUP_LIMITS, "time_zone"}
     if unknown:
         raise ValueError(f"not a group setting: {sorted(unknown)}")
     names = list(changes)
@@ -187,13 +295,26 @@ async def list_groups(con: Connection, now: datetime | None = None) -> list[asyn
     )
 
 
-def _period_use(per: str) -> str:
+def _period_use(per: str, holder: str = "'g:' || g.id", zone: str = "g.time_zone") -> str:
     """A budget's use in the period `$1` (NULL: now) falls in, and when that period ends."""
-    local = f"date_trunc('{per}', coalesce($1::timestamptz, now()) AT TIME ZONE g.time_zone)"
-    return f"""coalesce((SELECT s.tokens FROM llama_group_spend s
-                         WHERE s.group_id = g.id AND s.period = '{per}'
-                           AND s.starts = {local} AT TIME ZONE g.time_zone), 0) AS used_{per},
-               ({local} + interval '1 {per}') AT TIME ZONE g.time_zone AS {per}_resets_at"""
+    local = f"date_trunc('{per}', coalesce($1::timestamptz, now()) AT TIME ZONE {zone})"
+    return f"""coalesce((SELECT s.tokens FROM llama_budget_spend s
+                         WHERE s.holder = {holder} AND s.period = '{per}'
+                           AND s.starts = {local} AT TIME ZONE {zone}), 0) AS used_{per},
+               ({local} + interval '1 {per}') AT TIME ZONE {zone} AS {per}_resets_at"""
+
+
+async def key_limits(
+    con: Connection, key_id: str, now: datetime | None = None
+) -> asyncpg.Record | None:
+    """A key's own limits and each budget's use in its current period (UTC)."""
+    return await con.fetchrow(
+        f"""SELECT k.key_id, {", ".join(f"k.{c}" for c in KEY_LIMITS)},
+                   {", ".join(_period_use(per, "'k:' || k.key_id", "'UTC'") for per in PERIODS)}
+            FROM api_keys k WHERE k.key_id = $2""",
+        now,
+        key_id,
+    )
 
 
 async def groups_of(
