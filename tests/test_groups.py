@@ -42,6 +42,7 @@ from tests.proxy_harness import (
     running_proxy,
 )
 from tests.test_quotas import _row  # a finished request's row: 5 + 2 tokens
+from tests.test_shared_slots import _at_least, _post, _until, held_backend, two_shared_proxies
 
 NEW_YORK = ZoneInfo("America/New_York")
 HI = [{"role": "user", "content": "Hi"}]
@@ -421,3 +422,70 @@ async def test_a_groups_request_limit_and_cap_on_requests_at_once_hold_for_its_m
         in refused["error"]["message"]
     )
     assert int(headers["Retry-After"]) >= 1
+
+
+async def test_shared_slots_go_round_groups_first_across_processes(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """Through two processes sharing one slot: u1..u3 are one group, u4 another. Once u1's
+    running request ends, u4 goes first (its group was never served), then a user of the big
+    group, then u4 again; by users alone u2 and u3 would both go before u4."""
+    async with (
+        held_backend() as backend,
+        two_shared_proxies(db_dsn, tmp_path, backend, LLAMA_PROXY_MAX_CONCURRENT="10") as (
+            first,
+            second,
+        ),
+    ):
+        keys = {name: await first.user(name) for name in ("u1", "u2", "u3", "u4")}
+        await _group(db_dsn, "big", ["u1", "u2", "u3"])
+        await _group(db_dsn, "small", ["u4"])
+        async with aiohttp.ClientSession() as client:
+            running = asyncio.create_task(_post(client, first.url(""), keys["u1"], "u1"))
+            await backend.arrivals(1)
+            posts = [running]
+            for name, via in (("u2", first), ("u3", first), ("u4", second)) * 2:
+                posts.append(asyncio.create_task(_post(client, via.url(""), keys[name], name)))
+                await asyncio.sleep(0.05)  # in this order
+            await _until(lambda: _at_least(db_dsn, "SELECT count(*) FROM llama_slot_waiters", 6))
+            for _ in range(7):
+                backend.let_one_go()
+            assert await asyncio.gather(*posts) == [200] * 7
+    assert backend.arrived[:4] == ["u1", "u4", "u2", "u4"]
+    assert sorted(backend.arrived[4:]) == ["u2", "u3", "u3"]
+    assert backend.most == 1
+
+
+async def test_a_groups_cap_on_requests_at_once_holds_across_processes(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    async with (
+        held_backend() as backend,
+        two_shared_proxies(db_dsn, tmp_path, backend) as (first, second),
+    ):
+        alice, bob = await first.user("alice"), await first.user("bob")
+        carol = await first.user("carol")
+        await _group(db_dsn, "pair", ["alice", "bob"])
+        await _sql(db_dsn, "UPDATE llama_groups SET max_concurrent = 1")
+        bob_id = (await _sql(db_dsn, "SELECT id FROM users WHERE username = 'bob'"))[0]["id"]
+        bob_principal = Principal(bob_id, "bob", "k", None, None)
+        for proxy in (first, second):
+            budgets = proxy.app[ADMISSION].budgets
+            await eventually(lambda b=budgets: bool(b.group_caps(bob_principal)))  # type: ignore[misc]
+        async with aiohttp.ClientSession() as client:
+            running = asyncio.create_task(_post(client, first.url(""), alice, "alice"))
+            await backend.arrivals(1)
+            # Through the other process, whose own count of the group's requests is 0.
+            body = {"messages": HI, "max_tokens": 1}
+            url = second.url("/v1/chat/completions")
+            async with client.post(url, json=body, headers=bearer(bob)) as r:
+                refused = r.status, await r.json()
+            queued = asyncio.create_task(_post(client, second.url(""), carol, "carol"))
+            await _until(lambda: _at_least(db_dsn, "SELECT count(*) FROM llama_slot_waiters", 1))
+            for _ in range(2):
+                backend.let_one_go()
+            assert await running == 200
+            assert await queued == 200  # not in the group: it only waited for the slot
+    assert refused[0] == 429
+    assert "at most 1 of the requests of group 'pair'" in refused[1]["error"]["message"]
+    assert backend.arrived == ["alice", "carol"]

@@ -10,23 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 
 from proxy.appkeys import ADMISSION
 from tests.cli_helpers import KEY_RE, failure, invoke, new_key, ok
 from tests.fake_upstream import MODEL
 from tests.proxy_harness import bearer, eventually, running_proxy
 from tests.sharing_helpers import set_limits
+from tests.test_groups import _sql
 
 HI = [{"role": "user", "content": "Hi"}]
-
-
-async def _sql(dsn: str, query: str, *args: Any) -> Any:
-    con = await asyncpg.connect(dsn)
-    try:
-        return await con.fetch(query, *args)
-    finally:
-        await con.close()
 
 
 def _key_id(key: str) -> str:

@@ -277,7 +277,15 @@ async def test_me_shows_a_users_own_limits_quotas_and_usage_as_the_cli_does(
     assert [{"username": "alice", **me["quotas"]}] == cli_quotas
     assert me["quotas"]["tokens_today"] > 0
     assert resets.endswith("T00:00:00+00:00")
-    assert me["key"] == {"id": alice.split("_")[1], "models": None, "apis": None}
+    assert me["key"] == {
+        "id": alice.split("_")[1],
+        "models": None,
+        "apis": None,
+        "requests_per_window": None,  # no limits of its own
+        "window_seconds": None,
+        "budgets": [],
+    }
+    assert me["groups"] == []
 
 
 async def test_me_answers_any_key_whatever_its_scope(proxy: Harness) -> None:

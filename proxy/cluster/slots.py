@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 
 import asyncpg
@@ -43,6 +43,7 @@ from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
 from proxy.errors import SlotsUnavailable, TooManyConcurrent
 from proxy.upstream.affinity import Affinity
+from proxy.upstream.backends import GroupCap
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,18 @@ class SharedSlots:
         cap: int | None,
         budget: float,
         affinity: Affinity | None = None,
+        group_caps: Sequence[GroupCap] = (),
     ) -> tuple[str, int]:
         """Wait (up to `budget` seconds, then `TimeoutError`) for a lease on a slot of one of
         `backends`: the backend and the lease's id. `SlotsUnavailable` when Postgres cannot be
-        asked; `TooManyConcurrent` when the user holds `cap` places across processes."""
+        asked; `TooManyConcurrent` when the user holds `cap` places across processes, or one of
+        `group_caps` is full across processes."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         while True:
             request_id = secrets.randbits(62) + 1
             granted = await self._turn(request_id, user_id, backends, prefer, cap, deadline,
-                                       affinity)  # fmt: skip
+                                       affinity, group_caps)  # fmt: skip
             if granted != LOST:
                 self._leases[request_id] = (granted, user_id)
                 return granted, request_id
@@ -149,6 +152,7 @@ class SharedSlots:
         cap: int | None,
         deadline: float,
         affinity: Affinity | None,
+        group_caps: Sequence[GroupCap] = (),
     ) -> str:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
@@ -158,6 +162,8 @@ class SharedSlots:
             "id": request_id, "user": user_id, "backends": backends, "prefer": prefer,
             "cap": cap or UNCAPPED,
         }  # fmt: skip
+        if group_caps:
+            ask["groups"] = [[group.group_id, group.cap] for group in group_caps]
         if affinity is not None and len(backends) > 1:  # where it is warm, whoever served it
             ask["conversation"] = affinity.key.hex()
             ask["prefixes"] = [prefix.hex() for prefix in affinity.prefixes]
@@ -177,6 +183,10 @@ class SharedSlots:
         if granted == "!cap":
             del self._waiting[request_id]
             raise TooManyConcurrent(cap or UNCAPPED)
+        if granted is not None and granted.startswith("!gcap:"):
+            del self._waiting[request_id]
+            full = next(g for g in group_caps if str(g.group_id) == granted.removeprefix("!gcap:"))
+            raise TooManyConcurrent(full.cap, f"group {full.name!r}")
         try:
             if granted is None:
                 self._queued.add(request_id)

@@ -34,6 +34,7 @@ from proxy.db.pool import Database
 from proxy.errors import BudgetReached, RequestTooLarge
 from proxy.limits.ratelimit import format_duration
 from proxy.limits.weights import weighted
+from proxy.upstream.backends import GroupCap
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,14 @@ class Budgets:
     def group_limits(self, principal: Principal) -> tuple[queries.GroupLimit, ...]:
         """The caller's groups that have a request limit or a cap on requests at once."""
         return self._members.limits.get(principal.user_id, ())
+
+    def group_caps(self, principal: Principal) -> list[GroupCap]:
+        """The caller's groups' caps on their members' requests at once."""
+        return [
+            GroupCap(group.group_id, group.max_concurrent, group.name)
+            for group in self.group_limits(principal)
+            if group.max_concurrent is not None
+        ]
 
     def weight_of(self, model: str | None) -> float:
         """What a token of `model` (None: the default model) counts for (1 unless set)."""

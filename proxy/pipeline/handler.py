@@ -348,10 +348,11 @@ class Walk:
         session, limit = app[UPSTREAM_SESSION], delivery.max_answer_bytes
         refused: list[str] = []
         cap = app[ADMISSION].max_concurrent(caller)
-        team = app[ADMISSION].budgets.team_of(caller)
+        budgets = app[ADMISSION].budgets
+        team, groups = budgets.team_of(caller), budgets.group_caps(caller)
         while True:
             async with backends.acquire(
-                caller.user_id, exchange.model, outcome, refused, affinity, cap, team
+                caller.user_id, exchange.model, outcome, refused, affinity, cap, team, groups
             ) as upstream:
                 try:
                     async with forward(

@@ -68,6 +68,15 @@ class Waits(Protocol):
     backend: str | None
 
 
+@dataclass(frozen=True)
+class GroupCap:
+    """A group's cap on its members' requests at once (`proxy.limits.budgets`)."""
+
+    group_id: int
+    cap: int
+    name: str
+
+
 class SharedTurns(Protocol):
     """Slots shared with other proxy processes (`proxy.cluster.slots.SharedSlots`)."""
 
@@ -81,6 +90,7 @@ class SharedTurns(Protocol):
         cap: int | None,
         budget: float,
         affinity: Affinity | None = None,
+        group_caps: Sequence[GroupCap] = (),
     ) -> tuple[str, int]: ...
 
     def release(self, request_id: int) -> None: ...
@@ -293,6 +303,7 @@ class Backends:
         affinity: Affinity | None = None,
         cap: int | None = None,
         team: Hashable | None = None,
+        group_caps: Sequence[GroupCap] = (),
     ) -> AsyncIterator[Upstream]:
         """Hold a slot of a backend for one request, after a fair wait for one.
 
@@ -302,7 +313,9 @@ class Backends:
         queue. `affinity` names the conversation it continues, if any. The per-user concurrency
         cap is admission's (`proxy.limits.places`): a request reaching here already holds its
         place; `cap` is counted again across processes when the slots are shared. `team` is the
-        user's group: turns go round groups first, then their users (None: on their own).
+        user's group: turns go round groups first, then their users (None: on their own);
+        `group_caps` its groups' caps on their members' requests at once, counted across
+        processes when the slots are shared (in each process, admission counts them).
         """
         self._queue.hold(user, team)
         started = time.monotonic()
@@ -315,7 +328,7 @@ class Backends:
                     try:
                         backend, lease = await self._shared_turn(
                             user, model, outcome, frozenset(avoid), prefer, cap, affinity,
-                            time.monotonic() - started,
+                            time.monotonic() - started, group_caps,
                         )  # fmt: skip
                         continue
                     except SlotsUnavailable as exc:
@@ -359,6 +372,7 @@ class Backends:
         cap: int | None,
         affinity: Affinity | None,
         spent: float,
+        group_caps: Sequence[GroupCap] = (),
     ) -> tuple[_Backend, int]:
         """A lease on a slot shared with other processes, for a backend this process finds
         serving `model` (one coming back is waited for, within the queue timeout, of which
@@ -385,7 +399,7 @@ class Backends:
                     await self._back_up.wait()
         try:
             name, lease = await self.shared.turn(
-                user, names, prefer, cap, max(0.0, deadline - loop.time()), affinity
+                user, names, prefer, cap, max(0.0, deadline - loop.time()), affinity, group_caps
             )
         except TimeoutError:
             raise QueueTimeout(self._queue_timeout, self._retry_after()) from None

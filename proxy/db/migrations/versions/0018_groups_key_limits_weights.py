@@ -35,6 +35,11 @@ Request limits of keys and groups are sliding windows like users' (migration 000
 `rate_subject_admissions` and `rate_subject_windows` (UNLOGGED), decided by
 `llama_gate_admit_subject` (subjects `k:<key id>` and `g:<group id>`).
 
+When several proxy processes share the backends' slots (0017), a freed slot goes round groups
+first, then round a group's users, as one process's queue does (`llama_gate_slot_grant` is
+replaced; without groups its order is 0017's), and a group's cap on its members' requests at
+once is counted across processes as a user's is (`llama_gate_slot_wait` is replaced).
+
 The functions commit without waiting for the disk (`synchronous_commit` off for their own
 transaction): a crash of Postgres can forget the last fraction of a second of charges. What
 requests really cost is in the ledger as before; `llama_usage_daily_by_group` reads it per group,
@@ -43,6 +48,7 @@ member and UTC day.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -268,6 +274,116 @@ CREATE TRIGGER api_keys_notify_auth_limits
     ON api_keys FOR EACH ROW EXECUTE FUNCTION llama_gate_notify_auth()
 """
 
+# Shared backend slots (0017) go round groups first, then round a group's users, as one
+# process's queue does (`proxy.upstream.fairqueue`): each group's first waiting request, the
+# group served least recently first, then each group's second, ...; within a group its users in
+# turn. A user's group is their first (lowest id); a user in no group is a group of their own,
+# so without groups the order is 0017's.
+_SLOTS = importlib.import_module("proxy.db.migrations.versions.0017_shared_backend_slots")
+_ORDER_0017 = """
+        SELECT wt.id, wt.proxy_id, wt.user_id, wt.backends, wt.prefer, wt.conversation
+        FROM (SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY enqueued_at, id) AS rank
+              FROM llama_slot_waiters) wt
+        LEFT JOIN llama_slot_turns t ON t.user_id = wt.user_id
+        ORDER BY wt.rank, t.turn NULLS FIRST, wt.enqueued_at, wt.id
+"""
+_ORDER_BY_GROUPS = """
+        WITH teams AS (
+            SELECT m.user_id, 'g' || min(m.group_id) AS team FROM llama_group_members m
+            WHERE m.user_id IN (SELECT user_id FROM llama_slot_waiters
+                                UNION SELECT user_id FROM llama_slot_turns)
+            GROUP BY m.user_id
+        ), turns AS (
+            SELECT t.user_id, t.turn, coalesce(g.team, 'u' || t.user_id) AS team
+            FROM llama_slot_turns t LEFT JOIN teams g ON g.user_id = t.user_id
+        ), ranked AS (
+            SELECT x.*, coalesce(g.team, 'u' || x.user_id) AS team, ut.turn AS user_turn,
+                   row_number() OVER (PARTITION BY x.user_id ORDER BY x.enqueued_at, x.id)
+                       AS rank
+            FROM llama_slot_waiters x
+            LEFT JOIN teams g ON g.user_id = x.user_id
+            LEFT JOIN turns ut ON ut.user_id = x.user_id
+        )
+        SELECT wt.id, wt.proxy_id, wt.user_id, wt.backends, wt.prefer, wt.conversation
+        FROM (SELECT r.*, row_number() OVER (
+                     PARTITION BY r.team ORDER BY r.rank, r.user_turn NULLS FIRST, r.enqueued_at,
+                                                  r.id) AS team_rank
+              FROM ranked r) wt
+        LEFT JOIN (SELECT team, max(turn) AS turn FROM turns GROUP BY team) tt
+               ON tt.team = wt.team
+        ORDER BY wt.team_rank, tt.turn NULLS FIRST, wt.user_turn NULLS FIRST, wt.enqueued_at,
+                 wt.id
+"""
+assert _ORDER_0017 in _SLOTS.GRANT_FUNCTION
+GRANT_0017 = _SLOTS.GRANT_FUNCTION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+GRANT_BY_GROUPS = GRANT_0017.replace(_ORDER_0017, _ORDER_BY_GROUPS)
+
+# A group's cap on its members' requests at once, counted across processes as a request joins
+# the wait, as a user's is: each request may carry "groups": [[group id, cap], ...]; one whose
+# group is full is answered "!gcap:<group id>".
+WAIT_0017 = _SLOTS.WAIT_FUNCTION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+_WAIT_EDITS = (
+    ("    v_answer jsonb := '{}';\n", "    v_answer jsonb := '{}';\n    v_full text;\n"),
+    (
+        "              FROM jsonb_array_elements(p_requests) e ORDER BY 1) users;\n",
+        """              FROM jsonb_array_elements(p_requests) e ORDER BY 1) users;
+    -- Groups' locks likewise, always after the users': no deadlock either.
+    PERFORM pg_advisory_xact_lock(hashtextextended('llama_gate.slots.group.' || g, 0))
+        FROM (SELECT DISTINCT (x ->> 0)::bigint AS g
+              FROM jsonb_array_elements(p_requests) e,
+                   jsonb_array_elements(coalesce(e -> 'groups', '[]'::jsonb)) x
+              ORDER BY 1) capped;
+""",
+    ),
+    (
+        "            CONTINUE;\n        END IF;\n        v_prefer := NULL;\n",
+        """            CONTINUE;
+        END IF;
+        SELECT x ->> 0 INTO v_full
+        FROM jsonb_array_elements(coalesce(r -> 'groups', '[]'::jsonb)) x
+        WHERE (SELECT count(*) FROM llama_slot_leases l
+               JOIN llama_group_members m ON m.user_id = l.user_id
+               WHERE m.group_id = (x ->> 0)::bigint AND NOT l.lone)
+            + (SELECT count(*) FROM llama_slot_waiters w
+               JOIN llama_group_members m ON m.user_id = w.user_id
+               WHERE m.group_id = (x ->> 0)::bigint) >= (x ->> 1)::integer
+        LIMIT 1;
+        IF v_full IS NOT NULL THEN
+            v_answer := v_answer || jsonb_build_object(r ->> 'id', '!gcap:' || v_full);
+            CONTINUE;
+        END IF;
+        v_prefer := NULL;
+""",
+    ),
+)
+WAIT_WITH_GROUPS = WAIT_0017
+for _old, _new in _WAIT_EDITS:
+    assert WAIT_WITH_GROUPS.count(_old) == 1, _old
+    WAIT_WITH_GROUPS = WAIT_WITH_GROUPS.replace(_old, _new)
+
+# A user's turn is forgotten once neither they nor anyone in a group of theirs holds or waits for
+# a slot (a group's turn, the latest of its users', lasts while any of them is active).
+RELEASE_0017 = _SLOTS.RELEASE_FUNCTION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+_FORGET_0017 = """    DELETE FROM llama_slot_turns t WHERE t.user_id = ANY (v_users)
+        AND NOT EXISTS (SELECT 1 FROM llama_slot_leases l WHERE l.user_id = t.user_id)
+        AND NOT EXISTS (SELECT 1 FROM llama_slot_waiters w WHERE w.user_id = t.user_id);
+"""
+_FORGET_BY_GROUPS = """    DELETE FROM llama_slot_turns t
+    WHERE (t.user_id = ANY (v_users) OR t.user_id IN (
+               SELECT m2.user_id FROM llama_group_members m1
+               JOIN llama_group_members m2 ON m2.group_id = m1.group_id
+               WHERE m1.user_id = ANY (v_users)))
+      AND NOT EXISTS (
+          SELECT 1 FROM (SELECT t.user_id AS user_id
+                         UNION SELECT m2.user_id FROM llama_group_members m1
+                               JOIN llama_group_members m2 ON m2.group_id = m1.group_id
+                               WHERE m1.user_id = t.user_id) mates
+          WHERE EXISTS (SELECT 1 FROM llama_slot_leases l WHERE l.user_id = mates.user_id)
+             OR EXISTS (SELECT 1 FROM llama_slot_waiters w WHERE w.user_id = mates.user_id));
+"""
+assert RELEASE_0017.count(_FORGET_0017) == 1
+RELEASE_BY_GROUPS = RELEASE_0017.replace(_FORGET_0017, _FORGET_BY_GROUPS)
+
 USAGE_BY_GROUP_VIEW = """
 CREATE VIEW llama_usage_daily_by_group AS
 SELECT (r.created_at AT TIME ZONE 'UTC')::date AS day,
@@ -406,9 +522,15 @@ def upgrade() -> None:
     op.execute(SETTLE_FUNCTION)
     op.execute(ADMIT_SUBJECT_FUNCTION)
     op.execute(USAGE_BY_GROUP_VIEW)
+    op.execute(GRANT_BY_GROUPS)
+    op.execute(WAIT_WITH_GROUPS)
+    op.execute(RELEASE_BY_GROUPS)
 
 
 def downgrade() -> None:
+    op.execute(RELEASE_0017)
+    op.execute(WAIT_0017)
+    op.execute(GRANT_0017)
     op.execute("DROP VIEW llama_usage_daily_by_group")
     op.execute("DROP FUNCTION llama_gate_admit_subject(text, integer, integer, integer)")
     op.execute("DROP FUNCTION llama_gate_budget_settle(text[], bigint[])")
