@@ -74,8 +74,8 @@ def create_group(name: str, time_zone: str, **limits: int | None) -> None:
 
     A member's request must fit their own limits and every limit and budget of each of their
     groups; a budget reached is a 429 naming the group and when the period resets. Request
-    limits and budgets are exact across proxy processes (the cap on requests at once is counted
-    in each process). Turns at the model go round groups first, then round their users. Add
+    limits, budgets and the cap on requests at once hold across proxy processes. Turns at the
+    model go round groups first, then round their users (across processes too). Add
     members with add-to-group, change limits with `set-limit --group`.
 
     Example:
