@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -65,6 +66,49 @@ def test_downgrade_to_base_then_upgrade_round_trips(empty_dsn: str) -> None:
     assert _diff(empty_dsn) == []
     tables = asyncio.run(_tables(empty_dsn))
     assert {"users", "api_keys", "llama_requests", "llama_usage_daily"} <= tables
+
+
+def test_groups_and_weights_keep_every_user_key_limit_and_row(empty_dsn: str) -> None:
+    """Migration 0018 (groups, keys' limits, weights) on a database in use before it."""
+    migrate.upgrade(empty_dsn, "0017")
+
+    async def before() -> None:
+        con = await asyncpg.connect(empty_dsn)
+        try:
+            await con.execute(
+                """INSERT INTO users (username, rate_limit, tokens_per_day) VALUES ('alice', 7, 99);
+                   INSERT INTO api_keys (user_id, key_id, secret_hash, models)
+                       SELECT id, 'k1', 'hash', '{m*}' FROM users;
+                   INSERT INTO llama_requests (user_id, username, path, status_code,
+                       duration_ms, prompt_tokens, completion_tokens)
+                       SELECT id, 'alice', '/v1/chat/completions', 200, 1, 5, 2 FROM users"""
+            )
+        finally:
+            await con.close()
+
+    async def after() -> tuple[Any, Any, Any, int]:
+        con = await asyncpg.connect(empty_dsn)
+        try:
+            return (
+                await con.fetchrow("SELECT username, rate_limit, tokens_per_day FROM users"),
+                await con.fetchrow(
+                    "SELECT key_id, models, rate_limit, tokens_per_day FROM api_keys"
+                ),
+                await con.fetchrow(
+                    "SELECT prompt_tokens, completion_tokens, weight FROM llama_requests"
+                ),
+                await con.fetchval("SELECT count(*) FROM llama_groups"),
+            )
+        finally:
+            await con.close()
+
+    asyncio.run(before())
+    assert migrate.upgrade(empty_dsn)[0] == "0018"
+    user, key, row, groups = asyncio.run(after())
+    assert tuple(user) == ("alice", 7, 99)
+    assert tuple(key) == ("k1", ["m*"], None, None)  # the scope kept; no limits of its own
+    assert tuple(row) == (5, 2, None)  # weight NULL: counted as 1
+    assert groups == 0
 
 
 def test_upgrade_is_idempotent(db_dsn: str) -> None:
