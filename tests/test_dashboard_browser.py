@@ -61,7 +61,7 @@ def with_painted(script: str) -> str:
     return f"() => {{ {PAINTED} return ({script})(); }}"
 
 
-PAGES = ("/", "/live", "/users", "/requests", "/requests?user=alice")
+PAGES = ("/", "/live", "/users", "/groups", "/requests", "/requests?user=alice")
 
 
 @pytest.fixture(autouse=True)
@@ -155,6 +155,57 @@ async def test_sign_in_and_see_a_chart_of_the_requests_made(db_dsn: str, tmp_pat
         assert drawn["charts"] == [True] * 4
         assert await page.inner_text("#total-requests") == "5"
         assert errors == []
+
+
+async def test_the_groups_page_charts_each_groups_tokens(db_dsn: str, tmp_path: Path) -> None:
+    _, token = await make_admin_token(db_dsn)
+    _, alice = await make_user(db_dsn, "alice")
+    _, bob = await make_user(db_dsn, "bob")
+    con = await asyncpg.connect(db_dsn)
+    try:
+        for name, member in (("red", "alice"), ("blue", "bob")):
+            await con.execute(
+                """WITH g AS (INSERT INTO llama_groups (name, tokens_per_month)
+                              VALUES ($1, 1000000) RETURNING id)
+                   INSERT INTO llama_group_members SELECT g.id, u.id FROM g, users u
+                   WHERE u.username = $2""",
+                name,
+                member,
+            )
+    finally:
+        await con.close()
+    async with (
+        running_dashboard(db_dsn, tmp_path) as dashboard,
+        aiohttp.ClientSession() as http,
+        browser_page() as (page, errors),
+    ):
+        url = dashboard.proxy.url("/v1/chat/completions")
+        for key in (alice, alice, bob):
+            assert await _chat(http, url, key) == 200
+        await wait_for_rows(db_dsn, 3)
+        await sign_in(page, dashboard, token, "/groups")
+        await page.wait_for_function("() => Chart.getChart('groups-tokens-chart') !== undefined")
+        drawn = await page.evaluate(
+            with_painted(
+                """() => {
+                const chart = Chart.getChart('groups-tokens-chart');
+                return {
+                    today: Object.fromEntries(chart.data.datasets.map(
+                        (d) => [d.label, d.data[d.data.length - 1]])),
+                    painted: painted('groups-tokens-chart'),
+                };
+            }"""
+            )
+        )
+        await shoot(page, "groups")
+        text = await page.inner_text("main")
+    # FakeUpstream's answers are 5 + 2 tokens each.
+    assert drawn["today"] == {"blue": 7, "red": 14}
+    assert drawn["painted"] > 1000
+    assert "alice" in text
+    assert "bob" in text
+    assert "per month" in text
+    assert errors == []
 
 
 async def test_disable_a_user_and_their_next_request_is_refused(
@@ -343,7 +394,8 @@ async def test_a_user_signs_in_with_their_key_and_sees_only_their_own_usage(
         assert text.count("/v1/chat/completions") == 3  # her latest requests, only hers
 
         # Every admin page is refused; the overview sends her back to her own page.
-        for path in ("/live", "/users", "/requests", "/requests?user=bob", "/requests.csv"):
+        admin_pages = ("/live", "/users", "/groups", "/requests", "/requests?user=bob")
+        for path in (*admin_pages, "/requests.csv"):
             response = await page.goto(dashboard.at(path))
             assert response is not None
             assert response.status == 403, path
@@ -357,4 +409,4 @@ async def test_a_user_signs_in_with_their_key_and_sees_only_their_own_usage(
         assert live == 403
         # The browser logs each refused page as a failed load; nothing else went wrong.
         assert [e for e in errors if "status of 403" not in e] == []
-        assert len(errors) == 6
+        assert len(errors) == len(admin_pages) + 2  # with /requests.csv and /live.json

@@ -25,7 +25,16 @@ from tests.dashboard_helpers import (
 )
 from tests.proxy_harness import bearer, make_user, running_proxy
 
-PAGES = ("/", "/live", "/users", "/requests", "/requests.csv", "/requests?status=4xx", "/nowhere")
+PAGES = (
+    "/",
+    "/live",
+    "/users",
+    "/groups",
+    "/requests",
+    "/requests.csv",
+    "/requests?status=4xx",
+    "/nowhere",
+)
 ACTIONS = (
     "/users",
     "/users/alice/disable",
