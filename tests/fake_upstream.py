@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxy.db.localpg import free_port
+from tests.listening import Listening
 
 MODEL = "smollm2-test"
 MEASURE_PATH = "/llama-gate/prompt-tokens"
@@ -85,7 +86,7 @@ class FakeUpstream:
     # recorded backend stream, replayed as it was sent, whatever the request asked)
     recorded: list[bytes] | None = None
     port: int = field(default_factory=free_port)
-    _runner: web.AppRunner | None = None
+    _listening: Listening | None = None
 
     @property
     def url(self) -> str:
@@ -101,17 +102,15 @@ class FakeUpstream:
         app.router.add_post(MEASURE_PATH, self._count)
         app.router.add_route("*", "/v1/{tail:.+}", self._echo)
         app.on_response_prepare.append(self._label)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._listening = await Listening.start(app, self.port)
 
     async def _label(self, _request: web.Request, response: web.StreamResponse) -> None:
         response.headers.update(self.response_headers)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._listening is not None:
+            await self._listening.stop()
+            self._listening = None
 
     @web.middleware
     async def _behave(self, request: web.Request, handler: Any) -> web.StreamResponse:

@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.appkeys import SHARED_SLOTS
 from proxy.cluster.slots import LEASE_SECONDS, POLL_SECONDS
 from proxy.db.localpg import free_port
+from tests.listening import Listening
 from tests.proxy_harness import (
     ROOT,
     Harness,
@@ -56,19 +57,17 @@ class HeldBackend:
     most: int = 0  # the most requests it ever held at once
     _go: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
     _arrival: asyncio.Event = field(default_factory=asyncio.Event)
-    _runner: web.AppRunner | None = None
+    _listening: Listening | None = None
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._listening = await Listening.start(app, self.port)
 
     async def stop(self) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
+        assert self._listening is not None
+        await self._listening.stop()
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "models": ["held"], "default": "held"})

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.db.localpg import free_port
+from tests.listening import Listening
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
 
@@ -41,7 +42,7 @@ class TimedUpstream:
     active: int = 0
     most_active: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set by each request
-    _runner: web.AppRunner | None = None
+    _listening: Listening | None = None
 
     @property
     def url(self) -> str:
@@ -55,14 +56,12 @@ class TimedUpstream:
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_route("*", "/v1/{tail:.+}", self._serve)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._listening = await Listening.start(app, self.port)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._listening is not None:
+            await self._listening.stop()
+            self._listening = None
 
     async def _health(self, request: web.Request) -> web.Response:
         models = list(self.models)
