@@ -276,6 +276,10 @@ async def test_me_shows_a_users_own_limits_quotas_and_usage_as_the_cli_does(
     resets = me["quotas"].pop("day_resets_at")
     assert [{"username": "alice", **me["quotas"]}] == cli_quotas
     assert me["quotas"]["tokens_today"] > 0
+    # Counts and sums read as whole numbers in both (52, not 52.0); percentiles keep decimals.
+    for row in (me["usage"][0], cli_usage[0], me["quotas"], cli_quotas[0]):
+        assert all(type(row[n]) is int for n in ("requests", "prompt_tokens", "tokens_today")
+                   if n in row), row  # fmt: skip
     assert resets.endswith("T00:00:00+00:00")
     assert me["key"] == {
         "id": alice.split("_")[1],

@@ -17,6 +17,7 @@ import asyncpg
 import click
 
 from proxy.db.connect import DatabaseUnavailable, connect
+from proxy.db.numbers import plain_number
 from proxy.db.schema import USERNAME_PATTERN
 from proxy.settings import Settings, SettingsError, load_settings, mask_passwords
 
@@ -211,8 +212,8 @@ def print_json(rows: Sequence[Row]) -> None:
     def default(value: Any) -> Any:
         if isinstance(value, datetime | date):
             return value.isoformat()
-        if isinstance(value, Decimal):  # the view's rounded percentiles
-            return float(value)
+        if isinstance(value, Decimal):  # sums and the view's rounded percentiles
+            return plain_number(value)
         return str(value)
 
     click.echo(json.dumps([dict(row) for row in rows], default=default, indent=2))

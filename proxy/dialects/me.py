@@ -19,6 +19,7 @@ from aiohttp import web
 from proxy.appkeys import ADMISSION, DATABASE
 from proxy.db import limits, queries
 from proxy.db.connect import DatabaseUnavailable
+from proxy.db.numbers import plain_number
 from proxy.db.queries import Connection
 from proxy.dialects.openai import DIALECT
 from proxy.dialects.wire import json_bytes
@@ -102,12 +103,12 @@ class Me:
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    """A row as JSON has it: dates in ISO form, the view's rounded percentiles as numbers."""
+    """A row as JSON has it: dates in ISO form, sums and rounded percentiles as numbers."""
     plain: dict[str, Any] = {}
     for name, value in row.items():
         if isinstance(value, datetime | date):
             value = value.isoformat()
         elif isinstance(value, Decimal):
-            value = float(value)
+            value = plain_number(value)
         plain[name] = value
     return plain
