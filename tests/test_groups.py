@@ -19,7 +19,7 @@ import pytest
 
 from proxy.appkeys import ADMISSION
 from proxy.auth.cache import Principal
-from proxy.db.pool import Database
+from proxy.db.pool import Database, DatabaseBusy
 from proxy.errors import BudgetReached, RequestTooLarge
 from proxy.limits.budgets import Budgets
 from tests.cli_helpers import failure, invoke, new_key, ok
@@ -152,6 +152,50 @@ async def test_settling_moves_a_charge_to_what_the_request_cost(
             await asyncio.sleep(0.1)
         assert await settled()
         assert await _sql(db_dsn, "SELECT * FROM llama_budget_holds") == []
+
+
+class LateAnswers:
+    """The pool's `run`, whose answer is lost after Postgres committed (a timeout just then)."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self.lose = True
+
+    async def run(self, work: Any) -> Any:
+        answer = await self._database.run(work)
+        if self.lose:
+            raise DatabaseBusy("the answer came too late")
+        return answer
+
+
+async def test_a_charge_whose_answer_was_lost_is_settled_all_the_same(
+    db_dsn: str, database: Database
+) -> None:
+    alice_id, _ = await make_user(db_dsn, "alice")
+    await _group(db_dsn, "team", ["alice"], tokens_per_day=100)
+    alice = Principal(alice_id, "alice", "k", None, None)
+    late = LateAnswers(database)
+    budgets = Budgets(late)  # type: ignore[arg-type]
+    late.lose = False
+    async with budgets.running():
+        late.lose = True
+        granted, _ = await budgets.reserve(alice, "r1", 10, 50)  # let through: Postgres is busy
+        assert granted == 50
+        late.lose = False
+        # Postgres did charge it (10 + 50) though the proxy never heard so ...
+        rows = await _sql(db_dsn, "SELECT tokens FROM llama_budget_spend")
+        assert [r["tokens"] for r in rows] == [60]
+        budgets.observe(_row("r1", alice_id, datetime.now(UTC)))
+
+        async def settled() -> bool:  # ... and its row moves the charge to what it cost
+            rows = await _sql(db_dsn, "SELECT tokens FROM llama_budget_spend")
+            return [r["tokens"] for r in rows] == [7]
+
+        for _ in range(50):
+            if await settled():
+                break
+            await asyncio.sleep(0.1)
+        assert await settled()
 
 
 async def test_a_group_budget_is_exact_across_two_proxy_processes(

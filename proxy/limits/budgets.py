@@ -108,6 +108,10 @@ class Budgets:
         if not self.applies(principal):
             return answer, {}
         now = self._clock() if self._clock is not None else None
+        # Counted as charged before asking: Postgres may commit the charge and the answer still
+        # be lost (a timeout, the client leaving); its row then settles it all the same, and
+        # settling a request never charged changes nothing.
+        self._charged.add(request_id)
         try:
             charge = await self._db.run(
                 lambda con: queries.reserve(
@@ -156,7 +160,6 @@ class Budgets:
                 reset_ms,
                 {**headers, "x-ratelimit-remaining-tokens": "0"},
             )
-        self._charged.add(request_id)
         return charge.granted, headers
 
     async def extend(
