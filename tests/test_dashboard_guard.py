@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +15,7 @@ from yarl import URL
 from proxy.auth.issuing import issue_key
 from proxy.dashboard import sessions as sessions_module
 from proxy.dashboard.render import SECURITY_HEADERS
+from proxy.db.limits import set_key_limits
 from tests.cli_helpers import KEY_RE
 from tests.dashboard_helpers import (
     Dashboard,
@@ -384,6 +386,38 @@ async def test_users_may_not_manage_keys_unless_allowed(db_dsn: str, tmp_path: P
     con = await asyncpg.connect(db_dsn)
     try:
         assert await con.fetchval("SELECT count(*) FROM api_keys") == 1
+    finally:
+        await con.close()
+
+
+async def test_a_key_with_limits_a_budget_or_an_expiry_of_its_own_manages_no_keys(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    alice_id, _ = await make_user(db_dsn, "alice")
+    con = await asyncpg.connect(db_dsn)
+    try:
+        limited = await issue_key(con, alice_id, "limited", None)
+        await set_key_limits(con, limited.key_id, {"rate_limit": 5, "rate_window_seconds": 60})
+        budgeted = await issue_key(con, alice_id, "budgeted", None)
+        await set_key_limits(con, budgeted.key_id, {"tokens_per_month": 1000})
+        expiring = await issue_key(con, alice_id, "expiring", timedelta(days=1))
+        plain = await issue_key(con, alice_id, "plain", None)
+    finally:
+        await con.close()
+    async with running_dashboard(db_dsn, tmp_path, LLAMA_PROXY_SELF_SERVICE_KEYS="1") as dashboard:
+        for key in (limited, budgeted, expiring):
+            async with client() as http:
+                csrf = await _user_session(http, dashboard, key.full.reveal())
+                async with http.post(dashboard.at("/me/keys"), data={"csrf": csrf}) as r:
+                    assert r.status == 403, key.key_id  # no key without the limits it has
+                    assert "limits, a budget or an expiry of its own" in await r.text()
+        async with client() as http:  # a key with the user's full access still may
+            csrf = await _user_session(http, dashboard, plain.full.reveal())
+            async with http.post(dashboard.at("/me/keys"), data={"csrf": csrf}) as r:
+                assert r.status == 200
+    con = await asyncpg.connect(db_dsn)
+    try:
+        assert await con.fetchval("SELECT count(*) FROM api_keys") == 6  # alice's, 4, the new one
     finally:
         await con.close()
 

@@ -93,10 +93,11 @@ def _own(request: web.Request) -> tuple[int, str]:
         raise web.HTTPForbidden(
             text="Your administrator makes and revokes keys here (LLAMA_PROXY_SELF_SERVICE_KEYS)."
         )
-    if session.scoped:  # a key limited to some models or APIs must not mint a full one
+    if session.scoped:  # a key of limited access must not mint one without its limits
         raise web.HTTPForbidden(
-            text="You signed in with a key limited to some models or APIs: it makes and revokes "
-            "no keys. Sign in with a key that has your full access."
+            text="You signed in with a key limited to some models or APIs, or with limits, a "
+            "budget or an expiry of its own: it makes and revokes no keys. Sign in with a key "
+            "that has your full access."
         )
     return session.user_id, session.username
 

@@ -39,7 +39,8 @@ class Session:
     # A user's own session (opened with an API key): their usage page, nothing of an admin's.
     user_id: int | None = None
     username: str | None = None
-    scoped: bool = False  # opened with a key limited to some models or APIs: it manages no keys
+    # Opened with a key of limited access (`KeyRecord.restricted`): it manages no keys.
+    scoped: bool = False
 
     def take_notices(self) -> list[str]:
         notices, self.notices = self.notices, []

@@ -131,8 +131,9 @@ async def _user_sign_in(request: web.Request, presented: str) -> web.StreamRespo
             "/me",
         )
     sessions = request.app[SESSIONS]
-    scoped = record.models is not None or record.apis is not None
-    cookie, _session = sessions.open(record.key_id, record.user_id, record.username, scoped)
+    cookie, _session = sessions.open(
+        record.key_id, record.user_id, record.username, record.restricted
+    )
     log.info("dashboard: %s signed in with key %s from %s", record.username, record.key_id,
              request.remote)  # fmt: skip
     response = redirect("/me")

@@ -44,6 +44,17 @@ class KeyRecord:
     key_rate_window_seconds: int | None = None
     key_budgeted: bool = False  # the key has a token budget of its own
 
+    @property
+    def restricted(self) -> bool:
+        """Less than its user's full access: a scope, limits or a budget of its own, an expiry."""
+        return (
+            self.models is not None
+            or self.apis is not None
+            or self.key_rate_limit is not None
+            or self.key_budgeted
+            or self.expires_at is not None
+        )
+
 
 @dataclass(frozen=True)
 class Grant:
