@@ -75,6 +75,54 @@ async def test_a_keys_own_request_limit_and_budget_hold_beside_its_users(
     assert day["resets_at"].endswith("T00:00:00+00:00")
 
 
+async def test_a_rotated_key_and_its_successor_share_one_budget_and_window_in_the_grace(
+    db_dsn: str, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    async with running_proxy(db_dsn, tmp_path) as proxy:
+
+        async def made(*limits: str) -> str:
+            out = await asyncio.to_thread(ok, cli_env, "create-key", "--username", "alice", *limits)
+            return KEY_RE.search(out).group(0)  # type: ignore[union-attr]
+
+        async def rotated(key: str) -> str:
+            out = await asyncio.to_thread(ok, cli_env, "rotate-key", _key_id(key), "--grace", "1h")
+            return KEY_RE.search(out).group(0)  # type: ignore[union-attr]
+
+        await asyncio.to_thread(new_key, cli_env, "alice")
+        windowed = await made("--rate-limit", "2", "--window", "60")
+        budgeted = await made("--tokens-per-day", "16")
+        url = proxy.url("/v1/chat/completions")
+        async with aiohttp.ClientSession() as client:
+
+            async def chat(key: str) -> tuple[int, Any]:
+                body = {"messages": HI, "max_tokens": 2}
+                async with client.post(url, json=body, headers=bearer(key)) as r:
+                    return r.status, await r.json()
+
+            window_runs = [await chat(windowed)]
+            windowed_new = await rotated(windowed)
+            window_runs += [
+                await chat(windowed_new),
+                await chat(windowed),
+                await chat(windowed_new),
+            ]
+            first = await chat(budgeted)
+            await proxy.wait_for_records(5)
+            budgeted_new = await rotated(budgeted)
+            budget_runs = [await chat(budgeted_new)]
+            await proxy.wait_for_records(6)
+            budget_runs.append(await chat(budgeted))
+            async with client.get(proxy.url("/v1/me"), headers=bearer(budgeted_new)) as r:
+                me = await r.json()
+    # Two requests per 60 s between the old key (working for an hour yet) and the new one.
+    assert [s for s, _ in window_runs] == [200, 200, 429, 429]
+    assert first[0] == 200  # 7 of the 16 tokens, then 7 more with the new key:
+    assert [s for s, _ in budget_runs] == [200, 429]  # the old key has not 16 more of its own
+    assert budget_runs[1][1]["error"]["code"] == "key_budget_exceeded"
+    [day] = me["key"]["budgets"]
+    assert (day["budget"], day["used"]) == (16, 14)
+
+
 async def test_a_models_weight_multiplies_what_its_tokens_cost(
     db_dsn: str, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:

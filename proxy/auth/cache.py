@@ -35,6 +35,7 @@ class Principal:
     key_rate_limit: int | None = None  # the key's own request limit per window (None: none)
     key_rate_window_seconds: int | None = None
     key_budgeted: bool = False  # the key has token budgets of its own (`proxy.limits.budgets`)
+    limits_key: str = ""  # whose request window it shares: the first key of its rotations
 
     def may_use(self, model: str) -> bool:
         """Whether the key's scope covers `model`: a name or glob of it matches (case-sensitive)."""

@@ -21,6 +21,8 @@ PERIODS = ("minute", "day", "week", "month")
 BUDGET_COLUMNS = tuple(f"tokens_per_{per}" for per in PERIODS)
 GROUP_LIMITS = ("rate_limit", "rate_window_seconds", "max_concurrent")
 KEY_LIMITS = ("rate_limit", "rate_window_seconds", *BUDGET_COLUMNS)
+# A key's budget holder: the first key of its rotations (see `carry_key_limits`).
+KEY_HOLDER = "'k:' || coalesce(k.limits_key, k.key_id)"
 _GROUP_COLUMNS = ", ".join(
     f"g.{c}" for c in ("id", "name", "time_zone", *GROUP_LIMITS, *BUDGET_COLUMNS)
 )
@@ -183,19 +185,13 @@ async def settle(con: Connection, costs: Mapping[str, int]) -> None:
 
 
 async def carry_key_limits(con: Connection, old: str, new: str) -> None:
-    """A rotated key's limits and budgets, and what its budgets used this period, go to its
-    successor (so rotating never starts a budget afresh)."""
+    """A rotated key's limits and budgets go to its successor, which spends the same budgets and
+    request window (so rotating never starts them afresh, and the old key in its grace and the
+    new one together never get more than one key's)."""
     await con.execute(
-        f"""UPDATE api_keys n SET {", ".join(f"{c} = o.{c}" for c in KEY_LIMITS)}
+        f"""UPDATE api_keys n SET {", ".join(f"{c} = o.{c}" for c in KEY_LIMITS)},
+                   limits_key = coalesce(o.limits_key, o.key_id)
             FROM api_keys o WHERE o.key_id = $1 AND n.key_id = $2""",
-        old,
-        new,
-    )
-    await con.execute(
-        """INSERT INTO llama_budget_spend (holder, period, starts, tokens)
-           SELECT 'k:' || $2, period, starts, tokens FROM llama_budget_spend
-           WHERE holder = 'k:' || $1
-           ON CONFLICT (holder, period, starts) DO NOTHING""",
         old,
         new,
     )
@@ -310,7 +306,7 @@ async def key_limits(
     """A key's own limits and each budget's use in its current period (UTC)."""
     return await con.fetchrow(
         f"""SELECT k.key_id, {", ".join(f"k.{c}" for c in KEY_LIMITS)},
-                   {", ".join(_period_use(per, "'k:' || k.key_id", "'UTC'") for per in PERIODS)}
+                   {", ".join(_period_use(per, KEY_HOLDER, "'UTC'") for per in PERIODS)}
             FROM api_keys k WHERE k.key_id = $2""",
         now,
         key_id,

@@ -43,6 +43,7 @@ class KeyRecord:
     key_rate_limit: int | None = None  # the key's own request limit (None: none)
     key_rate_window_seconds: int | None = None
     key_budgeted: bool = False  # the key has a token budget of its own
+    limits_key: str = ""  # whose budgets and request window it spends (rotations share one)
 
     @property
     def restricted(self) -> bool:
@@ -235,6 +236,7 @@ _KEY_RECORDS = """
            u.rate_limit, u.rate_window_seconds, u.max_concurrent, u.max_tokens,
            u.tokens_per_day, u.tokens_per_minute, u.default_model, k.models, k.apis,
            k.rate_limit AS key_rate_limit, k.rate_window_seconds AS key_rate_window_seconds,
+           coalesce(k.limits_key, k.key_id) AS limits_key,
            num_nonnulls(k.tokens_per_minute, k.tokens_per_day, k.tokens_per_week,
                         k.tokens_per_month) > 0 AS key_budgeted
     FROM api_keys k JOIN users u ON u.id = k.user_id"""

@@ -106,6 +106,9 @@ api_keys = Table(
     Column("rate_limit", Integer, nullable=True),
     Column("rate_window_seconds", Integer, nullable=True),
     *(Column(f"tokens_per_{per}", BigInteger, nullable=True) for per in GROUP_PERIODS),
+    # The key whose budgets' use and request window this one shares: the first of the keys it
+    # was rotated from (both work during a rotation's grace, on one budget); NULL: its own.
+    Column("limits_key", Text, nullable=True),
     *_positive(
         "rate_limit", "rate_window_seconds", *(f"tokens_per_{per}" for per in GROUP_PERIODS)
     ),

@@ -176,7 +176,12 @@ class Admission:
         if caller.key_rate_limit is not None:
             window = caller.key_rate_window_seconds or self._rate.default_window
             subjects.append(
-                Subject(f"k:{caller.key_id}", f"key {caller.key_id}", caller.key_rate_limit, window)
+                Subject(
+                    f"k:{caller.limits_key or caller.key_id}",
+                    f"key {caller.key_id}",
+                    caller.key_rate_limit,
+                    window,
+                )
             )
         for group in self.budgets.group_limits(caller):
             if group.rate_limit is not None:

@@ -13,7 +13,9 @@ periods in UTC). A model may have a weight (`llama_model_weights`, default 1): b
 token quotas count a request's tokens times its model's weight; its row keeps the raw tokens and
 the weight applied (`llama_requests.weight`).
 
-Each budget holder's use per period (a group's: `g:<id>`, a key's: `k:<key id>`) is a row of
+Each budget holder's use per period (a group's: `g:<id>`, a key's: `k:<key id>`, where a key
+rotated from another keeps the first one's id, `api_keys.limits_key`, so the old key in its grace
+and the new one spend one budget) is a row of
 `llama_budget_spend`, kept by two functions so that every proxy process admits against the same
 figures (exact across processes):
 
@@ -84,7 +86,8 @@ HOLDERS = """
       AND num_nonnulls(gr.tokens_per_minute, gr.tokens_per_day, gr.tokens_per_week,
                        gr.tokens_per_month) > 0
     UNION ALL
-    SELECT 'k:' || k.key_id, 'key ' || k.key_id, 'UTC', k.tokens_per_minute, k.tokens_per_day,
+    SELECT 'k:' || coalesce(k.limits_key, k.key_id), 'key ' || k.key_id, 'UTC',
+           k.tokens_per_minute, k.tokens_per_day,
            k.tokens_per_week, k.tokens_per_month
     FROM api_keys k
     WHERE k.key_id = p_key
@@ -458,6 +461,7 @@ def upgrade() -> None:
         op.create_check_constraint(
             op.f(f"ck_api_keys_{column}_positive"), "api_keys", f"{column} IS NULL OR {column} > 0"
         )
+    op.add_column("api_keys", sa.Column("limits_key", sa.Text(), nullable=True))
     for per in PERIODS:
         op.add_column("api_keys", sa.Column(f"tokens_per_{per}", sa.BigInteger(), nullable=True))
         op.create_check_constraint(
@@ -546,6 +550,7 @@ def downgrade() -> None:
     op.drop_table("rate_subject_admissions")
     op.drop_table("llama_budget_holds")
     op.drop_table("llama_budget_spend")
+    op.drop_column("api_keys", "limits_key")
     for per in PERIODS:
         op.drop_column("api_keys", f"tokens_per_{per}")
     for column in ("rate_limit", "rate_window_seconds"):
