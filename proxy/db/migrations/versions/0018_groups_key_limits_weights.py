@@ -29,7 +29,8 @@ figures (exact across processes):
   budget's figure from the charge to that.
 
 So requests running at once can never together go over a budget: each was charged its largest
-cost before it ran. A request whose process died before it settled keeps its whole charge (its
+cost before it ran (when its backend can measure prompts, as llama-gate's launcher does; behind a
+plain llama_cpp.server a prompt is charged only when its request ends, as with users' quotas). A request whose process died before it settled keeps its whole charge (its
 hold is dropped after a day): a budget never goes over for it, it only holds back up to one
 answer's room until its period ends.
 
