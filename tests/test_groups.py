@@ -127,6 +127,27 @@ async def test_a_weekly_budget_resets_at_the_week_start_of_the_groups_time_zone(
     ]
 
 
+async def test_a_minute_budget_is_a_minute_long_when_the_zones_clocks_go_back(
+    db_dsn: str, database: Database
+) -> None:
+    alice_id, _ = await make_user(db_dsn, "alice")
+    await _group(db_dsn, "night-shift", ["alice"], tz="America/New_York", tokens_per_minute=10)
+    alice = Principal(alice_id, "alice", "k", None, None)
+    # 01:30:20 in New York on 1 November 2026, the first time round (EDT): 05:30:20 UTC. The
+    # clocks go back at 02:00, so 01:30 comes again an hour later.
+    clock = Clock(datetime(2026, 11, 1, 5, 30, 20, tzinfo=UTC))
+    budgets = Budgets(database, clock=clock)
+    await budgets.load()
+    await budgets.reserve(alice, "r1", 5, 5)
+    with pytest.raises(BudgetReached) as refused:
+        await budgets.reserve(alice, "r2", 1, 1)
+    assert "resets at 2026-11-01T05:31:00+00:00" in refused.value.message
+    assert refused.value.headers["Retry-After"] == "40"  # not an hour and 40 s
+    clock.now = datetime(2026, 11, 1, 5, 31, 5, tzinfo=UTC)
+    granted, _ = await budgets.reserve(alice, "r3", 5, 5)
+    assert granted == 5
+
+
 async def test_settling_moves_a_charge_to_what_the_request_cost(
     db_dsn: str, database: Database
 ) -> None:

@@ -293,6 +293,7 @@ async def list_groups(con: Connection, now: datetime | None = None) -> list[asyn
 
 def _period_use(per: str, holder: str = "'g:' || g.id", zone: str = "g.time_zone") -> str:
     """A budget's use in the period `$1` (NULL: now) falls in, and when that period ends."""
+    zone = "'UTC'" if per == "minute" else zone  # as llama_gate_budget_reserve counts them
     local = f"date_trunc('{per}', coalesce($1::timestamptz, now()) AT TIME ZONE {zone})"
     return f"""coalesce((SELECT s.tokens FROM llama_budget_spend s
                          WHERE s.holder = {holder} AND s.period = '{per}'

@@ -30,9 +30,11 @@ figures (exact across processes):
 
 So requests running at once can never together go over a budget: each was charged its largest
 cost before it ran (when its backend can measure prompts, as llama-gate's launcher does; behind a
-plain llama_cpp.server a prompt is charged only when its request ends, as with users' quotas). A request whose process died before it settled keeps its whole charge (its
-hold is dropped after a day): a budget never goes over for it, it only holds back up to one
-answer's room until its period ends.
+plain llama_cpp.server a prompt is charged only when its request ends, as with users' quotas).
+A request whose process died before it settled keeps its whole charge (its hold is dropped after
+a day): a budget never goes over for it, it only holds back up to one answer's room until its
+period ends. Minute budgets are counted in UTC minutes (no minute is ambiguous when a zone's
+clocks go back).
 
 Request limits of keys and groups are sliding windows like users' (migration 0002/0013), in
 `rate_subject_admissions` and `rate_subject_windows` (UNLOGGED), decided by
@@ -114,6 +116,7 @@ DECLARE
     v_left bigint;  -- raw tokens every budget still has room for
     v_room bigint;
     v_local timestamp;
+    v_zone text;
     v_start timestamptz;
     v_end timestamptz;
     v_used bigint;
@@ -134,9 +137,12 @@ BEGIN
                 ('month', h.tokens_per_month)) AS v(per, lim)
             WHERE v.lim IS NOT NULL
         LOOP
-            v_local := date_trunc(b.per, v_now AT TIME ZONE h.time_zone);
-            v_start := v_local AT TIME ZONE h.time_zone;
-            v_end := (v_local + ('1 ' || b.per)::interval) AT TIME ZONE h.time_zone;
+            -- Minutes are the same everywhere: counted in UTC, none is ambiguous when a
+            -- zone's clocks go back an hour.
+            v_zone := CASE WHEN b.per = 'minute' THEN 'UTC' ELSE h.time_zone END;
+            v_local := date_trunc(b.per, v_now AT TIME ZONE v_zone);
+            v_start := v_local AT TIME ZONE v_zone;
+            v_end := (v_local + ('1 ' || b.per)::interval) AT TIME ZONE v_zone;
             SELECT s.tokens INTO v_used FROM llama_budget_spend s
                 WHERE s.holder = h.holder AND s.period = b.per AND s.starts = v_start;
             v_used := coalesce(v_used, 0);
