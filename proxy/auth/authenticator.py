@@ -351,7 +351,7 @@ def _principal(record: queries.KeyRecord) -> Principal:
         tuple(record.models) if record.models is not None else None,
         frozenset(record.apis) if record.apis is not None else None,
         record.key_rate_limit, record.key_rate_window_seconds, record.key_budgeted,
-        record.limits_key or record.key_id,
+        record.limits_key,
     )  # fmt: skip
 
 

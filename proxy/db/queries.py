@@ -43,7 +43,9 @@ class KeyRecord:
     key_rate_limit: int | None = None  # the key's own request limit (None: none)
     key_rate_window_seconds: int | None = None
     key_budgeted: bool = False  # the key has a token budget of its own
-    limits_key: str = ""  # whose budgets and request window it spends (rotations share one)
+    # Whose budgets and request window it spends: the first key of its rotations, else its own
+    # id (the query fills it in; the default only keeps the field after the defaulted ones).
+    limits_key: str = ""
 
     @property
     def restricted(self) -> bool:
