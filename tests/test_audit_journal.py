@@ -309,7 +309,7 @@ async def test_a_journal_with_an_unreadable_line_is_kept_and_the_rest_written(
     folder = tmp_path / "audit"
     dead = Journal(folder)
     dead.append(_row(0))
-    dead._write("[not json\n")  # damage in the middle (a disk error, a hand edit)
+    dead._write(b"[not json\n")  # damage in the middle (a disk error, a hand edit)
     dead.append(_row(1))
     dead.close()
 

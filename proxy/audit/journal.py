@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
+
 from proxy.audit.files import claim, lock, open_private, private_folder
 from proxy.audit.row import COLUMNS, AuditRow
 from proxy.audit.spill import UNREADABLE, Batch, Claim, stored_row
@@ -50,8 +52,8 @@ TAIL_BATCH_ROWS = 1000  # unmarked rows replayed per batch (fixed: their ids der
 
 
 # A row is encoded as a JSON array, its time as whole microseconds since 1970 (UTC): ~3.5 us a
-# row here, where an ISO string took 5.5 us and a `default=` hook for datetimes 7.5 us.
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
+# row here with the standard library's encoder (~1 us with orjson), where an ISO string took
+# 5.5 us and a `default=` hook for datetimes 7.5 us.
 _CREATED = COLUMNS.index("created_at")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -82,8 +84,8 @@ class Journal:
         try:
             values = tuple(row)
             at = (row.created_at - _EPOCH) // _MICROSECOND
-            line = _ENCODER.encode((*values[:_CREATED], at, *values[_CREATED + 1 :])) + "\n"
-        except (TypeError, ValueError) as exc:  # a value JSON cannot hold: this row stays
+            line = orjson.dumps((*values[:_CREATED], at, *values[_CREATED + 1 :])) + b"\n"
+        except TypeError as exc:  # orjson.JSONEncodeError: a value JSON cannot hold: this row stays
             self.failures += 1  # in memory only, and the journal goes on
             log.error("cannot journal the audit row of request %s: %s", row.request_id, exc)
             return
@@ -91,13 +93,12 @@ class Journal:
 
     def mark(self, batch_id: uuid.UUID, rows: int) -> None:
         """The next `rows` unbatched rows form batch `batch_id` (before it is sent anywhere)."""
-        self._write(json.dumps({"batch": str(batch_id), "rows": rows}) + "\n")
+        self._write(orjson.dumps({"batch": str(batch_id), "rows": rows}) + b"\n")
 
-    def _write(self, line: str) -> None:
+    def _write(self, data: bytes) -> None:
         if self._broken or (self._fd is None and not self._begin_part()):
             return
         assert self._fd is not None
-        data = line.encode()
         try:
             written = os.write(self._fd, data)
         except OSError as exc:
@@ -135,7 +136,7 @@ class Journal:
             "journal": str(self._id), "part": number, "columns": COLUMNS,
             "created_at": "microseconds since 1970-01-01 UTC",
         }  # fmt: skip
-        self._write(json.dumps(header) + "\n")
+        self._write(orjson.dumps(header) + b"\n")
         if self._failing and not self._broken:
             self._failing = False
             log.warning("audit rows are journaled again, in %s", path)

@@ -39,11 +39,18 @@ async def read_body(
         if expect.lower() != "100-continue":
             raise ExpectationFailed()
         await request.writer.write(CONTINUE)
+    content = request.content
     chunks: list[bytes] = []
     size = 0
     try:
+        if content.is_eof():  # it all came with the headers (most bodies): no wait, no timer
+            body = content.read_nowait()
+            received(len(body))
+            if len(body) > limit:
+                raise BodyTooLarge(limit)
+            return body
         async with asyncio.timeout(timeout):
-            while chunk := await request.content.readany():
+            while chunk := await content.readany():
                 size += len(chunk)
                 received(len(chunk))
                 if size > limit:
