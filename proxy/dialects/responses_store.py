@@ -25,6 +25,7 @@ from proxy.db import queries
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
 from proxy.db.queries import Connection
+from proxy.dialects.wire import json_bytes
 from proxy.errors import ApiError, ResponseNotFound
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class ResponseStore:
         now = datetime.now(UTC)
         # Postgres' jsonb cannot hold a NUL, not even escaped: stored as U+FFFD, as audit rows are
         texts = [
-            orjson.dumps(_without_nul(value)).decode()
+            json_bytes(_without_nul(value)).decode()  # any integer a body holds
             for value in (input_items, messages, response)
         ]
         try:

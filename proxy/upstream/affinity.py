@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
+import msgspec
 
 MAX_PREFIXES = 256  # a conversation longer than this many messages is matched on its latest ones
 CHAT_PATH = "/v1/chat/completions"  # the backend call that continues a conversation
@@ -49,7 +49,7 @@ def _shape(value: Any) -> Any:
 
 
 def _canonical(value: Any) -> bytes:
-    return orjson.dumps(_shape(value), option=orjson.OPT_SORT_KEYS)
+    return msgspec.json.encode(_shape(value), order="sorted")  # any integer a body holds
 
 
 def of_call(path: str, body: Mapping[str, Any] | None) -> Affinity | None:

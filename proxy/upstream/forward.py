@@ -18,7 +18,7 @@ from functools import cached_property
 from typing import Any
 
 import aiohttp
-import orjson
+import msgspec
 
 from proxy.errors import ApiError, UpstreamError, UpstreamUnreachable
 from proxy.upstream.backends import Upstream
@@ -48,7 +48,7 @@ class UpstreamCall:
     @cached_property
     def data(self) -> bytes | None:
         """The body as sent, serialized once (measured, then forwarded)."""
-        return orjson.dumps(self.json) if self.json is not None else None
+        return msgspec.json.encode(self.json) if self.json is not None else None
 
     def answer_at_most(self, tokens: int) -> UpstreamCall:
         """This call with its answer's `max_tokens` lowered to `tokens` (if it was higher)."""
