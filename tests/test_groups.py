@@ -219,6 +219,50 @@ async def test_a_charge_whose_answer_was_lost_is_settled_all_the_same(
         assert await settled()
 
 
+class FailsOnce:
+    """The pool's `run`, whose next call fails as a deadlock between processes would."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self.fail = False
+
+    async def run(self, work: Any) -> Any:
+        if self.fail:
+            self.fail = False
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return await self._database.run(work)
+
+
+async def test_settling_goes_on_after_a_round_fails(db_dsn: str, database: Database) -> None:
+    """A settle Postgres refused once (a deadlock) is tried again, and so are later ones: the
+    task that settles does not die with it."""
+    alice_id, _ = await make_user(db_dsn, "alice")
+    await _group(db_dsn, "team", ["alice"], tokens_per_day=100)
+    alice = Principal(alice_id, "alice", "k", None, None)
+    flaky = FailsOnce(database)
+    budgets = Budgets(flaky)  # type: ignore[arg-type]
+
+    async def spent() -> list[int]:
+        return [r["tokens"] for r in await _sql(db_dsn, "SELECT tokens FROM llama_budget_spend")]
+
+    async def until(tokens: list[int]) -> None:
+        for _ in range(60):
+            if await spent() == tokens:
+                return
+            await asyncio.sleep(0.1)
+        assert await spent() == tokens
+
+    async with budgets.running():
+        await budgets.reserve(alice, "r1", 10, 50)
+        assert await spent() == [60]
+        flaky.fail = True  # the first settle fails ...
+        budgets.observe(_row("r1", alice_id, datetime.now(UTC)))
+        await until([7])  # ... and is settled all the same
+        await budgets.reserve(alice, "r2", 10, 50)  # and settling goes on
+        budgets.observe(_row("r2", alice_id, datetime.now(UTC)))
+        await until([14])
+
+
 async def test_a_group_budget_is_exact_across_two_proxy_processes(
     db_dsn: str, tmp_path: Path
 ) -> None:

@@ -196,6 +196,18 @@ class Budgets:
             await self._settle()
 
     async def _work(self) -> None:
+        """Settle and re-read for the app's life: a failure of one round (a deadlock between
+        processes settling the same budgets, a statement Postgres refused) is logged and the
+        round tried again, never the end of settling (which would keep every later request's
+        reservation until its period ended)."""
+        while True:
+            try:
+                await self._rounds()
+            except Exception:
+                log.exception("settling budgets failed; trying again in a second")
+                await asyncio.sleep(1.0)
+
+    async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
         next_load = loop.time() + RELOAD_SECONDS
         while True:
@@ -231,6 +243,9 @@ class Budgets:
             except DatabaseUnavailable:
                 self._costs.update(batch)  # settled once Postgres returns
                 return
+            except BaseException:
+                self._costs.update(batch)  # nothing of it is lost: tried again
+                raise
 
 
 def _ms_until(moment: datetime, now: datetime | None) -> int:
