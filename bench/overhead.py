@@ -170,13 +170,13 @@ def _log_tail(process: subprocess.Popen[bytes]) -> str:
 
 @contextmanager
 def process(
-    args: list[str], env: dict[str, str] | None = None
+    args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`args` running, its output in a file: a pipe nobody reads fills after 64 KiB of log
-    lines and then stops the process at its next one (a flood of refusals logs one each)."""
+    """`args` running in `cwd`, its output in a file: a pipe nobody reads fills after 64 KiB of
+    log lines and then stops the process at its next one (a flood of refusals logs one each)."""
     with tempfile.NamedTemporaryFile(prefix="llama-gate-bench-", suffix=".log") as log:
         proc = subprocess.Popen(
-            args, cwd=ROOT, env={**os.environ, **(env or {})},
+            args, cwd=cwd, env={**os.environ, **(env or {})},
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         proc.log_path = log.name  # type: ignore[attr-defined]
