@@ -17,6 +17,8 @@ DECODINGS = 3  # %25252e -> %252e -> %2e -> .
 def has_dot_segment(raw_path: str) -> bool:
     """Whether the path (query excluded), or any decoding of it, holds a `.` or `..` segment."""
     path = raw_path.split("?", 1)[0]
+    if "." not in path and "%" not in path:  # no dot, nor any escape that could decode to one
+        return False
     for _ in range(DECODINGS + 1):
         if any(segment in {".", ".."} for segment in _SEPARATORS.split(path)):
             return True
