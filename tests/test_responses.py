@@ -475,3 +475,27 @@ async def test_a_continued_conversation_is_charged_whole_against_the_quota(
         alone = await client.responses.create(model=MODEL, input="Hi", max_output_tokens=10)
     assert alone.status == "completed"
     assert len(proxy.upstream.seen) == 2  # the refused continuation reached no model
+
+
+async def test_a_stored_response_gives_back_integers_of_any_length_as_sent(
+    proxy: Harness,
+) -> None:
+    """A tool's schema may hold an integer past 64 bits, and a response echoes what it was
+    asked: read back from the store exactly (not as a float, nor a 500 past a double's range)."""
+    key = await proxy.user("alice")
+    huge = 10**400  # past even a double
+    tool = {
+        "type": "function", "name": "pick", "description": "Pick a number.",
+        "parameters": {"type": "object", "properties": {"n": {"maximum": huge}}},
+    }  # fmt: skip
+    body = json.dumps({"model": MODEL, "input": "Pick one.", "tools": [tool]}).encode()
+    headers = {**bearer(key), "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as client:
+        async with client.post(proxy.url("/v1/responses"), data=body, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            made = json.loads(await r.read())
+        async with client.get(proxy.url(f"/v1/responses/{made['id']}"), headers=headers) as r:
+            assert r.status == 200, await r.text()
+            stored = json.loads(await r.read())
+    assert stored["tools"][0]["parameters"]["properties"]["n"]["maximum"] == huge
+    assert _sent(proxy)["tools"][0]["function"]["parameters"]["properties"]["n"]["maximum"] == huge

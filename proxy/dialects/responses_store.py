@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import asyncpg
-import orjson
+import msgspec
 from aiohttp import web
 
 from proxy.appkeys import DATABASE, SETTINGS
@@ -97,7 +97,7 @@ class ResponseStore:
         first, messages = turns
         if first is not None:  # an earlier turn is gone (deleted, or past its retention)
             raise ResponseNotFound(first, "previous_response_id")
-        return [message for turn in messages for message in orjson.loads(turn)]
+        return [message for turn in messages for message in msgspec.json.decode(turn)]
 
     async def read(self, user_id: int, response_id: str) -> tuple[dict[str, Any], list[Any]]:
         """The stored response and its input items."""
@@ -106,7 +106,8 @@ class ResponseStore:
         row = await self._query(lambda con: queries.stored_response(con, response_id, user_id, now))
         if row is None:
             raise ResponseNotFound(response_id)
-        return orjson.loads(row["response"]), orjson.loads(row["input_items"])
+        # msgspec: integers of any length, as they were sent and stored (orjson: floats)
+        return msgspec.json.decode(row["response"]), msgspec.json.decode(row["input_items"])
 
     async def delete(self, user_id: int, response_id: str) -> None:
         _known_shape(response_id)
