@@ -26,6 +26,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
+import asyncpg
+
 from proxy.audit.row import AuditRow
 from proxy.auth.cache import Principal
 from proxy.db import limits as queries
@@ -59,6 +61,7 @@ class Budgets:
         self._wake = asyncio.Event()
         self._reload = asyncio.Event()
         self._degraded = False
+        self._next_load = 0.0  # loop time of the next re-read (kept across failed rounds)
 
     def applies(self, principal: Principal) -> bool:
         """Whether a token budget applies to the caller: their key's, or a group's."""
@@ -196,10 +199,11 @@ class Budgets:
             await self._settle()
 
     async def _work(self) -> None:
-        """Settle and re-read for the app's life: a failure of one round (a deadlock between
-        processes settling the same budgets, a statement Postgres refused) is logged and the
-        round tried again, never the end of settling (which would keep every later request's
-        reservation until its period ended)."""
+        """Settle and re-read for the app's life: a failed round (a deadlock between processes
+        settling the same budgets) is logged and tried again, never the end of settling, which
+        would keep every later request's reservation until its period ended."""
+        loop = asyncio.get_running_loop()
+        self._next_load = loop.time() + RELOAD_SECONDS
         while True:
             try:
                 await self._rounds()
@@ -209,7 +213,6 @@ class Budgets:
 
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
-        next_load = loop.time() + RELOAD_SECONDS
         while True:
             wake = asyncio.ensure_future(self._wake.wait())
             reload = asyncio.ensure_future(self._reload.wait())
@@ -217,15 +220,15 @@ class Budgets:
                 await asyncio.wait(
                     (wake, reload),
                     # costs left by an outage are tried again every second
-                    timeout=1.0 if self._costs else max(0.0, next_load - loop.time()),
+                    timeout=1.0 if self._costs else max(0.0, self._next_load - loop.time()),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
             finally:
                 wake.cancel()
                 reload.cancel()
-            if self._reload.is_set() or loop.time() >= next_load:
+            if self._reload.is_set() or loop.time() >= self._next_load:
                 self._reload.clear()
-                next_load = loop.time() + RELOAD_SECONDS
+                self._next_load = loop.time() + RELOAD_SECONDS
                 with contextlib.suppress(DatabaseUnavailable):
                     await self.load()
             if self._wake.is_set() or self._costs:
@@ -243,9 +246,17 @@ class Budgets:
             except DatabaseUnavailable:
                 self._costs.update(batch)  # settled once Postgres returns
                 return
-            except BaseException:
-                self._costs.update(batch)  # nothing of it is lost: tried again
+            except asyncpg.TransactionRollbackError:  # a deadlock, a serialization failure
+                self._costs.update(batch)  # passing: nothing of it is lost, tried again
                 raise
+            except asyncio.CancelledError:
+                self._costs.update(batch)  # settled by the last settle as the app stops
+                raise
+            except Exception:
+                # Refused for good (it would be refused again each second and hold up every
+                # cost after it): these requests keep what they reserved until their periods
+                # end, and the rest go on being settled.
+                log.exception("cannot settle %d budget charges; they stay reserved", len(batch))
 
 
 def _ms_until(moment: datetime, now: datetime | None) -> int:
