@@ -178,6 +178,7 @@ async def _serve(
         shutdown_timeout=SHUTDOWN_SECONDS,
     )
     await runner.setup()
+    _settle_heap()  # before accepting: no request waits for its one full collection
     handover = Handover(handover_path, sockets) if handover_path else None
     try:
         sites = [web.SockSite(runner, sock, backlog=BACKLOG) for sock in sockets]
@@ -185,7 +186,6 @@ async def _serve(
             await site.start()
         if handover:
             handover.start()
-        _settle_heap()
         if ready:
             ready()
         stop = asyncio.Event()
@@ -214,9 +214,9 @@ async def _serve(
 def _settle_heap() -> None:
     """Put what the process made to serve (modules, the app, its pools) out of the garbage
     collector's sight: it lives as long as the process, and a full collection walked all of it
-    while every stream waited (37 and 105 ms pauses under the c=32 SSE load of
-    bench/overhead.py; then the largest gap a stream saw). Garbage is collected first, so none
-    of it is kept for good."""
+    while every stream waited (a one-off probe timing collections in the proxy under
+    bench/overhead.py's c=32 SSE load saw 37 and 105 ms, the largest gaps streams had). Garbage
+    is collected first, so none of it is kept for good."""
     gc.collect()
     gc.freeze()
 
