@@ -142,6 +142,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend(
         (
             _database,
+            _rate_leases,
             _upstream_session,
             _authenticator,
             _auth_listener,
@@ -163,6 +164,12 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await app[DATABASE].open()
     yield
     await app[DATABASE].close()
+
+
+async def _rate_leases(app: web.Application) -> AsyncIterator[None]:
+    """At a stop, give back the rate limits' leases while the pool is still open."""
+    yield
+    await app[RATE_LIMITER].close()
 
 
 async def _backend_probes(app: web.Application) -> AsyncIterator[None]:

@@ -174,10 +174,12 @@ async def _all_but(left: int, tasks: list[asyncio.Task[int]]) -> None:
 
 
 async def _admissions(dsn: str, username: str) -> int:
+    """Admissions in the user's window; places still leased (stamped at the lease's end, in the
+    future) are not admissions until given back (migration 0019)."""
     rows = await _db(
         dsn,
         """SELECT count(*) AS n FROM rate_admissions a JOIN users u ON u.id = a.user_id
-           WHERE u.username = $1""",
+           WHERE u.username = $1 AND a.admitted_at <= clock_timestamp()""",
         username,
     )
     return int(rows[0]["n"])

@@ -13,11 +13,11 @@ import asyncpg
 import pytest
 
 from proxy.auth.cache import Principal
-from proxy.db import queries
+from proxy.db import limits
 from proxy.db.pool import Database
 from proxy.errors import InvalidApiKey, RateLimited
 from proxy.limits.ratelimit import RateLimiter, format_duration
-from proxy.window import SlidingWindows
+from proxy.window import Admission, SlidingWindows
 from tests.proxy_harness import Harness, bearer, make_user, proxy_settings, running_proxy
 
 
@@ -36,19 +36,28 @@ async def _admitted_at(con: asyncpg.Connection, user_id: int, *seconds_ago: floa
     )
 
 
+async def _admit(con: asyncpg.Connection, user_id: int, limit: int, window_ms: int) -> Admission:
+    """One request decided as a proxy asks when it leases nothing."""
+    grant = await limits.lease(con, user_id, limit, window_ms, 1, 0, 0, None)
+    assert grant.leased == 0
+    assert grant.lease_ends is None
+    remaining = max(grant.free - grant.granted, 0)
+    return Admission(grant.granted == 1, remaining, grant.reset_ms, grant.retry_after_ms)
+
+
 async def test_the_window_slides_rather_than_resetting_in_buckets(
     admin: asyncpg.Connection, db_dsn: str
 ) -> None:
     user_id, _ = await make_user(db_dsn, "alice")
     await _admitted_at(admin, user_id, 59.5, 30)
-    denied = await queries.admit_request(admin, user_id, 2, 60_000)
+    denied = await _admit(admin, user_id, 2, 60_000)
     assert not denied.admitted
     assert 0 < denied.retry_after_ms <= 600  # the 59.5 s old one leaves in about 0.5 s
     assert denied.remaining == 0
 
     await admin.execute("DELETE FROM rate_admissions")
     await _admitted_at(admin, user_id, 60.5, 30)  # one has just left the window
-    admitted = await queries.admit_request(admin, user_id, 2, 60_000)
+    admitted = await _admit(admin, user_id, 2, 60_000)
     assert admitted.admitted
     assert admitted.remaining == 0
     assert 29_000 < admitted.reset_ms <= 30_100  # when the 30 s old one leaves
@@ -64,7 +73,7 @@ async def test_a_decision_commits_without_waiting_for_the_disk_and_only_its_own(
     user_id, _ = await make_user(db_dsn, "alice")
     await admin.execute("SET synchronous_commit = on")  # as a default-durability server has it
     async with admin.transaction():
-        await queries.admit_request(admin, user_id, 5, 60_000)
+        await _admit(admin, user_id, 5, 60_000)
         assert await admin.fetchval("SHOW synchronous_commit") == "off"
     assert await admin.fetchval("SHOW synchronous_commit") == "on"
     tables = await admin.fetch(
@@ -82,7 +91,7 @@ async def test_a_lowered_limit_waits_for_enough_admissions_to_leave(
 ) -> None:
     user_id, _ = await make_user(db_dsn, "alice")
     await _admitted_at(admin, user_id, 50, 40, 30, 20, 10)
-    denied = await queries.admit_request(admin, user_id, 2, 60_000)
+    denied = await _admit(admin, user_id, 2, 60_000)
     assert not denied.admitted
     assert 39_000 < denied.retry_after_ms <= 40_100  # four must leave; the 4th oldest is 20 s old
     assert await admin.fetchval("SELECT count(*) FROM rate_admissions") == 5  # refusals add none
@@ -91,9 +100,9 @@ async def test_a_lowered_limit_waits_for_enough_admissions_to_leave(
 async def test_windows_are_per_user(admin: asyncpg.Connection, db_dsn: str) -> None:
     alice, _ = await make_user(db_dsn, "alice")
     bob, _ = await make_user(db_dsn, "bob")
-    assert (await queries.admit_request(admin, alice, 1, 60_000)).admitted
-    assert not (await queries.admit_request(admin, alice, 1, 60_000)).admitted
-    assert (await queries.admit_request(admin, bob, 1, 60_000)).admitted
+    assert (await _admit(admin, alice, 1, 60_000)).admitted
+    assert not (await _admit(admin, alice, 1, 60_000)).admitted
+    assert (await _admit(admin, bob, 1, 60_000)).admitted
 
 
 @pytest.fixture

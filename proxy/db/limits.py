@@ -1,5 +1,6 @@
-"""The runtime SQL of the limits beyond a user's own: groups and their members, keys' limits and
-budgets, the budgets' charges (migration 0018's functions) and model weights.
+"""The runtime SQL of the limits: the rate windows' decisions and leases (migration 0019), groups
+and their members, keys' limits and budgets, the budgets' charges (migration 0018's functions)
+and model weights.
 
 Kept beside `proxy.db.queries` (the rest of the runtime SQL) so that module stops growing; both
 are the one place SQL is written at run time.
@@ -108,20 +109,58 @@ async def set_model_weight(con: Connection, model: str, weight: float | None) ->
         )
 
 
-async def admit_subject(
-    con: Connection, subject: str, limit: int, window_ms: int, count: int
-) -> asyncpg.Record:
-    """`count` requests of a key or group (`k:<key id>`, `g:<group id>`) against its window."""
+@dataclass(frozen=True)
+class LeaseGrant:
+    """What `llama_gate_lease` (migration 0019) decided for the requests of one user, key or
+    group that were waiting together."""
+
+    granted: int  # the first `granted` of them are admitted
+    leased: int  # places more, for this proxy to admit on its own until `lease_ends`
+    free: int  # places free before these: the k-th admitted leaves `free - k`
+    reset_ms: int
+    retry_after_ms: int  # 0 when all were granted
+    granted_at: datetime  # Postgres's clock
+    lease_ends: datetime | None  # None: nothing leased, nothing to give back
+
+
+@dataclass(frozen=True)
+class LeaseReturn:
+    """A lease given back: its rows (stamped `ends`) and when each admission in it was made."""
+
+    ends: datetime
+    rows: int
+    used_at: list[datetime]
+
+
+async def lease(
+    con: Connection,
+    holder: int | str,
+    limit: int,
+    window_ms: int,
+    count: int,
+    extra: int,
+    ttl_ms: int,
+    given_back: LeaseReturn | None,
+) -> LeaseGrant:
+    """Decide `count` requests of a user (`holder` an id) or of a key or group (`k:<key id>`,
+    `g:<group id>`) against its sliding window, leasing up to `extra` places more, after giving
+    back `given_back`."""
+    function = "llama_gate_lease" if isinstance(holder, int) else "llama_gate_lease_subject"
     row = await con.fetchrow(
-        """SELECT granted, remaining, reset_ms, retry_after_ms
-           FROM llama_gate_admit_subject($1, $2, $3, $4)""",
-        subject,
+        f"""SELECT granted, leased, free, reset_ms, retry_after_ms, granted_at, lease_ends
+            FROM {function}($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+        holder,
         limit,
         window_ms,
         count,
+        extra,
+        ttl_ms,
+        given_back.ends if given_back else None,
+        given_back.rows if given_back else 0,
+        given_back.used_at if given_back else [],
     )
     assert row is not None
-    return row
+    return LeaseGrant(**dict(row))
 
 
 async def set_key_limits(

@@ -11,8 +11,6 @@ from typing import Any
 
 import asyncpg
 
-from proxy.window import Admission
-
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
@@ -57,16 +55,6 @@ class KeyRecord:
             or self.key_budgeted
             or self.expires_at is not None
         )
-
-
-@dataclass(frozen=True)
-class Grant:
-    """The decision on several requests of one user that arrived together."""
-
-    granted: int
-    remaining: int  # after the granted ones
-    reset_ms: int
-    retry_after_ms: int  # 0 when all were granted
 
 
 @dataclass(frozen=True)
@@ -285,28 +273,6 @@ async def replace_key_hash(con: Connection, key_id: str, old_hash: str, new_hash
         new_hash,
     )
     return row is not None
-
-
-async def admit_requests(
-    con: Connection, user_id: int, limit: int, window_ms: int, count: int
-) -> Grant:
-    """Decide `count` requests of one user against their sliding window, shared by every proxy
-    process: the first `granted` are admitted."""
-    row = await con.fetchrow(
-        "SELECT granted, remaining, reset_ms, retry_after_ms FROM llama_gate_admit($1, $2, $3, $4)",
-        user_id,
-        limit,
-        window_ms,
-        count,
-    )
-    assert row is not None
-    return Grant(**dict(row))
-
-
-async def admit_request(con: Connection, user_id: int, limit: int, window_ms: int) -> Admission:
-    """Decide one request against the user's sliding window."""
-    grant = await admit_requests(con, user_id, limit, window_ms, 1)
-    return Admission(grant.granted == 1, grant.remaining, grant.reset_ms, grant.retry_after_ms)
 
 
 # Tokens as quotas count them: times the model's weight (migration 0018), rounded up.

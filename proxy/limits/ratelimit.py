@@ -1,20 +1,22 @@
-"""Sliding-window rate limits of users, keys and groups, exact across every proxy process sharing
-the database.
+"""Sliding-window rate limits of users, keys and groups, never over across every proxy process
+sharing the database, and exact for a lone one.
 
-Decisions are made by `llama_gate_admit` (migration 0002), which serialises one user's decisions
-under an advisory lock, so N processes admit exactly LIMIT requests per window between them; a
-key's or a group's own limit (`Subject`) likewise by `llama_gate_admit_subject` (migration 0018),
-asked after the user's (a request refused there has spent its place in the user's window).
+Decisions are made by `llama_gate_lease` (migration 0019; `llama_gate_lease_subject` for a key's
+or a group's own limit, `Subject`, asked after the user's: a request refused there has spent its
+place in the user's window), which serialises one holder's decisions under an advisory lock.
 A user's requests that arrive while this process is already asking for that user wait and are
-then decided together in one call (group commit): one user's burst costs a few round trips, not
-one each under the lock (measured: 0.27x -> see README's benchmark table). While Postgres is
-unreachable the limits are enforced from this process's own window, which also holds every
-admission made while Postgres was up, so an outage never lifts a limit.
+then decided together in one call (group commit). A user asking again soon is leased a few
+places more (`proxy.limits.leases`), admitted here without a round trip until the lease ends,
+then given back with the time of each admission made in it: in steady state a busy user costs
+one call to Postgres per lease, not one per request. While Postgres is unreachable the limits are
+enforced from this process's own window, which also holds every admission made while Postgres was
+up, so an outage never lifts a limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -23,11 +25,11 @@ from dataclasses import dataclass
 import asyncpg
 
 from proxy.auth.cache import Principal
-from proxy.db import limits, queries
+from proxy.db import limits
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
-from proxy.db.queries import Grant
 from proxy.errors import ApiError, InvalidApiKey, RateLimited
+from proxy.limits.leases import Lease, lease_ms
 from proxy.settings import Settings
 from proxy.window import Admission, SlidingWindows
 
@@ -45,6 +47,7 @@ def format_duration(ms: int) -> str:
 
 _Key = tuple[int | str, int, int]  # user id (or a Subject's), limit, window seconds
 MAX_SPENT = 100_000  # users remembered as refused until a moment
+SWEEP_SLACK = 0.05  # seconds after a lease ends before it is given back
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class RateLimiter:
         self._waiting: dict[_Key, list[asyncio.Future[Admission]]] = {}
         self._deciders: set[asyncio.Task[None]] = set()
         self._spent: dict[_Key, float] = {}  # refused until (monotonic)
+        self._leases: dict[_Key, Lease] = {}  # each key's last decision, with its lease
+        self._sweeper: asyncio.Task[None] | None = None
 
     def limits_for(self, principal: Principal) -> tuple[int, int]:
         return (
@@ -109,7 +114,13 @@ class RateLimiter:
         return chosen
 
     async def _allow(self, key: _Key, whose: str | None) -> dict[str, str]:
-        _, limit, window = key
+        holder, limit, window = key
+        lease = self._leases.get(key)
+        if lease is not None and key not in self._waiting:  # no round trip while a lease lasts
+            taken = lease.take(time.monotonic())
+            if taken is not None:
+                self._local.add(holder, window)
+                return _headers(limit, taken)
         decision: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         waiting = self._waiting.get(key)
         if waiting is None:  # nobody is asking for this user now: ask, for everyone who comes
@@ -129,17 +140,22 @@ class RateLimiter:
         return headers
 
     async def _decide(self, key: _Key) -> None:
-        """Decide every request waiting for this user, in rounds, until none is left."""
-        user, limit, window = key
+        """Decide every request waiting for this user, in rounds, until none is left: those
+        the lease a round brought can admit first, the rest in the next round."""
         waiters: list[asyncio.Future[Admission]] = []
         try:
             while waiters := [d for d in self._waiting.get(key, ()) if not d.done()]:
                 self._waiting[key] = []  # who arrives now waits for the next round
-                for decision, admission in zip(
-                    waiters, await self._round(user, limit, window, len(waiters)), strict=True
-                ):
-                    if not decision.done():
-                        decision.set_result(admission)
+                lease = self._leases.get(key)
+                now = time.monotonic()
+                while lease is not None and waiters and (taken := lease.take(now)) is not None:
+                    self._local.add(key[0], key[2])
+                    waiters.pop(0).set_result(taken)
+                if waiters:
+                    admissions = await self._round(key, len(waiters))
+                    for decision, admission in zip(waiters, admissions, strict=True):
+                        if not decision.done():
+                            decision.set_result(admission)
         except BaseException as exc:  # a bug must not leave requests waiting for ever
             for decision in [*waiters, *self._waiting.get(key, ())]:
                 if not decision.done():
@@ -149,35 +165,84 @@ class RateLimiter:
         finally:
             self._waiting.pop(key, None)
 
-    async def _round(self, user: int | str, limit: int, window: int, count: int) -> list[Admission]:
+    async def _round(self, key: _Key, count: int) -> list[Admission]:
+        """One call to Postgres: this key's previous lease given back, `count` requests
+        decided, and maybe a new lease."""
+        holder, limit, window = key
+        ttl_ms = lease_ms(window)
+        previous = self._leases.pop(key, None)
+        sent = time.monotonic()
+        extra = previous.next_extra(sent) if previous is not None and ttl_ms else 0
+        given_back = previous.given_back() if previous is not None else None
         try:
-            if isinstance(user, str):
-                row = await self._db.run(
-                    lambda con: limits.admit_subject(con, user, limit, window * 1000, count)
+            grant = await self._db.run(
+                lambda con: limits.lease(
+                    con, holder, limit, window * 1000, count, extra, ttl_ms, given_back
                 )
-                grant = Grant(**dict(row))
-            else:
-                grant = await self._db.run(
-                    lambda con: queries.admit_requests(con, user, limit, window * 1000, count)
-                )
+            )
         except asyncpg.ForeignKeyViolationError:
             # The user was deleted a moment ago and their key is still cached here; the
             # notification that evicts it is on its way. They are no user any more: 401.
             raise InvalidApiKey() from None
-        except DatabaseUnavailable:
+        except DatabaseUnavailable:  # a lease not given back keeps its places: never over
             if not self._degraded:
                 self._degraded = True
                 log.warning("rate limits are enforced per process until Postgres returns")
-            return [self._local.try_acquire(user, limit, window) for _ in range(count)]
+            return [self._local.try_acquire(holder, limit, window) for _ in range(count)]
         self._degraded = False
+        lease = Lease.of(grant, sent, time.monotonic(), ttl_ms)
+        self._keep(key, lease)
         for _ in range(grant.granted):
-            self._local.add(user, window)  # so an outage starts from what we admitted
+            self._local.add(holder, window)  # so an outage starts from what we admitted
         return [
-            Admission(True, grant.remaining + grant.granted - index - 1, grant.reset_ms, 0)
+            lease.admitted(index)
             if index < grant.granted
             else Admission(False, 0, grant.reset_ms, grant.retry_after_ms)
             for index in range(count)
         ]
+
+    def _keep(self, key: _Key, lease: Lease) -> None:
+        if len(self._leases) > MAX_SPENT:  # a bound: a lease forgotten only holds places
+            self._leases.clear()
+        self._leases[key] = lease
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Give back each lease once it is over (while no round for its key is under way), so
+        other processes see exactly what was admitted; forget the rest."""
+        while self._leases:
+            now = time.monotonic()
+            wake = min(lease.until for lease in self._leases.values())
+            await asyncio.sleep(max(wake - now, 0) + SWEEP_SLACK)
+            now = time.monotonic()
+            for key, lease in list(self._leases.items()):
+                if lease.until <= now and key not in self._waiting:
+                    del self._leases[key]
+                    await self._give_back(key, lease)
+
+    async def _give_back(self, key: _Key, lease: Lease) -> None:
+        given_back = lease.given_back()
+        if given_back is None:
+            return
+        holder, limit, window = key
+        try:
+            await self._db.run(
+                lambda con: limits.lease(con, holder, limit, window * 1000, 0, 0, 0, given_back)
+            )
+        except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+            # Its rows stay, stamped at the lease's end: they leave the window a moment late.
+            log.info("a rate-limit lease was not given back: %s", exc)
+
+    async def close(self) -> None:
+        """Give back every lease (a stop; what cannot be given back leaves only late)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        leases, self._leases = self._leases, {}
+        for key, lease in leases.items():
+            await self._give_back(key, lease)
 
 
 def _headers(limit: int, admission: Admission) -> dict[str, str]:
