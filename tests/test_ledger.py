@@ -189,7 +189,8 @@ async def test_parallel_requests_take_places_atomically_and_refusals_spend_nothi
     proxy: Harness,
 ) -> None:
     key = await proxy.user("alice")
-    await set_limits(proxy.dsn, "alice", max_concurrent=2)
+    # A 12 s window: a lease of places (1 s) is given back well within the waits below.
+    await set_limits(proxy.dsn, "alice", max_concurrent=2, rate_window_seconds=12)
     proxy.upstream.gate = asyncio.Event()
     url = proxy.url("/v1/chat/completions")
     async with aiohttp.ClientSession() as client:

@@ -140,13 +140,13 @@ async def test_one_user_sending_one_request_after_another_costs_a_call_per_lease
 async def test_two_processes_never_admit_more_than_the_limit_and_a_lease_over_is_given_back(
     admin: asyncpg.Connection, db_dsn: str, tmp_path: Path
 ) -> None:
-    limit = 60
+    limit, window = 60, 12  # leases of 1 s
     settings = proxy_settings(db_dsn, 1, tmp_path)
     databases = [Database(settings), Database(settings)]
     for database in databases:
         await database.open()
-    user_id, _ = await make_user(db_dsn, "alice", rate_limit=limit, rate_window_seconds=60)
-    principal = Principal(user_id, "alice", "k", rate_limit=limit, rate_window_seconds=60)
+    user_id, _ = await make_user(db_dsn, "alice", rate_limit=limit, rate_window_seconds=window)
+    principal = Principal(user_id, "alice", "k", rate_limit=limit, rate_window_seconds=window)
     first, second = (RateLimiter(settings, database) for database in databases)
     admitted = 0
 

@@ -16,13 +16,13 @@ from proxy.db.limits import LeaseGrant, LeaseReturn
 from proxy.window import Admission
 
 MAX_LEASE = 64  # places leased at once, at most: a lease given back costs a row per admission
-LONGEST_LEASE_MS = 1000  # never longer than a twentieth of the window either
+LONGEST_LEASE_MS = 5000  # never longer than a twelfth of the window either
 SHORTEST_LEASE_MS = 20  # shorter windows lease nothing
 
 
 def lease_ms(window_seconds: int) -> int:
     """How long a lease of a `window_seconds` window lasts (0: leases are not worth it)."""
-    ms = min(LONGEST_LEASE_MS, window_seconds * 1000 // 20)
+    ms = min(LONGEST_LEASE_MS, window_seconds * 1000 // 12)
     return ms if ms >= SHORTEST_LEASE_MS else 0
 
 

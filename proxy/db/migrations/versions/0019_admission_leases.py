@@ -8,7 +8,7 @@ Create Date: 2026-12-07
 another costs a round trip to Postgres each (~0.4 ms here, a write under an advisory lock). The
 lease functions decide the same sliding windows, and may also grant a few more places than the
 requests waiting (`leased`), which the asking proxy then admits on its own, with no round trip,
-until the lease ends (`lease_ends`, at most a second away).
+until the lease ends (`lease_ends`: the proxy asks for at most 5 s, a twelfth of the window).
 
 Never more than the limit, across every process: a leased place is a row of the window like an
 admission, stamped at the lease's end, which is no earlier than any admission made in it. So
@@ -19,12 +19,12 @@ one row is written for each admission made in it, at the time the proxy stamped 
 grant time plus the proxy's own elapsed time since it sent the asking call, so never earlier than
 the admission was). A lone proxy therefore decides exactly as before: its refusals are made here,
 after its own lease was given back. A proxy that dies with a lease leaves its rows stamped at the
-lease's end: they hold the user's places for at most one window and a second, never fewer.
+lease's end: they hold the user's places for at most one window and the lease's length, never less.
 
 What a lease can cost another process is bounded: places are leased only to a user all of whose
 waiting requests were admitted, at most a quarter of the places still free after them, so while
 one proxy holds unused places, another is refused only once three quarters of what was free
-went; the proxy gives an expired lease back within about a second.
+went; the proxy gives a lease back as soon as it is over (or with its next call).
 
 Keys' and groups' windows (0018) have the same function, `llama_gate_lease_subject`. Both take
 the same advisory locks as the admit functions, which stay for older proxies during an upgrade.
