@@ -114,21 +114,17 @@ END
 $$
 """
 
+# Users' windows, and keys' and groups' (0018): the same function on their own tables.
+_HOLDERS = (
+    ("llama_gate_lease", "bigint", "rate_admissions", "rate_windows", "user_id"),
+    ("llama_gate_lease_subject", "text", "rate_subject_admissions", "rate_subject_windows",
+     "subject"),
+)  # fmt: skip
 LEASE_FUNCTIONS = {
-    "llama_gate_lease": _LEASE_FUNCTION.format(
-        name="llama_gate_lease",
-        holder_type="bigint",
-        admissions="rate_admissions",
-        windows="rate_windows",
-        column="user_id",
-    ),
-    "llama_gate_lease_subject": _LEASE_FUNCTION.format(
-        name="llama_gate_lease_subject",
-        holder_type="text",
-        admissions="rate_subject_admissions",
-        windows="rate_subject_windows",
-        column="subject",
-    ),
+    name: _LEASE_FUNCTION.format(
+        name=name, holder_type=holder_type, admissions=admissions, windows=windows, column=column
+    )
+    for name, holder_type, admissions, windows, column in _HOLDERS
 }
 _ARGUMENTS = "integer, integer, integer, integer, integer, timestamptz, integer, timestamptz[]"
 
