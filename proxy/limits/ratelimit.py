@@ -29,7 +29,7 @@ from proxy.db import limits
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
 from proxy.errors import ApiError, InvalidApiKey, RateLimited
-from proxy.limits.leases import Lease, lease_ms
+from proxy.limits.leases import Lease, clock, lease_ms
 from proxy.settings import Settings
 from proxy.window import Admission, SlidingWindows
 
@@ -72,6 +72,7 @@ class RateLimiter:
         self._spent: dict[_Key, float] = {}  # refused until (monotonic)
         self._leases: dict[_Key, Lease] = {}  # each key's last decision, with its lease
         self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
 
     def limits_for(self, principal: Principal) -> tuple[int, int]:
         return (
@@ -117,7 +118,7 @@ class RateLimiter:
         holder, limit, window = key
         lease = self._leases.get(key)
         if lease is not None and key not in self._waiting:  # no round trip while a lease lasts
-            taken = lease.take(time.monotonic())
+            taken = lease.take(clock())
             if taken is not None:
                 self._local.add(holder, window)
                 return _headers(limit, taken)
@@ -147,7 +148,7 @@ class RateLimiter:
             while waiters := [d for d in self._waiting.get(key, ()) if not d.done()]:
                 self._waiting[key] = []  # who arrives now waits for the next round
                 lease = self._leases.get(key)
-                now = time.monotonic()
+                now = clock()
                 while lease is not None and waiters and (taken := lease.take(now)) is not None:
                     self._local.add(key[0], key[2])
                     waiters.pop(0).set_result(taken)
@@ -171,7 +172,7 @@ class RateLimiter:
         holder, limit, window = key
         ttl_ms = lease_ms(window)
         previous = self._leases.pop(key, None)
-        sent = time.monotonic()
+        sent, sent_wall = clock(), time.time()
         extra = previous.next_extra(sent) if previous is not None and ttl_ms else 0
         given_back = previous.given_back() if previous is not None else None
         try:
@@ -184,13 +185,17 @@ class RateLimiter:
             # The user was deleted a moment ago and their key is still cached here; the
             # notification that evicts it is on its way. They are no user any more: 401.
             raise InvalidApiKey() from None
-        except DatabaseUnavailable:  # a lease not given back keeps its places: never over
+        except DatabaseUnavailable:
+            self._restore(key, previous)
             if not self._degraded:
                 self._degraded = True
                 log.warning("rate limits are enforced per process until Postgres returns")
             return [self._local.try_acquire(holder, limit, window) for _ in range(count)]
+        except BaseException:
+            self._restore(key, previous)
+            raise
         self._degraded = False
-        lease = Lease.of(grant, sent, time.monotonic(), ttl_ms)
+        lease = Lease.of(grant, sent, sent_wall, clock(), ttl_ms)
         self._keep(key, lease)
         for _ in range(grant.granted):
             self._local.add(holder, window)  # so an outage starts from what we admitted
@@ -201,25 +206,35 @@ class RateLimiter:
             for index in range(count)
         ]
 
+    def _restore(self, key: _Key, previous: Lease | None) -> None:
+        """A call that failed gave nothing back: the previous lease stays to be given back
+        (by the sweeper, or with the next call), its unused places no longer taken."""
+        if previous is not None and key not in self._leases:
+            previous.left = 0
+            self._keep(key, previous)
+
     def _keep(self, key: _Key, lease: Lease) -> None:
         if len(self._leases) > MAX_SPENT:  # a bound: a lease forgotten only holds places
             self._leases.clear()
         self._leases[key] = lease
-        if self._sweeper is None or self._sweeper.done():
+        if not self._closed and (self._sweeper is None or self._sweeper.done()):
             self._sweeper = asyncio.create_task(self._sweep())
 
     async def _sweep(self) -> None:
         """Give back each lease once it is over (while no round for its key is under way), so
-        other processes see exactly what was admitted; forget the rest."""
+        other processes see exactly what was admitted; forget the rest. A lease stays where a
+        round finds it until its give-back is done: a round for its key meanwhile gives it back
+        itself, in the call that decides (a second give-back changes nothing)."""
         while self._leases:
-            now = time.monotonic()
             wake = min(lease.until for lease in self._leases.values())
-            await asyncio.sleep(max(wake - now, 0) + SWEEP_SLACK)
-            now = time.monotonic()
-            for key, lease in list(self._leases.items()):
-                if lease.until <= now and key not in self._waiting:
+            await asyncio.sleep(max(wake - clock(), 0) + SWEEP_SLACK)
+            for key in list(self._leases):
+                lease = self._leases.get(key)
+                if lease is None or lease.until > clock() or key in self._waiting:
+                    continue
+                await self._give_back(key, lease)
+                if self._leases.get(key) is lease:
                     del self._leases[key]
-                    await self._give_back(key, lease)
 
     async def _give_back(self, key: _Key, lease: Lease) -> None:
         given_back = lease.given_back()
@@ -230,16 +245,20 @@ class RateLimiter:
             await self._db.run(
                 lambda con: limits.lease(con, holder, limit, window * 1000, 0, 0, 0, given_back)
             )
-        except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # whatever it is, the other leases go on
             # Its rows stay, stamped at the lease's end: they leave the window a moment late.
             log.info("a rate-limit lease was not given back: %s", exc)
 
-    async def close(self) -> None:
-        """Give back every lease (a stop; what cannot be given back leaves only late)."""
+    async def close(self, wait: float = 2.0) -> None:
+        """Give back every lease, once the rounds under way have ended (for at most `wait`
+        seconds): a stop. What cannot be given back leaves the window only late."""
+        self._closed = True
         if self._sweeper is not None:
-            self._sweeper.cancel()
+            self._sweeper.cancel()  # a lease it was giving back is still in _leases
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._deciders:
+            await asyncio.wait(self._deciders, timeout=wait)
         leases, self._leases = self._leases, {}
         for key, lease in leases.items():
             await self._give_back(key, lease)

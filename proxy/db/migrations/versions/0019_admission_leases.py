@@ -24,7 +24,8 @@ lease's end: they hold the user's places for at most one window and the lease's 
 What a lease can cost another process is bounded: places are leased only to a user all of whose
 waiting requests were admitted, at most a quarter of the places still free after them, so while
 one proxy holds unused places, another is refused only once three quarters of what was free
-went; the proxy gives a lease back as soon as it is over (or with its next call).
+went; the proxy gives a lease back as soon as it is over (or with its next call), and a refusal
+made while others hold leased places says to retry when the last of those leases ends.
 
 Keys' and groups' windows (0018) have the same function, `llama_gate_lease_subject`. Both take
 the same advisory locks as the admit functions, which stay for older proxies during an upgrade.
@@ -58,6 +59,7 @@ DECLARE
     v_count integer;
     v_free timestamptz;
     v_stamp timestamptz;
+    v_leased timestamptz;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);  -- UNLOGGED tables only (0013)
     PERFORM pg_advisory_xact_lock(hashtextextended('llama_gate.rate.' || p_holder, 0));
@@ -110,6 +112,16 @@ BEGIN
     reset_ms := greatest(1, ceil(extract(epoch FROM
         coalesce(v_free, v_now) + v_window - v_now) * 1000))::integer;
     retry_after_ms := CASE WHEN granted = p_count THEN 0 ELSE reset_ms END;
+    IF granted < p_count THEN
+        -- Places other processes hold on lease (rows stamped in the future) may come back
+        -- unused when their leases end: worth asking again then, not only once one expires.
+        SELECT max(a.admitted_at) INTO v_leased FROM {admissions} a
+            WHERE a.{column} = p_holder AND a.admitted_at > v_now;
+        IF v_leased IS NOT NULL THEN
+            retry_after_ms := least(retry_after_ms, ceil(extract(epoch FROM
+                v_leased - v_now) * 1000)::integer + GIVE_BACK_SLACK_MS);
+        END IF;
+    END IF;
 END
 $$
 """
@@ -120,8 +132,10 @@ _HOLDERS = (
     ("llama_gate_lease_subject", "text", "rate_subject_admissions", "rate_subject_windows",
      "subject"),
 )  # fmt: skip
+# A lease's process gives it back within this of its end (its sweeper's slack, and a call).
+GIVE_BACK_SLACK_MS = 200
 LEASE_FUNCTIONS = {
-    name: _LEASE_FUNCTION.format(
+    name: _LEASE_FUNCTION.replace("GIVE_BACK_SLACK_MS", str(GIVE_BACK_SLACK_MS)).format(
         name=name, holder_type=holder_type, admissions=admissions, windows=windows, column=column
     )
     for name, holder_type, admissions, windows, column in _HOLDERS
