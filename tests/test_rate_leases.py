@@ -54,16 +54,19 @@ async def test_leased_places_count_at_once_and_come_back_as_the_admissions_made(
     grant = await limits.lease(admin, user_id, 100, 60_000, 1, 8, 1000, None)
     assert (grant.granted, grant.leased, grant.free) == (1, 8, 100)
     assert grant.lease_ends == grant.granted_at + timedelta(seconds=1)
-    # Every place is a row at once, stamped at the lease's end: no admission in it is later.
-    assert await _rows(admin, user_id) == [grant.lease_ends] * 9
+    # Every place is a row at once: the request decided now, and the leased places stamped at
+    # the lease's end (no admission made in it is later).
+    assert await _rows(admin, user_id) == [grant.granted_at] + [grant.lease_ends] * 8
     other = await limits.lease(admin, user_id, 100, 60_000, 1, 0, 0, None)  # another process
     assert other.free == 91
-    # Given back with three admissions made: the lease's rows go, three come back at their times.
-    used = [grant.granted_at + timedelta(milliseconds=ms) for ms in (0, 120, 480)]
-    back = LeaseReturn(grant.lease_ends, 9, used)
+    # Given back with two admissions made in it: its rows go, two come back at their times.
+    used = [grant.granted_at + timedelta(milliseconds=ms) for ms in (120, 480)]
+    back = LeaseReturn(grant.lease_ends, 8, used)
     again = await limits.lease(admin, user_id, 100, 60_000, 1, 0, 0, back)
-    assert again.free == 100 - 1 - 3
-    assert await _rows(admin, user_id) == sorted([*used, other.granted_at, again.granted_at])
+    assert again.free == 100 - 4
+    assert await _rows(admin, user_id) == sorted(
+        [grant.granted_at, *used, other.granted_at, again.granted_at]
+    )
     assert await _counted(admin, user_id) == 5
     # Given back twice by mistake: nothing changes (never more rows than went).
     await limits.lease(admin, user_id, 100, 60_000, 0, 0, 0, back)
@@ -72,7 +75,7 @@ async def test_leased_places_count_at_once_and_come_back_as_the_admissions_made(
     late = await limits.lease(admin, user_id, 100, 60_000, 1, 8, 1000, None)
     assert late.lease_ends is not None
     stray = late.lease_ends + timedelta(seconds=30)
-    back = LeaseReturn(late.lease_ends, 9, [stray])
+    back = LeaseReturn(late.lease_ends, late.leased, [stray])
     await limits.lease(admin, user_id, 100, 60_000, 0, 0, 0, back)
     assert max(await _rows(admin, user_id)) == late.lease_ends
 

@@ -49,15 +49,13 @@ class Lease:
     ttl: float  # seconds
     grant: LeaseGrant
     left: int  # leased places not taken yet
-    used: list[float] = field(default_factory=list)  # offsets from `sent` of its admissions
+    used: list[float] = field(default_factory=list)  # offsets from `sent` of those taken
 
     @classmethod
     def of(
         cls, grant: LeaseGrant, sent: float, sent_wall: float, received: float, ttl_ms: int
     ) -> Lease:
-        lease = cls(sent, sent_wall, received, ttl_ms / 1000, grant, grant.leased)
-        lease.used.extend([0.0] * grant.granted)  # admitted as Postgres decided: at granted_at
-        return lease
+        return cls(sent, sent_wall, received, ttl_ms / 1000, grant, grant.leased)
 
     @property
     def until(self) -> float:
@@ -86,7 +84,8 @@ class Lease:
         reset_ms = self.grant.reset_ms - int((now - self.received) * 1000)
         if reset_ms <= 0:
             reset_ms = int((self.until - self.sent - elapsed) * 1000)
-        return Admission(True, max(self.grant.free - len(self.used), 0), max(1, reset_ms), 0)
+        remaining = max(self.grant.free - self.grant.granted - len(self.used), 0)
+        return Admission(True, remaining, max(1, reset_ms), 0)
 
     def given_back(self) -> LeaseReturn | None:
         """What Postgres is told when the lease ends (None: nothing was leased)."""
@@ -95,11 +94,11 @@ class Lease:
             return None
         start = self.grant.granted_at
         used_at = [min(start + timedelta(seconds=offset), ends) for offset in self.used]
-        return LeaseReturn(ends, self.grant.granted + self.grant.leased, used_at)
+        return LeaseReturn(ends, self.grant.leased, used_at)
 
     def next_extra(self, now: float) -> int:
         """Places to lease next time: twice what this one admitted when it was asked again
         soon (a user sending one request after another), none for an occasional request."""
         if self.ttl <= 0 or now - self.sent > 2 * self.ttl:
             return 0
-        return min(MAX_LEASE, max(4, 2 * len(self.used)))
+        return min(MAX_LEASE, max(4, 2 * (self.grant.granted + len(self.used))))

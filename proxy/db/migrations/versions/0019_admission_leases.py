@@ -11,7 +11,8 @@ requests waiting (`leased`), which the asking proxy then admits on its own, with
 until the lease ends (`lease_ends`: the proxy asks for at most 5 s, a twelfth of the window).
 
 Never more than the limit, across every process: a leased place is a row of the window like an
-admission, stamped at the lease's end, which is no earlier than any admission made in it. So
+admission (the requests decided in the call are admitted then, as before), stamped at the
+lease's end, which is no earlier than any admission made in it. So
 other processes count it from the moment it is granted, and it leaves the window no earlier than
 the admission made in it would have. When the proxy asks again (its next lease, or once the lease
 ended), it gives the lease back (`p_return_at`, `p_return_rows`): the lease's rows are removed and
@@ -58,7 +59,6 @@ DECLARE
     v_expired integer;
     v_count integer;
     v_free timestamptz;
-    v_stamp timestamptz;
     v_leased timestamptz;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);  -- UNLOGGED tables only (0013)
@@ -90,15 +90,14 @@ BEGIN
     leased := CASE WHEN granted = p_count
                    THEN greatest(least(p_extra, (free - granted) / 4), 0) ELSE 0 END;
     granted_at := v_now;
+    -- The requests decided now are admitted now; leased places are stamped at the lease's end.
     IF leased > 0 THEN
         lease_ends := v_now + p_ttl_ms * interval '1 millisecond';
-        v_stamp := lease_ends;
-    ELSE
-        v_stamp := v_now;
     END IF;
     IF granted + leased > 0 THEN
         INSERT INTO {admissions} ({column}, admitted_at)
-            SELECT p_holder, v_stamp FROM generate_series(1, granted + leased);
+            SELECT p_holder, CASE WHEN n <= granted THEN v_now ELSE lease_ends END
+            FROM generate_series(1, granted + leased) AS n;
         UPDATE {windows} SET admissions = admissions + granted + leased
             WHERE {column} = p_holder;
     END IF;
