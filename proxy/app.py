@@ -41,9 +41,9 @@ from proxy.auth.listener import AuthListener
 from proxy.cluster.presence import Presence, local_figures, new_id
 from proxy.cluster.slots import SharedSlots
 from proxy.dashboard.app import dashboard_site
+from proxy.db.cluster import SLOTS_CHANNEL
 from proxy.db.limits import GROUPS_CHANNEL
 from proxy.db.pool import Database
-from proxy.db.queries import SLOTS_CHANNEL
 from proxy.dialects.openai import DIALECT as OPENAI
 from proxy.edge.cors import Cors
 from proxy.forwarded import TrustedProxies

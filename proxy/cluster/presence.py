@@ -29,9 +29,10 @@ from typing import Any
 import asyncpg
 
 from proxy.cluster.slots import SharedSlots
-from proxy.db import queries
+from proxy.db import cluster
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
+from proxy.db.queries import Connection
 from proxy.upstream.backends import Backends
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class Presence:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
-                await self._db.run(lambda con: queries.leave_proxy(con, self.id))
+                await self._db.run(lambda con: cluster.leave_proxy(con, self.id))
 
     async def beat(self) -> None:
         """Write this process's row; when that makes the slots switch (shared or not), write
@@ -118,16 +119,16 @@ class Presence:
             if not await self._slots.observe(others):
                 return
 
-    async def _write(self, con: queries.Connection) -> int:
+    async def _write(self, con: Connection) -> int:
         live = json.dumps(self._figures())
-        return await queries.beat_proxy(
+        return await cluster.beat_proxy(
             con, self.id, self.host, self.pid, live, STALE_SECONDS, self._slots.recorded
         )
 
     async def peers(self) -> list[Peer]:
         """The other processes seen within `STALE_SECONDS` (none while Postgres is away)."""
         try:
-            rows = await self._db.run(lambda con: queries.live_proxies(con, STALE_SECONDS))
+            rows = await self._db.run(lambda con: cluster.live_proxies(con, STALE_SECONDS))
         except (DatabaseUnavailable, asyncpg.PostgresError):  # down, or not migrated yet
             return []
         return [

@@ -38,9 +38,10 @@ from functools import partial
 
 import asyncpg
 
-from proxy.db import queries
+from proxy.db import cluster
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
+from proxy.db.queries import Connection
 from proxy.errors import SlotsUnavailable, TooManyConcurrent
 from proxy.upstream.affinity import Affinity
 from proxy.upstream.backends import GroupCap
@@ -210,7 +211,7 @@ class SharedSlots:
                 try:
                     answers = await self._db.run(
                         partial(
-                            queries.wait_for_slots,
+                            cluster.wait_for_slots,
                             proxy_id=self._proxy_id,
                             requests=asks,
                             lease_seconds=LEASE_SECONDS,
@@ -250,7 +251,7 @@ class SharedSlots:
                 try:
                     await self._db.run(
                         partial(
-                            queries.release_slots,
+                            cluster.release_slots,
                             request_ids=batch,
                             lease_seconds=LEASE_SECONDS,
                             stale_seconds=STALE_SECONDS,
@@ -295,9 +296,9 @@ class SharedSlots:
                 with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
                     await self._db.run(self._leave)
 
-    async def _leave(self, con: queries.Connection) -> None:
-        await queries.leave_slots(con, self._proxy_id)
-        await queries.grant_slots(con, LEASE_SECONDS, STALE_SECONDS)  # others' turn, at once
+    async def _leave(self, con: Connection) -> None:
+        await cluster.leave_slots(con, self._proxy_id)
+        await cluster.grant_slots(con, LEASE_SECONDS, STALE_SECONDS)  # others' turn, at once
 
     async def _tick_forever(self) -> None:
         since_renewal = 0.0
@@ -317,9 +318,9 @@ class SharedSlots:
     async def _poll(self) -> None:
         waiting = list(self._queued)
 
-        async def ask(con: queries.Connection) -> dict[int, str | None]:
-            await queries.grant_slots(con, LEASE_SECONDS, STALE_SECONDS)
-            return await queries.slot_states(con, self._proxy_id, waiting)
+        async def ask(con: Connection) -> dict[int, str | None]:
+            await cluster.grant_slots(con, LEASE_SECONDS, STALE_SECONDS)
+            return await cluster.slot_states(con, self._proxy_id, waiting)
 
         states = await self._db.run(ask)
         for request_id in waiting:
@@ -336,7 +337,7 @@ class SharedSlots:
         leases = [(request_id, *held) for request_id, held in self._leases.items()]
         waiting, lone, slots = list(self._queued), self._lone(), self._slots()
         await self._db.run(
-            lambda con: queries.renew_slots(
+            lambda con: cluster.renew_slots(
                 con, self._proxy_id, slots, leases, waiting, lone, LEASE_SECONDS
             )
         )
