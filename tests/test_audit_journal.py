@@ -345,6 +345,40 @@ async def test_the_journal_holds_only_rows_not_yet_written_and_none_after_a_stop
     assert not list(folder.glob("journal-*"))
 
 
+async def test_under_a_steady_load_rows_go_once_a_second_and_old_journals_go(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """Rows that keep coming do not make a round (a journal, an fsync, a commit) of every few;
+    and the journal on disk holds only the rows of the last round or two, though the writer is
+    never caught up."""
+    folder = tmp_path / "audit"
+    pool = await asyncpg.create_pool(db_dsn)
+    try:
+        writer = AuditWriter(lambda: pool, folder)
+        task = asyncio.create_task(writer.run())
+        await asyncio.sleep(0.1)  # its first look for journals to replay is over
+        syncs, sent, began = writer.journal_syncs, 0, time.monotonic()
+        while time.monotonic() - began < 4.0:  # ~200 rows a second
+            writer.submit(_row(sent))
+            sent += 1
+            await asyncio.sleep(0.005)
+        rounds = writer.journal_syncs - syncs
+        on_disk = sum(
+            len(path.read_text().splitlines()) - 1  # less each part's header
+            for path in folder.glob("journal-*.jsonl")
+        )
+        assert 2 <= rounds <= 7, f"{rounds} rounds in 4 s"  # about one a second
+        assert writer.rows_written >= sent / 3  # they do go, round by round
+        assert on_disk <= sent * 2.5 / 4, f"{on_disk} of {sent} rows still journaled"
+        writer.stop()
+        await task
+        assert await pool.fetchval("SELECT count(*) FROM llama_requests") == sent
+    finally:
+        await pool.close()
+    assert writer.rows_written == sent
+    assert not list(folder.glob("journal-*"))
+
+
 async def test_a_journal_that_cannot_be_written_loses_no_row_and_says_so(
     db_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

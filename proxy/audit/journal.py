@@ -9,8 +9,11 @@ durable, before the batch may reach Postgres or a spill file. So a replay gives 
 id it had, and a batch Postgres committed just before the process died is not written twice
 (batch ids are recorded with their rows: `proxy.audit.writer`). Rows after the last marker were
 never sent; a replay writes them under ids derived from the journal's, the same at every replay.
-Once the writer has caught up (every row in Postgres or a spill file) it deletes the journal
-and begins a new one at the next row, so a journal holds seconds of rows, not days.
+Each round of the writer (about once a second) ends the journal its batches were formed from:
+appends go on in a new journal from then on, and the old one is deleted once the round's batches
+are in Postgres or a spill file. So a journal holds a second or two of rows, not days, also
+under a load that never lets the writer catch up; and a round costs one file begun, one fsync and
+one Postgres commit, however many requests it writes.
 
 A journal is written in parts, `journal-<pid>-<journal id>-<part>.jsonl` in the audit folder,
 0600: an fsync seals the part it makes durable, and appends go on in a new one. Appending to a
@@ -68,6 +71,9 @@ class Journal:
         self._parts: list[Path] = []  # every part of this journal, in order
         self._anchor: int | None = None  # part 0, held open for its lock
         self._fd: int | None = None  # the part appends go to; None: begin one at the next
+        # Journals ended by `sync(new_journal=True)` whose rows are on their way to Postgres:
+        # each one's parts and its part 0's descriptor (its lock), deleted by `retire`.
+        self._retiring: list[tuple[list[Path], int | None]] = []
         self._dirty = False  # the current part has lines not yet fsynced
         # A write (or beginning a part) failed: the journal is gone and nothing more is
         # journaled until the writer catches up, when a new one is tried. Rows wait in
@@ -167,11 +173,14 @@ class Journal:
         # Part 0's descriptor holds the journal's lock: fsync a duplicate of it.
         return os.dup(fd) if fd == self._anchor else fd
 
-    async def sync(self) -> None:
-        """Make what was written durable, on a worker thread; appends go on in a new part."""
+    async def sync(self, new_journal: bool = False) -> None:
+        """Make what was written durable, on a worker thread; appends go on in a new part, or
+        with `new_journal` in a new journal (this one to be deleted by `retire`)."""
         part = self._parts[-1] if self._parts else None
         try:
             fd = self._seal()
+            if new_journal:
+                self._end()
             if fd is not None:
                 await asyncio.to_thread(_fsync_and_close, fd)
                 self.syncs += 1
@@ -189,10 +198,29 @@ class Journal:
         except OSError as exc:
             log.error("cannot fsync the audit journal %s (%s)", part, exc)
 
+    def _end(self) -> None:
+        """Appends go on in a new journal; this one waits for `retire`, its lock held."""
+        if self._id is None:
+            return
+        if self._fd is not None and self._fd != self._anchor:
+            os.close(self._fd)  # sealed by `_seal` unless nothing was written since the last
+        self._retiring.append((self._parts, self._anchor))
+        self._id, self._parts, self._fd, self._anchor, self._dirty = None, [], None, None, False
+
+    def retire(self) -> None:
+        """Every row of the journals ended so far is in Postgres or a spill file: they go."""
+        for parts, anchor in self._retiring:
+            for path in parts:  # part 0 first, as in `_discard`
+                path.unlink(missing_ok=True)
+            if anchor is not None:
+                os.close(anchor)
+        self._retiring = []
+
     def caught_up(self) -> None:
         """Every row journaled so far is in Postgres or a spill file: the journal may go."""
         self._broken = False  # the next row tries a new journal
         self._discard()
+        self.retire()
 
     def _discard(self) -> None:
         # Part 0 first: a replay that finds the rest (if this is cut short) knows it was done.
@@ -211,6 +239,10 @@ class Journal:
         """Stop journaling. Call it caught up: a journal with rows left stays for the next start."""
         self._let_go()
         self._parts = []
+        for _, anchor in self._retiring:  # not retired: their rows may not be written
+            if anchor is not None:
+                os.close(anchor)
+        self._retiring = []
 
 
 def _fsync_and_close(fd: int) -> None:

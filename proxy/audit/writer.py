@@ -194,7 +194,7 @@ class AuditWriter:
             self._wake.clear()
             if self._closing:
                 return
-            if await self._drain():
+            if await self._drain(everything=False):
                 delay = self._flush_interval
                 spilled = self.rows_spilled and self._spills.paths()
                 if spilled or time.monotonic() > self._next_scan:
@@ -209,19 +209,29 @@ class AuditWriter:
         self._closing = True
         self._wake.set()
 
-    async def _drain(self) -> bool:
-        """Write pending rows in batches; False when Postgres failed (rows are kept)."""
+    async def _drain(self, everything: bool = True) -> bool:
+        """Write pending rows in batches; False when Postgres failed (rows are kept).
+
+        One round writes the batches left from an earlier one, or else what is pending as it
+        begins; rows that come meanwhile wait for the next round unless `everything` (a stop).
+        A round per arrival instead, under a steady load, cost a journal, an fsync and a
+        Postgres commit every few requests."""
         while self._formed or self._pending:
             if not self._formed:
                 while self._pending:
                     self._formed.append(self._batch())
                 if self._journal is not None:
                     # The batches' ids are on disk before Postgres may have them: one fsync
-                    # for the round's batches and their rows.
-                    await self._journal.sync()
-            if not await self._write(self._formed[0]):
-                return False
-            self._formed.popleft()
+                    # for the round's batches and their rows, whose journal then ends.
+                    await self._journal.sync(new_journal=True)
+            while self._formed:
+                if not await self._write(self._formed[0]):
+                    return False
+                self._formed.popleft()
+            if self._journal is not None:
+                self._journal.retire()  # each of its rows is in Postgres now
+            if not everything:
+                break
         self._caught_up()
         return True
 
