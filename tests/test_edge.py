@@ -299,11 +299,13 @@ async def test_100_continue_is_promised_only_after_the_key_is_checked(proxy: Har
     assert answer.startswith(b"HTTP/1.1 200"), answer[:40]
 
 
+# Large pieces, and small ones (each written without a timer while nothing waits to be sent).
+@pytest.mark.parametrize(("size", "count"), [(65536, 400), (1024, 12_000)])
 async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_backend(
-    proxy: Harness,
+    proxy: Harness, size: int, count: int
 ) -> None:
     alice, bob = await proxy.user("alice"), await proxy.user("bob")
-    proxy.upstream.pieces = ["x" * 65536] * 400  # 26 MB: far more than socket buffers hold
+    proxy.upstream.pieces = ["x" * size] * count  # 26 or 12 MB: more than socket buffers hold
     proxy.upstream.event_delay = 0.0
     body = json.dumps({**CHAT, "stream": True}).encode()
     request = (

@@ -75,6 +75,26 @@ async def test_sse_events_reach_the_client_as_the_backend_sends_them(
     assert rest.endswith(b"data: [DONE]\r\n\r\n")
 
 
+async def test_a_streams_headers_leave_at_once_while_the_backend_reads_the_prompt(
+    proxy: Harness, client: aiohttp.ClientSession
+) -> None:
+    """The headers wait for the first bytes only while those are at hand: a backend slow to
+    give its first chunk (a long prompt to read) does not keep the client from its 200."""
+    key = await proxy.user("alice")
+    proxy.upstream.event_delay = 1.5  # after its first event (the prompt's usage, not relayed)
+    body = {**CHAT, "stream": True}
+    began = time.monotonic()
+    async with client.post(proxy.url("/v1/chat/completions"), json=body, headers=bearer(key)) as r:
+        headers_after = time.monotonic() - began
+        assert r.status == 200
+        first = await asyncio.wait_for(r.content.readuntil(b"\r\n\r\n"), 5)
+        first_after = time.monotonic() - began
+        await r.read()
+    assert b'"role": "assistant"' in first
+    assert first_after >= 1.4
+    assert headers_after < 1.0, f"headers came after {headers_after:.2f} s"
+
+
 async def test_none_of_the_clients_headers_reach_the_backend(
     proxy: Harness, client: aiohttp.ClientSession
 ) -> None:
