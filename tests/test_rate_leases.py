@@ -19,7 +19,7 @@ from proxy.db import limits
 from proxy.db.limits import LeaseReturn
 from proxy.db.pool import Database
 from proxy.errors import InvalidApiKey, RateLimited
-from proxy.limits.leases import MAX_LEASE, Lease, clock
+from proxy.limits.leases import LONGEST_LEASE_MS, MAX_LEASE, Lease, clock
 from proxy.limits.ratelimit import RateLimiter
 from tests.proxy_harness import make_user, proxy_settings
 
@@ -203,10 +203,16 @@ async def test_a_process_that_dies_with_a_lease_leaves_its_places_held_never_fre
             await limiter.allow(principal)
     finally:
         await database.close()  # the process is gone: nothing given back
+    died = await admin.fetchval("SELECT clock_timestamp()")
     rows = await _rows(admin, user_id)
-    # Every admission still holds a place, each stamped no earlier than it was made.
+    # Every admission still holds a place, each stamped no earlier than it was made ...
     assert len(rows) >= 3 * MAX_LEASE
     assert min(rows) >= before
+    # ... and the places of the lease it held are stamped at that lease's end, still to come:
+    # they leave the window no sooner than the last admission the lease could have made.
+    leased = [at for at in rows if at > died]
+    assert leased, "no place of the dead process's lease is held past its death"
+    assert max(leased) <= died + timedelta(milliseconds=LONGEST_LEASE_MS + 100)
     await limiter.close()  # its pool is closed: nothing can be given back, nothing fails
     assert await _rows(admin, user_id) == rows
 
