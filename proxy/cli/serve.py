@@ -177,6 +177,13 @@ async def _serve(
         keepalive_timeout=header_timeout,
         shutdown_timeout=SHUTDOWN_SECONDS,
     )
+    # Handled from before the app starts: a stop asked for meanwhile (a worker whose parent
+    # died as it started) ends it cleanly once started, its presence row deleted, rather than
+    # killing it half-started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     await runner.setup()
     _settle_heap()  # before accepting: no request waits for its one full collection
     handover = Handover(handover_path, sockets) if handover_path else None
@@ -186,12 +193,8 @@ async def _serve(
             await site.start()
         if handover:
             handover.start()
-        if ready:
+        if ready and not stop.is_set():
             ready()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("stopping: no new connections; requests in flight may finish")
         if handover:

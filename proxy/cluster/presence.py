@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 BEAT_SECONDS = 2.0
 STALE_SECONDS = 10.0  # five missed beats: the process is gone
+LEAVE_WAIT_SECONDS = 2.0  # for a beat under way to end, as the process leaves
 
 
 def local_figures(backends: Backends, held: Mapping[Hashable, int]) -> dict[str, Any]:
@@ -101,13 +102,17 @@ class Presence:
         with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
             await self._slots.observe(0)  # one of `--workers`: shared before its row says so
             await self.beat()
-        task = asyncio.create_task(self._beat_forever())
+        stop = asyncio.Event()
+        task = asyncio.create_task(self._beat_forever(stop))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # A beat under way ends before the row is deleted: cancelled, its write could still
+            # reach Postgres after the DELETE and put the row back (its upsert waits for the
+            # DELETE's row lock, then finds no row and inserts one).
+            stop.set()
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(task, LEAVE_WAIT_SECONDS)  # cancelled past that
             with contextlib.suppress(DatabaseUnavailable, asyncpg.PostgresError):
                 await self._db.run(lambda con: cluster.leave_proxy(con, self.id))
 
@@ -137,9 +142,9 @@ class Presence:
             if r["id"] != self.id
         ]
 
-    async def _beat_forever(self) -> None:
+    async def _beat_forever(self, stop: asyncio.Event) -> None:
         missed = False
-        while True:
+        while not stop.is_set():
             try:
                 await self.beat()
                 missed = False
@@ -153,4 +158,5 @@ class Presence:
                         BEAT_SECONDS,
                     )
                 missed = True
-            await asyncio.sleep(BEAT_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), BEAT_SECONDS)
