@@ -54,7 +54,7 @@ from benchdb import database  # noqa: E402
 
 from proxy.app import create_app  # noqa: E402
 from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
-from proxy.db import migrate, queries  # noqa: E402
+from proxy.db import accounts, migrate  # noqa: E402
 from proxy.db.localpg import free_port  # noqa: E402
 from proxy.settings import KNOWN_VARIABLES, load_settings  # noqa: E402
 
@@ -191,9 +191,9 @@ async def make_users(dsn: str, count: int) -> list[str]:
     try:
         await con.execute("TRUNCATE llama_requests, api_keys, users CASCADE")
         for user in range(count):
-            row = await queries.create_user(con, f"user{user}", 1_000_000, 60)
+            row = await accounts.create_user(con, f"user{user}", 1_000_000, 60)
             key = generate_key()
-            await queries.insert_key(
+            await accounts.insert_key(
                 con, row["id"], key.key_id, KeyHasher().hash(key.secret), None, None
             )
             keys.append(key.full.reveal())

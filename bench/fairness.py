@@ -56,7 +56,7 @@ from benchdb import database  # noqa: E402
 
 from proxy.app import create_app  # noqa: E402
 from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
-from proxy.db import migrate, queries  # noqa: E402
+from proxy.db import accounts, migrate  # noqa: E402
 from proxy.db.localpg import free_port  # noqa: E402
 from proxy.settings import load_settings  # noqa: E402
 
@@ -379,10 +379,10 @@ async def make_users(dsn: str) -> dict[str, str]:
     try:
         await con.execute("TRUNCATE llama_requests, api_keys, users CASCADE")
         for user in RATES:
-            row = await queries.create_user(con, user, 1_000_000, 60)  # no rate limit here
+            row = await accounts.create_user(con, user, 1_000_000, 60)  # no rate limit here
             key = generate_key()
             secret_hash = KeyHasher().hash(key.secret)
-            await queries.insert_key(con, row["id"], key.key_id, secret_hash, None, None)
+            await accounts.insert_key(con, row["id"], key.key_id, secret_hash, None, None)
             keys[user] = key.full.reveal()
     finally:
         await con.close()

@@ -46,7 +46,7 @@ from benchdb import database  # noqa: E402
 from conversations import GGUF, MODEL, backend  # noqa: E402
 
 from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
-from proxy.db import migrate, queries  # noqa: E402
+from proxy.db import accounts, migrate  # noqa: E402
 from proxy.db.localpg import free_port  # noqa: E402
 from proxy.settings import KNOWN_VARIABLES  # noqa: E402
 
@@ -104,10 +104,10 @@ async def make_users(dsn: str) -> dict[str, str]:
     keys = {}
     try:
         for name in ("victim", "attacker"):
-            row = await queries.create_user(con, name, 1_000_000, 60)
+            row = await accounts.create_user(con, name, 1_000_000, 60)
             key = generate_key()
             hashed = KeyHasher().hash(key.secret)
-            await queries.insert_key(con, row["id"], key.key_id, hashed, None, None)
+            await accounts.insert_key(con, row["id"], key.key_id, hashed, None, None)
             keys[name] = key.full.reveal()
     finally:
         await con.close()

@@ -46,7 +46,7 @@ from benchdb import database  # noqa: E402
 from proxy.audit.journal import Journal  # noqa: E402
 from proxy.audit.row import AuditRow  # noqa: E402
 from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
-from proxy.db import migrate, queries  # noqa: E402
+from proxy.db import accounts, migrate  # noqa: E402
 from proxy.db.localpg import free_port  # noqa: E402
 
 BACKEND_KEY = "bench-backend-key"
@@ -197,13 +197,13 @@ async def _prepare(dsn: str) -> tuple[str, str]:
     try:
         await con.execute("TRUNCATE llama_requests, api_keys, users CASCADE")
         for name in ("bench", "flooder"):
-            user = await queries.create_user(con, name, 1_000_000, 60)
+            user = await accounts.create_user(con, name, 1_000_000, 60)
             key = generate_key()
-            await queries.insert_key(
+            await accounts.insert_key(
                 con, user["id"], key.key_id, KeyHasher().hash(key.secret), None, None
             )
             keys.append(key.full.reveal())
-        await queries.set_user_limits(con, "flooder", {"max_concurrent": 4})
+        await accounts.set_user_limits(con, "flooder", {"max_concurrent": 4})
     finally:
         await con.close()
     return keys[0], keys[1]

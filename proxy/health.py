@@ -16,7 +16,7 @@ from importlib import metadata
 from aiohttp import web
 
 from proxy.appkeys import AUTH_LISTENER, BACKENDS, DATABASE, SETTINGS
-from proxy.db import queries
+from proxy.db import connect
 from proxy.db.connect import DatabaseUnavailable
 
 PATHS = frozenset({"/health", "/ready", "/"})
@@ -72,7 +72,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def _database_problem(request: web.Request, app: web.Application) -> str | None:
     try:
-        await app[DATABASE].run(queries.ping)
+        await app[DATABASE].run(connect.ping)
     except DatabaseUnavailable as exc:
         return str(exc)
     return None

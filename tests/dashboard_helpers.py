@@ -15,7 +15,7 @@ import asyncpg
 
 from proxy.auth.admintokens import generate_admin_token
 from proxy.auth.apikeys import KeyHasher
-from proxy.db import queries
+from proxy.db import admin_tokens
 from proxy.db.localpg import free_port
 from tests.proxy_harness import Harness, running_proxy
 
@@ -27,7 +27,9 @@ async def make_admin_token(dsn: str, label: str | None = None) -> tuple[str, str
     token = generate_admin_token()
     con = await asyncpg.connect(dsn)
     try:
-        await queries.insert_admin_token(con, token.key_id, KeyHasher().hash(token.secret), label)
+        await admin_tokens.insert_admin_token(
+            con, token.key_id, KeyHasher().hash(token.secret), label
+        )
     finally:
         await con.close()
     return token.key_id, token.full.reveal()

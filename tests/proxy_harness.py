@@ -26,7 +26,7 @@ from proxy.app import create_app
 from proxy.appkeys import AUTH_LISTENER, COMPLETION_HOOKS, STRANGERS
 from proxy.audit.row import AuditRow
 from proxy.auth.apikeys import KeyHasher, generate_key
-from proxy.db import queries
+from proxy.db import accounts
 from proxy.db.localpg import free_port
 from proxy.settings import Settings, load_settings
 from tests.fake_upstream import FakeUpstream
@@ -46,7 +46,7 @@ async def make_user(
     """Create a user with one key; return (user id, full key)."""
     con = await asyncpg.connect(dsn)
     try:
-        user = await queries.create_user(con, username, rate_limit, rate_window_seconds)
+        user = await accounts.create_user(con, username, rate_limit, rate_window_seconds)
         key = await add_key(con, user["id"], expires_at, hasher)
     finally:
         await con.close()
@@ -61,7 +61,7 @@ async def add_key(
 ) -> str:
     key = generate_key()
     secret_hash = (hasher or KeyHasher()).hash(key.secret)
-    await queries.insert_key(con, user_id, key.key_id, secret_hash, None, expires_at)
+    await accounts.insert_key(con, user_id, key.key_id, secret_hash, None, expires_at)
     return key.full.reveal()
 
 

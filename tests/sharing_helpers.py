@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from proxy.db import queries
+from proxy.db import accounts
 from tests.proxy_harness import bearer
 
 
@@ -18,7 +18,7 @@ async def set_limits(dsn: str, username: str, **limits: int | None) -> None:
     """Set a user's overrides (`max_concurrent`, `tokens_per_day`, ...) as `set-limit` does."""
     con = await asyncpg.connect(dsn)
     try:
-        assert await queries.set_user_limits(con, username, limits) is not None
+        assert await accounts.set_user_limits(con, username, limits) is not None
     finally:
         await con.close()
 

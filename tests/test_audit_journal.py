@@ -24,7 +24,7 @@ import pytest
 from proxy.audit.journal import Journal
 from proxy.audit.row import COLUMNS, AuditRow
 from proxy.audit.writer import AuditWriter
-from proxy.db import queries
+from proxy.db import ledger
 from proxy.db.localpg import LocalPostgres, free_port
 from tests.fake_upstream import FakeUpstream
 from tests.proxy_harness import (
@@ -231,7 +231,7 @@ async def test_a_batch_committed_just_before_the_kill_is_not_written_again(
     dead.mark(committed, 3)  # the batch was formed and sent, and Postgres committed it...
     con = await asyncpg.connect(db_dsn)
     try:
-        assert await queries.write_audit_batch(con, committed, COLUMNS, rows[:3])
+        assert await ledger.write_audit_batch(con, committed, COLUMNS, rows[:3])
     finally:
         await con.close()
     dead.close()  # ... then the process died, its journal still there
@@ -263,7 +263,7 @@ async def test_a_journal_in_several_parts_replays_as_one(db_dsn: str, tmp_path: 
     dead.append(rows[5])
     con = await asyncpg.connect(db_dsn)
     try:
-        assert await queries.write_audit_batch(con, committed, COLUMNS, rows[:3])
+        assert await ledger.write_audit_batch(con, committed, COLUMNS, rows[:3])
     finally:
         await con.close()
     dead.close()

@@ -18,10 +18,9 @@ import pytest
 from proxy.appkeys import AUTHENTICATOR
 from proxy.auth.apikeys import KeyHasher
 from proxy.auth.authenticator import BLOCKED_WAITING, FAILURE_LIMIT, Authenticator
-from proxy.db import queries
-from proxy.db.connect import DatabaseUnavailable
+from proxy.db import accounts
+from proxy.db.connect import Connection, DatabaseUnavailable
 from proxy.db.pool import Database
-from proxy.db.queries import Connection
 from proxy.errors import InvalidApiKey, KeyStoreUnavailable
 from tests.cli_helpers import KEY_RE, ok
 from tests.proxy_harness import (
@@ -71,16 +70,16 @@ async def test_every_kind_of_bad_key_gets_the_same_401(
     key_id = good.split("_")[1]
     con = await asyncpg.connect(proxy.dsn)
     try:
-        revoked = await add_key(con, (await queries.get_user(con, "alice"))["id"])
-        await queries.revoke_key(con, revoked.split("_")[1])
-        bob = (await queries.create_user(con, "bob", None, None))["id"]
+        revoked = await add_key(con, (await accounts.get_user(con, "alice"))["id"])
+        await accounts.revoke_key(con, revoked.split("_")[1])
+        bob = (await accounts.create_user(con, "bob", None, None))["id"]
         expired = await add_key(con, bob, expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        carol = (await queries.create_user(con, "carol", None, None))["id"]
+        carol = (await accounts.create_user(con, "carol", None, None))["id"]
         disabled = await add_key(con, carol)
-        await queries.set_user_enabled(con, "carol", False)
-        dave = (await queries.create_user(con, "dave", None, None))["id"]
+        await accounts.set_user_enabled(con, "carol", False)
+        dave = (await accounts.create_user(con, "dave", None, None))["id"]
         deleted = await add_key(con, dave)
-        await queries.delete_user(con, "dave")
+        await accounts.delete_user(con, "dave")
     finally:
         await con.close()
     wrong_secret = f"lgk_{key_id}_{random_key().split('_', 2)[2]}"
@@ -186,10 +185,10 @@ async def test_last_used_at_is_written_lazily_in_one_batch(
     assert await _get(client, proxy, bearer(key)) == 200
     con = await asyncpg.connect(proxy.dsn)
     try:
-        (row,) = await queries.list_keys(con, "alice")
+        (row,) = await accounts.list_keys(con, "alice")
         assert row["last_used_at"] is None  # not on the request path
         await proxy.app[AUTHENTICATOR].flush_last_used()
-        (row,) = await queries.list_keys(con, "alice")
+        (row,) = await accounts.list_keys(con, "alice")
         assert row["last_used_at"] is not None
     finally:
         await con.close()
@@ -263,7 +262,7 @@ async def test_the_cache_ttl_bounds_staleness_when_no_notification_arrives(
         await auth.authenticate(key, "10.0.0.1")
         con = await asyncpg.connect(db_dsn)
         try:
-            await queries.revoke_key(con, key.split("_")[1])
+            await accounts.revoke_key(con, key.split("_")[1])
         finally:
             await con.close()
         clock.now += 29  # nobody told this authenticator: the cached verdict still stands
@@ -307,7 +306,7 @@ async def test_an_outdated_hash_is_replaced_after_a_successful_verification(
         await auth.close()  # waits for the background re-hash
     con = await asyncpg.connect(db_dsn)
     try:
-        record = await queries.lookup_key(con, key.split("_")[1])
+        record = await accounts.lookup_key(con, key.split("_")[1])
     finally:
         await con.close()
     assert record is not None
@@ -412,7 +411,7 @@ async def test_a_revocation_during_a_key_check_is_not_lost(
     notified = authenticator.stats.invalidations
     con = await asyncpg.connect(proxy.dsn)
     try:
-        await queries.revoke_key(con, key.split("_")[1])
+        await accounts.revoke_key(con, key.split("_")[1])
     finally:
         await con.close()
     await eventually(lambda: authenticator.stats.invalidations > notified)

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from proxy.appkeys import AUTH_LISTENER, AUTHENTICATOR
-from proxy.db import queries
+from proxy.db import accounts
 from tests.proxy_harness import Harness, bearer, eventually, running_proxy
 
 
@@ -49,9 +49,9 @@ async def _seconds_until(
 
 Change = Callable[[asyncpg.Connection, str], Awaitable[object]]
 CHANGES: dict[str, Change] = {
-    "revoke key": lambda con, key: queries.revoke_key(con, key.split("_")[1]),
-    "disable user": lambda con, _key: queries.set_user_enabled(con, "alice", False),
-    "delete user": lambda con, _key: queries.delete_user(con, "alice"),
+    "revoke key": lambda con, key: accounts.revoke_key(con, key.split("_")[1]),
+    "disable user": lambda con, _key: accounts.set_user_enabled(con, "alice", False),
+    "delete user": lambda con, _key: accounts.delete_user(con, "alice"),
 }
 
 
@@ -73,10 +73,10 @@ async def test_re_enabling_a_user_takes_effect_within_one_second(
     proxy: Harness, admin: asyncpg.Connection
 ) -> None:
     key = await proxy.user("alice")
-    await queries.set_user_enabled(admin, "alice", False)
+    await accounts.set_user_enabled(admin, "alice", False)
     async with aiohttp.ClientSession() as client:
         assert await _seconds_until(client, proxy, key, 401) < 1.0  # and remembered as bad
-        await queries.set_user_enabled(admin, "alice", True)
+        await accounts.set_user_enabled(admin, "alice", True)
         assert await _seconds_until(client, proxy, key, 200) < 1.0
 
 
@@ -102,7 +102,7 @@ async def test_the_listener_reconnects_and_rechecks_what_it_may_have_missed(
         await eventually(lambda: auth.stats.rechecks == 1)
         assert await _status(client, proxy, key) == 200
         assert auth.stats.lookups == lookups  # ... so its holder did not wait for a re-check
-        await queries.revoke_key(admin, key.split("_")[1])
+        await accounts.revoke_key(admin, key.split("_")[1])
         assert await _seconds_until(client, proxy, key, 401) < 1.0
 
 
@@ -123,7 +123,7 @@ async def test_a_key_revoked_while_the_listener_was_away_is_refused_as_it_return
                WHERE application_name = 'llama-gate auth listener'
                  AND datname = current_database()"""
         )
-        await queries.revoke_key(admin, key.split("_")[1])
+        await accounts.revoke_key(admin, key.split("_")[1])
         await eventually(lambda: listener.connections == 2 and auth.stats.rechecks == 1)
         lookups = auth.stats.lookups
         assert await _status(client, proxy, key) == 401  # found by the re-check of every key

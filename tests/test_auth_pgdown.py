@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from proxy.appkeys import AUTH_LISTENER
-from proxy.db import queries
+from proxy.db import accounts
 from proxy.db.localpg import LocalPostgres
 from tests.proxy_harness import Harness, bearer, make_user, running_proxy
 
@@ -92,7 +92,7 @@ async def test_a_revocation_right_after_postgres_restarts_takes_effect_within_a_
         await asyncio.to_thread(own_postgres.start, True)
         admin = await asyncpg.connect(own_postgres.dsn)
         try:
-            await queries.revoke_key(admin, alice.split("_")[1])
+            await accounts.revoke_key(admin, alice.split("_")[1])
         finally:
             await admin.close()
         revoked = time.monotonic()

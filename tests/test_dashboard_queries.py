@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy.db import queries
-from proxy.db.queries import RequestFilter
+from proxy.db import ledger, usage
+from proxy.db.ledger import RequestFilter
 
 ROWS = 1_000_000
 USERS = 200
@@ -37,16 +37,16 @@ async def test_overview_and_request_log_queries_use_indexes(db_dsn: str) -> None
     cursor = (datetime.now(UTC) - timedelta(days=3), 10**9)
     month = datetime.now(UTC) - timedelta(days=30)
     calls: list[Callable[[Any], Awaitable[object]]] = [
-        lambda con: queries.usage_daily(con, since, None),
-        lambda con: queries.usage_daily(con, since, "user7"),
-        lambda con: queries.usage_daily_totals(con, since),
-        lambda con: queries.request_log(con, RequestFilter(), None, 51),
-        lambda con: queries.request_log(con, RequestFilter(), cursor, 51),
-        lambda con: queries.request_log(con, RequestFilter(username="user7"), cursor, 51),
-        lambda con: queries.request_log(
+        lambda con: usage.usage_daily(con, since, None),
+        lambda con: usage.usage_daily(con, since, "user7"),
+        lambda con: usage.usage_daily_totals(con, since),
+        lambda con: ledger.request_log(con, RequestFilter(), None, 51),
+        lambda con: ledger.request_log(con, RequestFilter(), cursor, 51),
+        lambda con: ledger.request_log(con, RequestFilter(username="user7"), cursor, 51),
+        lambda con: ledger.request_log(
             con, RequestFilter(status_from=500, status_to=599, since=month), None, 51
         ),
-        lambda con: queries.request_log(
+        lambda con: ledger.request_log(
             con, RequestFilter(path="/v1/embeddings", until=cursor[0]), cursor, 2000
         ),
     ]
@@ -75,7 +75,7 @@ async def test_overview_and_request_log_queries_use_indexes(db_dsn: str) -> None
         for query, args in captured:
             rows = await con.fetch("EXPLAIN " + query, *args)
             plans.append("\n".join(row[0] for row in rows))
-        totals = await queries.usage_daily_totals(con, since)  # and run for real
+        totals = await usage.usage_daily_totals(con, since)  # and run for real
     finally:
         await con.close()
     for (query, _), plan in zip(captured, plans, strict=True):

@@ -14,7 +14,7 @@ import asyncpg
 from proxy.appkeys import AUTHENTICATOR
 from proxy.auth.apikeys import parse_key
 from proxy.auth.issuing import issue_key
-from proxy.db import queries
+from proxy.db import accounts
 from tests.dashboard_helpers import (
     Dashboard,
     client,
@@ -304,7 +304,7 @@ async def test_a_quota_shows_its_users_use_not_a_deleted_namesakes(
                VALUES ($1, 'alice', '/v1/chat/completions', 200, 10, 4100, 900)""",
             old_id,
         )
-        assert await queries.delete_user(con, "alice")
+        assert await accounts.delete_user(con, "alice")
     finally:
         await con.close()
     alice_id, alice = await make_user(db_dsn, "alice")

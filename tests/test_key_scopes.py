@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from proxy.auth.issuing import issue_key, rotate_key
-from proxy.db import queries
+from proxy.db import accounts
 from proxy.routes import APIS
 from tests.cli_helpers import KEY_RE, failure, ok
 from tests.fake_upstream import MODEL, FakeUpstream
@@ -48,9 +48,9 @@ async def scoped_key(
 ) -> str:
     con = await asyncpg.connect(proxy.dsn)
     try:
-        user = await queries.get_user(con, username)
+        user = await accounts.get_user(con, username)
         if user is None:
-            user = await queries.create_user(
+            user = await accounts.create_user(
                 con, username, rate_limit, 3600 if rate_limit else None
             )
         key = await issue_key(con, user["id"], None, None, models, apis)
@@ -404,7 +404,7 @@ async def test_me_shows_none_of_a_deleted_namesakes_rows(proxy: Harness) -> None
     await asyncio.sleep(2)  # the rows reach Postgres
     con = await asyncpg.connect(proxy.dsn)
     try:
-        assert await queries.delete_user(con, "alice")
+        assert await accounts.delete_user(con, "alice")
     finally:
         await con.close()
     new = await scoped_key(proxy, "alice")  # another alice: the audit rows keep the old name

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.db import queries
+from proxy.db import connect
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.localpg import free_port
 from proxy.db.pool import POOL_SIZE, Database, DatabaseBusy
@@ -31,13 +31,13 @@ async def test_every_connection_in_use_is_busy_not_an_outage(database: Database)
     held: list[asyncpg.Connection] = [await database.pool.acquire() for _ in range(POOL_SIZE)]
     try:
         with pytest.raises(DatabaseBusy, match="every pooled connection in use"):
-            await database.run(queries.ping)
+            await database.run(connect.ping)
         assert database.up
     finally:
         for con in held:
             await database.pool.release(con)
     started = time.monotonic()
-    await database.run(queries.ping)  # nobody was told to skip Postgres meanwhile
+    await database.run(connect.ping)  # nobody was told to skip Postgres meanwhile
     assert time.monotonic() - started < 0.5
 
 
@@ -45,7 +45,7 @@ async def test_a_slow_query_is_busy_not_an_outage(database: Database) -> None:
     with pytest.raises(DatabaseBusy, match="slow query"):
         await database.run(lambda con: con.execute("SELECT pg_sleep(3)"))
     assert database.up
-    await database.run(queries.ping)
+    await database.run(connect.ping)
 
 
 async def test_a_refused_connection_is_an_outage_that_callers_skip_for_a_moment(
@@ -58,7 +58,7 @@ async def test_a_refused_connection_is_an_outage_that_callers_skip_for_a_moment(
         assert not database.up
         started = time.monotonic()
         with pytest.raises(DatabaseUnavailable) as caught:
-            await database.run(queries.ping)
+            await database.run(connect.ping)
         assert not isinstance(caught.value, DatabaseBusy)
         assert time.monotonic() - started < 0.1  # skipped: no new connection attempt
     finally:

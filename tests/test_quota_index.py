@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy.db import queries
+from proxy.db import usage
 
 ROWS = 1_000_000
 USERS = 200
@@ -26,7 +26,7 @@ class _Captured:
 async def test_a_users_tokens_today_are_read_through_the_user_id_index(db_dsn: str) -> None:
     now = datetime.now(UTC)
     captured = _Captured()
-    await queries.user_tokens(
+    await usage.user_tokens(
         captured,  # type: ignore[arg-type]
         7,
         now.replace(hour=0, minute=0, second=0, microsecond=0),

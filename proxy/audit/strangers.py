@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from proxy.audit.row import AuditRow
-from proxy.db import queries
+from proxy.db import ledger
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
 
@@ -117,7 +117,7 @@ class Strangers:
         if not rows:
             return
         try:
-            await self._db.run(lambda con: queries.add_unauthenticated(con, rows))
+            await self._db.run(lambda con: ledger.add_unauthenticated(con, rows))
         except DatabaseUnavailable:
             self._restore(taken)
 

@@ -34,7 +34,7 @@ from proxy.audit.journal import SYNC_SECONDS, Journal
 from proxy.audit.journal import claims as journal_claims
 from proxy.audit.row import COLUMNS, AuditRow
 from proxy.audit.spill import Batch, SpillFiles
-from proxy.db import queries
+from proxy.db import ledger
 from proxy.db.connect import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class AuditWriter:
         batch_id, rows = batch
         try:
             async with self._pool().acquire(timeout=WRITE_TIMEOUT_SECONDS) as con:
-                fresh = await queries.write_audit_batch(
+                fresh = await ledger.write_audit_batch(
                     con, batch_id, COLUMNS, rows, WRITE_TIMEOUT_SECONDS
                 )
         except _REFUSED as exc:

@@ -42,7 +42,7 @@ from aiohttp import web
 from proxy.auth.apikeys import KeyHasher, parse_key
 from proxy.auth.cache import CachedKey, KeyCache, Principal, RejectedKeys
 from proxy.auth.turns import Busy, Turns
-from proxy.db import queries
+from proxy.db import accounts
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
 from proxy.errors import InvalidApiKey, KeyStoreUnavailable, TooManyAuthFailures
@@ -159,7 +159,7 @@ class Authenticator:
         self, digest: bytes, key_id: str, secret: str, known: CachedKey | None, address: str
     ) -> Principal:
         verified_hash = known.secret_hash if known is not None else None
-        record: queries.KeyRecord | None = None
+        record: accounts.KeyRecord | None = None
         for _ in range(RECHECKS):
             generation = self._generation
             checked_at = self._clock()
@@ -188,14 +188,14 @@ class Authenticator:
 
     async def _lookup(
         self, key_id: str, known: CachedKey | None, address: str
-    ) -> queries.KeyRecord | None:
+    ) -> accounts.KeyRecord | None:
         """The key's record, looked up in its lane: known keys' own, or unknown keys' turns."""
         if known is not None:
             self.stats.known_lookups += 1
             if self._known_slots.locked():
                 self.stats.known_waits += 1
             async with self._known_slots:
-                return await self._db.run(lambda con: queries.lookup_key(con, key_id))
+                return await self._db.run(lambda con: accounts.lookup_key(con, key_id))
         # Over the failure limit, an address's unknown keys are checked one at a time: a flood
         # from it costs one lookup at a time, and a valid key from the same address still
         # gets its turn.
@@ -208,7 +208,7 @@ class Authenticator:
                 most=1 if blocked_ms else None,
                 waiting=BLOCKED_WAITING if blocked_ms else None,
             ):
-                return await self._db.run(lambda con: queries.lookup_key(con, key_id))
+                return await self._db.run(lambda con: accounts.lookup_key(con, key_id))
         except Busy:
             self.stats.blocked += 1
             raise TooManyAuthFailures(blocked_ms) from None
@@ -253,7 +253,7 @@ class Authenticator:
     async def _replace_hash(self, key_id: str, old_hash: str, new_hash: str) -> None:
         with contextlib.suppress(DatabaseUnavailable):  # the next verification re-hashes again
             await self._db.run(
-                lambda con: queries.replace_key_hash(con, key_id, old_hash, new_hash)
+                lambda con: accounts.replace_key_hash(con, key_id, old_hash, new_hash)
             )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -292,7 +292,7 @@ class Authenticator:
         generation, checked_at = self._generation, self._clock()
         key_ids = sorted({entry.principal.key_id for _, entry in entries})
         try:
-            records = await self._db.run(lambda con: queries.lookup_keys(con, key_ids))
+            records = await self._db.run(lambda con: accounts.lookup_keys(con, key_ids))
         except DatabaseUnavailable:
             return  # each key is re-checked on its next use instead
         if generation != self._generation:
@@ -332,7 +332,7 @@ class Authenticator:
             return
         key_ids, self._touched = sorted(self._touched), set()
         try:
-            await self._db.run(lambda con: queries.touch_keys(con, key_ids))
+            await self._db.run(lambda con: accounts.touch_keys(con, key_ids))
         except DatabaseUnavailable:
             self._touched.update(key_ids)
 
@@ -343,7 +343,7 @@ class Authenticator:
         self._known_executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _principal(record: queries.KeyRecord) -> Principal:
+def _principal(record: accounts.KeyRecord) -> Principal:
     return Principal(
         record.user_id, record.username, record.key_id, record.rate_limit,
         record.rate_window_seconds, record.max_concurrent, record.max_tokens,
@@ -355,11 +355,11 @@ def _principal(record: queries.KeyRecord) -> Principal:
     )  # fmt: skip
 
 
-def _valid_until(record: queries.KeyRecord) -> float | None:
+def _valid_until(record: accounts.KeyRecord) -> float | None:
     ends = [t.timestamp() for t in (record.expires_at, record.revoked_at) if t is not None]
     return min(ends) if ends else None
 
 
-def _usable(record: queries.KeyRecord) -> bool:
+def _usable(record: accounts.KeyRecord) -> bool:
     until = _valid_until(record)
     return record.user_enabled and (until is None or until > datetime.now(UTC).timestamp())

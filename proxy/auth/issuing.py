@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from proxy.auth.apikeys import KeyHasher, NewKey, generate_key
-from proxy.db import limits, queries
-from proxy.db.queries import Connection
+from proxy.db import accounts, limits
+from proxy.db.connect import Connection
 
 
 class KeyNotFound(Exception):
@@ -36,7 +36,9 @@ async def issue_key(
     key = generate_key()
     expires_at = datetime.now(UTC) + expires_in if expires_in else None
     secret_hash = KeyHasher().hash(key.secret)
-    await queries.insert_key(con, user_id, key.key_id, secret_hash, label, expires_at, models, apis)
+    await accounts.insert_key(
+        con, user_id, key.key_id, secret_hash, label, expires_at, models, apis
+    )
     return key
 
 
@@ -48,7 +50,7 @@ async def rotate_key(
     Returns the owner's username and the new key; raises `KeyNotFound` or `KeyAlreadyRevoked`.
     """
     async with con.transaction():
-        old = await queries.get_key_owner(con, key_id)
+        old = await accounts.get_key_owner(con, key_id)
         if old is None:
             raise KeyNotFound(key_id)
         if old["revoked_at"] is not None and old["revoked_at"] <= datetime.now(UTC):
@@ -58,5 +60,5 @@ async def rotate_key(
             con, old["user_id"], old["label"], expires_in, old["models"], old["apis"]
         )
         await limits.carry_key_limits(con, key_id, new.key_id)
-        await queries.revoke_key(con, key_id, after=grace)
+        await accounts.revoke_key(con, key_id, after=grace)
         return old["username"], new

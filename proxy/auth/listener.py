@@ -1,6 +1,6 @@
 """Hears revocations from Postgres (LISTEN/NOTIFY) so every proxy drops stale keys within a second.
 
-Migration 0002's triggers NOTIFY `queries.AUTH_CHANNEL` when a key is revoked, expires, or is
+Migration 0002's triggers NOTIFY `accounts.AUTH_CHANNEL` when a key is revoked, expires, or is
 deleted, or a user changes or is deleted. The listener holds one dedicated connection (a pooled
 one could be handed to a query mid-notification). A notification lost while that connection is
 down cannot be replayed, so each (re)connect has every cached key re-checked at once, and the
@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-from proxy.db import queries
-from proxy.db.connect import DatabaseUnavailable, connect
+from proxy.db import accounts
+from proxy.db.connect import Connection, DatabaseUnavailable, connect, ping
 from proxy.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class AuthListener:
         lost = asyncio.Event()
         con.add_termination_listener(lambda _con: lost.set())
         try:
-            await con.add_listener(queries.AUTH_CHANNEL, self._notified)
+            await con.add_listener(accounts.AUTH_CHANNEL, self._notified)
             for channel, on_notice in self._others.items():
                 await con.add_listener(channel, _calling(on_notice))
             # Only now, with LISTEN active, is it safe to re-check what may have been missed.
@@ -89,14 +89,12 @@ class AuthListener:
                 try:
                     await asyncio.wait_for(lost.wait(), PING_SECONDS)
                 except TimeoutError:
-                    await asyncio.wait_for(queries.ping(con), self._settings.db_timeout_seconds)
+                    await asyncio.wait_for(ping(con), self._settings.db_timeout_seconds)
             raise DatabaseUnavailable("the listener's connection was closed")
         finally:
             con.terminate()  # close() could wait on a dead socket
 
-    def _notified(
-        self, _con: queries.Connection, _pid: int, _channel: str, payload: object
-    ) -> None:
+    def _notified(self, _con: Connection, _pid: int, _channel: str, payload: object) -> None:
         try:
             self._on_notice(str(payload))
         except Exception:
@@ -105,8 +103,8 @@ class AuthListener:
 
 def _calling(
     on_notice: Callable[[str], None],
-) -> Callable[[queries.Connection, int, str, object], None]:
-    def notified(_con: queries.Connection, _pid: int, channel: str, payload: object) -> None:
+) -> Callable[[Connection, int, str, object], None]:
+    def notified(_con: Connection, _pid: int, channel: str, payload: object) -> None:
         try:
             on_notice(str(payload))
         except Exception:

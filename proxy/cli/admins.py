@@ -8,7 +8,7 @@ import click
 from proxy.auth.admintokens import TOKEN_ID_RE, TOKEN_PREFIX, generate_admin_token
 from proxy.auth.apikeys import KeyHasher, NewKey
 from proxy.cli.support import print_json, print_table, run_db, state
-from proxy.db import queries
+from proxy.db import admin_tokens
 
 
 def token_id_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -36,7 +36,9 @@ def create_admin_token(label: str | None) -> None:
     token = generate_admin_token()
 
     async def work(con: asyncpg.Connection) -> NewKey:
-        await queries.insert_admin_token(con, token.key_id, KeyHasher().hash(token.secret), label)
+        await admin_tokens.insert_admin_token(
+            con, token.key_id, KeyHasher().hash(token.secret), label
+        )
         return token
 
     run_db(work)
@@ -62,7 +64,7 @@ def list_admin_tokens(as_json: bool) -> None:
 
         llama-gate list-admin-tokens
     """
-    rows = run_db(queries.list_admin_tokens)
+    rows = run_db(admin_tokens.list_admin_tokens)
     if as_json:
         print_json(rows)
     else:
@@ -79,7 +81,7 @@ def revoke_admin_token(token_id: str) -> None:
 
         llama-gate revoke-admin-token 3f9a0c1d2e4b5a69
     """
-    revoked = run_db(lambda con: queries.revoke_admin_token(con, token_id))
+    revoked = run_db(lambda con: admin_tokens.revoke_admin_token(con, token_id))
     if revoked is None:
         raise click.ClickException(f"no admin token with id {token_id!r} (see list-admin-tokens)")
     if revoked:

@@ -10,7 +10,7 @@ import click
 
 from proxy.cli.limitopts import budget_options, describe_budgets, limit_columns
 from proxy.cli.support import USERNAME_RULE, print_json, print_table, run_db, username_arg
-from proxy.db import limits as queries
+from proxy.db import limits as limits_sql
 from proxy.settings import MAX_CONCURRENT_MAX, RATE_LIMIT_MAX, RATE_WINDOW_MAX_SECONDS
 
 GROUP_RULE = USERNAME_RULE.replace("username", "group name")
@@ -25,7 +25,7 @@ def group_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 async def checked_time_zone(con: asyncpg.Connection, time_zone: str) -> None:
-    if not await queries.valid_time_zone(con, time_zone):
+    if not await limits_sql.valid_time_zone(con, time_zone):
         raise click.BadParameter(
             f"{time_zone!r} is not a time zone Postgres knows; use an IANA name such as "
             "UTC, Europe/Berlin or America/New_York",
@@ -87,7 +87,7 @@ def create_group(name: str, time_zone: str, **limits: int | None) -> None:
 
     async def work(con: asyncpg.Connection) -> asyncpg.Record | None:
         await checked_time_zone(con, time_zone)
-        return await queries.create_group(con, name, time_zone, limit_columns(limits))
+        return await limits_sql.create_group(con, name, time_zone, limit_columns(limits))
 
     row = run_db(work)
     if row is None:
@@ -105,7 +105,7 @@ def list_groups(as_json: bool) -> None:
 
         llama-gate list-groups --json
     """
-    rows = run_db(lambda con: queries.list_groups(con))
+    rows = run_db(lambda con: limits_sql.list_groups(con))
     if as_json:
         print_json(rows)
         return
@@ -118,12 +118,12 @@ def list_groups(as_json: bool) -> None:
                 per: f"{row[f'used_{per}']}/{row[f'tokens_per_{per}']}"
                 if row[f"tokens_per_{per}"] is not None
                 else "-"
-                for per in queries.PERIODS
+                for per in limits_sql.PERIODS
             },
         }
         for row in rows
     ]
-    print_table(table, ["name", "time_zone", "members", *queries.PERIODS])
+    print_table(table, ["name", "time_zone", "members", *limits_sql.PERIODS])
 
 
 @click.command("add-to-group")
@@ -136,7 +136,7 @@ def add_to_group(group: str, username: str) -> None:
 
         llama-gate add-to-group --group research --username alice
     """
-    result = run_db(lambda con: queries.add_member(con, group, username))
+    result = run_db(lambda con: limits_sql.add_member(con, group, username))
     if result == "no group":
         raise click.ClickException(f"no group named {group!r} (see list-groups)")
     if result == "no user":
@@ -154,7 +154,7 @@ def remove_from_group(group: str, username: str) -> None:
 
         llama-gate remove-from-group --group research --username alice
     """
-    if not run_db(lambda con: queries.remove_member(con, group, username)):
+    if not run_db(lambda con: limits_sql.remove_member(con, group, username)):
         raise click.ClickException(f"{username!r} is not a member of a group named {group!r}")
     click.echo(f"{username} is no longer a member of {group}.")
 
@@ -171,7 +171,7 @@ def delete_group(name: str, yes: bool) -> None:
     """
     if not yes:
         click.confirm(f"Delete group {name!r} and its budgets?", abort=True)
-    if not run_db(lambda con: queries.delete_group(con, name)):
+    if not run_db(lambda con: limits_sql.delete_group(con, name)):
         raise click.ClickException(f"no group named {name!r} (see list-groups)")
     click.echo(f"Deleted group {name}.")
 
@@ -187,7 +187,7 @@ def set_group_limits(group: str, time_zone: str | None, given: Mapping[str, int 
     async def work(con: asyncpg.Connection) -> asyncpg.Record | None:
         if time_zone is not None:
             await checked_time_zone(con, time_zone)
-        return await queries.set_group(con, group, changes)
+        return await limits_sql.set_group(con, group, changes)
 
     row = run_db(work)
     if row is None:
@@ -199,15 +199,15 @@ def group_usage(group: str, since: Any, as_json: bool) -> None:
     """`usage --group`: the members' use per day, then each budget's use in its period."""
 
     async def work(con: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
-        daily = await queries.group_usage_daily(con, since, group)
-        budgets = [row for row in await queries.list_groups(con) if row["name"] == group]
+        daily = await limits_sql.group_usage_daily(con, since, group)
+        budgets = [row for row in await limits_sql.list_groups(con) if row["name"] == group]
         return daily, budgets
 
     daily, budgets = run_db(work)
     if not budgets:
         raise click.ClickException(f"no group named {group!r} (see list-groups)")
     now = budgets[0]
-    periods = queries.budgets_now(now)
+    periods = limits_sql.budgets_now(now)
     if as_json:
         print_json([{"group": group, "days": [dict(r) for r in daily], "budgets": periods}])
         return

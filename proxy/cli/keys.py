@@ -13,7 +13,7 @@ from proxy.auth.apikeys import KEY_ID_RE, KEY_PREFIX, NewKey
 from proxy.auth.issuing import KeyAlreadyRevoked, KeyNotFound, issue_key
 from proxy.cli.limitopts import describe_key_limits, key_limit_options, limit_columns
 from proxy.cli.support import Duration, print_json, print_table, run_db, state, username_arg
-from proxy.db import limits, queries
+from proxy.db import accounts, limits
 from proxy.routes import APIS
 from proxy.settings import Settings
 
@@ -138,7 +138,7 @@ def create_key(
     chosen = limit_columns(key_limits)
 
     async def work(con: asyncpg.Connection) -> NewKey:
-        user = await queries.get_user(con, username)
+        user = await accounts.get_user(con, username)
         if user is None:
             raise click.ClickException(f"no user named {username!r} (see list-users)")
         async with con.transaction():
@@ -167,7 +167,7 @@ def list_keys(username: str | None, as_json: bool) -> None:
 
         llama-gate list-keys --username alice
     """
-    rows = run_db(lambda con: queries.list_keys(con, username))
+    rows = run_db(lambda con: accounts.list_keys(con, username))
     if as_json:
         print_json(rows)
     else:
@@ -206,9 +206,9 @@ def revoke_key(key_id: str) -> None:
     """
 
     async def work(con: asyncpg.Connection) -> bool:
-        if await queries.get_key_owner(con, key_id) is None:
+        if await accounts.get_key_owner(con, key_id) is None:
             raise click.ClickException(f"no key with id {key_id!r} (see list-keys)")
-        return await queries.revoke_key(con, key_id)
+        return await accounts.revoke_key(con, key_id)
 
     if run_db(work):
         click.echo(f"Revoked key {key_id}.")

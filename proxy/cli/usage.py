@@ -12,7 +12,8 @@ import click
 
 from proxy.cli.groups import group_arg, group_usage
 from proxy.cli.support import Duration, SinceDate, print_json, print_table, run_db, username_arg
-from proxy.db import queries
+from proxy.db import ledger, stored_responses
+from proxy.db.usage import quota_usage, usage_daily, usage_daily_totals
 
 PRUNE_BATCH_SIZE = 5000
 PRUNE_BATCH_MAX = 1_000_000
@@ -83,10 +84,10 @@ def usage(
         if only_quotas:
             daily = []
         elif totals:
-            daily = await queries.usage_daily_totals(con, since)
+            daily = await usage_daily_totals(con, since)
         else:
-            daily = await queries.usage_daily(con, since, username)
-        quotas = await queries.quota_usage(con, day_start, minute_start, username)
+            daily = await usage_daily(con, since, username)
+        quotas = await quota_usage(con, day_start, minute_start, username)
         return daily, quotas
 
     daily, quotas = run_db(work)
@@ -142,13 +143,18 @@ def prune_logs(older_than: timedelta, batch_size: int, yes: bool) -> None:
 
     async def work(con: asyncpg.Connection) -> tuple[int, int, int, int]:
         total = 0
-        while deleted := await queries.prune_requests_batch(con, cutoff, batch_size):
+        while deleted := await ledger.prune_requests_batch(con, cutoff, batch_size):
             total += deleted
         # A batch id only guards replays of its rows: it goes with them.
-        batches = await queries.prune_audit_batches(con, cutoff)
-        minutes = await queries.prune_unauthenticated(con, cutoff)
+        batches = await ledger.prune_audit_batches(con, cutoff)
+        minutes = await ledger.prune_unauthenticated(con, cutoff)
         # Stored responses go when their own retention is over, whatever --older-than says.
-        return total, batches, minutes, await queries.prune_responses(con, datetime.now(UTC))
+        return (
+            total,
+            batches,
+            minutes,
+            await stored_responses.prune_responses(con, datetime.now(UTC)),
+        )
 
     total, batches, minutes, responses = run_db(work)
     click.echo(

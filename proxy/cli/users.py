@@ -23,7 +23,7 @@ from proxy.cli.support import (
     state,
     username_arg,
 )
-from proxy.db import queries
+from proxy.db import accounts
 from proxy.settings import (
     MAX_CONCURRENT_MAX,
     MAX_TOKENS_MAX,
@@ -64,8 +64,8 @@ def create_user(
     async def work(con: asyncpg.Connection) -> NewKey:
         async with con.transaction():
             try:
-                user = await queries.create_user(con, username, rate_limit, window)
-            except queries.DuplicateUser:
+                user = await accounts.create_user(con, username, rate_limit, window)
+            except accounts.DuplicateUser:
                 raise click.ClickException(
                     f"user {username!r} already exists; give them another key with "
                     f"`llama-gate create-key --username {username}`"
@@ -91,7 +91,7 @@ def list_users(as_json: bool) -> None:
 
         llama-gate list-users --json
     """
-    rows = run_db(queries.list_users)
+    rows = run_db(accounts.list_users)
     if as_json:
         print_json(rows)
     else:
@@ -101,7 +101,7 @@ def list_users(as_json: bool) -> None:
 
 
 def _set_enabled(username: str, enabled: bool) -> None:
-    if not run_db(lambda con: queries.set_user_enabled(con, username, enabled)):
+    if not run_db(lambda con: accounts.set_user_enabled(con, username, enabled)):
         raise click.ClickException(f"no user named {username!r} (see list-users)")
 
 
@@ -143,7 +143,7 @@ def delete_user(username: str, yes: bool) -> None:
     """
     if not yes:
         click.confirm(f"Delete user {username} and all their keys?", abort=True)
-    if not run_db(lambda con: queries.delete_user(con, username)):
+    if not run_db(lambda con: accounts.delete_user(con, username)):
         raise click.ClickException(f"no user named {username!r} (see list-users)")
     click.echo(f"Deleted {username}; their llama_requests rows are kept.")
 
@@ -267,10 +267,10 @@ def set_limit(
     if not use_default and not chosen:
         raise click.UsageError("give at least one limit to set, or --default")
     if use_default:
-        limits: dict[str, int | None] = dict.fromkeys(queries.LIMIT_COLUMNS)
+        limits: dict[str, int | None] = dict.fromkeys(accounts.LIMIT_COLUMNS)
     else:
         limits = limit_columns(chosen)
-    row = run_db(lambda con: queries.set_user_limits(con, username, limits))
+    row = run_db(lambda con: accounts.set_user_limits(con, username, limits))
     if row is None:
         raise click.ClickException(f"no user named {username!r} (see list-users)")
     click.echo(f"{username}: {describe_limits(row, state().settings())}.")

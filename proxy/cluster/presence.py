@@ -30,9 +30,8 @@ import asyncpg
 
 from proxy.cluster.slots import SharedSlots
 from proxy.db import cluster
-from proxy.db.connect import DatabaseUnavailable
+from proxy.db.connect import Connection, DatabaseUnavailable
 from proxy.db.pool import Database
-from proxy.db.queries import Connection
 from proxy.upstream.backends import Backends
 
 log = logging.getLogger(__name__)

@@ -39,9 +39,8 @@ from functools import partial
 import asyncpg
 
 from proxy.db import cluster
-from proxy.db.connect import DatabaseUnavailable
+from proxy.db.connect import Connection, DatabaseUnavailable
 from proxy.db.pool import Database
-from proxy.db.queries import Connection
 from proxy.errors import SlotsUnavailable, TooManyConcurrent
 from proxy.upstream.affinity import Affinity
 from proxy.upstream.backends import GroupCap

@@ -20,9 +20,8 @@ from proxy.auth.apikeys import NewKey
 from proxy.dashboard import forms, users
 from proxy.dashboard.keys import PROXY, SESSION
 from proxy.dashboard.render import error_page, redirect, render
-from proxy.db import queries
-from proxy.db.connect import DatabaseUnavailable
-from proxy.db.queries import Connection
+from proxy.db import accounts
+from proxy.db.connect import Connection, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,8 +80,8 @@ async def create_user(request: web.Request) -> web.StreamResponse:
     async def work(con: Connection) -> NewKey:
         async with con.transaction():
             try:
-                user = await queries.create_user(con, name, None, None)
-            except queries.DuplicateUser:
+                user = await accounts.create_user(con, name, None, None)
+            except accounts.DuplicateUser:
                 raise _Refused(409, f"A user named {name} already exists.") from None
             return await issuing.issue_key(con, user["id"], label, expires_in)
 
@@ -103,7 +102,7 @@ def _no_user(name: str) -> _Refused:
 async def disable_user(request: web.Request) -> web.StreamResponse:
     """Refuse all of a user's keys, on every proxy, within a second."""
     name = await _user(request)
-    if not await _run(request, lambda con: queries.set_user_enabled(con, name, False)):
+    if not await _run(request, lambda con: accounts.set_user_enabled(con, name, False)):
         raise _no_user(name)
     notice = f"Disabled {name}: their keys are refused on every proxy within a second."
     return _done(request, notice, "disabled user %s", name)
@@ -113,7 +112,7 @@ async def disable_user(request: web.Request) -> web.StreamResponse:
 async def enable_user(request: web.Request) -> web.StreamResponse:
     """Let a disabled user's keys work again."""
     name = await _user(request)
-    if not await _run(request, lambda con: queries.set_user_enabled(con, name, True)):
+    if not await _run(request, lambda con: accounts.set_user_enabled(con, name, True)):
         raise _no_user(name)
     return _done(request, f"Enabled {name}.", "enabled user %s", name)
 
@@ -127,7 +126,7 @@ async def create_key(request: web.Request) -> web.StreamResponse:
     expires_in = forms.EXPIRIES[forms.choice(form, "expires", forms.EXPIRIES)]
 
     async def work(con: Connection) -> NewKey:
-        user = await queries.get_user(con, name)
+        user = await accounts.get_user(con, name)
         if user is None:
             raise _no_user(name)
         return await issuing.issue_key(con, user["id"], label, expires_in)
@@ -143,7 +142,7 @@ async def set_limits(request: web.Request) -> web.StreamResponse:
     """Set every limit override of a user (blank: the proxy's setting, or no quota)."""
     name = await _user(request)
     limits = forms.limits(await request.post())
-    if await _run(request, lambda con: queries.set_user_limits(con, name, limits)) is None:
+    if await _run(request, lambda con: accounts.set_user_limits(con, name, limits)) is None:
         raise _no_user(name)
     notice = f"Saved {name}'s limits; every proxy applies them within a second."
     return _done(request, notice, "set the limits of %s", name)
@@ -159,9 +158,9 @@ async def revoke_key(request: web.Request) -> web.StreamResponse:
     key_id = await _key(request)
 
     async def work(con: Connection) -> bool:
-        if await queries.get_key_owner(con, key_id) is None:
+        if await accounts.get_key_owner(con, key_id) is None:
             raise _Refused(404, f"There is no key with id {key_id}.")
-        return await queries.revoke_key(con, key_id)
+        return await accounts.revoke_key(con, key_id)
 
     if not await _run(request, work):
         request[SESSION].notices.append(f"Key {key_id} was already revoked.")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from proxy.auth.apikeys import KEY_ID_RE
-from proxy.db.queries import RequestFilter
+from proxy.db.ledger import RequestFilter
 from proxy.db.schema import USERNAME_PATTERN
 from proxy.settings import (
     MAX_CONCURRENT_MAX,

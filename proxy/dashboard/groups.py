@@ -14,16 +14,15 @@ from aiohttp import web
 from proxy.appkeys import DATABASE
 from proxy.dashboard.keys import PROXY
 from proxy.dashboard.render import error_page, render
-from proxy.db import limits as queries
-from proxy.db.connect import DatabaseUnavailable
-from proxy.db.queries import Connection
+from proxy.db import limits as limits_sql
+from proxy.db.connect import Connection, DatabaseUnavailable
 
 DAYS = 30
 
 
 async def _read(con: Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
     since = (datetime.now(UTC) - timedelta(days=DAYS - 1)).date()
-    return await queries.list_groups(con), await queries.groups_daily_tokens(con, since)
+    return await limits_sql.list_groups(con), await limits_sql.groups_daily_tokens(con, since)
 
 
 def chart_data(daily: list[asyncpg.Record]) -> dict[str, Any]:
@@ -50,7 +49,7 @@ async def page(request: web.Request) -> web.StreamResponse:
     return render(
         request,
         "groups.html",
-        groups=[{"group": group, "budgets": queries.budgets_now(group)} for group in groups],
+        groups=[{"group": group, "budgets": limits_sql.budgets_now(group)} for group in groups],
         data=chart_data(daily),
         days=DAYS,
     )

@@ -27,7 +27,7 @@ from aiohttp.typedefs import Handler
 from proxy.appkeys import DATABASE
 from proxy.dashboard.keys import PROXY, SESSION, SESSIONS
 from proxy.dashboard.render import error_page, is_dashboard_path, redirect
-from proxy.db import queries
+from proxy.db import accounts, admin_tokens
 from proxy.db.connect import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             active = await request.app[PROXY][DATABASE].run(
                 lambda con: (
-                    queries.key_active(con, token_id)
+                    accounts.key_active(con, token_id)
                     if is_user
-                    else queries.admin_token_active(con, token_id)
+                    else admin_tokens.admin_token_active(con, token_id)
                 )
             )
         except DatabaseUnavailable as exc:

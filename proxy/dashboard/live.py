@@ -20,7 +20,7 @@ from proxy.appkeys import ADMISSION, AUDIT_WRITER, BACKENDS, DATABASE, PRESENCE
 from proxy.cluster.presence import local_figures
 from proxy.dashboard.keys import PROXY
 from proxy.dashboard.render import render
-from proxy.db import queries
+from proxy.db import accounts
 from proxy.db.connect import DatabaseUnavailable
 
 REFRESH_SECONDS = 2
@@ -66,7 +66,7 @@ async def snapshot(proxy: web.Application) -> dict[str, Any]:
     database = proxy[DATABASE]
     ids = [int(user) for user in totals if user.isdigit()]
     with contextlib.suppress(DatabaseUnavailable):  # ids stand in for names meanwhile
-        names = await database.run(lambda con: queries.usernames(con, ids))
+        names = await database.run(lambda con: accounts.usernames(con, ids))
 
     def shown_name(user: str) -> str:
         return names.get(int(user), f"user #{user}") if user.isdigit() else user

@@ -19,9 +19,9 @@ from proxy.auth import issuing
 from proxy.dashboard import forms
 from proxy.dashboard.keys import PROXY, SESSION
 from proxy.dashboard.render import error_page, redirect, render
-from proxy.db import queries
-from proxy.db.connect import DatabaseUnavailable
-from proxy.db.queries import Connection, RequestFilter
+from proxy.db import accounts, ledger, usage
+from proxy.db.connect import Connection, DatabaseUnavailable
+from proxy.db.ledger import RequestFilter
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ async def page(request: web.Request) -> web.StreamResponse:
     # their own rows (audit rows keep the old user's name).
     async def read(con: Connection) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
         return (
-            await queries.user_usage_daily(con, (now - timedelta(days=DAYS)).date(), user_id),
-            await queries.quota_usage(con, day_start, now - timedelta(minutes=1), username),
-            await queries.list_keys(con, username),
-            await queries.request_log(
+            await usage.user_usage_daily(con, (now - timedelta(days=DAYS)).date(), user_id),
+            await usage.quota_usage(con, day_start, now - timedelta(minutes=1), username),
+            await accounts.list_keys(con, username),
+            await ledger.request_log(
                 con, RequestFilter(user_id=user_id), None, LATEST, LATEST_COLUMNS
             ),
         )
@@ -122,10 +122,10 @@ async def revoke_key(request: web.Request) -> web.StreamResponse:
     key_id = forms.key_id(request.match_info["key_id"])
 
     async def work(con: Connection) -> bool:
-        owner = await queries.get_key_owner(con, key_id)
+        owner = await accounts.get_key_owner(con, key_id)
         if owner is None or owner["user_id"] != user_id:
             return False
-        return await queries.revoke_key(con, key_id)
+        return await accounts.revoke_key(con, key_id)
 
     try:
         revoked = await request.app[PROXY][DATABASE].run(work)

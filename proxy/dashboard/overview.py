@@ -1,9 +1,9 @@
 """Overview: the last 30 days, per UTC day, from the same queries as `llama-gate usage`.
 
-Requests and tokens come from `llama_usage_daily` per user (`queries.usage_daily`), stacked by
-user in the charts (the heaviest users by name, the rest together); errors, latency and time to
-first byte, and the share of prompt tokens served from the backend's prompt cache, from
-`queries.usage_daily_totals`.
+Requests and tokens come from `llama_usage_daily` per user (`proxy.db.usage.usage_daily`),
+stacked by user in the charts (the heaviest users by name, the rest together); errors, latency
+and time to first byte, and the share of prompt tokens served from the backend's prompt cache,
+from `proxy.db.usage.usage_daily_totals`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from aiohttp import web
 from proxy.appkeys import DATABASE
 from proxy.dashboard.keys import PROXY
 from proxy.dashboard.render import error_page, render
-from proxy.db import queries
-from proxy.db.connect import DatabaseUnavailable
-from proxy.db.queries import Connection
+from proxy.db.connect import Connection, DatabaseUnavailable
+from proxy.db.usage import usage_daily, usage_daily_totals
 
 DAYS = 30
 STACKED_USERS = 8  # named in the stacked charts; the others are summed as one
@@ -31,14 +30,14 @@ NO_USER = "(no key)"  # rows without a username: requests that failed authentica
 @dataclass(frozen=True)
 class Usage:
     days: list[date]
-    per_user: list[asyncpg.Record]  # queries.usage_daily
-    totals: list[dict[str, Any]]  # queries.usage_daily_totals
+    per_user: list[asyncpg.Record]  # usage_daily
+    totals: list[dict[str, Any]]  # usage_daily_totals
 
 
 async def read_usage(con: Connection, today: date) -> Usage:
     since = today - timedelta(days=DAYS - 1)
-    per_user = await queries.usage_daily(con, since, None)
-    totals = await queries.usage_daily_totals(con, since)
+    per_user = await usage_daily(con, since, None)
+    totals = await usage_daily_totals(con, since)
     return Usage([since + timedelta(days=i) for i in range(DAYS)], per_user, totals)
 
 

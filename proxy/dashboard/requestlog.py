@@ -22,9 +22,8 @@ from proxy.appkeys import DATABASE, SETTINGS
 from proxy.dashboard import forms
 from proxy.dashboard.keys import PROXY
 from proxy.dashboard.render import NO_STORE, error_page, render
-from proxy.db import queries
-from proxy.db.connect import DatabaseUnavailable
-from proxy.db.queries import Connection
+from proxy.db import ledger
+from proxy.db.connect import Connection, DatabaseUnavailable
 from proxy.routes import build_routes
 
 log = logging.getLogger(__name__)
@@ -42,10 +41,10 @@ async def page(request: web.Request) -> web.StreamResponse:
     except forms.FormError as exc:
         return error_page(request, 400, str(exc))
 
-    columns = queries.REQUEST_LOG_COLUMNS
+    columns = ledger.REQUEST_LOG_COLUMNS
 
     async def work(con: Connection) -> list[Any]:
-        return await queries.request_log(con, query.where, query.before, PAGE_ROWS + 1, columns)
+        return await ledger.request_log(con, query.where, query.before, PAGE_ROWS + 1, columns)
 
     try:
         rows = await request.app[PROXY][DATABASE].run(work)
@@ -89,11 +88,11 @@ async def export(request: web.Request) -> web.StreamResponse:
         return error_page(request, 400, str(exc))
     database = request.app[PROXY][DATABASE]
     try:
-        columns = queries.REQUEST_LOG_COLUMNS
+        columns = ledger.REQUEST_LOG_COLUMNS
         before = query.before
 
         async def chunk(con: Connection) -> list[Any]:
-            return await queries.request_log(con, query.where, before, EXPORT_CHUNK_ROWS, columns)
+            return await ledger.request_log(con, query.where, before, EXPORT_CHUNK_ROWS, columns)
 
         rows = await database.run(chunk)
     except DatabaseUnavailable as exc:

@@ -23,7 +23,7 @@ from proxy.auth.apikeys import parse_key
 from proxy.dashboard.guard import SESSION_COOKIE
 from proxy.dashboard.keys import HASHER, PROXY, SESSIONS, SIGN_INS
 from proxy.dashboard.render import error_page, is_dashboard_path, redirect, render
-from proxy.db import queries
+from proxy.db import accounts, admin_tokens
 from proxy.db.connect import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -142,15 +142,15 @@ async def _user_sign_in(request: web.Request, presented: str) -> web.StreamRespo
     return response
 
 
-async def _verify_key(request: web.Request, presented: str) -> queries.KeyRecord | None:
+async def _verify_key(request: web.Request, presented: str) -> accounts.KeyRecord | None:
     """The record of a working API key (right secret, not revoked or expired, user enabled)."""
     parts = parse_key(presented)
     if parts is None:
         return None
     key_id, secret = parts
     database = request.app[PROXY][DATABASE]
-    record = await database.run(lambda con: queries.lookup_key(con, key_id))
-    if record is None or not await database.run(lambda con: queries.key_active(con, key_id)):
+    record = await database.run(lambda con: accounts.lookup_key(con, key_id))
+    if record is None or not await database.run(lambda con: accounts.key_active(con, key_id)):
         return None
     # argon2 off the event loop: the proxy keeps serving API requests meanwhile.
     if not await asyncio.to_thread(request.app[HASHER].verify, record.secret_hash, secret):
@@ -165,13 +165,13 @@ async def _verify(request: web.Request, presented: str) -> str | None:
         return None
     token_id, secret = parts
     database = request.app[PROXY][DATABASE]
-    row = await database.run(lambda con: queries.lookup_admin_token(con, token_id))
+    row = await database.run(lambda con: admin_tokens.lookup_admin_token(con, token_id))
     if row is None:
         return None
     # argon2 off the event loop: the proxy keeps serving API requests meanwhile.
     if not await asyncio.to_thread(request.app[HASHER].verify, row["secret_hash"], secret):
         return None
-    await database.run(lambda con: queries.touch_admin_token(con, token_id))
+    await database.run(lambda con: admin_tokens.touch_admin_token(con, token_id))
     return token_id
 
 

@@ -17,9 +17,8 @@ from proxy.appkeys import DATABASE, SETTINGS
 from proxy.dashboard import forms
 from proxy.dashboard.keys import PROXY
 from proxy.dashboard.render import error_page, render
-from proxy.db import queries
-from proxy.db.connect import DatabaseUnavailable
-from proxy.db.queries import Connection
+from proxy.db import accounts, usage
+from proxy.db.connect import Connection, DatabaseUnavailable
 from proxy.settings import Settings
 
 
@@ -35,10 +34,10 @@ async def read_directory(con: Connection) -> Directory:
     now = datetime.now(UTC)
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     return Directory(
-        await queries.list_users(con),
-        await queries.list_keys(con, None),
-        await queries.quota_usage(con, day_start, now - timedelta(minutes=1), None),
-        await queries.usage_daily(con, day_start.date(), None),
+        await accounts.list_users(con),
+        await accounts.list_keys(con, None),
+        await usage.quota_usage(con, day_start, now - timedelta(minutes=1), None),
+        await usage.usage_daily(con, day_start.date(), None),
     )
 
 

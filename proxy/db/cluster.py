@@ -1,7 +1,7 @@
 """The runtime SQL of proxy processes as one gateway: each process's presence (`llama_proxies`)
 and the backend slots they share (migration 0017's functions), used by `proxy.cluster`.
 
-Kept beside `proxy.db.queries` (the rest of the runtime SQL), as `proxy.db.limits` is.
+Beside the rest of the runtime SQL in `proxy.db`, one module a concern, as `proxy.db.limits` is.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 
 import asyncpg
 
-from proxy.db.queries import Connection
+from proxy.db.connect import Connection
 
 # --- proxy processes' presence (llama_proxies) ---------------------------------------------------
 

@@ -86,3 +86,10 @@ async def ensure_database(settings: Settings) -> bool:
     finally:
         await admin.close()
     return True
+
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+async def ping(con: Connection) -> None:
+    await con.fetchval("SELECT 1")

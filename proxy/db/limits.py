@@ -2,8 +2,9 @@
 and their members, keys' limits and budgets, the budgets' charges (migration 0018's functions)
 and model weights.
 
-Kept beside `proxy.db.queries` (the rest of the runtime SQL) so that module stops growing; both
-are the one place SQL is written at run time.
+Beside the rest of the runtime SQL, one module a concern (`accounts`, `usage`, `ledger`,
+`admin_tokens`, `stored_responses`, `cluster`): `proxy.db` is the one place SQL is written at run
+time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy.db.queries import Connection
+from proxy.db.connect import Connection
 
 GROUPS_CHANNEL = "llama_gate_groups"  # NOTIFY when groups, members or model weights change
 PERIODS = ("minute", "day", "week", "month")

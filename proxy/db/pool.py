@@ -21,9 +21,8 @@ from typing import TypeVar
 
 import asyncpg
 
-from proxy.db import queries
-from proxy.db.connect import DatabaseUnavailable, create_pool
-from proxy.db.queries import Connection
+from proxy.db import connect
+from proxy.db.connect import Connection, DatabaseUnavailable, create_pool
 from proxy.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ class Database:
             reset=_keep_session,
         )
         with contextlib.suppress(DatabaseUnavailable):  # logged by run(); requests retry
-            await self.run(queries.ping)
+            await self.run(connect.ping)
 
     async def close(self) -> None:
         if self._pool is not None:

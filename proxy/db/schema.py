@@ -1,7 +1,7 @@
 """The Postgres schema as SQLAlchemy Core metadata: alembic migrates from it; nothing else does.
 
-Runtime queries are hand-written asyncpg SQL in `proxy.db.queries`; this module only describes
-tables.
+Runtime queries are hand-written asyncpg SQL in `proxy.db` (`accounts`, `ledger`, ...); this
+module only describes tables.
 """
 
 from __future__ import annotations

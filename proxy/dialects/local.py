@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import Field, StrictStr
 
 from proxy.appkeys import AUTHENTICATOR, DATABASE
-from proxy.db import queries
+from proxy.db import accounts
 from proxy.db.connect import DatabaseUnavailable
 from proxy.dialects import catalog
 from proxy.dialects.collect import ChatAnswer
@@ -96,7 +96,7 @@ class SetModel:
         user = context.caller.user_id
         try:
             stored = await app[DATABASE].run(
-                lambda con: queries.set_default_model(con, user, chosen)
+                lambda con: accounts.set_default_model(con, user, chosen)
             )
         except DatabaseUnavailable:
             raise ChoiceNotStored() from None

@@ -17,10 +17,9 @@ from typing import Any
 from aiohttp import web
 
 from proxy.appkeys import ADMISSION, DATABASE
-from proxy.db import limits, queries
-from proxy.db.connect import DatabaseUnavailable
+from proxy.db import limits, usage
+from proxy.db.connect import Connection, DatabaseUnavailable
 from proxy.db.numbers import plain_number
-from proxy.db.queries import Connection
 from proxy.dialects.openai import DIALECT
 from proxy.dialects.wire import json_bytes
 from proxy.errors import ApiError
@@ -57,8 +56,8 @@ class Me:
 
         async def read(con: Connection) -> tuple[list[Any], list[Any], list[Any], Any]:
             # By user id: a namesake of a deleted user never sees that user's rows.
-            daily = await queries.user_usage_daily(con, since, caller.user_id)
-            quotas = await queries.quota_usage(
+            daily = await usage.user_usage_daily(con, since, caller.user_id)
+            quotas = await usage.quota_usage(
                 con, day_start, now - timedelta(minutes=1), caller.username
             )
             member_of = await limits.groups_of(con, caller.user_id)

@@ -21,10 +21,9 @@ import msgspec
 from aiohttp import web
 
 from proxy.appkeys import DATABASE, SETTINGS
-from proxy.db import queries
-from proxy.db.connect import DatabaseUnavailable
+from proxy.db import stored_responses
+from proxy.db.connect import Connection, DatabaseUnavailable
 from proxy.db.pool import Database
-from proxy.db.queries import Connection
 from proxy.dialects.wire import json_bytes
 from proxy.errors import ApiError, ResponseNotFound
 
@@ -77,7 +76,7 @@ class ResponseStore:
         ]
         try:
             await self._database.run(
-                lambda con: queries.store_response(
+                lambda con: stored_responses.store_response(
                     con, response["id"], user_id, now + self._retention,
                     response.get("previous_response_id"), *texts,
                 )
@@ -90,7 +89,7 @@ class ResponseStore:
         _known_shape(response_id, "previous_response_id")
         now = datetime.now(UTC)
         turns = await self._query(
-            lambda con: queries.response_conversation(con, response_id, user_id, now)
+            lambda con: stored_responses.response_conversation(con, response_id, user_id, now)
         )
         if turns is None:
             raise ResponseNotFound(response_id, "previous_response_id")
@@ -103,7 +102,9 @@ class ResponseStore:
         """The stored response and its input items."""
         _known_shape(response_id)
         now = datetime.now(UTC)
-        row = await self._query(lambda con: queries.stored_response(con, response_id, user_id, now))
+        row = await self._query(
+            lambda con: stored_responses.stored_response(con, response_id, user_id, now)
+        )
         if row is None:
             raise ResponseNotFound(response_id)
         # msgspec: integers of any length, as they were sent and stored (orjson: floats)
@@ -113,7 +114,7 @@ class ResponseStore:
         _known_shape(response_id)
         now = datetime.now(UTC)
         if not await self._query(
-            lambda con: queries.delete_response(con, response_id, user_id, now)
+            lambda con: stored_responses.delete_response(con, response_id, user_id, now)
         ):
             raise ResponseNotFound(response_id)
 

@@ -30,7 +30,7 @@ import asyncpg
 
 from proxy.audit.row import AuditRow
 from proxy.auth.cache import Principal
-from proxy.db import limits as queries
+from proxy.db import limits as limits_sql
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
 from proxy.errors import BudgetReached, RequestTooLarge
@@ -54,7 +54,7 @@ class Budgets:
         self._db = database
         self._default_model = default_model
         self._clock = clock  # None: Postgres's own clock decides the period
-        self._members = queries.Membership({}, frozenset(), {})
+        self._members = limits_sql.Membership({}, frozenset(), {})
         self._weights: dict[str, float] = {}
         self._charged: set[str] = set()  # request ids charged and not yet settled
         self._costs: dict[str, int] = {}  # finished: what each really cost, to settle
@@ -71,7 +71,7 @@ class Budgets:
         """The group the caller's turns are taken with (their first); None: in no group."""
         return self._members.teams.get(principal.user_id)
 
-    def group_limits(self, principal: Principal) -> tuple[queries.GroupLimit, ...]:
+    def group_limits(self, principal: Principal) -> tuple[limits_sql.GroupLimit, ...]:
         """The caller's groups that have a request limit or a cap on requests at once."""
         return self._members.limits.get(principal.user_id, ())
 
@@ -93,8 +93,8 @@ class Budgets:
         self._reload.set()
 
     async def load(self) -> None:
-        self._members = await self._db.run(queries.memberships)
-        self._weights = await self._db.run(queries.model_weights)
+        self._members = await self._db.run(limits_sql.memberships)
+        self._weights = await self._db.run(limits_sql.model_weights)
 
     async def reserve(
         self,
@@ -117,7 +117,7 @@ class Budgets:
         self._charged.add(request_id)
         try:
             charge = await self._db.run(
-                lambda con: queries.reserve(
+                lambda con: limits_sql.reserve(
                     con,
                     principal.user_id,
                     principal.key_id,
@@ -242,7 +242,7 @@ class Budgets:
             for request_id in batch:
                 del self._costs[request_id]
             try:
-                await self._db.run(functools.partial(queries.settle, costs=batch))
+                await self._db.run(functools.partial(limits_sql.settle, costs=batch))
             except DatabaseUnavailable:
                 self._costs.update(batch)  # settled once Postgres returns
                 return

@@ -4,7 +4,7 @@ per rolling minute.
 The count is what the audit log holds: `llama_requests` rows of the user, streamed ones included,
 each counted in the day and minute its request began. Users without a quota cost nothing here.
 For a user with one, a process asks Postgres at most every `cache_seconds` (one index range scan,
-see `queries.user_tokens`), and meanwhile adds the requests it finished itself whose rows are not
+see `usage.user_tokens`), and meanwhile adds the requests it finished itself whose rows are not
 in the database yet (the audit writer batches them, so they arrive within about a second). So
 this process's own use counts at once, and other processes' use within `cache_seconds` plus the
 audit delay. A request is refused only on figures re-read just before.
@@ -31,10 +31,10 @@ from datetime import UTC, date, datetime, timedelta
 
 from proxy.audit.row import AuditRow
 from proxy.auth.cache import Principal
-from proxy.db import queries
+from proxy.db import usage
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
-from proxy.db.queries import TokenTotals
+from proxy.db.usage import TokenTotals
 from proxy.errors import RequestTooLarge, TokenQuotaExceeded
 from proxy.limits.ratelimit import format_duration
 from proxy.limits.weights import weighted
@@ -201,9 +201,7 @@ class TokenQuotas:
             try:
                 ids = [u.request_id for u in recent]
                 totals = await self._db.run(
-                    lambda con: queries.user_tokens(
-                        con, user_id, day_start, now - MINUTE, ids, since
-                    )
+                    lambda con: usage.user_tokens(con, user_id, day_start, now - MINUTE, ids, since)
                 )
             except DatabaseUnavailable:
                 if not self._degraded:
