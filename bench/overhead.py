@@ -9,6 +9,8 @@ Starts its own fake backend, baseline and proxy processes and two throwaway Post
 one with default durability (fsync and synchronous_commit on, as every real deployment runs it)
 for c and d, and one without for e (BENCH_DATABASE_URL names one to use for all instead). Then
 one more load: another user's stream while a user sends 8 MiB bodies at their concurrency cap.
+`--floor-only` sets llama-gate beside `bench/floor.py`, a proxy on the same stack doing only what
+llama-gate's duties require (key, body, a stream asked and assembled, a journal line).
 Everything runs on this machine, so the load generator shares the cores with what it measures;
 compare rows, not absolute numbers.
 """
@@ -55,6 +57,8 @@ NO_JOURNAL = "d: llama-gate, no journal"
 NO_FSYNC = "e: llama-gate, Postgres no fsync"
 WORKERS = "f: llama-gate --workers 2"
 APART = "g: 2 lone proxies, load split"  # the bound: two processes that share nothing
+BARE = "b: bare pass-through"
+FLOOR = "h: floor (llama-gate's duties only)"  # bench/floor.py
 # Just under the 8 MiB a body may have: one message of 8 MiB of text.
 FLOOD_BODY = json.dumps(
     {"messages": [{"role": "user", "content": "x " * ((4 << 20) - 64)}], "max_tokens": 16}
@@ -284,6 +288,12 @@ def main() -> None:
         "--flood-only", action="store_true", help="only the 8 MiB flood's line (and sse c=1 alone)"
     )
     parser.add_argument(
+        "--floor-only",
+        action="store_true",
+        help="only JSON loads through a, b, h (bench/floor.py: a proxy doing llama-gate's duties "
+        "and nothing more) and c: what llama-gate's pipeline costs beyond its duties",
+    )
+    parser.add_argument(
         "--workers-only",
         action="store_true",
         help="only JSON loads through a, b, c and f (`serve --workers 2`): what a worker adds",
@@ -293,6 +303,7 @@ def main() -> None:
     up_port, base_port, gate_port, unjournaled_port, loose_port, workers_port, apart_port = (
         free_port() for _ in range(7)
     )
+    floor_port = free_port()
     upstream_url = f"http://127.0.0.1:{up_port}"
     with (
         database() as dsn,
@@ -340,9 +351,13 @@ def main() -> None:
             process(proxy(loose_port, loose_env), loose_env) as loose,
             process(proxy(workers_port, workers_env), workers_env) as workers,
             process(proxy(apart_port, apart_env), apart_env) as apart,
+            process(
+                [python, "bench/floor.py", str(floor_port), upstream_url, f"{home}/floor.jsonl"]
+            ) as floor,
         ):
             _wait_http(upstream_url, up, "/")
             _wait_http(f"http://127.0.0.1:{base_port}", base, "/")
+            _wait_http(f"http://127.0.0.1:{floor_port}", floor, "/")
             for port, proc in ((gate_port, gate), (unjournaled_port, unjournaled),
                                (loose_port, loose), (workers_port, workers),
                                (apart_port, apart)):  # fmt: skip
@@ -350,19 +365,26 @@ def main() -> None:
             bearer = {"Authorization": f"Bearer {key}"}
             targets = {
                 "a: direct": (f"{upstream_url}/v1/chat/completions", {}),
-                "b: bare pass-through": (f"http://127.0.0.1:{base_port}/v1/chat/completions", {}),
+                BARE: (f"http://127.0.0.1:{base_port}/v1/chat/completions", {}),
                 GATE: (f"http://127.0.0.1:{gate_port}/v1/chat/completions", bearer),
                 NO_JOURNAL: (f"http://127.0.0.1:{unjournaled_port}/v1/chat/completions", bearer),
                 NO_FSYNC: (f"http://127.0.0.1:{loose_port}/v1/chat/completions", bearer),
                 WORKERS: (f"http://127.0.0.1:{workers_port}/v1/chat/completions", bearer),
                 APART: (f"http://127.0.0.1:{apart_port}/v1/chat/completions", bearer),
+                FLOOR: (
+                    f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+                    {"Authorization": "Bearer floor-key"},
+                ),
             }
             pids = {
                 GATE: gate.pid, NO_JOURNAL: unjournaled.pid, NO_FSYNC: loose.pid,
-                WORKERS: workers.pid,
+                WORKERS: workers.pid, BARE: base.pid, FLOOR: floor.pid,
             }  # fmt: skip
             if args.workers_only:
                 _report_workers(targets, pids, args.seconds)
+                return
+            if args.floor_only:
+                _report_floor(targets, pids, args.seconds)
                 return
             results: dict[tuple[str, str], Result] = {}
             cpu_us: dict[tuple[str, str], float] = {}
@@ -375,8 +397,8 @@ def main() -> None:
                 for target, (url, headers) in targets.items():
                     if args.journal_only:
                         break
-                    if target in (WORKERS, APART):
-                        continue  # --workers-only
+                    if target in (WORKERS, APART, FLOOR):
+                        continue  # --workers-only, --floor-only
                     if args.flood_only and (load_name, target) != ("sse c=1", GATE):
                         continue
                     before = _cpu_seconds(pids[target]) if target in pids else 0.0
@@ -523,12 +545,14 @@ def _idle_since(since: tuple[int, int]) -> float:
     return (now[0] - since[0]) / max(1, now[1] - since[1])
 
 
-def _report_workers(
-    targets: dict[str, tuple[str, dict[str, str]]], pids: dict[str, int], seconds: float
-) -> None:
-    """JSON loads through a, b, c (one worker) and f (two), in turns, three rounds of each."""
-    time.sleep(3)  # the workers have switched to shared slots
-    shown = ("a: direct", "b: bare pass-through", GATE, WORKERS, APART)
+def _rounds(
+    targets: dict[str, tuple[str, dict[str, str]]],
+    pids: dict[str, int],
+    shown: tuple[str, ...],
+    seconds: float,
+) -> dict[tuple[str, str], list[float]]:
+    """JSON loads at c=1 and c=32 through each of `shown`, in turns, three rounds; the table
+    printed (req/s and CPU a request, medians of 3), and each load's req/s returned."""
     rps: dict[tuple[str, str], list[float]] = {}
     cpu_us: dict[tuple[str, str], list[float]] = {}
     idle: dict[tuple[str, str], list[float]] = {}
@@ -551,28 +575,56 @@ def _report_workers(
                     per = cpu / (result.count + concurrency) * 1e6
                     cpu_us.setdefault((load_name, target), []).append(per)
     head = ("load", "path", "req/s (median of 3)", "CPU us/req", "machine idle")
-    print("{:<10} {:<31} {:>20} {:>11} {:>13}".format(*head))
+    print("{:<10} {:<36} {:>20} {:>11} {:>13}".format(*head))
     for (load_name, target), runs in rps.items():
         cpu = cpu_us.get((load_name, target))
         shown_cpu = f"{statistics.median(cpu):.0f}" if cpu else "-"
         spare = statistics.median(idle[(load_name, target)])
         print(
-            f"{load_name:<10} {target:<31} {statistics.median(runs):>20.0f} {shown_cpu:>11} "
+            f"{load_name:<10} {target:<36} {statistics.median(runs):>20.0f} {shown_cpu:>11} "
             f"{spare:>13.0%}"
         )
+    print()
+    return rps
+
+
+def _report_workers(
+    targets: dict[str, tuple[str, dict[str, str]]], pids: dict[str, int], seconds: float
+) -> None:
+    """JSON loads through a, b, c (one worker) and f (two), in turns, three rounds of each."""
+    time.sleep(3)  # the workers have switched to shared slots
+    rps = _rounds(targets, pids, ("a: direct", BARE, GATE, WORKERS, APART), seconds)
 
     def median(target: str) -> float:
         return statistics.median(rps[("json c=32", target)])
 
     two = median(WORKERS) / median(GATE)
-    print()
-    bare = median(WORKERS) / median("b: bare pass-through")
+    bare = median(WORKERS) / median(BARE)
     bound = median(APART) / median(GATE)
     _print_checks(
         [
             ("c=32 json, 2 workers / 1 (f / c)", f"{two:.2f} x", ">= 1.60 x", two >= 1.6),
             ("c=32 json, 2 workers / bare (f / b)", f"{bare:.2f} x", "-", None),
             ("c=32 json, 2 processes sharing nothing / 1 (g / c)", f"{bound:.2f} x", "-", None),
+        ]
+    )
+
+
+def _report_floor(
+    targets: dict[str, tuple[str, dict[str, str]]], pids: dict[str, int], seconds: float
+) -> None:
+    """JSON loads through a, b, h (the floor) and c, in turns, three rounds of each."""
+    rps = _rounds(targets, pids, ("a: direct", BARE, FLOOR, GATE), seconds)
+
+    def median(target: str) -> float:
+        return statistics.median(rps[("json c=32", target)])
+
+    floor, gate = median(FLOOR) / median(BARE), median(GATE) / median(BARE)
+    _print_checks(
+        [
+            ("c=32 json, the floor / bare (h / b)", f"{floor:.2f} x", "-", None),
+            ("c=32 json, llama-gate / bare (c / b)", f"{gate:.2f} x", ">= 0.70 x", gate >= 0.7),
+            ("c=32 json, llama-gate / the floor (c / h)", f"{gate / floor:.2f} x", "-", None),
         ]
     )
 
