@@ -242,7 +242,9 @@ def test_sdks_get_the_over_context_400_once_and_do_not_retry_it(stack: Stack) ->
             client.chat.completions.create(model=DEFAULT, messages=long)  # type: ignore[arg-type]
         with pytest.raises(openai.BadRequestError) as streamed:
             client.chat.completions.create(
-                model=DEFAULT, messages=long, stream=True  # type: ignore[arg-type]
+                model=DEFAULT,
+                messages=long,
+                stream=True,  # type: ignore[arg-type]
             )
     for raised in (plain.value, streamed.value):
         assert raised.code == "context_length_exceeded"

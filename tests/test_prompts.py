@@ -148,9 +148,7 @@ async def test_the_answer_has_the_room_it_asked_for_or_whatever_the_context_has_
     assert sent == [room, room]
 
 
-async def test_embeddings_are_bounded_in_inputs_and_tokens(
-    db_dsn: str, tmp_path: Path
-) -> None:
+async def test_embeddings_are_bounded_in_inputs_and_tokens(db_dsn: str, tmp_path: Path) -> None:
     upstream = FakeUpstream(expected_key=BACKEND_KEY, n_ctx=N_CTX)
     settings = {"LLAMA_PROXY_MAX_EMBEDDING_INPUTS": "4", "LLAMA_PROXY_MAX_EMBEDDING_TOKENS": "50"}
     async with running_proxy(db_dsn, tmp_path, upstream, **settings) as proxy:
@@ -180,9 +178,7 @@ async def test_count_tokens_takes_no_turn_at_the_model(proxy: Harness) -> None:
         )
         await holder.content.readany()
         async with asyncio.timeout(5):  # answered while the model is busy
-            status, counted = await _post(
-                client, proxy, "/v1/messages/count_tokens", body, bob
-            )
+            status, counted = await _post(client, proxy, "/v1/messages/count_tokens", body, bob)
         holder.close()
     assert status == 200
     assert counted == {"input_tokens": len(json.dumps(
