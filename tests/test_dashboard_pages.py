@@ -296,7 +296,10 @@ async def test_live_shows_every_proxy_process(db_dsn: str, tmp_path: Path) -> No
             for _ in range(100):  # until the other process's next beat (every 2 s) tells it
                 async with http.get(dashboard.at("/live.json")) as r:
                     live = await r.json()
-                if live["served"] == 1:
+                # Both from one beat made once the request holds the backend: a beat between
+                # its admission and its turn at the backend says served 1 but busy 0.
+                busy_all = [b["busy_all"] for b in live["backends"]]
+                if live["served"] == 1 and busy_all == [1]:
                     break
                 await asyncio.sleep(0.1)
             async with http.get(dashboard.at("/live")) as r:
