@@ -1,22 +1,30 @@
 """Prometheus metrics, fed from each finished request's audit row, served on their own listener.
 
-Each application has its own `CollectorRegistry` (no process-global state), filled by a
-completion hook and a small in-flight middleware, and served by a separate aiohttp site that
-binds LLAMA_PROXY_METRICS_HOST:LLAMA_PROXY_METRICS_PORT (loopback by default), never the public
+Each application has its own `CollectorRegistry` (no process-global state). A completion hook
+and a small in-flight middleware add each request to plain numbers, which a collector lays out
+as Prometheus families only when scraped: a request takes no lock and makes no sample object.
+They are served by a separate aiohttp site that binds
+LLAMA_PROXY_METRICS_HOST:LLAMA_PROXY_METRICS_PORT (loopback by default), never the public
 listener. Label values are bounded: routes are the route table's paths or "other", and per-user
 token counters stop adding users past `MAX_USER_LABELS`.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from itertools import accumulate
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -68,123 +76,169 @@ class _AuditCollector(Collector):
         )
 
 
-@dataclass(frozen=True)
-class _Route:
-    """One route's metric children, bound once."""
+class _Histogram:
+    """One histogram's counts, kept as plain numbers and laid out for Prometheus at scrape time
+    (prometheus-client's own takes a lock and walks its buckets on every observation)."""
 
-    name: str
-    statuses: dict[int, Any]  # status -> its requests counter, bound at first use
-    duration: Any
-    upstream: Any
-    ttfb: Any
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative; last: +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """The cumulative buckets as Prometheus shows them."""
+        bounds = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
+        return list(zip(bounds, accumulate(self.counts), strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """One route's figures."""
+
+    statuses: dict[int, int] = field(default_factory=dict)  # status -> requests
+    duration: _Histogram = field(default_factory=_Histogram)
+    upstream: _Histogram = field(default_factory=_Histogram)
+    ttfb: _Histogram = field(default_factory=_Histogram)
+
+
+class _Figures:
+    """What the finished requests add up to, in plain numbers."""
+
+    def __init__(self, routes: Iterable[str]) -> None:
+        self.routes = {name: _Route() for name in (*routes, "other")}
+        self.queue = _Histogram()
+        self.in_flight = 0
+        self.rate_limited = 0
+        self.auth_failures = 0
+        self.tokens: dict[str, list[int]] = {}  # user (or "other") -> [prompt, completion]
+        self.from_cache = 0
+        self.processed = 0
+
+
+class _RequestCollector(Collector):
+    """The requests' figures, laid out as Prometheus metric families at scrape time."""
+
+    def __init__(self, figures: _Figures) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterable[Metric]:
+        figures = self._figures
+        requests = CounterMetricFamily(
+            "llama_gate_requests", "Requests by route and status.", labels=["route", "status"]
+        )
+        histograms = {
+            kind: HistogramMetricFamily(name, text, labels=["route"])
+            for kind, name, text in (
+                ("duration", "llama_gate_request_duration_seconds",
+                 "Whole request, as the client saw it."),
+                ("upstream", "llama_gate_upstream_duration_seconds",
+                 "From the request's turn at a backend to its end (the whole request minus its "
+                 "wait)."),
+                ("ttfb", "llama_gate_time_to_first_byte_seconds",
+                 "Until the backend's first body byte."),
+            )
+        }  # fmt: skip
+        for name, route in figures.routes.items():
+            for status, count in route.statuses.items():
+                requests.add_metric([name, str(status)], count)
+            for kind, family in histograms.items():
+                histogram: _Histogram = getattr(route, kind)
+                family.add_metric([name], histogram.buckets(), histogram.total)
+        yield requests
+        yield from histograms.values()
+        queue = HistogramMetricFamily(
+            "llama_gate_queue_wait_seconds", "Waiting for a backend slot."
+        )
+        queue.add_metric([], figures.queue.buckets(), figures.queue.total)
+        yield queue
+        yield GaugeMetricFamily(
+            "llama_gate_requests_in_flight", "API requests being served now.", figures.in_flight
+        )
+        yield CounterMetricFamily(
+            "llama_gate_rate_limited", "Requests refused with 429 (rate, concurrency or tokens).",
+            figures.rate_limited,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "llama_gate_auth_failures", "Requests refused with 401.", figures.auth_failures
+        )
+        tokens = CounterMetricFamily(
+            "llama_gate_tokens", "Tokens served, by user and kind (prompt or completion).",
+            labels=["user", "kind"],
+        )  # fmt: skip
+        for user, (prompt, completion) in figures.tokens.items():
+            tokens.add_metric([user, "prompt"], prompt)
+            tokens.add_metric([user, "completion"], completion)
+        yield tokens
+        sources = CounterMetricFamily(
+            "llama_gate_prompt_tokens",
+            "Prompt tokens by source: served from the backend's prompt cache, or processed.",
+            labels=["source"],
+        )
+        sources.add_metric(["cache"], figures.from_cache)
+        sources.add_metric(["processed"], figures.processed)
+        yield sources
 
 
 class Metrics:
     def __init__(self, routes: Iterable[str]) -> None:
-        self._routes = frozenset(routes)
+        self._figures = _Figures(routes)
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "llama_gate_requests", "Requests by route and status.", ["route", "status"], registry=r
-        )
-        self.duration = Histogram(
-            "llama_gate_request_duration_seconds", "Whole request, as the client saw it.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.upstream = Histogram(
-            "llama_gate_upstream_duration_seconds",
-            "From the request's turn at a backend to its end (the whole request minus its wait).",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.ttfb = Histogram(
-            "llama_gate_time_to_first_byte_seconds", "Until the backend's first body byte.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue = Histogram(
-            "llama_gate_queue_wait_seconds", "Waiting for a backend slot.",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.in_flight = Gauge(
-            "llama_gate_requests_in_flight", "API requests being served now.", registry=r
-        )
-        self.rate_limited = Counter(
-            "llama_gate_rate_limited", "Requests refused with 429 (rate, concurrency or tokens).",
-            registry=r,
-        )  # fmt: skip
-        self.auth_failures = Counter(
-            "llama_gate_auth_failures", "Requests refused with 401.", registry=r
-        )
-        self.tokens = Counter(
-            "llama_gate_tokens", "Tokens served, by user and kind (prompt or completion).",
-            ["user", "kind"], registry=r,
-        )  # fmt: skip
-        self.prompt_tokens = Counter(
-            "llama_gate_prompt_tokens",
-            "Prompt tokens by source: served from the backend's prompt cache, or processed.",
-            ["source"], registry=r,
-        )  # fmt: skip
-        # Label children are bound once (a labels() lookup takes a lock and a dict per call).
-        self._per_route = {
-            name: _Route(
-                name,
-                {},
-                self.duration.labels(name),
-                self.upstream.labels(name),
-                self.ttfb.labels(name),
-            )
-            for name in (*self._routes, "other")
-        }
-        self._users: dict[str, tuple[Any, Any]] = {}
-        self._from_cache = self.prompt_tokens.labels("cache")
-        self._processed = self.prompt_tokens.labels("processed")
+        self.registry.register(_RequestCollector(self._figures))
 
     def watch_audit(self, writer: AuditWriter) -> None:
         self.registry.register(_AuditCollector(writer))
 
     def observe(self, row: AuditRow) -> None:
         """The completion hook: count one finished request."""
-        route = self._per_route.get(row.path) or self._per_route["other"]
-        counter = route.statuses.get(row.status_code)
-        if counter is None:
-            counter = self.requests.labels(route.name, str(row.status_code))
-            route.statuses[row.status_code] = counter
-        counter.inc()
+        figures = self._figures
+        route = figures.routes.get(row.path) or figures.routes["other"]
+        status = row.status_code
+        route.statuses[status] = route.statuses.get(status, 0) + 1
         route.duration.observe(row.duration_ms / 1000)
         if row.queue_ms is not None:
-            self.queue.observe(row.queue_ms / 1000)
+            figures.queue.observe(row.queue_ms / 1000)
             route.upstream.observe(max(0.0, row.duration_ms - row.queue_ms) / 1000)
         if row.ttfb_ms is not None:
             route.ttfb.observe(row.ttfb_ms / 1000)
-        if row.status_code == 429:
-            self.rate_limited.inc()
-        elif row.status_code == 401:
-            self.auth_failures.inc()
+        if status == 429:
+            figures.rate_limited += 1
+        elif status == 401:
+            figures.auth_failures += 1
         if row.username and (row.prompt_tokens or row.completion_tokens):
-            prompt, completion = self._user_counters(row.username)
-            prompt.inc(row.prompt_tokens or 0)
-            completion.inc(row.completion_tokens or 0)
+            counts = self._user_tokens(row.username)
+            counts[0] += row.prompt_tokens or 0
+            counts[1] += row.completion_tokens or 0
         if row.prompt_tokens:
             cached = min(row.cached_tokens or 0, row.prompt_tokens)
-            self._from_cache.inc(cached)
-            self._processed.inc(row.prompt_tokens - cached)
+            figures.from_cache += cached
+            figures.processed += row.prompt_tokens - cached
 
-    def _user_counters(self, username: str) -> tuple[Any, Any]:
-        """The user's token counters (`other`'s past MAX_USER_LABELS users), bound once."""
-        counters = self._users.get(username)
-        if counters is None:
-            name = username if len(self._users) < MAX_USER_LABELS else "other"
-            counters = (self.tokens.labels(name, "prompt"), self.tokens.labels(name, "completion"))
-            if name != "other":
-                self._users[username] = counters
-        return counters
+    def _user_tokens(self, username: str) -> list[int]:
+        """The user's token counts ([prompt, completion]), `other`'s past MAX_USER_LABELS users."""
+        tokens = self._figures.tokens
+        counts = tokens.get(username)
+        if counts is None:
+            name = username if len(tokens) < MAX_USER_LABELS else "other"
+            counts = tokens.setdefault(name, [0, 0])
+        return counts
 
     def middleware(self, skip_paths: frozenset[str]) -> Middleware:
+        figures = self._figures
+
         @web.middleware
         async def count_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
             if request.path in skip_paths and request.method in {"GET", "HEAD"}:
                 return await handler(request)
-            with self.in_flight.track_inprogress():
+            figures.in_flight += 1
+            try:
                 return await handler(request)
+            finally:
+                figures.in_flight -= 1
 
         return count_in_flight
 
