@@ -3,8 +3,9 @@
 `create_app` from llama_cpp.server builds the app; `BackendApp` sits in front of it and adds what
 llama_cpp.server lacks: a `/health` that never waits for the model lock, a 404 for a model that does
 not exist (llama_cpp.server would quietly answer with its first model), the default model's alias
-filled in when a request names none, the usage chunk on streams that ask for it, tool calls on
-streamed chats with tools (`backend.tools`), and the prompt cache (`backend.cache_plan`), put on
+filled in when a request names none, every prompt measured before llama.cpp sees it
+(`backend.measuring`), the usage chunk on streams that ask for it (`backend.usage_stream`), tool
+calls on streamed chats with tools (`backend.tools`), and the prompt cache (`backend.cache_plan`), put on
 the default model at startup and on whichever model a request through this layer reaches (every
 request from llama-gate's proxy comes through it). Everything else reaches llama_cpp.server
 untouched, so its auth, validation and errors stay its own.
@@ -16,23 +17,15 @@ import hmac
 import json
 import logging
 import os
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import replace
 from typing import Any
 
 import anyio
-from llama_cpp import Llama
-from llama_cpp.server.app import create_app, get_event_publisher, get_llama_proxy
+from llama_cpp.server.app import create_app, get_llama_proxy
 from llama_cpp.server.settings import ModelSettings, ServerSettings
-from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
-from pydantic import BaseModel, ValidationError
-from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import Headers
-from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,12 +33,12 @@ from backend import tools
 from backend.cache_plan import CachePlan, ModelCache
 from backend.embeddings import Embedder
 from backend.errors import openai_error
+from backend.measuring import KIND_PATHS, Measured, measure_in_thread, prompt_kind, prompt_refused
 from backend.prompts import PromptError, Vocabulary
-from backend.usage import Chunk, with_usage
+from backend.usage_stream import USAGE_STREAMS, Meter, stream_with_usage, wants_usage
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_OPTION = "llama_gate_progress"  # see backend.usage
 # Where llama-gate's proxy has a request's prompt measured (count_tokens; before a fair turn).
 PROMPT_TOKENS_PATH = "/llama-gate/prompt-tokens"
 # llama_cpp.server's routes whose JSON body may name a model.
@@ -60,32 +53,6 @@ MODEL_PATHS = frozenset(
         "/extras/detokenize",
     }
 )
-
-
-@dataclass(frozen=True)
-class _Stream:
-    """How llama_cpp.server 0.3.36 turns one kind of request into a streaming `Llama` call."""
-
-    request_model: type[BaseModel]
-    call: Callable[..., Iterator[Chunk]]
-    exclude: frozenset[str]  # the fields its handler drops before calling Llama, copied from it
-    object_name: str
-
-
-_USAGE_STREAMS = {
-    "/v1/chat/completions": _Stream(
-        CreateChatCompletionRequest,
-        with_usage(Llama.create_chat_completion, "chat.completion.chunk"),
-        frozenset({"n", "logit_bias_type", "user", "min_tokens"}),
-        "chat.completion.chunk",
-    ),
-    "/v1/completions": _Stream(
-        CreateCompletionRequest,
-        with_usage(Llama.__call__, "text_completion"),
-        frozenset({"n", "best_of", "logit_bias_type", "user", "min_tokens"}),
-        "text_completion",
-    ),
-}
 
 
 def create_backend_app(
@@ -188,39 +155,37 @@ class BackendApp:
                 # Before anything reaches llama.cpp: what it cannot serve is a 400 here.
                 measured = await self._measure(path, data, streamed=data.get("stream") is True)
             except PromptError as exc:
-                await _prompt_refused(exc)(scope, receive, send)
+                await prompt_refused(exc)(scope, receive, send)
                 return
             if path == "/v1/embeddings" and self._embedder is not None:
                 await (await self._embed_answer(data))(scope, receive, send)
                 return
-            stream = _USAGE_STREAMS.get(path)
+            stream = USAGE_STREAMS.get(path)
             if stream is not None and self._cache.plan.on and _wants_logprobs(data):
                 await _no_logprobs()(scope, receive, send)
                 return
             plan = measured.plan if measured is not None else None
             if stream is not None and plan is not None:
                 # Tools made real (see backend.tools): the rewritten request, its calls read back.
-                stream = replace(stream, call=plan.llama_call(usage=_wants_usage(data)))
+                stream = replace(stream, call=plan.llama_call(usage=wants_usage(data)))
                 data = plan.body
             if (
                 stream is not None
-                and (plan is not None or _wants_usage(data))
-                and await _stream_with_usage(
+                and (plan is not None or wants_usage(data))
+                and await stream_with_usage(
                     stream, data, scope, receive, send, self._cache, self._meter
                 )
             ):
                 return
         await self._inner(scope, _replay(body, receive), send)
 
-    async def _measure(
-        self, path: str, data: dict[str, Any], *, streamed: bool
-    ) -> _Measured | None:
+    async def _measure(self, path: str, data: dict[str, Any], *, streamed: bool) -> Measured | None:
         """The prompt's tokens as the model will see them (None for a request that has none, or
         a model without a vocabulary here); `PromptError` for what the model cannot serve."""
         vocabulary = self._vocabularies.get(data.get("model", self._default))
         if vocabulary is None:
             return None
-        kind = _kind(path, data)
+        kind = prompt_kind(path, data)
         if kind is None:
             return None
         plan = None
@@ -229,18 +194,18 @@ class BackendApp:
                 plan = tools.plan(data, self._chat_formats.get(data["model"]))
             except tools.ToolRequestError as exc:
                 raise PromptError(str(exc), exc.param, "invalid_tools") from None
-        return await anyio.to_thread.run_sync(_measure_in_thread, vocabulary, kind, data, plan)
+        return await anyio.to_thread.run_sync(measure_in_thread, vocabulary, kind, data, plan)
 
     async def _measure_answer(self, data: dict[str, Any]) -> JSONResponse:
         """`/llama-gate/prompt-tokens`: a request's prompt tokens, measured as it would be
         served (a chat as the proxy sends it: streamed), or a 400 saying why it cannot be."""
-        kind = _kind("", data)
+        kind = prompt_kind("", data)
         try:
             measured = await self._measure(
-                _KIND_PATHS.get(kind or "", ""), data, streamed=kind == "chat"
+                KIND_PATHS.get(kind or "", ""), data, streamed=kind == "chat"
             )
         except PromptError as exc:
-            return _prompt_refused(exc)
+            return prompt_refused(exc)
         if measured is None:
             return JSONResponse(
                 openai_error(
@@ -338,79 +303,6 @@ class BackendApp:
         )
 
 
-@dataclass(frozen=True)
-class _Measured:
-    tokens: int  # the prompt's (all inputs' for embeddings)
-    plan: tools.ToolPlan | None = None  # how a chat with tools is served
-    inputs: list[int] | None = None  # each embedding input's
-
-
-_KIND_PATHS = {
-    "chat": "/v1/chat/completions",
-    "text": "/v1/completions",
-    "embeddings": "/v1/embeddings",
-}
-
-
-def _kind(path: str, data: dict[str, Any]) -> str | None:
-    """Which kind of prompt a request body holds: by its path, or by its fields."""
-    for kind, known in _KIND_PATHS.items():
-        if path == known:
-            return kind
-    if path:
-        return None
-    if "messages" in data:
-        return "chat"
-    if "prompt" in data:
-        return "text"
-    return "embeddings" if "input" in data else None
-
-
-def _measure_in_thread(
-    vocabulary: Vocabulary, kind: str, data: dict[str, Any], plan: tools.ToolPlan | None
-) -> _Measured:
-    if kind == "chat":
-        body = plan.body if plan is not None else data
-        grammar = plan.grammar if plan is not None else None
-        return _Measured(vocabulary.chat(body, grammar), plan)
-    if kind == "text":
-        return _Measured(vocabulary.text(data))
-    given = data.get("input")
-    inputs = (
-        given if isinstance(given, list) and given and not isinstance(given[0], int) else [given]
-    )
-    counts = vocabulary.embeddings(inputs)
-    return _Measured(sum(counts), None, counts)
-
-
-def _prompt_refused(exc: PromptError) -> JSONResponse:
-    body = openai_error(str(exc), kind="invalid_request_error", param=exc.param, code=exc.code)
-    body["error"].update(exc.details)  # the numbers, for the proxy's own words
-    return JSONResponse(body, status_code=400)
-
-
-class Meter:
-    """Tokens the model evaluated (prompt tokens read, not cached, and tokens generated), for
-    `/health`: what a token quota bounds, measured where the work is done."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.evaluated = 0
-
-    def add(self, tokens: int) -> None:
-        with self._lock:
-            self.evaluated += max(0, tokens)
-
-
-def _wants_usage(data: dict[str, Any]) -> bool:
-    options = data.get("stream_options")
-    return (
-        data.get("stream") is True
-        and isinstance(options, dict)
-        and options.get("include_usage") is True
-    )
-
-
 def _wants_logprobs(data: dict[str, Any]) -> bool:
     # Chat asks with `logprobs: true`; a text completion with any `logprobs` value at all.
     value = data.get("logprobs")
@@ -429,80 +321,6 @@ def _no_logprobs() -> JSONResponse:
         ),
         status_code=400,
     )
-
-
-def _wants_progress(data: dict[str, Any]) -> bool:
-    """llama-gate's proxy asks for the prompt's usage as soon as it is known (see usage.py)."""
-    options = data.get("stream_options")
-    return isinstance(options, dict) and options.get(PROGRESS_OPTION) is True
-
-
-async def _stream_with_usage(
-    stream: _Stream,
-    data: dict[str, Any],
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    model_cache: ModelCache,
-    meter: Meter,
-) -> bool:
-    """Serve a streamed request as llama_cpp.server's own handler would, through its own
-    publisher (model lock, disconnects, [DONE]), with a `Llama` call that ends in usage.
-
-    Returns False, having sent nothing, for a body llama_cpp.server should answer itself.
-    """
-    try:
-        body: Any = stream.request_model.model_validate(data)
-    except ValidationError:
-        return False  # its 422, in its words
-    prompt = getattr(body, "prompt", None)
-    if isinstance(prompt, list) and not all(isinstance(token, int) for token in prompt):
-        if len(prompt) > 1:
-            return False  # it refuses batches; let it
-        body.prompt = prompt[0]  # a batch of one (measured, so never empty)
-    kwargs = body.model_dump(exclude=stream.exclude)
-    send_chan, recv_chan = anyio.create_memory_object_stream[dict[str, str]](10)
-
-    # Called on the worker thread that runs the model, before the prompt is processed.
-    def announce(tokens: int) -> None:
-        event = _progress_event(stream.object_name, body.model, tokens)
-        anyio.from_thread.run(send_chan.send, {"data": json.dumps(event)})
-
-    on_prompt = announce if _wants_progress(data) else None
-
-    def llama_call(llama: Llama, **kwargs: Any) -> Iterator[Chunk]:
-        # On the model's worker thread, under its lock: the model this request reached.
-        model_cache.install(llama)
-        return stream.call(llama, on_prompt=on_prompt, on_evaluated=meter.add, **kwargs)
-
-    publisher = partial(
-        get_event_publisher,
-        request=Request(scope, receive),
-        inner_send_chan=send_chan,
-        body=body,
-        body_model=body.model,
-        llama_call=llama_call,
-        kwargs=kwargs,
-    )
-    response = EventSourceResponse(recv_chan, data_sender_callable=publisher, sep="\n")
-    await response(scope, receive, send)
-    return True
-
-
-def _progress_event(object_name: str, model: str | None, prompt_tokens: int) -> Chunk:
-    """A usage-only event, as the last one of a stream is, for the prompt alone."""
-    return {
-        "id": "progress",
-        "object": object_name,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": 0,
-            "total_tokens": prompt_tokens,
-        },
-    }
 
 
 async def _read_body(receive: Receive) -> bytes | None:
