@@ -174,7 +174,7 @@ async def _rate_leases(app: web.Application) -> AsyncIterator[None]:
 
 async def _backend_probes(app: web.Application) -> AsyncIterator[None]:
     """Probe the backends' health for the app's whole life (a replaced BACKENDS included)."""
-    async with app[BACKENDS].probing():
+    async with app[BACKENDS].prober.running():
         yield
 
 

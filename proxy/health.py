@@ -104,7 +104,7 @@ def readiness_routes(proxy: web.Application) -> list[web.RouteDef]:
 async def _detailed(request: web.Request, app: web.Application) -> web.Response:
     timeout = float(app[SETTINGS].connect_timeout_seconds)
     database, backends = await asyncio.gather(
-        _database_problem(request, app), app[BACKENDS].check(timeout)
+        _database_problem(request, app), app[BACKENDS].prober.check(timeout)
     )
     checks: dict[str, str] = {"database": database or "ok"}
     for name, problem in backends.items():

@@ -134,7 +134,7 @@ async def test_through_the_proxy_each_conversation_stays_on_one_backend_and_rows
     conversations = {name: _turns(name, 3) for name in names}
     async with TestServer(app) as server, aiohttp.ClientSession() as client:
         await asyncio.wait_for(app[AUTH_LISTENER].connected.wait(), 10)
-        await backends.probe(5.0)
+        await backends.prober.probe(5.0)
         _, key = await make_user(db_dsn, "alice")
         path = "/v1/chat/completions" if api == "openai" else "/v1/messages"
         url = str(server.make_url(path))

@@ -167,7 +167,7 @@ async def test_requests_go_to_a_backend_that_serves_their_model(
     await _started(small, big)
     try:
         async with _proxy(db_dsn, tmp_path, [big.port, small.port]) as (url, backends, _):
-            await backends.probe(5.0)  # what each serves is known before the first request
+            await backends.prober.probe(5.0)  # what each serves is known before the first request
             _, key = await make_user(db_dsn, "alice")
             asked: list[str | None] = ["small", "big", "tiny", None, "big", None]
             for model in asked:

@@ -14,12 +14,12 @@ slot more, counting those running and those waiting for it. Short of that the re
 its backend even while another idles, since reading a whole conversation again costs more than
 waiting for one answer to end; past it, it goes elsewhere and the conversation moves with it.
 
-Health comes from each backend's `/health` every `probe_interval` seconds (see
-`proxy.upstream.probes`), and from requests: a backend that refuses a connection is out until a
-probe finds it back. A backend that goes out after serving is waited for, `restart_wait` seconds
-(its supervisor starts the model server again within seconds): requests only it can serve keep
-their place in the queue, within their queue timeout, and are served once it is back; past that
-wait, or for a backend never seen serving, they get a 503 at once.
+Health comes from each backend's `/health` every `probe_interval` seconds (`prober`, a
+`proxy.upstream.probes.Prober`), and from requests: a backend that refuses a connection is out
+until a probe finds it back. A backend that goes out after serving is waited for,
+`restart_wait` seconds (its supervisor starts the model server again within seconds): requests
+only it can serve keep their place in the queue, within their queue timeout, and are served once
+it is back; past that wait, or for a backend never seen serving, they get a 503 at once.
 
 With several proxy processes serving the same database the slots, the fair order and the per-user
 concurrency cap are shared through Postgres instead (`proxy.cluster.slots`, set as `shared`):
@@ -40,14 +40,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
-import aiohttp
 from yarl import URL
 
 from proxy.errors import QueueTimeout, SlotsUnavailable, UpstreamError
 from proxy.settings import Secret, Settings
 from proxy.upstream.affinity import Affinity
 from proxy.upstream.fairqueue import FairQueue
-from proxy.upstream.probes import Health, ModelLimits, probe_health
+from proxy.upstream.probes import Health, ModelLimits, Prober
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +163,15 @@ class Backends:
         self._backends = {u.name: _Backend(u, slots) for u in upstreams}
         self._queue: FairQueue[_Waiter] = FairQueue()
         self._queue_timeout = queue_timeout
-        self._probe_interval = probe_interval
-        self._probe_timeout = probe_timeout
         self._restart_wait = restart_wait
         self._back_up = asyncio.Event()  # set (and replaced) whenever a backend comes back
-        self._session: aiohttp.ClientSession | None = None
         self._held_seconds = 1.0  # mean time a request holds a slot, for Retry-After
         self._served: OrderedDict[bytes, str] = OrderedDict()  # conversation -> last backend
         self.shared: SharedTurns | None = None  # set when other processes may share the slots
+        # Each backend's /health, now and then: what it says is taken in by `report`.
+        self.prober = Prober(
+            self._upstreams, self.report, self.fail_stranded, probe_interval, probe_timeout
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Backends:
@@ -582,7 +582,7 @@ class Backends:
             log.warning("backend %s is out: %s", name, health.problem)
             if backend.seen_up:  # one that never served is not waited for
                 backend.down_since = time.monotonic()
-            self._fail_stranded()
+            self.fail_stranded()
             self._dispatch_all()  # those waiting for it in particular may go elsewhere now
         elif health.up and not before.up:
             log.warning("backend %s is back in", name)
@@ -597,7 +597,7 @@ class Backends:
         """A request could not connect to `upstream`: out until a probe finds it up again."""
         self.report(upstream.name, Health(f"refused a request ({reason})"))
 
-    def _fail_stranded(self) -> None:
+    def fail_stranded(self) -> None:
         """Answer at once the waiters that no backend up, or coming back, can serve."""
         backends = self._backends.values()
         for waiter in list(self._queue.waiting()):
@@ -606,58 +606,3 @@ class Backends:
             ):
                 self._queue.remove(waiter.user, waiter)
                 waiter.future.set_exception(self._unavailable(waiter.model))
-
-    @asynccontextmanager
-    async def probing(self) -> AsyncIterator[None]:
-        """Probe every backend now and every `probe_interval` seconds while this is held."""
-        # A new connection per probe: it really tests connecting, and never reuses one the
-        # backend is just closing as idle (which would look like an outage).
-        connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
-        ) as session:
-            self._session = session
-            task = asyncio.create_task(self._probe_forever())
-            try:
-                yield
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                self._session = None
-
-    async def _probe_forever(self) -> None:
-        while True:
-            await self.probe(self._probe_timeout)
-            self._fail_stranded()  # those whose backend stayed out past the restart wait
-            await asyncio.sleep(self._probe_interval)
-
-    async def probe(self, timeout: float) -> dict[str, str | None]:  # noqa: ASYNC109
-        """Probe every backend now and take in what they say: each one's name and None when
-        up, else the reason."""
-        return await self._probe(timeout, report=True)
-
-    async def check(self, timeout: float) -> dict[str, str | None]:  # noqa: ASYNC109
-        """Probe every backend now, as `probe`, but only tell: nothing waiting is affected."""
-        return await self._probe(timeout, report=False)
-
-    async def _probe(self, timeout: float, report: bool) -> dict[str, str | None]:  # noqa: ASYNC109
-        if self._session is None:
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-                return await self._probe_with(s, timeout, report)
-        return await self._probe_with(self._session, timeout, report)
-
-    async def _probe_with(
-        self,
-        session: aiohttp.ClientSession,
-        timeout: float,  # noqa: ASYNC109
-        report: bool,
-    ) -> dict[str, str | None]:
-        upstreams = self._upstreams
-        results = await asyncio.gather(
-            *(probe_health(session, u.url("/health", ""), timeout) for u in upstreams)
-        )
-        if report:
-            for upstream, health in zip(upstreams, results, strict=True):
-                self.report(upstream.name, health)
-        return {u.name: health.problem for u, health in zip(upstreams, results, strict=True)}

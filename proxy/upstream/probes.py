@@ -12,12 +12,17 @@ and limits stay unknown, so it is sent any model.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from yarl import URL
+
+if TYPE_CHECKING:
+    from proxy.upstream.backends import Upstream
 
 
 @dataclass(frozen=True)
@@ -101,3 +106,79 @@ def _limits(given: Any, models: frozenset[str]) -> dict[str, ModelLimits]:
         ):
             limits[model] = ModelLimits(n_ctx, longest, overhead)
     return limits
+
+
+class Prober:
+    """Asks every backend's `/health`: now and then while `running`, or at once (`probe`,
+    `check`). What a probe finds goes to `report` (by backend name); `after_each` runs after
+    every round of the loop (to answer those whose backend stayed out too long)."""
+
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        report: Callable[[str, Health], None],
+        after_each: Callable[[], None],
+        interval: float,
+        timeout: float,
+    ) -> None:
+        self._upstreams = tuple(upstreams)
+        self._report = report
+        self._after_each = after_each
+        self._interval = interval
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Probe every backend now and every `interval` seconds while this is held."""
+        # A new connection per probe: it really tests connecting, and never reuses one the
+        # backend is just closing as idle (which would look like an outage).
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+        ) as session:
+            self._session = session
+            task = asyncio.create_task(self._forever())
+            try:
+                yield
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                self._session = None
+
+    async def _forever(self) -> None:
+        while True:
+            await self.probe(self._timeout)
+            self._after_each()
+            await asyncio.sleep(self._interval)
+
+    async def probe(self, timeout: float) -> dict[str, str | None]:  # noqa: ASYNC109
+        """Probe every backend now and report what they say: each one's name and None when
+        up, else the reason."""
+        return await self._probe(timeout, report=True)
+
+    async def check(self, timeout: float) -> dict[str, str | None]:  # noqa: ASYNC109
+        """Probe every backend now, as `probe`, but only tell: nothing is reported."""
+        return await self._probe(timeout, report=False)
+
+    async def _probe(self, timeout: float, report: bool) -> dict[str, str | None]:  # noqa: ASYNC109
+        if self._session is None:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                return await self._probe_with(s, timeout, report)
+        return await self._probe_with(self._session, timeout, report)
+
+    async def _probe_with(
+        self,
+        session: aiohttp.ClientSession,
+        timeout: float,  # noqa: ASYNC109
+        report: bool,
+    ) -> dict[str, str | None]:
+        upstreams = self._upstreams
+        results = await asyncio.gather(
+            *(probe_health(session, u.url("/health", ""), timeout) for u in upstreams)
+        )
+        if report:
+            for upstream, health in zip(upstreams, results, strict=True):
+                self._report(upstream.name, health)
+        return {u.name: health.problem for u, health in zip(upstreams, results, strict=True)}
