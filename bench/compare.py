@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdb import database  # noqa: E402
-from overhead import (  # noqa: E402
+from harness import (  # noqa: E402
     BACKEND_KEY,
-    _copy_database,
-    _cpu_seconds,
-    _prepare,
-    _wait_http,
+    bench_users,
+    copy_database,
+    cpu_seconds,
     load,
     process,
+    wait_http,
 )
 
 from proxy.db import migrate  # noqa: E402
@@ -64,8 +64,8 @@ def main() -> None:
         tempfile.TemporaryDirectory() as new_home,
     ):
         migrate.upgrade(dsn)
-        key, _ = asyncio.run(_prepare(dsn))
-        new_dsn = asyncio.run(_copy_database(dsn, "bench_compare_new"))
+        key, _ = asyncio.run(bench_users(dsn))
+        new_dsn = asyncio.run(copy_database(dsn, "bench_compare_new"))
         common = {
             "LLAMA_SERVER_HOST": "127.0.0.1", "LLAMA_SERVER_PORT": str(up_port),
             "LLAMA_SERVER_API_KEY": BACKEND_KEY, "LLAMA_PROXY_RATE_LIMIT": "1000000",
@@ -83,9 +83,9 @@ def main() -> None:
             process(proxy(old_port), old_env, cwd=args.old) as old,
             process(proxy(new_port), new_env, cwd=args.new) as new,
         ):
-            _wait_http(f"http://127.0.0.1:{up_port}", up, "/")
+            wait_http(f"http://127.0.0.1:{up_port}", up, "/")
             for port, proc in ((old_port, old), (new_port, new)):
-                _wait_http(f"http://127.0.0.1:{port}", proc, "/health")
+                wait_http(f"http://127.0.0.1:{port}", proc, "/health")
             proxies = {"old": (old_port, old), "new": (new_port, new)}
             print(f"old: {args.old}\nnew: {args.new}\n")
             for name, concurrency, streamed, seconds in LOADS:
@@ -110,10 +110,10 @@ def _turns(
         order = list(proxies) if number % 2 == 0 else list(reversed(proxies))
         for which in order:
             port, proc = proxies[which]
-            before = _cpu_seconds(proc.pid)
+            before = cpu_seconds(proc.pid)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             result = asyncio.run(load(url, headers, concurrency, seconds, streamed))
-            cpu_us = (_cpu_seconds(proc.pid) - before) / (result.count + concurrency) * 1e6
+            cpu_us = (cpu_seconds(proc.pid) - before) / (result.count + concurrency) * 1e6
             times = result.ttfb if streamed else result.latencies
             figures[which].append((result.rps, cpu_us, statistics.median(times) * 1000))
     return figures

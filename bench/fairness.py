@@ -53,14 +53,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdb import database  # noqa: E402
+from harness import BACKEND_KEY, add_user  # noqa: E402
 
 from proxy.app import create_app  # noqa: E402
-from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
-from proxy.db import accounts, migrate  # noqa: E402
+from proxy.db import migrate  # noqa: E402
 from proxy.db.localpg import free_port  # noqa: E402
 from proxy.settings import load_settings  # noqa: E402
 
-BACKEND_KEY = "bench-backend-key"
 RATES = {"u1": 4.0, "u2": 6.0, "u3": 10.0, "u4": 20.0}  # requests per second offered
 ANSWER = {
     "id": "cmpl-bench",
@@ -379,11 +378,7 @@ async def make_users(dsn: str) -> dict[str, str]:
     try:
         await con.execute("TRUNCATE llama_requests, api_keys, users CASCADE")
         for user in RATES:
-            row = await accounts.create_user(con, user, 1_000_000, 60)  # no rate limit here
-            key = generate_key()
-            secret_hash = KeyHasher().hash(key.secret)
-            await accounts.insert_key(con, row["id"], key.key_id, secret_hash, None, None)
-            keys[user] = key.full.reveal()
+            keys[user] = await add_user(con, user)  # no rate limit here
     finally:
         await con.close()
     return keys

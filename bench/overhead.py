@@ -21,21 +21,15 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -44,14 +38,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdb import database  # noqa: E402
+from harness import (  # noqa: E402
+    BACKEND_KEY,
+    Result,
+    audit_rows,
+    bench_users,
+    copy_database,
+    cpu_seconds,
+    idle_since,
+    load,
+    process,
+    ticks,
+    wait_http,
+)
 
 from proxy.audit.journal import Journal  # noqa: E402
 from proxy.audit.row import AuditRow  # noqa: E402
-from proxy.auth.apikeys import KeyHasher, generate_key  # noqa: E402
-from proxy.db import accounts, migrate  # noqa: E402
+from proxy.db import migrate  # noqa: E402
 from proxy.db.localpg import free_port  # noqa: E402
 
-BACKEND_KEY = "bench-backend-key"
 GATE = "c: llama-gate"
 NO_JOURNAL = "d: llama-gate, no journal"
 NO_FSYNC = "e: llama-gate, Postgres no fsync"
@@ -65,182 +70,6 @@ FLOOR = "h: floor (llama-gate's duties only)"  # bench/floor.py
 FLOOD_BODY = json.dumps(
     {"messages": [{"role": "user", "content": "x " * ((4 << 20) - 64)}], "max_tokens": 16}
 ).encode()
-CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}
-QUICK = {**CHAT, "stream": True}  # answered at once, in one quick event
-# A stream's first byte, measured over many streams one at a time (a p50 of the five streams
-# the sse c=1 load has says little), each begun a moment after the last, as chats start.
-FIRST_EVENT_PAUSE_SECONDS = 0.010
-STREAM = {**CHAT, "messages": [{"role": "user", "content": "stream slowly"}], "stream": True}
-
-
-@dataclass
-class Result:
-    latencies: list[float] = field(default_factory=list)  # seconds
-    ttfb: list[float] = field(default_factory=list)
-    spacing_error: list[float] = field(default_factory=list)  # |client gap - sender gap|, s
-    elapsed: float = 0.0
-    errors: int = 0
-    error_kinds: dict[str, int] = field(default_factory=dict)  # what the errors were
-
-    @property
-    def count(self) -> int:
-        return len(self.latencies)
-
-    def pct(self, values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
-
-    @property
-    def rps(self) -> float:
-        return self.count / self.elapsed if self.elapsed else 0.0
-
-
-async def _plain(client: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> float:
-    start = time.perf_counter()
-    async with client.post(url, json=CHAT, headers=headers) as response:
-        await response.read()
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}")
-    return time.perf_counter() - start
-
-
-async def _stream(
-    client: aiohttp.ClientSession, url: str, headers: dict[str, str], result: Result
-) -> float:
-    start = time.perf_counter()
-    previous: tuple[int, int] | None = None  # (sent ns, received ns)
-    async with client.post(url, json=STREAM, headers=headers) as response:
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}")
-        async for line in response.content:
-            if not line.startswith(b"data: {"):
-                continue
-            received = time.monotonic_ns()
-            event = json.loads(line[6:])
-            if "t" not in event:
-                continue
-            if previous is None:
-                result.ttfb.append(time.perf_counter() - start)
-            else:
-                gap_client = received - previous[1]
-                gap_sender = event["t"] - previous[0]
-                result.spacing_error.append(abs(gap_client - gap_sender) / 1e9)
-            previous = (event["t"], received)
-    return time.perf_counter() - start
-
-
-async def _first_event(
-    client: aiohttp.ClientSession, url: str, headers: dict[str, str], result: Result
-) -> float:
-    """A quick stream, its time to its first event kept; it is read to its end."""
-    start = time.perf_counter()
-    async with client.post(url, json=QUICK, headers=headers) as response:
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}")
-        async for line in response.content:
-            if line.startswith(b"data: {"):
-                result.ttfb.append(time.perf_counter() - start)
-                break
-        await response.read()
-    await asyncio.sleep(FIRST_EVENT_PAUSE_SECONDS)
-    return time.perf_counter() - start
-
-
-async def load(
-    url: str,
-    headers: dict[str, str],
-    concurrency: int,
-    seconds: float,
-    streamed: bool,
-    first_events: bool = False,
-) -> Result:
-    result = Result()
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as client:
-        # Warm up connections and caches (the proxy's first use of a key verifies it).
-        for _ in range(concurrency):
-            await _plain(client, url, headers)
-        deadline = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                try:
-                    if first_events:
-                        result.latencies.append(await _first_event(client, url, headers, result))
-                    elif streamed:
-                        result.latencies.append(await _stream(client, url, headers, result))
-                    else:
-                        result.latencies.append(await _plain(client, url, headers))
-                except (aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
-                    result.errors += 1  # a stream that stalled past the client's timeout too
-                    kind = str(exc) if isinstance(exc, RuntimeError) else type(exc).__name__
-                    result.error_kinds[kind] = result.error_kinds.get(kind, 0) + 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        result.elapsed = time.perf_counter() - started
-    return result
-
-
-def _wait_http(url: str, process: subprocess.Popen[bytes], path: str = "") -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{process.args} exited: {_log_tail(process)}")
-        try:
-            urllib.request.urlopen(url + path, timeout=1).close()  # noqa: S310
-            return
-        except urllib.error.HTTPError:
-            return  # it answers; the status does not matter
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not come up: {_log_tail(process)}")
-
-
-def _log_tail(process: subprocess.Popen[bytes]) -> str:
-    log = getattr(process, "log_path", None)
-    return Path(log).read_text(errors="replace")[-4000:] if log else ""
-
-
-@contextmanager
-def process(
-    args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`args` running in `cwd`, its output in a file: a pipe nobody reads fills after 64 KiB of
-    log lines and then stops the process at its next one (a flood of refusals logs one each)."""
-    with tempfile.NamedTemporaryFile(prefix="llama-gate-bench-", suffix=".log") as log:
-        proc = subprocess.Popen(
-            args, cwd=cwd, env={**os.environ, **(env or {})},
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        proc.log_path = log.name  # type: ignore[attr-defined]
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-async def _prepare(dsn: str) -> tuple[str, str]:
-    """A key of the benchmark's user, and one of a user who floods at the default cap (4)."""
-    con = await asyncpg.connect(dsn)
-    keys = []
-    try:
-        await con.execute("TRUNCATE llama_requests, api_keys, users CASCADE")
-        for name in ("bench", "flooder"):
-            user = await accounts.create_user(con, name, 1_000_000, 60)
-            key = generate_key()
-            await accounts.insert_key(
-                con, user["id"], key.key_id, KeyHasher().hash(key.secret), None, None
-            )
-            keys.append(key.full.reveal())
-        await accounts.set_user_limits(con, "flooder", {"max_concurrent": 4})
-    finally:
-        await con.close()
-    return keys[0], keys[1]
 
 
 def _flood(url: str, headers: dict[str, str], stop: Any, sent: Any) -> None:
@@ -280,27 +109,6 @@ def flood_load(
         stop.set()
         flooder.join(150)
     return result, int(sent.value)
-
-
-async def _copy_database(dsn: str, name: str) -> str:
-    """A new database `name` on `dsn`'s server, a copy of `dsn`'s (nobody may be connected to
-    it meanwhile); its DSN."""
-    parts = urlsplit(dsn)
-    con = await asyncpg.connect(dsn)
-    try:
-        await con.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await con.execute(f'CREATE DATABASE "{name}" TEMPLATE "{parts.path.lstrip("/")}"')
-    finally:
-        await con.close()
-    return parts._replace(path=f"/{name}").geturl()
-
-
-async def _rows(dsn: str) -> int:
-    con = await asyncpg.connect(dsn)
-    try:
-        return int(await con.fetchval("SELECT count(*) FROM llama_requests"))
-    finally:
-        await con.close()
 
 
 def main() -> None:
@@ -344,15 +152,15 @@ def main() -> None:
     ):
         for each in (dsn, loose_dsn):
             migrate.upgrade(each)
-        key, flood_key = asyncio.run(_prepare(dsn))
+        key, flood_key = asyncio.run(bench_users(dsn))
         if loose_dsn != dsn:
             asyncio.run(_copy_users(dsn, loose_dsn))
         # Proxies on one database share the backends' slots through it (as they should): each
         # proxy measured here gets a database of its own, a copy of the first, so that each is
         # alone there, as one proxy in front of its backend is.
-        unjournaled_dsn = asyncio.run(_copy_database(dsn, "bench_unjournaled"))
-        workers_dsn = asyncio.run(_copy_database(dsn, "bench_workers"))
-        apart_dsn = asyncio.run(_copy_database(dsn, "bench_apart"))
+        unjournaled_dsn = asyncio.run(copy_database(dsn, "bench_unjournaled"))
+        workers_dsn = asyncio.run(copy_database(dsn, "bench_workers"))
+        apart_dsn = asyncio.run(copy_database(dsn, "bench_apart"))
         gate_env = {
             "POSTGRES_AUTH_DSN": dsn, "LLAMA_GATE_HOME": home,
             "LLAMA_SERVER_HOST": "127.0.0.1", "LLAMA_SERVER_PORT": str(up_port),
@@ -385,13 +193,13 @@ def main() -> None:
                 [python, "bench/floor.py", str(floor_port), upstream_url, f"{home}/floor.jsonl"]
             ) as floor,
         ):
-            _wait_http(upstream_url, up, "/")
-            _wait_http(f"http://127.0.0.1:{base_port}", base, "/")
-            _wait_http(f"http://127.0.0.1:{floor_port}", floor, "/")
+            wait_http(upstream_url, up, "/")
+            wait_http(f"http://127.0.0.1:{base_port}", base, "/")
+            wait_http(f"http://127.0.0.1:{floor_port}", floor, "/")
             for port, proc in ((gate_port, gate), (unjournaled_port, unjournaled),
                                (loose_port, loose), (workers_port, workers),
                                (apart_port, apart)):  # fmt: skip
-                _wait_http(f"http://127.0.0.1:{port}", proc, "/health")
+                wait_http(f"http://127.0.0.1:{port}", proc, "/health")
             bearer = {"Authorization": f"Bearer {key}"}
             targets = {
                 DIRECT: (f"{upstream_url}/v1/chat/completions", {}),
@@ -431,7 +239,7 @@ def main() -> None:
                         continue  # --workers-only, --floor-only
                     if args.flood_only and (load_name, target) != ("sse c=1", GATE):
                         continue
-                    before = _cpu_seconds(pids[target]) if target in pids else 0.0
+                    before = cpu_seconds(pids[target]) if target in pids else 0.0
                     first = load_name == FIRST_EVENTS
                     if first and target not in (DIRECT, BARE, GATE):
                         continue
@@ -439,7 +247,7 @@ def main() -> None:
                         load(url, headers, concurrency, args.seconds, streamed, first)
                     )
                     if target in pids:
-                        cpu = _cpu_seconds(pids[target]) - before
+                        cpu = cpu_seconds(pids[target]) - before
                         cpu_us[(load_name, target)] = cpu / (result.count + concurrency) * 1e6
                     results[(load_name, target)] = result
                     if target in (GATE, NO_JOURNAL):
@@ -456,13 +264,13 @@ def main() -> None:
             for _ in range(0 if args.flood_only else args.journal_rounds):
                 for target in (GATE, NO_JOURNAL):
                     url, headers = targets[target]
-                    before = _cpu_seconds(pids[target])
+                    before = cpu_seconds(pids[target])
                     result = asyncio.run(load(url, headers, 32, args.seconds / 2, False))
-                    cpu = _cpu_seconds(pids[target]) - before
+                    cpu = cpu_seconds(pids[target]) - before
                     journal.add(target, result.rps, cpu / (result.count + 32) * 1e6)
                     sent_through_gate += result.count + result.errors + 32
             time.sleep(2.5)  # the audit writer writes about once a second
-            rows = asyncio.run(_rows(dsn)) + asyncio.run(_rows(unjournaled_dsn))
+            rows = asyncio.run(audit_rows(dsn)) + asyncio.run(audit_rows(unjournaled_dsn))
     journal.append_us = _append_us()
     if args.journal_only:
         _report_journal(journal)
@@ -541,15 +349,6 @@ def _append_us(rows: int = 50_000) -> float:
     return best
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User and system CPU time of a process, its threads and its live children so far (Linux:
-    a `--workers` parent's workers are its children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return own + sum(_cpu_seconds(int(child)) for child in children)
-
-
 async def _split(
     targets: dict[str, tuple[str, dict[str, str]]], concurrency: int, seconds: float
 ) -> Result:
@@ -566,18 +365,6 @@ async def _split(
         elapsed=max(part.elapsed for part in parts),
         errors=sum(part.errors for part in parts),
     )
-
-
-def _ticks() -> tuple[int, int]:
-    """The machine's idle (with iowait) and total CPU ticks so far (Linux)."""
-    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    return ticks[3] + ticks[4], sum(ticks)
-
-
-def _idle_since(since: tuple[int, int]) -> float:
-    """The share of the machine's CPU time left idle since `since` (a `_ticks()`)."""
-    now = _ticks()
-    return (now[0] - since[0]) / max(1, now[1] - since[1])
 
 
 def _rounds(
@@ -597,16 +384,16 @@ def _rounds(
                 if target == APART and concurrency < 2:
                     continue  # split, one request at a time is two at a time
                 url, headers = targets[target]
-                before = _cpu_seconds(pids[target]) if target in pids else 0.0
-                idle_before = _ticks()
+                before = cpu_seconds(pids[target]) if target in pids else 0.0
+                idle_before = ticks()
                 if target == APART:  # c's proxy and another like it, half the load each
                     result = asyncio.run(_split(targets, concurrency, seconds))
                 else:
                     result = asyncio.run(load(url, headers, concurrency, seconds, False))
-                idle.setdefault((load_name, target), []).append(_idle_since(idle_before))
+                idle.setdefault((load_name, target), []).append(idle_since(idle_before))
                 rps.setdefault((load_name, target), []).append(result.rps)
                 if target in pids:
-                    cpu = _cpu_seconds(pids[target]) - before
+                    cpu = cpu_seconds(pids[target]) - before
                     per = cpu / (result.count + concurrency) * 1e6
                     cpu_us.setdefault((load_name, target), []).append(per)
     head = ("load", "path", "req/s (median of 3)", "CPU us/req", "machine idle")
