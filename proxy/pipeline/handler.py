@@ -167,6 +167,11 @@ def ledger(
         finally:
             if not exchange.calls:  # a batch's calls are its rows
                 _finish(request, exchange)
+            # The request and its exchange refer to each other (and the hook to both): let
+            # them go by their reference counts as the request ends, not by the garbage
+            # collector's next round, which would have to walk them all first.
+            del request[EXCHANGE]
+            exchange.delivery.on_complete = None
 
     return record
 
