@@ -1,12 +1,12 @@
 """Turns at the event loop for the work a large body costs, so that it never stalls a stream.
 
-Parsing and checking an 8 MiB body, or serializing it for a backend, holds the one event loop
-for ~10 ms at a time (CPython's JSON readers and pydantic hold the GIL throughout, so a thread
-would not help). Several such bodies arriving together would run back to back, and every other
-user's stream would wait for all of them. Instead each such step takes its turn here: one at a
-time, each after a pass of the loop, so between two of them everything else that is ready runs.
-A stream then waits for at most one step, however many large bodies arrive. Small bodies, whose
-steps take microseconds, never wait.
+Putting an 8 MiB body together from its pieces, parsing and checking it, or serializing it for
+a backend, holds the one event loop for a few milliseconds at a time (CPython's JSON readers and
+pydantic hold the GIL throughout, so a thread would not help). Several such bodies arriving
+together would run back to back, and every other user's stream would wait for all of them.
+Instead each such step takes its turn here: one at a time, each after a pass of the loop, so
+between two of them everything else that is ready runs. A stream then waits for at most one step,
+however many large bodies arrive. Small bodies, whose steps take microseconds, never wait.
 """
 
 from __future__ import annotations

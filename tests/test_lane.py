@@ -5,8 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy.lane import Lane
+from proxy.limits.body import read_body
 
 
 async def test_large_steps_take_turns_and_the_loop_runs_between_them() -> None:
@@ -54,3 +60,40 @@ async def test_a_small_body_never_waits_for_the_lane() -> None:
     release.set()
     assert await waiting == "large"
     await holder
+
+
+async def test_a_large_body_in_pieces_is_put_together_at_its_turn() -> None:
+    """Copying megabytes of pieces into one body holds the loop: it waits for the lane, as
+    parsing does, and the body comes out whole."""
+    lane = Lane(large=1000)
+    entered, release = asyncio.Event(), asyncio.Event()
+    bodies: list[bytes] = []
+
+    async def hold() -> None:
+        async with lane.turn(1000):
+            entered.set()
+            await release.wait()
+
+    async def handler(request: web.Request) -> web.Response:
+        bodies.append(await read_body(request, 1 << 20, 10.0, lambda _: None, lane))
+        return web.Response()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for n in range(8):
+            yield bytes([n]) * 4096
+            await asyncio.sleep(0.01)  # so the server reads them as separate pieces
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    holder = asyncio.create_task(hold())
+    await entered.wait()
+    async with TestServer(app) as server, aiohttp.ClientSession() as client:
+        sending = asyncio.create_task(client.post(server.make_url("/"), data=pieces()))
+        await asyncio.sleep(0.3)  # every piece has arrived by now
+        assert bodies == []  # put together only at its turn
+        assert not sending.done()
+        release.set()
+        async with await sending as response:
+            assert response.status == 200
+    await holder
+    assert bodies == [b"".join(bytes([n]) * 4096 for n in range(8))]

@@ -126,7 +126,7 @@ class Admission:
             if spend:
                 self._rate.refuse_if_spent(caller, others)
             raw = (
-                await read_body(request, self._max_body, self._body_timeout, received)
+                await read_body(request, self._max_body, self._body_timeout, received, self.lane)
                 if read_body_first
                 else None
             )
