@@ -38,6 +38,7 @@ from proxy.audit.strangers import Strangers
 from proxy.audit.writer import AuditWriter
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.listener import AuthListener
+from proxy.background import background
 from proxy.cluster.presence import Presence, local_figures, new_id
 from proxy.cluster.slots import SharedSlots
 from proxy.dashboard.app import dashboard_site
@@ -209,11 +210,8 @@ async def _authenticator(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _auth_listener(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[AUTH_LISTENER].run())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with background(app[AUTH_LISTENER].run()):
+        yield
 
 
 async def _audit(app: web.Application) -> AsyncIterator[None]:
@@ -240,11 +238,8 @@ async def _budgets(app: web.Application) -> AsyncIterator[None]:
 
 async def _strangers(app: web.Application) -> AsyncIterator[None]:
     """Count the requests without a valid key for the app's whole life; flush them at the end."""
-    task = asyncio.create_task(app[STRANGERS].run())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with background(app[STRANGERS].run()):
+        yield
 
 
 async def _metrics_site(app: web.Application) -> AsyncIterator[None]:

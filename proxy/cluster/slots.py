@@ -38,6 +38,7 @@ from functools import partial
 
 import asyncpg
 
+from proxy.background import background
 from proxy.db import cluster
 from proxy.db.connect import Connection, DatabaseUnavailable
 from proxy.db.pool import Database
@@ -281,13 +282,10 @@ class SharedSlots:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Renew leases and poll for grants while entered; on the way out, give all back."""
-        task = asyncio.create_task(self._tick_forever())
         try:
-            yield
+            async with background(self._tick_forever()):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             for pending in (self._queuer, self._releaser):
                 if pending is not None:
                     await asyncio.gather(pending, return_exceptions=True)

@@ -30,6 +30,7 @@ import asyncpg
 
 from proxy.audit.row import AuditRow
 from proxy.auth.cache import Principal
+from proxy.background import background
 from proxy.db import limits as limits_sql
 from proxy.db.connect import DatabaseUnavailable
 from proxy.db.pool import Database
@@ -189,13 +190,10 @@ class Budgets:
             await self.load()
         except DatabaseUnavailable:
             log.warning("groups cannot be read yet: their limits apply once Postgres answers")
-        task = asyncio.create_task(self._work())
         try:
-            yield
+            async with background(self._work()):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             await self._settle()
 
     async def _work(self) -> None:

@@ -12,7 +12,6 @@ and limits stay unknown, so it is sent any model.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from yarl import URL
+
+from proxy.background import background
 
 if TYPE_CHECKING:
     from proxy.upstream.backends import Upstream
@@ -138,13 +139,10 @@ class Prober:
             connector=connector, cookie_jar=aiohttp.DummyCookieJar()
         ) as session:
             self._session = session
-            task = asyncio.create_task(self._forever())
             try:
-                yield
+                async with background(self._forever()):
+                    yield
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
                 self._session = None
 
     async def _forever(self) -> None:
