@@ -5,10 +5,10 @@ llama_cpp.server lacks: a `/health` that never waits for the model lock, a 404 f
 not exist (llama_cpp.server would quietly answer with its first model), the default model's alias
 filled in when a request names none, every prompt measured before llama.cpp sees it
 (`backend.measuring`), the usage chunk on streams that ask for it (`backend.usage_stream`), tool
-calls on streamed chats with tools (`backend.tools`), and the prompt cache (`backend.cache_plan`), put on
-the default model at startup and on whichever model a request through this layer reaches (every
-request from llama-gate's proxy comes through it). Everything else reaches llama_cpp.server
-untouched, so its auth, validation and errors stay its own.
+calls on streamed chats with tools (`backend.tools`), and the prompt cache (`backend.cache_plan`),
+put on the default model at startup and on whichever model a request through this layer reaches
+(every request from llama-gate's proxy comes through it). Everything else reaches
+llama_cpp.server untouched, so its auth, validation and errors stay its own.
 """
 
 from __future__ import annotations
