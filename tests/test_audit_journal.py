@@ -436,3 +436,42 @@ async def test_while_postgres_is_away_each_row_is_still_fsynced_within_a_second(
     writer = await _fsynced_each_row(nowhere, tmp_path / "audit")
     assert writer.rows_written == 0
     assert writer.rows_spilled == 4  # at the stop, as the journal need not hold them longer
+
+
+class _Watched(list[AuditRow]):
+    """Rows that note how many of them have been read so far."""
+
+    def __init__(self, rows: list[AuditRow]) -> None:
+        super().__init__(rows)
+        self.read = 0
+
+    def __iter__(self) -> Iterator[AuditRow]:
+        for row in super().__iter__():
+            self.read += 1
+            yield row
+
+
+async def test_a_batchs_copy_lets_the_loop_run_between_its_rows(db_dsn: str) -> None:
+    """COPY encodes a batch in turns: other tasks (every user's stream) run between them, not
+    only once all its rows are encoded."""
+    rows = _Watched([_row(index) for index in range(5 * ledger.COPY_TURN_ROWS)])
+    seen: set[int] = set()
+    done = False
+
+    async def stream() -> None:
+        while not done:
+            seen.add(rows.read)
+            await asyncio.sleep(0)
+
+    con = await asyncpg.connect(db_dsn)
+    try:
+        beside = asyncio.create_task(stream())
+        assert await ledger.write_audit_batch(con, uuid.uuid4(), COLUMNS, rows)
+        done = True
+        await beside
+        written = await con.fetchval("SELECT count(*) FROM llama_requests")
+    finally:
+        await con.close()
+    assert written == len(rows)
+    midway = sorted(n for n in seen if 0 < n < len(rows))
+    assert len(midway) >= 4, midway  # a pass of the loop at each turn

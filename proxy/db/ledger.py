@@ -3,8 +3,9 @@ Requests page and its CSV export), and requests without a valid key counted per 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,6 +13,11 @@ from typing import Any
 import asyncpg
 
 from proxy.db.connect import Connection
+
+# Rows COPY encodes between two passes of the event loop: asyncpg encodes a list of rows in one
+# go (1000 audit rows held the loop ~2 ms in a one-off probe, every stream waiting); 200 at a
+# time it is ~0.6 ms.
+COPY_TURN_ROWS = 200
 
 
 async def prune_requests_batch(con: Connection, before: datetime, batch_size: int) -> int:
@@ -48,9 +54,17 @@ async def write_audit_batch(
         )
         if fresh:
             await con.copy_records_to_table(
-                "llama_requests", records=rows, columns=list(columns), timeout=timeout
+                "llama_requests", records=_in_turns(rows), columns=list(columns), timeout=timeout
             )
     return bool(fresh)
+
+
+async def _in_turns(rows: Sequence[Sequence[object]]) -> AsyncIterator[Sequence[object]]:
+    """`rows`, with a pass of the event loop after every `COPY_TURN_ROWS` of them."""
+    for index, row in enumerate(rows):
+        if index and index % COPY_TURN_ROWS == 0:
+            await asyncio.sleep(0)
+        yield row
 
 
 async def prune_audit_batches(con: Connection, before: datetime) -> int:
